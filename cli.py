@@ -1,0 +1,78 @@
+"""Command line: finetune, embed, score, report, run, bench. Each command parses options, builds its
+stage's config and calls the stage; library code does the work."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.errors import PipelineError
+
+IMAGE_SETS = click.Choice(["original", "funneled", "deepfunneled"])
+DEVICES = click.Choice(["auto", "cpu", "cuda"])
+
+
+def data_root_option(f):
+    return click.option(
+        "--data-root", type=click.Path(path_type=Path), envvar="LFW_ROOT", default="data", show_default=True,
+        help="Folder with LFW: lfw-py/<image dir> and the protocol .txt files, or those directly (env LFW_ROOT).",
+    )(f)
+
+
+class Group(click.Group):
+    """Turns PipelineError and ValueError (bad configuration) into a one-line message and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (PipelineError, ValueError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Group)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Turn ImageNet CNNs into face-verification models and measure them on LFW."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@data_root_option
+@click.option("--image-set", type=IMAGE_SETS, default="deepfunneled", show_default=True, help="Which LFW images.")
+@click.option("--protocol", type=click.Choice(["people", "pairs", "10fold"]), default="people", show_default=True,
+              help="people: View 1 people (all-pairs); pairs: View 1 pairs; 10fold: View 2 pairs.txt with folds.")
+@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True,
+              help="View 1 split (ignored by 10fold).")
+@click.option("--model", default="squeezenet1_0", show_default=True,
+              help="Backbone: alexnet, vgg16, squeezenet1_0, resnet18, resnet50.")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="imagenet (torchvision download), none (random init), or PATH to a state_dict / finetune checkpoint.")
+@click.option("--layer", type=click.Choice(["output", "penultimate"]), default="output", show_default=True,
+              help="output: the 1000-d network output (the study's); penultimate: features before the classifier.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output HDF5 store.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
+@click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
+@click.option("--limit", type=int, default=None, help="Only the first N images (people) or pairs (pair protocols).")
+@click.option("--resume", is_flag=True, help="Continue OUT.partial of an interrupted run with the same settings.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+@click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (recorded in the store) instead of stopping.")
+@click.option("--skip-missing", is_flag=True, help="Leave out listed images that are missing instead of stopping.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Storage type of /embeddings.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed (matters with --weights none).")
+@click.option("--download", is_flag=True, help="Try torchvision's LFW download into the data root first.")
+def embed(**options) -> None:
+    """Embed every image of an LFW protocol split once into an HDF5 store."""
+    from pipeline.embed import EmbedConfig, embed as run_embed
+
+    path = run_embed(EmbedConfig(**options))
+    click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Face-verification pipeline: LFW data, ImageNet backbones, embedding stores, scoring, fine-tuning."""

@@ -1,0 +1,291 @@
+"""LFW on disk: layouts, protocol files (View 1 people/pairs, View 2 10-fold), images and transforms.
+
+A data root holds either torchvision's layout (`root/lfw-py/<image dir>` + protocol `.txt` files) or the
+image folder and the `.txt` files directly. The `.tgz` archives are never needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+IMAGE_DIRS = {"original": "lfw", "funneled": "lfw_funneled", "deepfunneled": "lfw-deepfunneled"}
+PROTOCOLS = ("people", "pairs", "10fold")
+SPLITS = ("train", "test")
+# Official MD5 sums of the protocol files (the ones torchvision's LFW datasets check).
+CHECKSUMS = {
+    "pairs.txt": "9f1ba174e4e1c508ff7cdf10ac338a7d",
+    "pairsDevTest.txt": "5132f7440eb68cf58910c8a45a2ac10b",
+    "pairsDevTrain.txt": "4f27cbf15b2da4a85c1907eb4181ad21",
+    "people.txt": "450f0863dd89e85e73936a6d71a3474b",
+    "peopleDevTest.txt": "e4bf5be0a43b5dcd9dc5ccfcb8fb19c5",
+    "peopleDevTrain.txt": "54eaac34beb6d042ed3a7d883e247a21",
+    "lfw-names.txt": "a6d0a479bd074669f656265a6e693f6d",
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GET_LFW_HELP = (
+    "Get LFW from https://vis-www.cs.umass.edu/lfw/ (or a mirror), extract the image archive and put the "
+    "protocol .txt files beside it: DIR/lfw-py/lfw-deepfunneled/<Name>/<Name>_0001.jpg and "
+    "DIR/lfw-py/pairsDevTest.txt etc. (DIR/lfw-deepfunneled/... also works). Then pass --data-root DIR "
+    "or set LFW_ROOT=DIR."
+)
+
+
+def protocol_file(protocol: str, split: str) -> str:
+    """The official file that defines a (protocol, split); View 2 `10fold` uses all of `pairs.txt`."""
+    if protocol == "10fold":
+        return "pairs.txt"
+    if protocol not in PROTOCOLS or split not in SPLITS:
+        raise PipelineError(f"unknown protocol/split {protocol}/{split}: use {PROTOCOLS} and {SPLITS}")
+    return f"{protocol}Dev{split.capitalize()}.txt"
+
+
+def find_base(data_root: Path, image_set: str) -> Path:
+    """The folder under `data_root` that holds the image folder of `image_set` and the protocol files."""
+    if image_set not in IMAGE_DIRS:
+        raise PipelineError(f"unknown image set {image_set!r}: use one of {sorted(IMAGE_DIRS)}")
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise PipelineError(f"data root {data_root} does not exist. {GET_LFW_HELP}")
+    image_dir = IMAGE_DIRS[image_set]
+    for base in (data_root / "lfw-py", data_root):
+        if (base / image_dir).is_dir():
+            return base
+    archives = sorted(p.name for p in [*data_root.glob("*.tgz"), *data_root.glob("lfw-py/*.tgz")])
+    hint = f" Found archives {archives}: extract them in place." if archives else ""
+    raise PipelineError(
+        f"no '{image_dir}/' image folder (image set {image_set}) under {data_root} or {data_root / 'lfw-py'}."
+        f"{hint} {GET_LFW_HELP}"
+    )
+
+
+def check_checksum(path: Path) -> bool:
+    """Warn (naming the file) when a protocol file differs from the official one; True when it matches."""
+    expected = CHECKSUMS.get(path.name)
+    if expected is None:
+        return True
+    actual = hashlib.md5(path.read_bytes()).hexdigest()
+    if actual != expected:
+        warnings.warn(f"{path} differs from the official LFW file (md5 {actual}, expected {expected})", stacklevel=2)
+        return False
+    return True
+
+
+def image_name(name: str, number: int) -> str:
+    return f"{name}/{name}_{number:04d}.jpg"
+
+
+def _read_lines(path: Path) -> list[list[str]]:
+    if not path.is_file():
+        raise PipelineError(f"protocol file {path} is missing. {GET_LFW_HELP}")
+    check_checksum(path)
+    return [line.split() for line in path.read_text().splitlines() if line.strip()]
+
+
+def parse_people(path: Path) -> list[tuple[str, int]]:
+    """View 1 people file: a count, then `name n_images` lines."""
+    rows = _read_lines(path)
+    try:
+        people = [(r[0], int(r[1])) for r in rows[1:]]
+    except (IndexError, ValueError) as e:
+        raise PipelineError(f"{path} is not an LFW people file: {e}") from e
+    if len(people) != int(rows[0][0]):
+        raise PipelineError(f"{path} announces {rows[0][0]} people but lists {len(people)}")
+    return people
+
+
+def parse_pairs(path: Path) -> list[tuple[str, str, int, int]]:
+    """Pairs file: a header, then `name i j` (same) or `name1 i name2 j` (different) lines, in order.
+    Returns (image_a, image_b, same, fold); View 1 files have fold 0, `pairs.txt` folds 0..9."""
+    rows = _read_lines(path)
+    header = [int(x) for x in rows[0]]
+    per_fold = 2 * header[-1]
+    out = []
+    for k, r in enumerate(rows[1:]):
+        fold = k // per_fold if len(header) == 2 else 0
+        if len(r) == 3:
+            out.append((image_name(r[0], int(r[1])), image_name(r[0], int(r[2])), 1, fold))
+        elif len(r) == 4:
+            out.append((image_name(r[0], int(r[1])), image_name(r[2], int(r[3])), 0, fold))
+        else:
+            raise PipelineError(f"{path}, line {k + 2}: expected 3 or 4 fields, got {r}")
+    expected = header[0] * per_fold if len(header) == 2 else per_fold
+    if len(out) != expected:
+        raise PipelineError(f"{path} announces {expected} pairs but lists {len(out)}")
+    return out
+
+
+@dataclass(frozen=True)
+class LFWProtocol:
+    """The images (and pairs) of one protocol split, as arrays ready for an embedding store."""
+
+    data_root: Path
+    """The `--data-root` folder; `paths` are relative to it."""
+    image_set: str
+    protocol: str
+    split: str
+    paths: list[str]
+    """Image paths relative to `data_root`, de-duplicated, in protocol order."""
+    labels: np.ndarray
+    """int64 identity index of each image into `identities`."""
+    identities: list[str]
+    pairs: np.ndarray | None = None
+    """int64 [P, 2] row indices into `paths` (pair protocols only)."""
+    pair_labels: np.ndarray | None = None
+    """int8 [P]: 1 = same person."""
+    pair_folds: np.ndarray | None = None
+    """int8 [P]: View 2 fold (0 for View 1)."""
+    skipped: list[str] = field(default_factory=list)
+    """Listed images that were missing and skipped (with `skip_missing`)."""
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def absolute(self, i: int) -> Path:
+        return self.data_root / self.paths[i]
+
+    def limit(self, n: int | None) -> LFWProtocol:
+        """The first n images (people protocol) or the first n pairs and their images (pair protocols)."""
+        if n is None:
+            return self
+        if self.pairs is None:
+            keep = np.arange(min(n, len(self.paths)))
+            return self.subset(keep)
+        return self.select_pairs(np.arange(min(n, len(self.pairs))))
+
+    def subset(self, rows: np.ndarray) -> LFWProtocol:
+        """Keep image rows `rows` (people protocols; pairs are dropped and re-indexed when present)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.pairs is None:
+            return replace(self, paths=[self.paths[i] for i in rows], labels=self.labels[rows])
+        new_index = np.full(len(self.paths), -1, dtype=np.int64)
+        new_index[rows] = np.arange(len(rows))
+        mapped = new_index[self.pairs]
+        keep = (mapped >= 0).all(axis=1)
+        return replace(
+            self,
+            paths=[self.paths[i] for i in rows],
+            labels=self.labels[rows],
+            pairs=mapped[keep],
+            pair_labels=self.pair_labels[keep],
+            pair_folds=self.pair_folds[keep],
+        )
+
+    def select_pairs(self, pair_rows: np.ndarray) -> LFWProtocol:
+        """Keep the given pairs and only the images they use, in order of first use."""
+        pairs = self.pairs[pair_rows]
+        used, first = np.unique(pairs.ravel(), return_index=True)
+        rows = used[np.argsort(first)]
+        return replace(self, pairs=pairs, pair_labels=self.pair_labels[pair_rows], pair_folds=self.pair_folds[pair_rows]).subset(rows)
+
+
+def _labels_for(names: list[str]) -> tuple[np.ndarray, list[str]]:
+    identities = sorted(set(names))
+    index = {n: i for i, n in enumerate(identities)}
+    return np.array([index[n] for n in names], dtype=np.int64), identities
+
+
+def load_protocol(
+    data_root: Path | str, image_set: str, protocol: str, split: str, skip_missing: bool = False
+) -> LFWProtocol:
+    """Read a protocol split. A listed image that is missing is an error naming it (and counting the
+    others), unless `skip_missing`, which drops it (and the pairs that use it) and records it."""
+    data_root = Path(data_root)
+    base = find_base(data_root, image_set)
+    image_dir = base.relative_to(data_root) / IMAGE_DIRS[image_set]
+    source = base / protocol_file(protocol, split)
+    if protocol == "people":
+        rel = [image_name(name, k) for name, n in parse_people(source) for k in range(1, n + 1)]
+        pairs = pair_labels = pair_folds = None
+    else:
+        listed = parse_pairs(source)
+        rel, index = [], {}
+        for a, b, _, _ in listed:
+            for p in (a, b):
+                if p not in index:
+                    index[p] = len(rel)
+                    rel.append(p)
+        pairs = np.array([[index[a], index[b]] for a, b, _, _ in listed], dtype=np.int64).reshape(-1, 2)
+        pair_labels = np.array([s for _, _, s, _ in listed], dtype=np.int8)
+        pair_folds = np.array([f for _, _, _, f in listed], dtype=np.int8)
+    labels, identities = _labels_for([p.split("/")[0] for p in rel])
+    proto = LFWProtocol(
+        data_root, image_set, protocol, split, [str(image_dir / p) for p in rel], labels, identities,
+        pairs, pair_labels, pair_folds,
+    )
+    missing = [i for i, p in enumerate(proto.paths) if not (data_root / p).is_file()]
+    if not missing:
+        return proto
+    first = data_root / proto.paths[missing[0]]
+    if not skip_missing:
+        raise PipelineError(
+            f"image {first} listed in {source.name} is missing ({len(missing) - 1} other listed images are "
+            f"missing too). Fix the data root, or pass --skip-missing to leave them out."
+        )
+    log.warning("skipping %d missing images (first: %s)", len(missing), first)
+    keep = np.setdiff1d(np.arange(len(proto.paths)), missing)
+    return replace(proto.subset(keep), skipped=[proto.paths[i] for i in missing])
+
+
+def download_lfw(data_root: Path | str, image_set: str) -> None:
+    """Try torchvision's download into `data_root/lfw-py`; on failure say where to get LFW by hand."""
+    from torchvision.datasets import LFWPairs, LFWPeople
+
+    try:
+        LFWPeople(str(data_root), split="test", image_set=image_set, download=True)
+        LFWPairs(str(data_root), split="test", image_set=image_set, download=True)
+        LFWPairs(str(data_root), split="10fold", image_set=image_set, download=True)
+    except Exception as e:  # network errors come in many types; all mean the same to the user
+        raise PipelineError(f"downloading LFW failed ({type(e).__name__}: {e}). {GET_LFW_HELP}") from e
+
+
+def imagenet_transform(resize: int = 256, crop: int = 224) -> transforms.Compose:
+    """The preprocessing of torchvision's ImageNet weights (and the study): resize, centre crop, normalise."""
+    return transforms.Compose(
+        [
+            transforms.Resize(resize),
+            transforms.CenterCrop(crop),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def load_image(path: Path | str) -> Image.Image:
+    """Decode an image as RGB; a missing or corrupt file is a PipelineError naming it."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise PipelineError(f"cannot read image {path}: {e}") from e
+
+
+class ImageFiles(Dataset):
+    """Images by path -> (tensor, index, error). A bad image yields a zero tensor and its error message,
+    so that the main process (not a worker) decides whether to stop or skip."""
+
+    def __init__(self, paths: list[Path], transform, shape: tuple[int, int, int] = (3, 224, 224)):
+        self.paths, self.transform, self.shape = paths, transform, shape
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            return self.transform(load_image(self.paths[i])), i, ""
+        except PipelineError as e:
+            return torch.zeros(self.shape), i, str(e)

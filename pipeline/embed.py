@@ -1,0 +1,175 @@
+"""The `embed` stage: every image of an LFW protocol split, once, through a backbone, into an HDF5 store."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from pipeline import data, models
+from pipeline.errors import PipelineError
+from pipeline.runtime import autocast, resolve_device, seed_everything
+from pipeline.store import StoreWriter, partial_path
+
+log = logging.getLogger(__name__)
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("LFW_ROOT", "data"))
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Options of `embed` (see `cli.py embed --help`)."""
+
+    out: Path
+    """Output store (.h5); written as OUT.partial and renamed when complete."""
+    data_root: Path = field(default_factory=default_data_root)
+    """Folder with LFW (`lfw-py/` or the image folder and protocol files directly)."""
+    image_set: str = "deepfunneled"
+    """original | funneled | deepfunneled."""
+    protocol: str = "people"
+    """people (View 1 people) | pairs (View 1 pairs) | 10fold (View 2 pairs.txt)."""
+    split: str = "test"
+    """train | test (ignored by 10fold, which is one list)."""
+    model: str = "squeezenet1_0"
+    """A backbone of `pipeline.models.BACKBONES`."""
+    weights: str = "imagenet"
+    """imagenet | none | PATH (state_dict or finetune checkpoint)."""
+    layer: str = "output"
+    """output (1000-d network output, the study's) | penultimate."""
+    batch_size: int = 64
+    """Images per forward pass; a resumed run must use the same value."""
+    workers: int = 2
+    """DataLoader worker processes that decode images (0 = in the main process)."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    limit: int | None = None
+    """Embed only the first N images (people) or the images of the first N pairs."""
+    resume: bool = False
+    """Continue OUT.partial left by an interrupted run with the same settings."""
+    overwrite: bool = False
+    """Replace an existing OUT."""
+    skip_bad: bool = False
+    """Leave out unreadable images (recorded in /skipped_paths) instead of stopping."""
+    skip_missing: bool = False
+    """Leave out listed images that are missing instead of stopping."""
+    dtype: str = "float32"
+    """float32 | float16 for /embeddings."""
+    seed: int = 0
+    """Seed (matters for --weights none)."""
+    download: bool = False
+    """Try torchvision's LFW download into the data root first."""
+
+    def __post_init__(self):
+        if self.image_set not in data.IMAGE_DIRS:
+            raise ValueError(f"image_set must be one of {sorted(data.IMAGE_DIRS)}, got {self.image_set!r}")
+        if self.protocol not in data.PROTOCOLS:
+            raise ValueError(f"protocol must be one of {data.PROTOCOLS}, got {self.protocol!r}")
+        if self.split not in data.SPLITS:
+            raise ValueError(f"split must be one of {data.SPLITS}, got {self.split!r}")
+        if self.layer not in models.LAYERS:
+            raise ValueError(f"layer must be one of {models.LAYERS}, got {self.layer!r}")
+        if self.model not in models.BACKBONES:
+            raise ValueError(f"model must be one of {sorted(models.BACKBONES)}, got {self.model!r}")
+        if self.batch_size < 1 or self.workers < 0:
+            raise ValueError("batch_size must be >= 1 and workers >= 0")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("limit must be a positive number of images or pairs")
+        if self.dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be float32 or float16, got {self.dtype!r}")
+
+
+def store_arrays(proto: data.LFWProtocol) -> dict:
+    return {
+        "labels": proto.labels,
+        "identities": proto.identities,
+        "paths": proto.paths,
+        "pairs": proto.pairs,
+        "pair_labels": proto.pair_labels,
+        "pair_folds": proto.pair_folds,
+    }
+
+
+def embedding_dim(name: str, layer: str) -> int:
+    b = models.backbone(name)
+    return b.output_dim if layer == "output" else b.penultimate_dim
+
+
+def embed(cfg: EmbedConfig) -> Path:
+    """Embed one protocol split into `cfg.out`; returns the path of the complete store."""
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise PipelineError(f"{out} exists; pass --overwrite to replace it")
+    if cfg.download:
+        data.download_lfw(cfg.data_root, cfg.image_set)
+    proto = data.load_protocol(cfg.data_root, cfg.image_set, cfg.protocol, cfg.split, cfg.skip_missing).limit(cfg.limit)
+    if len(proto) == 0:
+        raise PipelineError("no images to embed (empty protocol or --limit 0)")
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    embedder = models.Embedder(models.build_model(cfg.model, cfg.weights), cfg.layer).eval().to(device)
+    transform = data.imagenet_transform()
+    identity = {
+        "model": cfg.model,
+        **models.weights_provenance(cfg.weights),
+        "layer": cfg.layer,
+        "image_set": cfg.image_set,
+        "protocol": cfg.protocol,
+        "split": "all" if cfg.protocol == "10fold" else cfg.split,
+        "limit": cfg.limit or 0,
+        "n_images": len(proto),
+        "batch_size": cfg.batch_size,
+        "dtype": cfg.dtype,
+        "seed": cfg.seed,
+        "transform": repr(transform),
+    }
+    if not cfg.resume and partial_path(out).exists():
+        log.info("starting over: removing %s (pass --resume to continue it)", partial_path(out))
+    writer = StoreWriter(out, len(proto), embedding_dim(cfg.model, cfg.layer), identity, store_arrays(proto), cfg.dtype, cfg.resume)
+    try:
+        bad = _fill(writer, embedder, proto, transform, cfg, device)
+        extra = {"data_root": str(Path(cfg.data_root).resolve()), "n_skipped_missing": len(proto.skipped), "device": str(device)}
+        path = writer.finish(extra, drop_rows=sorted(set(bad)))
+    except BaseException:
+        writer.close()
+        log.error("stopped; %s keeps %d finished rows: rerun with --resume to continue", partial_path(out), writer.rows_done)
+        raise
+    log.info("wrote %s (%d images, %d unreadable skipped)", path, len(proto) - len(set(bad)), len(set(bad)))
+    return path
+
+
+def _fill(writer: StoreWriter, embedder, proto, transform, cfg: EmbedConfig, device) -> list[int]:
+    """Embed rows from `writer.rows_done` on; returns the rows of unreadable images (with skip_bad)."""
+    start = writer.rows_done
+    bad = [int(r) for r in writer.file.attrs.get("bad_rows", [])]
+    files = data.ImageFiles([proto.absolute(i) for i in range(len(proto))], transform)
+    loader = DataLoader(
+        Subset(files, range(start, len(proto))),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+    )
+    with tqdm(total=len(proto), initial=start, unit="img", desc="embed", dynamic_ncols=True) as bar:
+        for x, idx, errors in loader:
+            failed = [i for i, e in zip(idx.tolist(), errors) if e]
+            if failed and not cfg.skip_bad:
+                raise PipelineError(f"{errors[idx.tolist().index(failed[0])]} (pass --skip-bad to leave unreadable images out)")
+            with torch.inference_mode(), autocast(device):
+                y = embedder(x.to(device, non_blocking=True)).float().cpu().numpy()
+            ok = np.isfinite(y).all(axis=1)
+            ok[[idx.tolist().index(i) for i in failed]] = True
+            if not ok.all():
+                names = [proto.paths[i] for i in idx[~ok].tolist()]
+                raise PipelineError(f"the model produced NaN or infinite outputs for {len(names)} images, e.g. {names[:3]}; check the weights")
+            bad += failed
+            writer.file.attrs["bad_rows"] = bad
+            writer.write(int(idx[0]), y.astype(cfg.dtype))
+            bar.update(len(idx))
+    return bad

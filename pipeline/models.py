@@ -1,0 +1,149 @@
+"""Backbone registry: torchvision ImageNet CNNs, their weights, and the embedding layer taken from them."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """How to build one architecture and where its penultimate features are."""
+
+    build: Callable[..., nn.Module]
+    imagenet: object
+    """torchvision's default ImageNet weights enum member."""
+    penultimate_dim: int
+    output_dim: int = 1000
+
+
+BACKBONES: dict[str, Backbone] = {
+    "alexnet": Backbone(tvm.alexnet, tvm.AlexNet_Weights.DEFAULT, 4096),
+    "vgg16": Backbone(tvm.vgg16, tvm.VGG16_Weights.DEFAULT, 4096),
+    "squeezenet1_0": Backbone(tvm.squeezenet1_0, tvm.SqueezeNet1_0_Weights.DEFAULT, 512),
+    "resnet18": Backbone(tvm.resnet18, tvm.ResNet18_Weights.DEFAULT, 512),
+    "resnet50": Backbone(tvm.resnet50, tvm.ResNet50_Weights.DEFAULT, 2048),
+}
+LAYERS = ("output", "penultimate")
+
+
+def backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise PipelineError(f"unknown model {name!r}: choose one of {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Features just before the last classifier layer: 4096-d (AlexNet/VGG, after the second ReLU),
+    512-d pooled fire features (SqueezeNet), pooled features (ResNet)."""
+    if isinstance(model, (tvm.AlexNet, tvm.VGG)):
+        x = torch.flatten(model.avgpool(model.features(x)), 1)
+        return model.classifier[:-1](x)
+    if isinstance(model, tvm.SqueezeNet):
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(model.features(x), 1), 1)
+    if isinstance(model, tvm.ResNet):
+        m = model
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
+        return torch.flatten(m.avgpool(x), 1)
+    raise PipelineError(f"no penultimate layer known for {type(model).__name__}")
+
+
+class Embedder(nn.Module):
+    """A backbone seen through one layer: `output` (the 1000-d logits, the study's) or `penultimate`."""
+
+    def __init__(self, model: nn.Module, layer: str = "output"):
+        super().__init__()
+        if layer not in LAYERS:
+            raise PipelineError(f"unknown layer {layer!r}: use one of {LAYERS}")
+        self.model, self.layer = model, layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) if self.layer == "output" else penultimate(self.model, x)
+
+
+def sha256(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights (downloaded into the torch cache on first use)."""
+    weights = backbone(name).imagenet
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        return weights.get_state_dict(progress=True)
+    except Exception as e:  # URLError, socket errors, HTTP errors: all mean "not available offline"
+        raise PipelineError(
+            f"cannot get ImageNet weights for {name} ({type(e).__name__}: {e}). torchvision looks for "
+            f"{cached}; put the file {Path(weights.url).name} there (from {weights.url}), or pass "
+            f"--weights PATH to a saved state_dict."
+        ) from e
+
+
+def read_weights_file(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
+    """A plain state_dict or a `finetune` checkpoint -> (state_dict, checkpoint metadata or {})."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"weights file {path} does not exist; pass imagenet, none, or an existing file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PipelineError(f"cannot read weights file {path}: {e}") from e
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return obj["model"], {k: v for k, v in obj.items() if k not in ("model", "optimizer")}
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, {}
+    raise PipelineError(f"{path} is neither a state_dict nor a finetune checkpoint")
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, source: str) -> None:
+    """Strict load; a mismatch (another architecture) is a PipelineError that says so."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise PipelineError(
+            f"weights {source} do not fit model {name}: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} of another shape {wrong[:3]}. "
+            f"Are they for another architecture? Pass --model matching the weights."
+        )
+    model.load_state_dict(state)
+
+
+def build_model(name: str, weights: str = "imagenet") -> nn.Module:
+    """Build `name` with `weights`: `imagenet`, `none` (random init) or a path to a state_dict/checkpoint."""
+    model = backbone(name).build(weights=None)
+    if weights == "none":
+        return model
+    if weights == "imagenet":
+        load_state(model, imagenet_state_dict(name), name, "imagenet")
+        return model
+    state, meta = read_weights_file(weights)
+    trained = meta.get("config", {}).get("model")
+    if trained is not None and trained != name:
+        raise PipelineError(f"checkpoint {weights} was trained for model {trained}, not {name}; pass --model {trained}")
+    load_state(model, state, name, str(weights))
+    return model
+
+
+def weights_provenance(weights: str) -> dict[str, str]:
+    """What to record about the weights in a store: the spec and, for a file, its sha256."""
+    if weights in ("imagenet", "none"):
+        return {"weights": weights, "weights_sha256": ""}
+    return {"weights": str(Path(weights).resolve()), "weights_sha256": sha256(weights)}

@@ -1,0 +1,37 @@
+"""Device selection, mixed precision and seeding: the one place every stage gets them from."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` -> CUDA when available, else CPU. An explicit `cuda` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise PipelineError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (float16 autocast), plain float32 elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; returns a torch generator seeded the same way for samplers."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
