@@ -54,7 +54,8 @@ def main(verbose: bool) -> None:
 @click.option("--layer", type=click.Choice(["output", "penultimate"]), default="output", show_default=True,
               help="output: the 1000-d network output (the study's); penultimate: features before the classifier.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output HDF5 store.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
+@click.option("--batch-size", type=int, default=32, show_default=True,
+              help="Images per forward pass (a resumed run must use the same).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
 @click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
 @click.option("--limit", type=int, default=None, help="Only the first N images (people) or pairs (pair protocols).")

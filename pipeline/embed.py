@@ -44,7 +44,7 @@ class EmbedConfig:
     """imagenet | none | PATH (state_dict or finetune checkpoint)."""
     layer: str = "output"
     """output (1000-d network output, the study's) | penultimate."""
-    batch_size: int = 64
+    batch_size: int = 32
     """Images per forward pass; a resumed run must use the same value."""
     workers: int = 2
     """DataLoader worker processes that decode images (0 = in the main process)."""
@@ -102,6 +102,18 @@ def embedding_dim(name: str, layer: str) -> int:
     return b.output_dim if layer == "output" else b.penultimate_dim
 
 
+def prepare(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Inference set-up: eval mode, on the device, channels-last (about 2x faster convolutions on CPU)."""
+    return module.eval().to(device, memory_format=torch.channels_last)
+
+
+def forward(embedder: torch.nn.Module, x: torch.Tensor, device: torch.device) -> np.ndarray:
+    """One inference batch -> float32 numpy rows."""
+    x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast(device):
+        return embedder(x).float().cpu().numpy()
+
+
 def embed(cfg: EmbedConfig) -> Path:
     """Embed one protocol split into `cfg.out`; returns the path of the complete store."""
     out = Path(cfg.out)
@@ -114,7 +126,7 @@ def embed(cfg: EmbedConfig) -> Path:
         raise PipelineError("no images to embed (empty protocol or --limit 0)")
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    embedder = models.Embedder(models.build_model(cfg.model, cfg.weights), cfg.layer).eval().to(device)
+    embedder = prepare(models.Embedder(models.build_model(cfg.model, cfg.weights), cfg.layer), device)
     transform = data.imagenet_transform()
     identity = {
         "model": cfg.model,
@@ -138,8 +150,9 @@ def embed(cfg: EmbedConfig) -> Path:
         extra = {"data_root": str(Path(cfg.data_root).resolve()), "n_skipped_missing": len(proto.skipped), "device": str(device)}
         path = writer.finish(extra, drop_rows=sorted(set(bad)))
     except BaseException:
+        done = writer.rows_done
         writer.close()
-        log.error("stopped; %s keeps %d finished rows: rerun with --resume to continue", partial_path(out), writer.rows_done)
+        log.error("stopped; %s keeps %d finished rows: rerun with --resume to continue", partial_path(out), done)
         raise
     log.info("wrote %s (%d images, %d unreadable skipped)", path, len(proto) - len(set(bad)), len(set(bad)))
     return path
@@ -161,8 +174,7 @@ def _fill(writer: StoreWriter, embedder, proto, transform, cfg: EmbedConfig, dev
             failed = [i for i, e in zip(idx.tolist(), errors) if e]
             if failed and not cfg.skip_bad:
                 raise PipelineError(f"{errors[idx.tolist().index(failed[0])]} (pass --skip-bad to leave unreadable images out)")
-            with torch.inference_mode(), autocast(device):
-                y = embedder(x.to(device, non_blocking=True)).float().cpu().numpy()
+            y = forward(embedder, x, device)
             ok = np.isfinite(y).all(axis=1)
             ok[[idx.tolist().index(i) for i in failed]] = True
             if not ok.all():
