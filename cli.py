@@ -4,6 +4,7 @@ stage's config and calls the stage; library code does the work."""
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -38,6 +39,12 @@ class Group(click.Group):
 def main(verbose: bool) -> None:
     """Turn ImageNet CNNs into face-verification models and measure them on LFW."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so stages close their files and keep their progress for --resume."""
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
 
 
 @main.command()
@@ -69,9 +76,78 @@ def main(verbose: bool) -> None:
 @click.option("--download", is_flag=True, help="Try torchvision's LFW download into the data root first.")
 def embed(**options) -> None:
     """Embed every image of an LFW protocol split once into an HDF5 store."""
-    from pipeline.embed import EmbedConfig, embed as run_embed
+    from pipeline.embed import EmbedConfig
+    from pipeline.embed import embed as run_embed
 
     path = run_embed(EmbedConfig(**options))
+    click.echo(str(path))
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print a table of ratios measured in the same run."""
+
+
+@bench.command("embed")
+@data_root_option
+@click.option("--models", default="squeezenet1_0,alexnet", show_default=True, help="Comma-separated backbones.")
+@click.option("--limit", type=int, default=None, help="Only the first N LFWPeople test images (default all 3,708).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per forward pass.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
+@click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
+@click.option("--decoded", type=int, default=256, show_default=True,
+              help="Images decoded in advance for the model-only measurement.")
+def bench_embed(models: str, **options) -> None:
+    """Images/s of the whole `embed` against model-only forward passes, in the same run."""
+    from benchmarks.bench_embed import BenchEmbedConfig, format_table, run_bench
+
+    rows = run_bench(BenchEmbedConfig(models=tuple(models.split(",")), **options))
+    click.echo(format_table(rows))
+
+
+def finetune_options(f):
+    """Options shared by `finetune` and `run` (recipe values; unset ones take the recipe's preset)."""
+    for option in reversed([
+        click.option("--recipe", type=click.Choice(["study", "best"]), default="study", show_default=True,
+                     help="study: the study's Siamese recipe; best: the project's recipe (README, Fine-tuning)."),
+        click.option("--phase1-epochs", type=int, default=None, help="Epochs with the frozen part frozen [preset]."),
+        click.option("--phase2-epochs", type=int, default=None, help="Epochs training the whole network [preset]."),
+        click.option("--batch-size", type=int, default=None, help="Pairs (study) or images (best) per step [preset]."),
+        click.option("--lr", type=float, default=None, help="Learning rate [preset]."),
+        click.option("--momentum", type=float, default=None, help="SGD momentum [preset]."),
+        click.option("--max-pairs", type=int, default=None,
+                     help="Quick runs: the first N/2 same and N/2 different training pairs (best: N images)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed."),
+    ]):
+        f = option(f)
+    return f
+
+
+@main.command()
+@data_root_option
+@click.option("--image-set", type=IMAGE_SETS, default="deepfunneled", show_default=True, help="Which LFW images.")
+@click.option("--model", default="squeezenet1_0", show_default=True,
+              help="Backbone: alexnet, vgg16, squeezenet1_0, resnet18, resnet50.")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="Starting weights: imagenet, none, or PATH to a state_dict / checkpoint.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint file (.pt).")
+@finetune_options
+@click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
+@click.option("--resume", is_flag=True, help="Continue the checkpoint at OUT (same options).")
+@click.option("--overwrite", is_flag=True, help="Start over although OUT exists.")
+@click.option("--no-cache", "cache_features", flag_value=False, default=True,
+              help="Recompute the frozen features every step in phase 1 (for measuring the cache).")
+def finetune(**options) -> None:
+    """Fine-tune an ImageNet CNN for face verification (checkpoint after every epoch; Ctrl-C saves)."""
+    from pipeline.finetune import FinetuneConfig, TrainingInterrupted
+    from pipeline.finetune import finetune as run_finetune
+
+    try:
+        path = run_finetune(FinetuneConfig(**options))
+    except TrainingInterrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(130)
     click.echo(str(path))
 
 

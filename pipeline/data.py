@@ -190,7 +190,9 @@ class LFWProtocol:
         pairs = self.pairs[pair_rows]
         used, first = np.unique(pairs.ravel(), return_index=True)
         rows = used[np.argsort(first)]
-        return replace(self, pairs=pairs, pair_labels=self.pair_labels[pair_rows], pair_folds=self.pair_folds[pair_rows]).subset(rows)
+        return replace(
+            self, pairs=pairs, pair_labels=self.pair_labels[pair_rows], pair_folds=self.pair_folds[pair_rows]
+        ).subset(rows)
 
 
 def _labels_for(names: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -224,8 +226,16 @@ def load_protocol(
         pair_folds = np.array([f for _, _, _, f in listed], dtype=np.int8)
     labels, identities = _labels_for([p.split("/")[0] for p in rel])
     proto = LFWProtocol(
-        data_root, image_set, protocol, split, [str(image_dir / p) for p in rel], labels, identities,
-        pairs, pair_labels, pair_folds,
+        data_root,
+        image_set,
+        protocol,
+        split,
+        [str(image_dir / p) for p in rel],
+        labels,
+        identities,
+        pairs,
+        pair_labels,
+        pair_folds,
     )
     missing = [i for i, p in enumerate(proto.paths) if not (data_root / p).is_file()]
     if not missing:

@@ -144,10 +144,16 @@ def embed(cfg: EmbedConfig) -> Path:
     }
     if not cfg.resume and partial_path(out).exists():
         log.info("starting over: removing %s (pass --resume to continue it)", partial_path(out))
-    writer = StoreWriter(out, len(proto), embedding_dim(cfg.model, cfg.layer), identity, store_arrays(proto), cfg.dtype, cfg.resume)
+    writer = StoreWriter(
+        out, len(proto), embedding_dim(cfg.model, cfg.layer), identity, store_arrays(proto), cfg.dtype, cfg.resume
+    )
     try:
         bad = _fill(writer, embedder, proto, transform, cfg, device)
-        extra = {"data_root": str(Path(cfg.data_root).resolve()), "n_skipped_missing": len(proto.skipped), "device": str(device)}
+        extra = {
+            "data_root": str(Path(cfg.data_root).resolve()),
+            "n_skipped_missing": len(proto.skipped),
+            "device": str(device),
+        }
         path = writer.finish(extra, drop_rows=sorted(set(bad)))
     except BaseException:
         done = writer.rows_done
@@ -171,15 +177,19 @@ def _fill(writer: StoreWriter, embedder, proto, transform, cfg: EmbedConfig, dev
     )
     with tqdm(total=len(proto), initial=start, unit="img", desc="embed", dynamic_ncols=True) as bar:
         for x, idx, errors in loader:
-            failed = [i for i, e in zip(idx.tolist(), errors) if e]
+            failed = [i for i, e in zip(idx.tolist(), errors, strict=True) if e]
             if failed and not cfg.skip_bad:
-                raise PipelineError(f"{errors[idx.tolist().index(failed[0])]} (pass --skip-bad to leave unreadable images out)")
+                raise PipelineError(
+                    f"{errors[idx.tolist().index(failed[0])]} (pass --skip-bad to leave unreadable images out)"
+                )
             y = forward(embedder, x, device)
             ok = np.isfinite(y).all(axis=1)
             ok[[idx.tolist().index(i) for i in failed]] = True
             if not ok.all():
                 names = [proto.paths[i] for i in idx[~ok].tolist()]
-                raise PipelineError(f"the model produced NaN or infinite outputs for {len(names)} images, e.g. {names[:3]}; check the weights")
+                raise PipelineError(
+                    f"the model produced NaN or infinite outputs for {len(names)} images, e.g. {names[:3]}; check the weights"
+                )
             bad += failed
             writer.file.attrs["bad_rows"] = bad
             writer.write(int(idx[0]), y.astype(cfg.dtype))

@@ -158,7 +158,9 @@ def _drop_rows(path: Path, drop: list[int]) -> None:
         n = src["embeddings"].shape[0]
         keep = np.setdiff1d(np.arange(n), np.asarray(drop, dtype=np.int64))
         emb = src["embeddings"]
-        dst.create_dataset("embeddings", data=emb[...][keep], chunks=(min(max(len(keep), 1), emb.chunks[0]), emb.shape[1]))
+        dst.create_dataset(
+            "embeddings", data=emb[...][keep], chunks=(min(max(len(keep), 1), emb.chunks[0]), emb.shape[1])
+        )
         dst.create_dataset("labels", data=src["labels"][...][keep])
         dst.create_dataset("identities", data=src["identities"][...], dtype=STR)
         paths = src["paths"][...]
@@ -201,7 +203,9 @@ class Store:
         return np.asarray(self.embeddings[start:stop], dtype=np.float32)
 
     def strings(self, name: str) -> list[str]:
-        return [s.decode() if isinstance(s, bytes) else str(s) for s in self.file[name][...]] if name in self.file else []
+        return (
+            [s.decode() if isinstance(s, bytes) else str(s) for s in self.file[name][...]] if name in self.file else []
+        )
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(pairs [P,2], pair_labels [P] 1 = same, pair_folds [P]); an error when the store has none."""
@@ -228,17 +232,25 @@ def open_store(path: Path | str, need_labels: bool = True) -> Store:
     """Open a store for reading; a missing, truncated, incomplete or malformed file is a PipelineError."""
     path = Path(path)
     if not path.is_file():
-        hint = f" A partial file {partial_path(path)} exists: finish it with `embed ... --resume`." if partial_path(path).exists() else ""
+        hint = (
+            f" A partial file {partial_path(path)} exists: finish it with `embed ... --resume`."
+            if partial_path(path).exists()
+            else ""
+        )
         raise PipelineError(f"store {path} does not exist.{hint}")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise PipelineError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {e}. Re-create it with `embed`.") from e
+        raise PipelineError(
+            f"{path} is not a readable HDF5 file (truncated or corrupt?): {e}. Re-create it with `embed`."
+        ) from e
     try:
         if "embeddings" not in f or len(f["embeddings"].shape) != 2:
             raise PipelineError(f"{path} has no 2-d /embeddings dataset: it is not an embedding store")
         if not f.attrs.get("complete", True):
-            raise PipelineError(f"{path} is incomplete (rows_done={f.attrs.get('rows_done')}): finish it with `embed --resume`")
+            raise PipelineError(
+                f"{path} is incomplete (rows_done={f.attrs.get('rows_done')}): finish it with `embed --resume`"
+            )
         labels = f["labels"][...].astype(np.int64) if "labels" in f else None
         if need_labels and labels is None:
             raise PipelineError(f"{path} has no /labels: scoring needs the identity of each row")

@@ -52,7 +52,17 @@ def test_people_store_layout_and_rows(tiny_lfw, tmp_path):
         assert store.strings("identities") == sorted(TEST_PEOPLE)
         assert store.labels.tolist() == [0, 0, 0, 1, 1, 2, 3, 3, 3, 3]
         paths = store.strings("paths")
-        for key in ("model", "weights", "layer", "image_set", "split", "protocol", "transform", "torch_version", "created"):
+        for key in (
+            "model",
+            "weights",
+            "layer",
+            "image_set",
+            "split",
+            "protocol",
+            "transform",
+            "torch_version",
+            "created",
+        ):
             assert key in store.attrs, key
         assert store.attrs["protocol"] == "people" and store.embeddings.chunks[1] == 1000
         torch.manual_seed(0)  # the seed embed uses for --weights none
@@ -158,8 +168,14 @@ def test_cli_embed_end_to_end_and_errors(tiny_lfw, tmp_path):
 def test_real_rows_equal_torchvision_forward(shared_data, shared_weights, tmp_path):
     out = embed(
         EmbedConfig(
-            out=tmp_path / "real.h5", data_root=shared_data, protocol="people", split="test",
-            weights=str(shared_weights), limit=12, batch_size=5, workers=1,
+            out=tmp_path / "real.h5",
+            data_root=shared_data,
+            protocol="people",
+            split="test",
+            weights=str(shared_weights),
+            limit=12,
+            batch_size=5,
+            workers=1,
         )
     )
     model = torchvision.models.squeezenet1_0()

@@ -36,7 +36,9 @@ def test_state_dict_and_checkpoint_files(tmp_path):
     torch.manual_seed(1)
     reference = models.build_model("squeezenet1_0", "none")
     torch.save(reference.state_dict(), tmp_path / "plain.pth")
-    torch.save({"model": reference.state_dict(), "config": {"model": "squeezenet1_0"}, "epoch": 3}, tmp_path / "ckpt.pt")
+    torch.save(
+        {"model": reference.state_dict(), "config": {"model": "squeezenet1_0"}, "epoch": 3}, tmp_path / "ckpt.pt"
+    )
     for path in ("plain.pth", "ckpt.pt"):
         loaded = models.build_model("squeezenet1_0", str(tmp_path / path))
         for k, v in reference.state_dict().items():

@@ -1,0 +1,117 @@
+"""Benchmark of `embed`: images/s of the whole stage (decode, transform, forward, HDF5 write) against
+model-only forward passes on already-decoded tensors, measured in the same run on the same device.
+
+    python -m benchmarks.bench_embed --data-root ../shared/data      (same as: cli.py bench embed ...)
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline import data, models
+from pipeline.embed import EmbedConfig, embed, forward, prepare
+from pipeline.runtime import resolve_device
+
+
+@dataclass(frozen=True)
+class BenchEmbedConfig:
+    """Options of `cli.py bench embed`."""
+
+    data_root: Path
+    """LFW data root (the 3,708 LFWPeople test images are embedded)."""
+    models: tuple[str, ...] = ("squeezenet1_0", "alexnet")
+    """Backbones to time (random weights: speed does not depend on them)."""
+    limit: int | None = None
+    """Embed only the first N images (default: all 3,708)."""
+    batch_size: int = 32
+    """Images per forward pass, for both measurements."""
+    workers: int = 2
+    """DataLoader workers of the whole-stage run."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    decoded: int = 256
+    """Images decoded in advance for the model-only measurement."""
+
+    def __post_init__(self):
+        if not self.models:
+            raise ValueError("give at least one model")
+        if self.decoded < self.batch_size:
+            raise ValueError("decoded must be at least one batch")
+
+
+def model_only_rate(name: str, images: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Images/s of forward passes alone over decoded, transformed images (after one warm-up batch)."""
+    embedder = prepare(models.Embedder(models.build_model(name, "none"), "output"), device)
+    batches = images.split(batch_size)
+    forward(embedder, batches[0], device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for x in batches:
+        forward(embedder, x, device)  # ends with .cpu(): synchronised
+    return len(images) / (time.perf_counter() - start)
+
+
+def run_bench(cfg: BenchEmbedConfig) -> list[dict]:
+    device = resolve_device(cfg.device)
+    proto = data.load_protocol(cfg.data_root, "deepfunneled", "people", "test").limit(cfg.limit)
+    tf = data.imagenet_transform()
+    images = torch.stack([tf(data.load_image(proto.absolute(i % len(proto)))) for i in range(cfg.decoded)])
+    rows = []
+    for name in cfg.models:
+        before = model_only_rate(name, images, cfg.batch_size, device)
+        with tempfile.TemporaryDirectory() as tmp:
+            ecfg = EmbedConfig(
+                out=Path(tmp) / "bench.h5",
+                data_root=cfg.data_root,
+                model=name,
+                weights="none",
+                limit=cfg.limit,
+                batch_size=cfg.batch_size,
+                workers=cfg.workers,
+                device=cfg.device,
+            )
+            start = time.perf_counter()
+            embed(ecfg)
+            seconds = time.perf_counter() - start
+        after = model_only_rate(name, images, cfg.batch_size, device)
+        model_rate = (before + after) / 2  # the machine drifts: average the two sides of the embed run
+        stage_rate = len(proto) / seconds
+        rows.append(
+            dict(
+                model=name,
+                device=str(device),
+                images=len(proto),
+                embed_seconds=seconds,
+                embed_rate=stage_rate,
+                model_rate=model_rate,
+                ratio=stage_rate / model_rate,
+            )
+        )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| model | device | images | embed s | embed img/s | model-only img/s | embed / model-only |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['device']} | {r['images']} | {r['embed_seconds']:.1f} | {r['embed_rate']:.1f} "
+            f"| {r['model_rate']:.1f} | {r['ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cli import main
+
+    main(["bench", "embed", *sys.argv[1:]])
