@@ -1,0 +1,757 @@
+"""Pair scoring: every pair of a store in blocked tiles (torch or FAISS) streamed into one `HistogramROC`,
+or the pairs a store lists; 10-fold accuracy; rank-1 identification; the results folder.
+
+All-pairs in short: rows are sorted by identity once, so that the same-person pairs of any tile form at most
+one rectangle (off-diagonal tiles) or a few blocks on the diagonal (diagonal leaves). Each tile's values are
+histogrammed once for all pairs and once for its same-person slice of the *same* tensor, so both land in the
+same bins exactly; different-person counts are the difference. For l2 the tile is one matrix product of
+augmented rows `[x, |x|^2, 1] . [-2x, 1, |y|^2]` = squared distance (rows centred first), for cosine of the
+normalised rows. Memory: the rows (3 copies of N x D float32) + one tile (block^2 floats) + 2 x bins counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError
+from pipeline.roc import (
+    Binning,
+    HistogramROC,
+    check_defined,
+    exact_counts,
+    roc_metrics,
+    value_to_distance,
+)
+from pipeline.runtime import resolve_device
+from pipeline.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCK = 4096  # a tile holds at most 2^24 values: float32 histogram counts stay exact
+LEAF = 256  # diagonal blocks are split until this size; only leaves need the upper-triangle mask
+READ_ROWS_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Configuration of `score`: which pairs of which store, how, and where the results go."""
+
+    store: Path
+    """The HDF5 embedding store (needs /embeddings and /labels; /pairs for `pairs`)."""
+    out: Path | None = None
+    """Results folder (metrics.json, roc.csv, roc.png, histogram.npz); None writes nothing."""
+    all_pairs: bool = True
+    """True: every unordered pair i < j. False: the pairs listed in the store (embed --protocol pairs|10fold)."""
+    metric: str = "l2"
+    """l2: Euclidean distance (the study's); cosine: cosine similarity."""
+    bins: int = 1 << 18
+    """Histogram bins over the data's score range (more bins: smaller `auc_error_bound`, slower)."""
+    block: int = 4096
+    """Rows per tile side (a tile holds block^2 scores; at most 4096)."""
+    backend: str = "torch"
+    """torch, or faiss (pairwise distances by FAISS; falls back to torch when faiss is not installed)."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    exact: bool = False
+    """Also compute the exact AUC by sorting every score in float64 (checking; needs memory for all pairs)."""
+    rank1: bool = False
+    """Also compute rank-1 identification accuracy (nearest other image shows the same person)."""
+    overwrite: bool = False
+    """Replace an existing results folder."""
+    log_fpr: bool = False
+    """Draw roc.png with a logarithmic false-positive-rate axis."""
+    seed: int = 0
+    """Seed of the pair sample that sets the bin range."""
+    sample_pairs: int = 1 << 18
+    """About this many pairs (random rows against all rows) are scored first to find the score range for the bins."""
+    progress: bool = True
+    """Show a progress bar with pairs/s."""
+    label: str | None = None
+    """Name of this result in legends and tables (default: model and weights from the store)."""
+    variant: str | None = None
+    """pretrained or finetuned, for `report`'s table (default: guessed from the store's weights)."""
+
+    def __post_init__(self):
+        if self.metric not in ("l2", "cosine"):
+            raise ValueError(f"--metric must be l2 or cosine, not {self.metric!r}")
+        if not 2 <= self.bins <= 1 << 24:
+            raise ValueError(f"--bins must be between 2 and {1 << 24}, not {self.bins}")
+        if not 1 <= self.block <= MAX_BLOCK:
+            raise ValueError(
+                f"--block must be between 1 and {MAX_BLOCK} (a tile holds block^2 scores), not {self.block}"
+            )
+        if self.backend not in ("torch", "faiss"):
+            raise ValueError(f"--backend must be torch or faiss, not {self.backend!r}")
+        if self.sample_pairs < 1:
+            raise ValueError(f"sample_pairs must be at least 1, not {self.sample_pairs}")
+        if self.variant not in (None, "pretrained", "finetuned"):
+            raise ValueError(f"variant must be pretrained or finetuned, not {self.variant!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- tiles
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Rows [r0, r1) against columns [c0, c1) of the identity-sorted rows. Off-diagonal tiles have r1 <= c0
+    and hold all their pairs; diagonal tiles (r0 == c0, r1 == c1) hold only their upper triangle."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    diagonal: bool
+
+    @property
+    def n_pairs(self) -> int:
+        m = self.r1 - self.r0
+        return m * (m - 1) // 2 if self.diagonal else m * (self.c1 - self.c0)
+
+
+def tile_plan(n: int, block: int, leaf: int = LEAF) -> list[Tile]:
+    """Every pair i < j of n rows exactly once, in tiles of at most block x block, in a fixed order.
+
+    Diagonal blocks are split in halves (one full off-diagonal tile and two smaller diagonal blocks) down to
+    `leaf` rows, so almost no product is computed twice. The list depends only on (n, block, leaf): select any
+    subset (e.g. `plan[rank::world]`) and the histograms of the parts add up to the whole, bit for bit.
+    """
+    plan: list[Tile] = []
+    starts = list(range(0, n, block))
+    for i, r0 in enumerate(starts):
+        r1 = min(r0 + block, n)
+        plan.extend(_split_diagonal(r0, r1, leaf))
+        for c0 in starts[i + 1 :]:
+            plan.append(Tile(r0, r1, c0, min(c0 + block, n), False))
+    return plan
+
+
+def _split_diagonal(a: int, b: int, leaf: int) -> Iterator[Tile]:
+    if b - a <= max(leaf, 1):
+        if b - a >= 2:
+            yield Tile(a, b, a, b, True)
+        return
+    m = (a + b) // 2
+    yield from _split_diagonal(a, m, leaf)
+    yield Tile(a, m, m, b, False)
+    yield from _split_diagonal(m, b, leaf)
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+
+
+@dataclass
+class Prepared:
+    """The store's rows sorted by identity, ready for tiles: `left @ right.T` is the binned value."""
+
+    x: np.ndarray
+    """[N, D] float32 sorted rows, centred (l2) or normalised (cosine): the FAISS backend's input."""
+    left: torch.Tensor
+    right: torch.Tensor
+    labels: torch.Tensor
+    """[N] int64 sorted labels on the device."""
+    order: np.ndarray
+    """Sorted position -> store row."""
+    group_start: np.ndarray
+    group_end: np.ndarray
+    metric: str
+    max_norm: float
+    n_positive: int
+
+    @property
+    def n(self) -> int:
+        return len(self.order)
+
+
+def read_rows(store: Store) -> np.ndarray:
+    """All rows as float32, read in blocks; NaN or infinite rows are an error that names them."""
+    n, d = store.n, store.dim
+    x = np.empty((n, d), dtype=np.float32)
+    step = max(1, READ_ROWS_BYTES // max(1, d * 4))
+    bad: list[int] = []
+    for s in range(0, n, step):
+        blk = store.rows(s, min(s + step, n))
+        ok = np.isfinite(blk).all(axis=1)
+        if not ok.all():
+            bad.extend((np.flatnonzero(~ok) + s).tolist())
+        x[s : s + len(blk)] = blk
+    if bad:
+        paths = store.strings("paths")
+        named = [f"{r} ({paths[r]})" if r < len(paths) else str(r) for r in bad[:10]]
+        raise PipelineError(
+            f"{store.path}: {len(bad)} rows hold NaN or infinite values: rows {', '.join(named)}"
+            f"{' ...' if len(bad) > 10 else ''}. Re-embed those images (check the weights) or drop them."
+        )
+    return x
+
+
+def normalise(x: np.ndarray, what: str) -> np.ndarray:
+    """Rows scaled to unit length in float64, then float32; zero rows are an error (cosine undefined)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    zero = np.flatnonzero(norms == 0)
+    if len(zero):
+        raise PipelineError(
+            f"{what}: {len(zero)} rows are all zeros (rows {zero[:10].tolist()}): their cosine is undefined. "
+            f"Use --metric l2."
+        )
+    return (x / norms[:, None]).astype(np.float32)
+
+
+def prepare(store: Store, metric: str, device: torch.device) -> Prepared:
+    """Read, check, sort by identity and transform the rows of `store` for tile products on `device`."""
+    if store.n < 2:
+        raise PipelineError(f"{store.path} has {store.n} row(s): scoring needs at least two")
+    x = read_rows(store)
+    labels = store.labels
+    order = np.argsort(labels, kind="stable")
+    x = x[order]
+    ls = labels[order]
+    cuts = np.flatnonzero(np.diff(ls)) + 1
+    starts, ends = np.r_[0, cuts], np.r_[cuts, len(ls)]
+    sizes = ends - starts
+    n_positive = int((sizes * (sizes - 1) // 2).sum())
+    gid = np.repeat(np.arange(len(starts)), sizes)
+    if metric == "l2":
+        x -= x.mean(axis=0, dtype=np.float64).astype(np.float32)  # distances unchanged, less cancellation
+        sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+        max_norm = float(np.sqrt(sq.max()))
+        ones = np.ones((len(x), 1), np.float32)
+        sqf = sq.astype(np.float32)[:, None]
+        left = torch.from_numpy(np.hstack([x, sqf, ones]))
+        right = torch.from_numpy(np.hstack([-2.0 * x, ones, sqf]))
+    else:
+        x = normalise(x, str(store.path))
+        max_norm = 1.0
+        left = right = torch.from_numpy(x)
+    left, right = left.to(device), right.to(device)
+    return Prepared(
+        x, left, right, torch.from_numpy(ls).to(device), order, starts[gid], ends[gid], metric, max_norm, n_positive
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- backends
+
+
+class TorchTiles:
+    """Tile values by one torch matrix product into a reused buffer."""
+
+    name = "torch"
+
+    def __init__(self, prep: Prepared, block: int):
+        self.prep = prep
+        self.buf = torch.empty(min(block, prep.n) ** 2, dtype=torch.float32, device=prep.left.device)
+
+    def values(self, t: Tile) -> torch.Tensor:
+        m, k = t.r1 - t.r0, t.c1 - t.c0
+        out = self.buf[: m * k].view(m, k)
+        return torch.mm(self.prep.left[t.r0 : t.r1], self.prep.right[t.c0 : t.c1].T, out=out)
+
+
+class FaissTiles:
+    """Tile values by `faiss.pairwise_distances` (squared L2 or inner product) on the CPU."""
+
+    name = "faiss"
+
+    def __init__(self, prep: Prepared):
+        import faiss
+
+        self.faiss = faiss
+        self.prep = prep
+        self.metric = faiss.METRIC_L2 if prep.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        self.device = prep.left.device
+
+    def values(self, t: Tile) -> torch.Tensor:
+        x = self.prep.x
+        v = self.faiss.pairwise_distances(x[t.r0 : t.r1], x[t.c0 : t.c1], self.metric)
+        return torch.from_numpy(v).to(self.device)
+
+
+def make_backend(name: str, prep: Prepared, block: int):
+    """The tile backend; FAISS when asked for and importable (CPU), else torch with a message."""
+    if name == "faiss":
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            log.warning("--backend faiss: faiss is not installed (pip install faiss-cpu); using torch instead")
+            return TorchTiles(prep, block)
+        if prep.left.device.type != "cpu":
+            log.warning("--backend faiss computes on the CPU here; the histograms stay on %s", prep.left.device)
+        return FaissTiles(prep)
+    return TorchTiles(prep, block)
+
+
+# ---------------------------------------------------------------------------------------------------- binning
+
+
+def choose_binning(prep: Prepared, bins: int, seed: int = 0, sample_pairs: int = 1 << 18) -> Binning:
+    """Bins over the score range of a sample (random rows against every other row, about `sample_pairs`
+    pairs, same-person pairs included), widened by 5% of the span on each side and kept inside the provable
+    range. Scores outside later count in the edge bins: still correct, only coarser there (the bound knows)."""
+    rng = np.random.default_rng(seed)
+    n = prep.n
+    rows = np.sort(rng.choice(n, size=min(n, max(8, sample_pairs // n)), replace=False))
+    it = torch.from_numpy(rows).to(prep.left.device)
+    a = prep.left.index_select(0, it)
+    vmin, vmax = math.inf, -math.inf
+    for c0 in range(0, n, 1 << 14):
+        v = a @ prep.right[c0 : c0 + (1 << 14)].T
+        own = (it >= c0) & (it < c0 + v.shape[1])
+        v[own.nonzero().squeeze(1), it[own] - c0] = math.nan  # a row with itself is no pair
+        vmin = min(vmin, float(torch.nan_to_num(v, nan=math.inf).min()))
+        vmax = max(vmax, float(torch.nan_to_num(v, nan=-math.inf).max()))
+    margin = 0.05 * (vmax - vmin) or 1e-6 * max(1.0, abs(vmax))
+    if prep.metric == "l2":
+        lo, hi = max(vmin - margin, 0.0), min(vmax + margin, 4.0 * prep.max_norm**2 * (1 + 1e-4) + 1e-30)
+    else:
+        lo, hi = max(vmin - margin, -1.0 - 1e-4), min(vmax + margin, 1.0 + 1e-4)
+    if not hi > lo:
+        hi = lo + max(1e-6, abs(lo) * 1e-6)
+    return Binning(float(lo), float(hi), bins, prep.metric)
+
+
+# ---------------------------------------------------------------------------------------------------- tile pass
+
+
+@dataclass
+class TilePass:
+    """What a pass over tiles leaves: the counts (on the device until `roc`) and the extreme value."""
+
+    binning: Binning
+    all_counts: torch.Tensor
+    pos_counts: torch.Tensor
+    extreme: float = float("nan")
+    """Largest squared distance (l2) or smallest cosine (cosine) seen."""
+    extreme_tile: int = -1
+    n_clamped_tiles: int = 0
+    n_pairs: int = 0
+
+    def roc(self) -> HistogramROC:
+        acc = HistogramROC(self.binning)
+        acc.add_counts(
+            self.all_counts.cpu().numpy().round().astype(np.int64),
+            self.pos_counts.cpu().numpy().round().astype(np.int64),
+        )
+        return acc
+
+
+class Stager:
+    """Histograms values into float64 counts, batching small inputs into one `torch.histc` call (each call has
+    a fixed cost that would dominate many small tiles); the bin of a value does not depend on its batch."""
+
+    def __init__(self, binning: Binning, device: torch.device, size: int = 1 << 22):
+        self.b = binning
+        self.counts = torch.zeros(binning.bins, dtype=torch.float64, device=device)
+        self.buf = torch.empty(size, dtype=torch.float32, device=device)
+        self.used = 0
+
+    def add(self, values: torch.Tensor) -> None:
+        k = values.numel()
+        if k == 0:
+            return
+        if k >= len(self.buf) // 4:
+            self.counts += torch.histc(values, bins=self.b.bins, min=self.b.lo, max=self.b.hi)
+            return
+        if self.used + k > len(self.buf):
+            self.flush()
+        self.buf[self.used : self.used + k] = values.reshape(-1)
+        self.used += k
+
+    def flush(self) -> torch.Tensor:
+        if self.used:
+            self.counts += torch.histc(self.buf[: self.used], bins=self.b.bins, min=self.b.lo, max=self.b.hi)
+            self.used = 0
+        return self.counts
+
+
+class TileScorer:
+    """Feeds tiles of a backend into one pair of histograms (all pairs, same-person pairs)."""
+
+    def __init__(self, prep: Prepared, binning: Binning, backend):
+        self.prep, self.binning, self.backend = prep, binning, backend
+        self.device = prep.left.device
+        self._masks: dict[int, torch.Tensor] = {}
+
+    def triu(self, m: int) -> torch.Tensor:
+        if m not in self._masks:
+            self._masks[m] = torch.ones(m, m, dtype=torch.bool, device=self.device).triu(1)
+        return self._masks[m]
+
+    def positive_values(self, t: Tile, values: torch.Tensor) -> torch.Tensor | None:
+        """The same-person scores of a tile, sliced from the tile's own values."""
+        p = self.prep
+        if t.diagonal:
+            lab = p.labels[t.r0 : t.r1]
+            return values[(lab[:, None] == lab[None, :]) & self.triu(t.r1 - t.r0)]
+        last = t.r1 - 1  # only the group holding the tile's last row can reach its columns (sorted rows)
+        g0, g1 = int(p.group_start[last]), int(p.group_end[last])
+        if g1 <= t.c0:
+            return None
+        return values[max(g0, t.r0) - t.r0 :, : min(g1, t.c1) - t.c0].reshape(-1)
+
+    def run(self, plan: list[Tile], select: Iterable[int] | None = None, progress: bool = True) -> TilePass:
+        """Score the tiles `plan[i]` for i in `select` (default: all) into a `TilePass`."""
+        b = self.binning
+        all_h, pos_h = Stager(b, self.device), Stager(b, self.device)
+        res = TilePass(b, all_h.counts, pos_h.counts)
+        indices = range(len(plan)) if select is None else list(select)
+        total = sum(plan[i].n_pairs for i in indices)
+        find_max = self.prep.metric == "l2"
+        with tqdm(
+            total=total, unit="pair", unit_scale=True, disable=not progress, mininterval=1.0, desc="scoring pairs"
+        ) as bar:
+            for i in indices:
+                t = plan[i]
+                if t.n_pairs == 0:
+                    continue
+                tv = self.backend.values(t)
+                vals = tv[self.triu(t.r1 - t.r0)] if t.diagonal else tv.reshape(-1)
+                pv = self.positive_values(t, tv)
+                mn, mx = (float(v) for v in torch.aminmax(vals))
+                ext = mx if find_max else mn
+                if not (ext <= res.extreme if find_max else ext >= res.extreme):  # also true while nan
+                    res.extreme, res.extreme_tile = ext, i
+                if mn < b.lo or mx > b.hi:
+                    res.n_clamped_tiles += 1
+                    vals.clamp_(b.lo, b.hi)  # in the tile buffer for off-diagonal tiles: `pv` views it too
+                    pv = None if pv is None else pv.clamp(b.lo, b.hi)
+                all_h.add(vals)
+                if pv is not None:
+                    pos_h.add(pv)
+                res.n_pairs += t.n_pairs
+                bar.update(t.n_pairs)
+        all_h.flush()
+        pos_h.flush()
+        return res
+
+    def extreme_pair(self, plan: list[Tile], res: TilePass) -> tuple[int, int]:
+        """Store rows (i, j) of the pair with the extreme value, found again in its tile."""
+        t = plan[res.extreme_tile]
+        tv = self.backend.values(t).clone()
+        if t.diagonal:
+            tv[~self.triu(t.r1 - t.r0)] = float("nan")
+        flat = (
+            int(torch.nan_to_num(tv, nan=-math.inf).argmax())
+            if self.prep.metric == "l2"
+            else int(torch.nan_to_num(tv, nan=math.inf).argmin())
+        )
+        r, c = divmod(flat, t.c1 - t.c0)
+        return int(self.prep.order[t.r0 + r]), int(self.prep.order[t.c0 + c])
+
+
+def pair_distance(a: np.ndarray, b: np.ndarray, metric: str) -> float:
+    """Distance of two stored rows in float64: Euclidean, or 1 - cosine."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    if metric == "l2":
+        return float(np.sqrt(((a - b) ** 2).sum()))
+    return float(1.0 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# ---------------------------------------------------------------------------------------------------- modes
+
+
+@contextlib.contextmanager
+def _ieee_matmul(device: torch.device):
+    """Full float32 products on CUDA (no TF32) while scoring."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def score_all_pairs(
+    store: Store, cfg: ScoreConfig, device: torch.device, leaf: int = LEAF
+) -> tuple[HistogramROC, dict]:
+    """Every pair of `store` into a `HistogramROC`; extra facts (max pair, timings, exact AUC) in a dict."""
+    t0 = time.perf_counter()
+    prep = prepare(store, cfg.metric, device)
+    check_defined(prep.n_positive, prep.n * (prep.n - 1) // 2 - prep.n_positive)
+    binning = choose_binning(prep, cfg.bins, cfg.seed, cfg.sample_pairs)
+    backend = make_backend(cfg.backend, prep, cfg.block)
+    plan = tile_plan(prep.n, cfg.block, leaf)
+    scorer = TileScorer(prep, binning, backend)
+    t1 = time.perf_counter()
+    res = scorer.run(plan, progress=cfg.progress)
+    i, j = scorer.extreme_pair(plan, res)
+    acc = res.roc()
+    acc.max_distance = pair_distance(store.rows(i, i + 1)[0], store.rows(j, j + 1)[0], cfg.metric)
+    t2 = time.perf_counter()
+    if acc.n_positive != prep.n_positive or res.n_pairs != prep.n * (prep.n - 1) // 2:
+        raise RuntimeError(f"internal error: counted {acc.n_positive} same-person pairs of {prep.n_positive}")
+    extra = {
+        "backend": backend.name,
+        "max_distance_pair": [i, j],
+        "bin_lo": binning.lo,
+        "bin_hi": binning.hi,
+        "n_tiles": len(plan),
+        "n_clamped_tiles": res.n_clamped_tiles,
+        "seconds_prepare": t1 - t0,
+        "seconds_tiles": t2 - t1,
+    }
+    if cfg.rank1:
+        extra.update(rank1_accuracy(prep, cfg.backend, cfg.block))
+    if cfg.exact:
+        extra.update(exact_all_pairs(prep, plan))
+    return acc, extra
+
+
+def exact_all_pairs(prep: Prepared, plan: list[Tile]) -> dict:
+    """The exact AUC over float64 scores of every pair, by sorting (memory: about 30 bytes per pair)."""
+    n_pairs = prep.n * (prep.n - 1) // 2
+    need = 32 * n_pairs
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > 0.8 * avail:
+        raise PipelineError(
+            f"--exact needs about {need / 2**30:.1f} GiB for {n_pairs} pairs but {avail / 2**30:.1f} GiB are free; "
+            f"drop --exact (the histogram AUC comes with auc_error_bound)"
+        )
+    x = torch.from_numpy(prep.x).double()
+    lab = torch.from_numpy(prep.labels.cpu().numpy())
+    sq = (x * x).sum(1)
+    values, positive = [], []
+    for t in plan:
+        if prep.metric == "l2":
+            v = (sq[t.r0 : t.r1, None] + sq[None, t.c0 : t.c1] - 2 * x[t.r0 : t.r1] @ x[t.c0 : t.c1].T).clamp_min(0)
+        else:
+            v = x[t.r0 : t.r1] @ x[t.c0 : t.c1].T
+        same = lab[t.r0 : t.r1, None] == lab[None, t.c0 : t.c1]
+        if t.diagonal:
+            m = torch.ones_like(same).triu(1)
+            v, same = v[m], same[m]
+        values.append(v.reshape(-1).numpy())
+        positive.append(same.reshape(-1).numpy())
+    pos, neg, thr = exact_counts(np.concatenate(values), np.concatenate(positive), prep.metric)
+    return {"auc_exact": roc_metrics(pos, neg, thr, float("nan"), exact=True)["auc"]}
+
+
+def listed_pairs(store: Store, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(binned values in float64, same-person flags, folds) of the pairs the store lists."""
+    pairs, pair_labels, folds = store.pairs()
+    if len(pairs) == 0:
+        raise PipelineError(f"{store.path} lists no pairs")
+    if pairs.min() < 0 or pairs.max() >= store.n:
+        raise PipelineError(f"{store.path}: /pairs indexes rows outside 0..{store.n - 1}: the store is corrupt")
+    x = read_rows(store).astype(np.float64)
+    a, b = x[pairs[:, 0]], x[pairs[:, 1]]
+    if metric == "l2":
+        values = ((a - b) ** 2).sum(1)
+    else:
+        normalise(x[np.unique(pairs)], str(store.path))  # zero rows: error
+        values = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return values, pair_labels.astype(bool), folds
+
+
+def tenfold_accuracy(distance: np.ndarray, positive: np.ndarray, folds: np.ndarray) -> dict:
+    """LFW View 2 accuracy: for each fold, the threshold that is best on the other folds, applied to it."""
+    accs = []
+    for k in np.unique(folds):
+        train, test = folds != k, folds == k
+        pos, neg, thr = exact_counts(distance[train] ** 2, positive[train], "l2")  # ascending distance groups
+        correct = np.cumsum(pos) + neg.sum() - np.cumsum(neg)
+        best = int(np.argmax(np.r_[neg.sum(), correct]))  # 0 = accept none
+        if best == 0:
+            t = thr[0] - 1.0
+        else:
+            t = math.inf if best == len(thr) else 0.5 * (thr[best - 1] + thr[best])
+        accs.append(float(np.mean((distance[test] <= t) == positive[test])))
+    a = np.array(accs)
+    std = float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    return {
+        "accuracy_10fold_mean": float(a.mean()),
+        "accuracy_10fold_std": std,
+        "accuracy_10fold_sem": std / math.sqrt(len(a)),
+        "accuracy_10fold": accs,
+    }
+
+
+def score_listed_pairs(store: Store, cfg: ScoreConfig) -> tuple[HistogramROC, dict, dict]:
+    """The listed pairs: exact metrics (every score known), their histogram, and 10-fold accuracy."""
+    t0 = time.perf_counter()
+    values, positive, folds = listed_pairs(store, cfg.metric)
+    check_defined(int(positive.sum()), int((~positive).sum()))
+    distance = value_to_distance(values, cfg.metric)
+    max_distance = float(distance.max())
+    pos, neg, thr = exact_counts(values, positive, cfg.metric)
+    metrics = roc_metrics(pos, neg, thr, max_distance, exact=True)
+    lo, hi = float(values.min()), float(values.max())
+    acc = HistogramROC(Binning(lo, hi if hi > lo else lo + 1e-6, cfg.bins, cfg.metric))
+    acc.update(values, positive)
+    acc.max_distance = max_distance
+    extra = {"backend": "numpy", "auc_exact": metrics["auc"], "seconds_tiles": time.perf_counter() - t0}
+    if len(np.unique(folds)) > 1:
+        extra.update(tenfold_accuracy(distance, positive, folds))
+    return acc, metrics, extra
+
+
+# ---------------------------------------------------------------------------------------------------- rank-1
+
+
+def rank1_accuracy(prep: Prepared, backend: str, block: int) -> dict:
+    """Rank-1 identification: for each image whose person has another image, is its nearest other image (all
+    other images are the gallery) of the same person? FAISS exact k-NN when installed, torch otherwise."""
+    queries = np.flatnonzero(prep.group_end - prep.group_start > 1)
+    if len(queries) == 0:
+        return {"rank1_accuracy": float("nan"), "rank1_queries": 0}
+    nearest = None
+    if backend == "faiss":
+        try:
+            nearest = _nearest_faiss(prep, queries)
+        except ImportError:
+            log.warning("faiss is not installed: rank-1 by torch")
+    if nearest is None:
+        nearest = _nearest_torch(prep, queries, block)
+    lab = prep.labels.cpu().numpy()
+    hit = lab[nearest] == lab[queries]
+    return {"rank1_accuracy": float(hit.mean()), "rank1_queries": int(len(queries))}
+
+
+def _nearest_faiss(prep: Prepared, queries: np.ndarray) -> np.ndarray:
+    import faiss
+
+    index = (faiss.IndexFlatL2 if prep.metric == "l2" else faiss.IndexFlatIP)(prep.x.shape[1])
+    index.add(prep.x)
+    _, nn = index.search(prep.x[queries], 2)
+    return np.where(nn[:, 0] == queries, nn[:, 1], nn[:, 0])
+
+
+def _nearest_torch(prep: Prepared, queries: np.ndarray, block: int) -> np.ndarray:
+    sign = 1.0 if prep.metric == "l2" else -1.0  # minimise sign * value
+    out = np.empty(len(queries), dtype=np.int64)
+    for s in range(0, len(queries), block):
+        q = torch.from_numpy(queries[s : s + block]).to(prep.left.device)
+        best = torch.full((len(q),), math.inf, device=q.device)
+        arg = torch.zeros(len(q), dtype=torch.int64, device=q.device)
+        for c0 in range(0, prep.n, block):
+            c1 = min(c0 + block, prep.n)
+            v = sign * (prep.left[q] @ prep.right[c0:c1].T)
+            own = (q >= c0) & (q < c1)
+            v[own.nonzero().squeeze(1), (q[own] - c0)] = math.inf
+            m, a = v.min(1)
+            better = m < best
+            best = torch.where(better, m, best)
+            arg = torch.where(better, a + c0, arg)
+        out[s : s + len(q)] = arg.cpu().numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- stage
+
+
+def _json_attrs(attrs: dict) -> dict:
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, np.ndarray):
+            v = v.tolist()
+        elif isinstance(v, bytes):
+            v = v.decode(errors="replace")
+        out[k] = v
+    return out
+
+
+def guess_variant(attrs: dict) -> str:
+    """finetuned when the store's weights are a `finetune` checkpoint, else pretrained."""
+    weights = str(attrs.get("weights", ""))
+    if weights in ("", "imagenet", "none") or not Path(weights).is_file():
+        return "finetuned" if "finetune" in weights.lower() else "pretrained"
+    try:
+        from pipeline.models import read_weights_file
+
+        return "finetuned" if read_weights_file(weights)[1] else "pretrained"
+    except PipelineError:
+        return "pretrained"
+
+
+def score(cfg: ScoreConfig) -> dict:
+    """Score a store (all pairs or its listed pairs), write the results folder, return metrics.json's dict."""
+    if cfg.out is not None and Path(cfg.out).exists() and not cfg.overwrite:
+        raise PipelineError(f"results folder {cfg.out} exists; pass --overwrite to replace it")
+    device = resolve_device(cfg.device)
+    with open_store(cfg.store, need_labels=cfg.all_pairs or cfg.rank1) as store, _ieee_matmul(device):
+        t0 = time.perf_counter()
+        if cfg.all_pairs:
+            acc, extra = score_all_pairs(store, cfg, device)
+            metrics = acc.compute()
+        else:
+            if cfg.rank1:
+                log.warning("--rank1 is computed over all images of the store, not only the listed pairs")
+            acc, metrics, extra = score_listed_pairs(store, cfg)
+            if cfg.rank1:
+                extra.update(rank1_accuracy(prepare(store, cfg.metric, device), cfg.backend, cfg.block))
+        seconds = time.perf_counter() - t0
+        attrs = _json_attrs(store.attrs)
+    roc = metrics.pop("roc")
+    metrics.update(
+        metric=cfg.metric,
+        bins=cfg.bins,
+        device=str(device),
+        seconds=seconds,
+        pairs_per_second=metrics["n_pairs"] / seconds if seconds > 0 else float("inf"),
+        mode="all-pairs" if cfg.all_pairs else "pairs",
+        **extra,
+    )
+    if "auc_exact" in metrics:
+        metrics["auc_minus_exact"] = metrics["auc"] - metrics["auc_exact"]
+    metrics.update(
+        model=attrs.get("model", ""),
+        protocol=attrs.get("protocol", ""),
+        image_set=attrs.get("image_set", ""),
+        layer=attrs.get("layer", ""),
+        weights=attrs.get("weights", ""),
+        variant=cfg.variant or guess_variant(attrs),
+        label=cfg.label or f"{attrs.get('model', Path(cfg.store).stem)}",
+        store=str(Path(cfg.store).resolve()),
+        config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        provenance=attrs,
+    )
+    log.info(
+        "AUC %.6f (+- %.1e binning) over %d pairs (%d same) in %.3f s (%.3g pairs/s)",
+        metrics["auc"],
+        metrics["auc_error_bound"],
+        metrics["n_pairs"],
+        metrics["n_positive"],
+        seconds,
+        metrics["pairs_per_second"],
+    )
+    if cfg.out is not None:
+        from pipeline.report import write_results
+
+        write_results(Path(cfg.out), metrics, roc, acc, log_fpr=cfg.log_fpr, overwrite=cfg.overwrite)
+    return metrics
+
+
+def score_store(store: Path | str, out: Path | str | None, all_pairs: bool = True, **options) -> dict:
+    """`score` for other stages: `score_store(path, out_dir, all_pairs=True, metric="l2", ...)` -> metrics."""
+    return score(ScoreConfig(store=Path(store), out=None if out is None else Path(out), all_pairs=all_pairs, **options))
+
+
+__all__ = [
+    "ScoreConfig",
+    "Tile",
+    "tile_plan",
+    "prepare",
+    "choose_binning",
+    "TileScorer",
+    "TilePass",
+    "score",
+    "score_store",
+    "score_all_pairs",
+    "score_listed_pairs",
+    "tenfold_accuracy",
+    "rank1_accuracy",
+]
