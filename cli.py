@@ -83,6 +83,55 @@ def embed(**options) -> None:
     click.echo(str(path))
 
 
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--all-pairs", "mode", flag_value="all-pairs", help="Every unordered pair i < j of the store.")
+@click.option("--pairs", "mode", flag_value="pairs", help="The pairs the store lists (embed --protocol pairs|10fold).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Results folder: metrics.json, roc.csv, roc.png, histogram.npz.")
+@click.option("--metric", type=click.Choice(["l2", "cosine"]), default="l2", show_default=True,
+              help="l2: Euclidean distance (the study's); cosine: cosine similarity.")
+@click.option("--bins", type=int, default=1 << 18, show_default=True,
+              help="Histogram bins over the data's score range (more: smaller auc_error_bound).")
+@click.option("--block", type=int, default=4096, show_default=True, help="Rows per tile side (at most 4096).")
+@click.option("--backend", type=click.Choice(["torch", "faiss"]), default="torch", show_default=True,
+              help="Tile distances by torch or FAISS (falls back to torch when faiss is missing).")
+@click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
+@click.option("--exact", is_flag=True, help="Also the exact AUC by sorting every score (checking; memory for all pairs).")
+@click.option("--rank1", is_flag=True, help="Also rank-1 identification accuracy (nearest other image).")
+@click.option("--log-fpr", is_flag=True, help="Logarithmic false-positive-rate axis in roc.png.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing results folder.")
+@click.option("--label", default=None, help="Name of this result in legends and tables.")
+@click.option("--variant", type=click.Choice(["pretrained", "finetuned"]), default=None,
+              help="For report's table (default: guessed from the store's weights).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample that sets the bin range.")
+@click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bar.")
+def score(store: Path, mode: str | None, **options) -> None:
+    """Score pairs of an embedding store: ROC, AUC, EER, TAR@FAR, accuracy into a results folder."""
+    from pipeline.score import ScoreConfig
+    from pipeline.score import score as run_score
+
+    if mode is None:
+        raise click.UsageError("choose --all-pairs or --pairs")
+    m = run_score(ScoreConfig(store=store, all_pairs=mode == "all-pairs", **options))
+    click.echo(
+        f"AUC {m['auc']:.6f} (binning bound {m['auc_error_bound']:.1e}) over {m['n_pairs']} pairs "
+        f"({m['n_positive']} same), EER {m['eer']:.4f}, {m['seconds']:.3f} s -> {options['out']}"
+    )
+
+
+@main.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default="report", show_default=True,
+              help="Folder for roc.png (all curves) and table.md.")
+@click.option("--log-fpr", is_flag=True, help="Logarithmic false-positive-rate axis.")
+def report(folders: tuple[Path, ...], out: Path, log_fpr: bool) -> None:
+    """One ROC figure and the study's table (pretrained, fine-tuned, improvement) from results folders."""
+    from pipeline.report import report as run_report
+
+    click.echo(run_report(list(folders), out, log_fpr=log_fpr), nl=False)
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks that print a table of ratios measured in the same run."""
@@ -103,6 +152,20 @@ def bench_embed(models: str, **options) -> None:
 
     rows = run_bench(BenchEmbedConfig(models=tuple(models.split(",")), **options))
     click.echo(format_table(rows))
+
+
+@bench.command("score")
+@click.option("--sizes", default="3708x1000,100000x128", show_default=True,
+              help="Comma-separated NxD random stores to score.")
+@click.option("--peers/--no-peers", default=True, show_default=True, help="Also time the alternatives a user has.")
+@click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Where the random stores go (temp).")
+def bench_score(sizes: str, peers: bool, device: str, workdir: Path | None) -> None:
+    """All-pairs scoring: pairs/s, ratio to the floor measured in the same process, peers, peak memory."""
+    from benchmarks.bench_score import BenchScoreConfig, format_table, run_bench
+
+    shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in sizes.split(","))
+    click.echo(format_table(run_bench(BenchScoreConfig(sizes=shapes, peers=peers, device=device, workdir=workdir))))
 
 
 def finetune_options(f):
