@@ -121,7 +121,8 @@ class HistogramROC:
             raise ValueError(f"cannot merge histograms with different binnings: {self.binning} vs {other.binning}")
         self.pos += other.pos
         self.neg += other.neg
-        self.max_distance = float(np.nanmax([self.max_distance, other.max_distance]))
+        known = [d for d in (self.max_distance, other.max_distance) if math.isfinite(d)]
+        self.max_distance = max(known) if known else float("nan")
         return self
 
     def ordered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,0 +1,336 @@
+"""The scoring engine against brute force and scikit-learn on awkward sizes, both metrics and backends,
+float16, listed pairs with 10 folds, rank-1, bad inputs end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import roc_auc_score
+
+from cli import main
+from pipeline.errors import PipelineError
+from pipeline.score import (
+    ScoreConfig,
+    TileScorer,
+    choose_binning,
+    prepare,
+    score,
+    score_all_pairs,
+    score_store,
+    tenfold_accuracy,
+    tile_plan,
+)
+from pipeline.store import open_store
+from tests.stores import random_store, write_store
+
+try:
+    import faiss  # noqa: F401
+
+    BACKENDS = ["torch", "faiss"]
+except ImportError:  # pragma: no cover
+    BACKENDS = ["torch"]
+
+
+def brute_force(x: np.ndarray, labels: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Similarity (minus distance, or cosine) and same-person flag of every pair i < j, in float64, by a loop."""
+    x = x.astype(np.float64)
+    sims, same = [], []
+    for i in range(len(x)):
+        d = x[i + 1 :] - x[i]
+        if metric == "l2":
+            s = -np.sqrt((d * d).sum(1))
+        else:
+            s = x[i + 1 :] @ x[i] / (np.linalg.norm(x[i + 1 :], axis=1) * np.linalg.norm(x[i]))
+        sims.append(s)
+        same.append(labels[i + 1 :] == labels[i])
+    return np.concatenate(sims), np.concatenate(same)
+
+
+def check_against_sklearn(m: dict, x: np.ndarray, labels: np.ndarray, metric: str) -> None:
+    s, y = brute_force(x, labels, metric)
+    exact = roc_auc_score(y, s)
+    assert m["n_pairs"] == len(s)
+    assert m["n_positive"] == int(y.sum()) and m["n_negative"] == int((~y).sum())
+    # The bound covers the binning; float32 rounding of the scores may add a few ties broken otherwise.
+    assert abs(m["auc"] - exact) <= m["auc_error_bound"] + 1e-6
+    assert abs(m["auc"] - exact) < 1e-4
+    d = -s if metric == "l2" else 1 - s
+    assert m["max_distance"] == pytest.approx(d.max(), rel=1e-9)
+
+
+STORES = {
+    "mixed_with_duplicates": dict(n=149, d=16, n_ids=50, duplicates=15),
+    "many_singletons": dict(n=149, d=8, n_ids=140),
+}
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(STORES))
+def test_all_pairs_match_sklearn(tmp_path, metric, backend, kind):
+    path, x, labels = random_store(tmp_path / "s.h5", seed=1, **STORES[kind])
+    m = score(ScoreConfig(store=path, metric=metric, backend=backend, block=33, progress=False, exact=True))
+    check_against_sklearn(m, x, labels, metric)
+    assert m["backend"] == backend
+    assert m["auc_exact"] == pytest.approx(roc_auc_score(*brute_force(x, labels, metric)[::-1]), abs=1e-12)
+
+
+def test_one_identity_with_many_images_and_float16(tmp_path):
+    rng = np.random.default_rng(4)
+    labels = np.r_[np.zeros(100, int), np.arange(1, 50)]
+    x = (rng.standard_normal((149, 12)) + 0.3 * (labels == 0)[:, None]).astype(np.float16)
+    path = write_store(tmp_path / "f16.h5", x, labels)
+    for metric in ("l2", "cosine"):
+        m = score(ScoreConfig(store=path, metric=metric, block=33, progress=False))
+        check_against_sklearn(m, x.astype(np.float32), labels, metric)
+
+
+def test_diagonal_split_into_leaves_and_tile_subsets_add_up(tmp_path):
+    path, x, labels = random_store(tmp_path / "s.h5", n=149, d=10, n_ids=30, duplicates=5, seed=2)
+    cfg = ScoreConfig(store=path, block=64, progress=False)
+    with open_store(path) as st_:
+        acc, _ = score_all_pairs(st_, cfg, torch.device("cpu"), leaf=8)
+        check_against_sklearn({**acc.compute(), "max_distance": acc.max_distance}, x, labels, "l2")
+        prep = prepare(st_, "l2", torch.device("cpu"))
+    plan = tile_plan(prep.n, 64, leaf=8)
+    scorer = TileScorer(prep, choose_binning(prep, 1 << 12), __import__("pipeline.score").score.TorchTiles(prep, 64))
+    whole = scorer.run(plan, progress=False)
+    parts = [scorer.run(plan, select=range(r, len(plan), 3), progress=False) for r in range(3)]
+    merged = parts[0].roc()
+    for p in parts[1:]:
+        merged.merge(p.roc())
+    w = whole.roc()
+    assert (merged.pos == w.pos).all() and (merged.neg == w.neg).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 70), block=st.integers(1, 30), leaf=st.integers(1, 12))
+def test_tile_plan_covers_every_pair_once(n, block, leaf):
+    seen = np.zeros((n, n), int)
+    for t in tile_plan(n, block, leaf):
+        assert t.r1 - t.r0 <= block and t.c1 - t.c0 <= block
+        if t.diagonal:
+            assert (t.r0, t.r1) == (t.c0, t.c1)
+            sub = np.triu(np.ones((t.r1 - t.r0,) * 2, int), 1)
+            seen[t.r0 : t.r1, t.c0 : t.c1] += sub
+        else:
+            assert t.r1 <= t.c0
+            seen[t.r0 : t.r1, t.c0 : t.c1] += 1
+    assert (seen == np.triu(np.ones((n, n), int), 1)).all()
+
+
+def test_binning_adapts_to_bunched_scores(tmp_path):
+    rng = np.random.default_rng(5)
+    x = np.maximum(rng.standard_normal((149, 256)), 0).astype(np.float32) + 50.0  # ReLU-like, far from 0
+    labels = rng.integers(0, 40, 149)
+    path = write_store(tmp_path / "relu.h5", x, labels)
+    m = score(ScoreConfig(store=path, block=33, progress=False, bins=1 << 12))
+    xc = x.astype(np.float64) - x.mean(0)
+    provable = 4 * (xc**2).sum(1).max()  # squared distances lie in [0, (2 max norm)^2]
+    assert m["bin_hi"] - m["bin_lo"] < 0.5 * provable  # the bins span the data, not the provable range
+    check_against_sklearn(m, x, labels, "l2")
+
+
+def test_rank1_matches_brute_force(tmp_path):
+    path, x, labels = random_store(tmp_path / "s.h5", n=149, d=16, n_ids=40, duplicates=5, seed=3, signal=1.0)
+    xd = x.astype(np.float64)
+    dist = ((xd[:, None] - xd[None]) ** 2).sum(-1)
+    np.fill_diagonal(dist, np.inf)
+    counts = np.bincount(labels)
+    q = np.flatnonzero(counts[labels] > 1)
+    expected = np.mean(labels[dist[q].argmin(1)] == labels[q])
+    for backend in BACKENDS:
+        m = score(ScoreConfig(store=path, block=33, rank1=True, backend=backend, progress=False))
+        assert m["rank1_queries"] == len(q)
+        assert m["rank1_accuracy"] == pytest.approx(expected, abs=2 / len(q))  # duplicates: ties at distance 0
+
+
+def _pairs_store(tmp_path, folds=True):
+    rng = np.random.default_rng(6)
+    n = 120
+    labels = rng.integers(0, 30, n)
+    x = (rng.standard_normal((30, 8))[labels] + rng.standard_normal((n, 8))).astype(np.float32)
+    i, j = rng.integers(0, n, 400), rng.integers(0, n, 400)
+    keep = i != j
+    pairs = np.stack([i[keep], j[keep]], 1)
+    same = (labels[pairs[:, 0]] == labels[pairs[:, 1]]).astype(np.int8)
+    pf = (np.arange(len(pairs)) % 10).astype(np.int8) if folds else None
+    return write_store(tmp_path / "pairs.h5", x, labels, pairs, same, pf, protocol="10fold"), x, pairs, same
+
+
+def test_listed_pairs_exact_and_tenfold(tmp_path):
+    path, x, pairs, same = _pairs_store(tmp_path)
+    for metric in ("l2", "cosine"):
+        m = score(ScoreConfig(store=path, all_pairs=False, metric=metric, progress=False))
+        a, b = x[pairs[:, 0]].astype(np.float64), x[pairs[:, 1]].astype(np.float64)
+        s = (
+            -np.linalg.norm(a - b, axis=1)
+            if metric == "l2"
+            else (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        )
+        assert m["auc"] == pytest.approx(roc_auc_score(same, s), abs=1e-12)
+        assert m["auc_error_bound"] == 0 and m["n_pairs"] == len(pairs) and m["n_positive"] == same.sum()
+        assert len(m["accuracy_10fold"]) == 10 and 0.5 < m["accuracy_10fold_mean"] <= 1
+
+
+def test_tenfold_picks_threshold_on_other_folds():
+    # fold 0 would need threshold 10, the other folds agree on 1.5 -> fold 0 is scored with 1.5
+    d = np.array([1.0, 2.0, 1.0, 2.0, 9.0, 11.0])
+    y = np.array([1, 0, 1, 0, 1, 0], bool)
+    folds = np.array([1, 1, 2, 2, 0, 0])
+    r = tenfold_accuracy(d, y, folds)
+    assert r["accuracy_10fold"] == [0.5, 1.0, 1.0]
+    assert r["accuracy_10fold_mean"] == pytest.approx(2.5 / 3)
+
+
+def test_score_store_api_and_results_folder(tmp_path):
+    path, x, labels = random_store(tmp_path / "s.h5", n=60, d=6, seed=7)
+    m = score_store(path, tmp_path / "res", all_pairs=True, metric="cosine", progress=False)
+    out = tmp_path / "res"
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "roc.csv", "roc.png", "histogram.npz"}
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in [
+        "auc",
+        "auc_error_bound",
+        "n_pairs",
+        "n_positive",
+        "n_negative",
+        "eer",
+        "tar_at_far",
+        "best_accuracy",
+        "best_threshold",
+        "max_distance",
+        "metric",
+        "bins",
+        "backend",
+        "device",
+        "seconds",
+        "pairs_per_second",
+        "provenance",
+    ]:
+        assert key in saved, key
+    assert saved["auc"] == m["auc"] and set(saved["tar_at_far"]) == {"0.0001", "0.001", "0.01"}
+
+
+def test_config_checks():
+    for bad in [dict(metric="l1"), dict(bins=1), dict(block=5000), dict(backend="annoy"), dict(variant="x")]:
+        with pytest.raises(ValueError):
+            ScoreConfig(store=Path("x.h5"), **bad)
+
+
+def test_faiss_missing_falls_back_to_torch(tmp_path, monkeypatch, caplog):
+    path, x, labels = random_store(tmp_path / "s.h5", n=50, d=4, seed=8)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    m = score(ScoreConfig(store=path, backend="faiss", rank1=True, progress=False))
+    assert m["backend"] == "torch" and "faiss is not installed" in caplog.text
+    check_against_sklearn(m, x, labels, "l2")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_equals_sklearn(tmp_path):  # pragma: no cover
+    path, x, labels = random_store(tmp_path / "s.h5", n=149, d=16, n_ids=50, duplicates=10)
+    for metric in ("l2", "cosine"):
+        check_against_sklearn(
+            score(ScoreConfig(store=path, metric=metric, device="cuda", block=33, progress=False)), x, labels, metric
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def run_cli(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output + (r.stderr if hasattr(r, "stderr") else "")
+
+
+def test_cli_score_and_overwrite(tmp_path):
+    path, _, _ = random_store(tmp_path / "s.h5", n=80, d=8, seed=9)
+    out = tmp_path / "res"
+    code, text = run_cli("score", path, "--all-pairs", "--out", out, "--block", 33, "--no-progress", "--log-fpr")
+    assert code == 0, text
+    assert "AUC" in text and (out / "metrics.json").is_file()
+    code, text = run_cli("score", path, "--all-pairs", "--out", out)
+    assert code == 2 and "exists" in text and "--overwrite" in text
+    code, text = run_cli(
+        "score", path, "--all-pairs", "--out", out, "--overwrite", "--metric", "cosine", "--no-progress"
+    )
+    assert code == 0, text
+    assert json.loads((out / "metrics.json").read_text())["metric"] == "cosine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".res")]  # no temp folders left
+    code, text = run_cli("score", path, "--out", tmp_path / "r2")
+    assert code != 0 and "--all-pairs or --pairs" in text
+
+
+def _bad(tmp_path, name, x, labels, **kw):
+    return write_store(tmp_path / f"{name}.h5", np.asarray(x, np.float32), labels, **kw)
+
+
+def test_cli_bad_inputs(tmp_path):
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((20, 4)).astype(np.float32)
+    lab = np.arange(20) // 2
+    cases = {
+        "no labels": (_bad(tmp_path, "nolabels", x, None), "--all-pairs", "no /labels"),
+        "one row": (_bad(tmp_path, "one", x[:1], lab[:1]), "--all-pairs", "at least two"),
+        "no same pair": (_bad(tmp_path, "nosame", x, np.arange(20)), "--all-pairs", "no same-person pair"),
+        "no different pair": (
+            _bad(tmp_path, "nodiff", x, np.zeros(20, int)),
+            "--all-pairs",
+            "no different-person pair",
+        ),
+        "no pairs": (_bad(tmp_path, "nopairs", x, lab), "--pairs", "holds no pairs"),
+    }
+    xn = x.copy()
+    xn[3, 1], xn[17, 0] = np.nan, np.inf
+    cases["nan rows"] = (_bad(tmp_path, "nan", xn, lab), "--all-pairs", "rows 3, 17")
+    xz = x.copy()
+    xz[5] = 0
+    cases["zero row cosine"] = (_bad(tmp_path, "zero", xz, lab), "--all-pairs", "all zeros")
+    for name, (path, mode, message) in cases.items():
+        extra = ["--metric", "cosine"] if name == "zero row cosine" else []
+        code, text = run_cli("score", path, mode, "--out", tmp_path / "out", "--no-progress", *extra)
+        assert code == 2, (name, text)
+        assert message in text, (name, text)
+        assert "Traceback" not in text
+        assert "undefined" in text or name not in ("no same pair", "no different pair")
+    assert not (tmp_path / "out").exists()
+    code, text = run_cli("score", tmp_path / "missing.h5", "--all-pairs", "--out", tmp_path / "out")
+    assert code == 2 and "does not exist" in text
+
+
+def test_undefined_auc_for_listed_pairs(tmp_path):
+    x = np.random.default_rng(11).standard_normal((6, 3)).astype(np.float32)
+    path = write_store(tmp_path / "p.h5", x, np.arange(6), np.array([[0, 1], [2, 3]]), np.array([0, 0]))
+    with pytest.raises(PipelineError, match="undefined"):
+        score(ScoreConfig(store=path, all_pairs=False, progress=False))
+
+
+def test_real_lfw_people_slice(shared_data, shared_weights, tmp_path):
+    """Real images, real SqueezeNet: all pairs of the first 40 peopleDevTest images agree with scikit-learn."""
+    from pipeline.embed import EmbedConfig, embed
+
+    store = embed(
+        EmbedConfig(
+            data_root=shared_data,
+            protocol="people",
+            split="test",
+            weights=str(shared_weights),
+            out=tmp_path / "p.h5",
+            limit=40,
+            workers=0,
+            device="cpu",
+        )
+    )
+    m = score(ScoreConfig(store=store, out=tmp_path / "res", block=16, progress=False))
+    with open_store(store) as s:
+        x, labels = s.rows(0, s.n), s.labels
+    check_against_sklearn(m, x, labels, "l2")
+    assert m["model"] == "squeezenet1_0" and m["variant"] == "pretrained" and m["protocol"] == "people"
