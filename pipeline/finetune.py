@@ -793,6 +793,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         raise PipelineError(f"{out} exists; pass --resume to continue it or --overwrite to start over")
     elif cfg.resume:
         log.warning("no checkpoint at %s: starting from the beginning", out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if ckpt is None:
         out.with_suffix(".log").unlink(missing_ok=True)
         out.with_name(out.stem + ".best.pt").unlink(missing_ok=True)

@@ -1,0 +1,212 @@
+"""The `run` stage: the whole study in one command, reusing the steps a previous run finished.
+
+Pretrained model -> embed LFWPairs test and LFWPeople test -> score (listed pairs; all 6.87 M pairs);
+fine-tune -> embed and score the same way; then `summary.json`, `table.md` (the study's layout) and the ROC
+figures. Layout of OUT:
+
+```
+finetune/model.pt (+ model.log, model.best.pt)       the fine-tuning checkpoint and its validation log
+embeddings/{pretrained,finetuned}-{pairs,people}.h5  the stores
+results/{pretrained,finetuned}-{pairs,people}/       score's results folders (metrics.json, roc.png, ...)
+pairs/roc.png, people/roc.png, roc.png, table.md, summary.json
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline import models
+from pipeline.embed import EmbedConfig, default_data_root, embed
+from pipeline.finetune import FinetuneConfig, finetune
+from pipeline.report import report
+from pipeline.score import score_store
+from pipeline.store import open_store
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = {"pairs": False, "people": True}
+"""LFWPairs test (the listed 1,000 pairs) and LFWPeople test (all pairs): all_pairs flag of each."""
+STUDY_TABLE = {
+    "AlexNet": {"pairs": (0.7411, 0.8239), "people": (0.7392, 0.7912)},
+    "VGG-16": {"pairs": (0.7421, 0.8572), "people": (0.7487, 0.8471)},
+}
+"""The study's AUCs (pretrained, fine-tuned), original unaligned images."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Options of `run` (see `cli.py run --help`)."""
+
+    out: Path
+    """Folder for everything the run writes; rerunning with the same folder reuses finished steps."""
+    data_root: Path = field(default_factory=default_data_root)
+    """Folder with LFW."""
+    image_set: str = "deepfunneled"
+    """original | funneled | deepfunneled."""
+    model: str = "squeezenet1_0"
+    """A backbone of `pipeline.models.BACKBONES`."""
+    weights: str = "imagenet"
+    """The pretrained weights: imagenet | none | PATH."""
+    recipe: str = "study"
+    """study | best (fine-tuning recipe; it also sets the embedding layer and the metric)."""
+    finetune_options: dict = field(default_factory=dict)
+    """Overrides of the recipe's presets (phase1_epochs, phase2_epochs, batch_size, lr, momentum, max_pairs)."""
+    seed: int = 0
+    """Seed of fine-tuning."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    workers: int = 2
+    """Image-decoding worker processes."""
+    embed_batch_size: int = 64
+    """Images per forward pass when embedding."""
+    limit: int | None = None
+    """Quick runs: embed only the first N test pairs / test images."""
+    overwrite: bool = False
+    """Redo every step (fine-tuning from scratch) instead of reusing finished ones."""
+
+    def __post_init__(self):
+        if self.model not in models.BACKBONES:
+            raise ValueError(f"model must be one of {sorted(models.BACKBONES)}, got {self.model!r}")
+        if self.limit is not None and self.limit < 2:
+            raise ValueError("limit must be >= 2")
+        if self.embed_batch_size < 1:
+            raise ValueError("embed_batch_size must be >= 1")
+
+    def finetune_config(self) -> FinetuneConfig:
+        """The fine-tuning step's configuration (its checkpoint in OUT/finetune/model.pt)."""
+        out = Path(self.out) / "finetune" / "model.pt"
+        return FinetuneConfig(
+            out=out,
+            data_root=self.data_root,
+            image_set=self.image_set,
+            model=self.model,
+            weights=self.weights,
+            recipe=self.recipe,
+            seed=self.seed,
+            device=self.device,
+            workers=self.workers,
+            resume=out.exists() and not self.overwrite,
+            overwrite=self.overwrite,
+            **self.finetune_options,
+        ).resolved()
+
+
+def _embed(cfg: RunConfig, weights: str, layer: str, protocol: str, out: Path) -> tuple[Path, bool]:
+    """Embed a test split unless a complete store made from the same weights file exists; (path, fresh)."""
+    if out.exists() and not cfg.overwrite:
+        with open_store(out, need_labels=False) as store:
+            same = store.attrs.get("weights_sha256", "") == models.weights_provenance(weights)["weights_sha256"]
+            same = same and store.attrs.get("layer") == layer and int(store.attrs.get("limit", 0)) == (cfg.limit or 0)
+        if same:
+            log.info("reusing %s", out)
+            return out, False
+        log.info("%s was made from other weights or options: embedding again", out)
+    path = embed(
+        EmbedConfig(
+            out=out,
+            data_root=cfg.data_root,
+            image_set=cfg.image_set,
+            protocol=protocol,
+            split="test",
+            model=cfg.model,
+            weights=weights,
+            layer=layer,
+            batch_size=cfg.embed_batch_size,
+            workers=cfg.workers,
+            device=cfg.device,
+            limit=cfg.limit,
+            resume=True,
+            overwrite=True,
+            seed=cfg.seed,
+        )
+    )
+    return path, True
+
+
+def _score(
+    store: Path, out: Path, all_pairs: bool, metric: str, variant: str, label: str, fresh: bool, device: str
+) -> dict:
+    if (out / "metrics.json").is_file() and not fresh:
+        metrics = json.loads((out / "metrics.json").read_text())
+        if metrics.get("metric") == metric:
+            log.info("reusing %s", out)
+            return metrics
+    return score_store(
+        store, out, all_pairs=all_pairs, metric=metric, variant=variant, label=label, overwrite=True, device=device
+    )
+
+
+def run(cfg: RunConfig) -> dict:
+    """The whole study for one model and recipe; returns (and writes) summary.json's dict."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ft_cfg = cfg.finetune_config()
+    layer = ft_cfg.layer
+    metric = "l2" if layer == "output" else "cosine"
+    seconds: dict[str, float] = {}
+    results: dict[str, dict[str, dict]] = {p: {} for p in PROTOCOLS}
+
+    def stage(name: str, weights: str, variant: str) -> None:
+        for protocol, all_pairs in PROTOCOLS.items():
+            t0 = time.perf_counter()
+            store, fresh = _embed(cfg, weights, layer, protocol, out / "embeddings" / f"{variant}-{protocol}.h5")
+            seconds[f"embed {variant} {protocol}"] = round(time.perf_counter() - t0, 1)
+            t0 = time.perf_counter()
+            results[protocol][variant] = _score(
+                store,
+                out / "results" / f"{variant}-{protocol}",
+                all_pairs,
+                metric,
+                variant,
+                f"{cfg.model} {name}",
+                fresh,
+                cfg.device,
+            )
+            seconds[f"score {variant} {protocol}"] = round(time.perf_counter() - t0, 1)
+
+    stage("pretrained", cfg.weights, "pretrained")
+    t0 = time.perf_counter()
+    checkpoint = finetune(ft_cfg)
+    seconds["finetune"] = round(time.perf_counter() - t0, 1)
+    stage(f"fine-tuned ({cfg.recipe})", str(checkpoint), "finetuned")
+
+    folders = {p: [out / "results" / f"{v}-{p}" for v in ("pretrained", "finetuned")] for p in PROTOCOLS}
+    for protocol, dirs in folders.items():
+        report(dirs, out / protocol)
+    table = report([d for dirs in folders.values() for d in dirs], out)
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    summary = {
+        **{p: {v: results[p][v]["auc"] for v in ("pretrained", "finetuned")} for p in PROTOCOLS},
+        "model": cfg.model,
+        "weights": cfg.weights,
+        "image_set": cfg.image_set,
+        "recipe": cfg.recipe,
+        "layer": layer,
+        "metric": metric,
+        "limit": cfg.limit,
+        "checkpoint": str(checkpoint),
+        "finetune": {"config": ckpt["config"], "best_epoch": ckpt.get("best_epoch"), "history": ckpt["history"]},
+        "seconds": seconds,
+        "study_original_images": {
+            m: {p: dict(zip(("pretrained", "finetuned"), v, strict=True)) for p, v in t.items()}
+            for m, t in STUDY_TABLE.items()
+        },
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info(
+        "LFWPairs test AUC %.4f -> %.4f; LFWPeople test AUC %.4f -> %.4f (%s)",
+        summary["pairs"]["pretrained"],
+        summary["pairs"]["finetuned"],
+        summary["people"]["pretrained"],
+        summary["people"]["finetuned"],
+        out / "table.md",
+    )
+    log.info("\n%s", table)
+    return summary

@@ -1,0 +1,62 @@
+"""`run` end to end on a tiny generated LFW with a random-init SqueezeNet, and its reuse of finished steps."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from cli import main
+
+
+def test_run_end_to_end_and_reuse(tiny_lfw, tmp_path):
+    out = tmp_path / "study"
+    args = [
+        "run",
+        "--data-root",
+        str(tiny_lfw),
+        "--model",
+        "squeezenet1_0",
+        "--weights",
+        "none",
+        "--recipe",
+        "study",
+        "--out",
+        str(out),
+        "--phase1-epochs",
+        "1",
+        "--phase2-epochs",
+        "1",
+        "--max-pairs",
+        "4",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    for protocol in ("pairs", "people"):
+        assert set(summary[protocol]) == {"pretrained", "finetuned"}
+        assert all(0 <= v <= 1 for v in summary[protocol].values())
+        for variant in ("pretrained", "finetuned"):
+            metrics = json.loads((out / "results" / f"{variant}-{protocol}" / "metrics.json").read_text())
+            assert metrics["variant"] == variant and metrics["metric"] == "l2"
+        assert (out / protocol / "roc.png").is_file()
+    people = json.loads((out / "results" / "finetuned-people" / "metrics.json").read_text())
+    assert people["n_pairs"] == 10 * 9 // 2  # all pairs of the 10 test images
+    table = (out / "table.md").read_text()
+    assert "improvement" in table and table.count("\n") == 3
+    assert (out / "roc.png").is_file() and (out / "finetune" / "model.log").is_file()
+
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.h5")}
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.h5")} == stamp
+    assert json.loads((out / "summary.json").read_text())["pairs"] == summary["pairs"]
+
+    changed = CliRunner().invoke(main, [*args, "--lr", "0.5"])
+    assert changed.exit_code == 2 and "another configuration" in changed.output
