@@ -214,5 +214,42 @@ def finetune(**options) -> None:
     click.echo(str(path))
 
 
+@main.command()
+@data_root_option
+@click.option("--image-set", type=IMAGE_SETS, default="deepfunneled", show_default=True, help="Which LFW images.")
+@click.option("--model", default="squeezenet1_0", show_default=True,
+              help="Backbone: alexnet, vgg16, squeezenet1_0, resnet18, resnet50.")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="Pretrained weights: imagenet, none, or PATH to a state_dict.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for stores, results, checkpoint, summary.json, table.md and ROC figures.")
+@finetune_options
+@click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
+@click.option("--embed-batch-size", type=int, default=64, show_default=True, help="Images per forward pass when embedding.")
+@click.option("--limit", type=int, default=None, help="Quick runs: only the first N test pairs / test images.")
+@click.option("--overwrite", is_flag=True, help="Redo every step instead of reusing finished ones.")
+def run(**options) -> None:
+    """The whole study: pretrained and fine-tuned, LFWPairs and LFWPeople test, table and ROC figures."""
+    from pipeline.finetune import TrainingInterrupted
+    from pipeline.study import RunConfig
+    from pipeline.study import run as run_study
+
+    names = ("phase1_epochs", "phase2_epochs", "batch_size", "lr", "momentum", "max_pairs")
+    overrides = {k: options.pop(k) for k in names if options[k] is not None}
+    for k in names:
+        options.pop(k, None)
+    try:
+        summary = run_study(RunConfig(finetune_options=overrides, **options))
+    except TrainingInterrupted as e:
+        click.echo(f"{e} (rerun `run` with the same options: finished steps are reused)", err=True)
+        sys.exit(130)
+    click.echo((Path(options["out"]) / "table.md").read_text(), nl=False)
+    click.echo(
+        f"LFWPairs test AUC {summary['pairs']['pretrained']:.4f} -> {summary['pairs']['finetuned']:.4f}, "
+        f"LFWPeople test AUC {summary['people']['pretrained']:.4f} -> {summary['people']['finetuned']:.4f}"
+    )
+
+
 if __name__ == "__main__":
     main()
