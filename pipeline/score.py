@@ -379,19 +379,31 @@ class TileScorer:
     def __init__(self, prep: Prepared, binning: Binning, backend):
         self.prep, self.binning, self.backend = prep, binning, backend
         self.device = prep.left.device
-        self._masks: dict[int, torch.Tensor] = {}
+        self._triu: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]] = {}
+        self._labels = prep.labels.cpu().numpy()
 
-    def triu(self, m: int) -> torch.Tensor:
-        if m not in self._masks:
-            self._masks[m] = torch.ones(m, m, dtype=torch.bool, device=self.device).triu(1)
-        return self._masks[m]
+    def triu(self, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+        """Upper triangle of an m x m tile: rows, columns, flat indices (numpy) and flat indices (device)."""
+        if m not in self._triu:
+            r, c = np.triu_indices(m, 1)
+            flat = r * m + c
+            self._triu[m] = (r, c, flat, torch.from_numpy(flat).to(self.device))
+        return self._triu[m]
+
+    def upper_values(self, t: Tile, values: torch.Tensor) -> torch.Tensor:
+        """A tile's pairs: all of an off-diagonal tile, the upper triangle of a diagonal one."""
+        if not t.diagonal:
+            return values.reshape(-1)
+        return values.reshape(-1).index_select(0, self.triu(t.r1 - t.r0)[3])
 
     def positive_values(self, t: Tile, values: torch.Tensor) -> torch.Tensor | None:
         """The same-person scores of a tile, sliced from the tile's own values."""
         p = self.prep
         if t.diagonal:
-            lab = p.labels[t.r0 : t.r1]
-            return values[(lab[:, None] == lab[None, :]) & self.triu(t.r1 - t.r0)]
+            r, c, flat, _ = self.triu(t.r1 - t.r0)
+            lab = self._labels[t.r0 : t.r1]
+            idx = torch.from_numpy(flat[lab[r] == lab[c]]).to(self.device)
+            return values.reshape(-1).index_select(0, idx)
         last = t.r1 - 1  # only the group holding the tile's last row can reach its columns (sorted rows)
         g0, g1 = int(p.group_start[last]), int(p.group_end[last])
         if g1 <= t.c0:
@@ -414,7 +426,7 @@ class TileScorer:
                 if t.n_pairs == 0:
                     continue
                 tv = self.backend.values(t)
-                vals = tv[self.triu(t.r1 - t.r0)] if t.diagonal else tv.reshape(-1)
+                vals = self.upper_values(t, tv)
                 pv = self.positive_values(t, tv)
                 mn, mx = (float(v) for v in torch.aminmax(vals))
                 ext = mx if find_max else mn
@@ -438,7 +450,9 @@ class TileScorer:
         t = plan[res.extreme_tile]
         tv = self.backend.values(t).clone()
         if t.diagonal:
-            tv[~self.triu(t.r1 - t.r0)] = float("nan")
+            keep = torch.zeros(tv.numel(), dtype=torch.bool, device=tv.device)
+            keep[self.triu(t.r1 - t.r0)[3]] = True
+            tv.view(-1)[~keep] = float("nan")
         flat = (
             int(torch.nan_to_num(tv, nan=-math.inf).argmax())
             if self.prep.metric == "l2"
