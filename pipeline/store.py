@@ -100,7 +100,7 @@ class StoreWriter:
                 f"cannot resume from {self.partial}: it is unreadable ({e}). Delete it, or rerun without --resume "
                 f"to start over."
             ) from e
-        differ = [k for k, v in identity.items() if k not in f.attrs or _attr(f.attrs[k]) != _attr(v)]
+        differ = differing_settings(f, identity)
         if differ:
             f.close()
             raise PipelineError(
@@ -134,6 +134,11 @@ class StoreWriter:
     def close(self) -> None:
         if self.file.id.valid:
             self.file.close()
+
+
+def differing_settings(f: h5py.File, identity: dict) -> list[str]:
+    """The identity attributes whose stored value differs from `identity` (empty: same content)."""
+    return [k for k, v in identity.items() if k not in f.attrs or _attr(f.attrs[k]) != _attr(v)]
 
 
 def _attr(v):
