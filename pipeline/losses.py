@@ -41,3 +41,29 @@ class CosFaceLoss(nn.Module):
         cos = F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight, dim=1))
         logits = self.scale * (cos - self.margin * F.one_hot(labels, cos.shape[1]))
         return F.cross_entropy(logits, labels)
+
+
+class BatchPairLoss(nn.Module):
+    """Every pair of a batch (P identities x K images): logistic loss on scale * (cosine - threshold), the
+    mean over same-person pairs plus the mean over different-person pairs, so both count equally and the
+    hardest pairs weigh most. The threshold is learnt; it starts between the first batch's two means."""
+
+    def __init__(self, scale: float = 20.0):
+        super().__init__()
+        self.scale = scale
+        self.threshold = nn.Parameter(torch.zeros(()))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        e = F.normalize(embeddings.float(), dim=1)
+        i, j = torch.triu_indices(len(e), len(e), 1, device=e.device)
+        cos = (e[i] * e[j]).sum(1)
+        same = labels[i] == labels[j]
+        if not same.any() or same.all():
+            raise ValueError("a batch needs same-person and different-person pairs")
+        if not self.started:
+            with torch.no_grad():
+                self.threshold.fill_((cos[same].mean() + cos[~same].mean()).item() / 2)
+                self.started.fill_(True)
+        logits = self.scale * (cos - self.threshold)
+        return F.softplus(-logits[same]).mean() + F.softplus(logits[~same]).mean()

@@ -214,3 +214,26 @@ def test_cli_finetune_writes_a_checkpoint(tiny_lfw, tmp_path):
     assert torch.load(out, weights_only=True)["complete"]
     again = CliRunner().invoke(main, [*args, "--lr", "0.5", "--resume"])
     assert again.exit_code == 2 and "another configuration" in again.output
+
+
+def test_batch_pair_loss_prefers_separated_identities():
+    loss = ft.BatchPairLoss(scale=20.0)
+    labels = torch.tensor([0, 0, 1, 1])
+    apart = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
+    mixed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]])
+    assert loss(apart, labels) < loss(mixed, labels)
+    with pytest.raises(ValueError, match="same-person and different-person"):
+        loss(apart, torch.zeros(4, dtype=torch.int64))
+
+
+def test_best_batches_hold_k_images_of_several_people(tiny_lfw, tmp_path):
+    cfg = config(
+        tiny_lfw, tmp_path / "b.pt", recipe="best", batch_size=4, images_per_person=2, val_fraction=0.0
+    ).resolved()
+    tr = ft.BestTrainer(cfg, torch.device("cpu"))
+    batches = tr.batches(0)
+    assert sum(len(b) for b in batches) == tr.n_items() == 8  # 4 people with 2+ images, 2 each
+    for b in batches:
+        counts = torch.bincount(tr.train_labels[b])
+        assert (counts[counts > 0] == 2).all() and (counts > 0).sum() >= 2
+    assert [b.tolist() for b in tr.batches(0)] == [b.tolist() for b in batches]
