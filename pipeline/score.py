@@ -331,7 +331,8 @@ class TilePass:
     pos_counts: torch.Tensor
     extreme: float = float("nan")
     """Largest squared distance (l2) or smallest cosine (cosine) seen."""
-    extreme_tile: int = -1
+    extreme_rows: tuple[int, int] = (-1, -1)
+    """Store rows of the pair with the extreme value."""
     n_clamped_tiles: int = 0
     n_pairs: int = 0
 
@@ -431,7 +432,8 @@ class TileScorer:
                 mn, mx = (float(v) for v in torch.aminmax(vals))
                 ext = mx if find_max else mn
                 if not (ext <= res.extreme if find_max else ext >= res.extreme):  # also true while nan
-                    res.extreme, res.extreme_tile = ext, i
+                    res.extreme = ext
+                    res.extreme_rows = self.store_rows(t, int(vals.argmax() if find_max else vals.argmin()))
                 if mn < b.lo or mx > b.hi:
                     res.n_clamped_tiles += 1
                     vals.clamp_(b.lo, b.hi)  # in the tile buffer for off-diagonal tiles: `pv` views it too
@@ -445,20 +447,13 @@ class TileScorer:
         pos_h.flush()
         return res
 
-    def extreme_pair(self, plan: list[Tile], res: TilePass) -> tuple[int, int]:
-        """Store rows (i, j) of the pair with the extreme value, found again in its tile."""
-        t = plan[res.extreme_tile]
-        tv = self.backend.values(t).clone()
+    def store_rows(self, t: Tile, k: int) -> tuple[int, int]:
+        """Store rows (i, j) of the k-th pair of a tile (in `upper_values` order)."""
         if t.diagonal:
-            keep = torch.zeros(tv.numel(), dtype=torch.bool, device=tv.device)
-            keep[self.triu(t.r1 - t.r0)[3]] = True
-            tv.view(-1)[~keep] = float("nan")
-        flat = (
-            int(torch.nan_to_num(tv, nan=-math.inf).argmax())
-            if self.prep.metric == "l2"
-            else int(torch.nan_to_num(tv, nan=math.inf).argmin())
-        )
-        r, c = divmod(flat, t.c1 - t.c0)
+            r, c, _, _ = self.triu(t.r1 - t.r0)
+            r, c = int(r[k]), int(c[k])
+        else:
+            r, c = divmod(k, t.c1 - t.c0)
         return int(self.prep.order[t.r0 + r]), int(self.prep.order[t.c0 + c])
 
 
@@ -500,7 +495,7 @@ def score_all_pairs(
     scorer = TileScorer(prep, binning, backend)
     t1 = time.perf_counter()
     res = scorer.run(plan, progress=cfg.progress)
-    i, j = scorer.extreme_pair(plan, res)
+    i, j = res.extreme_rows
     acc = res.roc()
     acc.max_distance = pair_distance(store.rows(i, i + 1)[0], store.rows(j, j + 1)[0], cfg.metric)
     t2 = time.perf_counter()

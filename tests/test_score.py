@@ -334,3 +334,14 @@ def test_real_lfw_people_slice(shared_data, shared_weights, tmp_path):
         x, labels = s.rows(0, s.n), s.labels
     check_against_sklearn(m, x, labels, "l2")
     assert m["model"] == "squeezenet1_0" and m["variant"] == "pretrained" and m["protocol"] == "people"
+
+
+def test_bench_score_rows_and_table(tmp_path):
+    from benchmarks.bench_score import format_table, run_method, write_random_store
+
+    path = write_random_store(tmp_path / "r.h5", 300, 16)
+    rows = [run_method(m, str(path), 300, 16, "cpu", 1 << 12, 10_000) for m in ("ours l2", "scikit-learn exact")]
+    assert rows[0]["pairs"] == 300 * 299 // 2 and rows[0]["seconds"] > 0 and rows[0]["floor"] > 0
+    assert rows[1]["note"].startswith("~")  # 44,850 pairs > 10,000: extrapolated from the first rows
+    table = format_table(rows)
+    assert table.startswith("| store | method |") and "ours l2" in table

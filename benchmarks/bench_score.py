@@ -1,0 +1,315 @@
+"""Benchmark of all-pairs scoring: `score --all-pairs` against the floor (matrix product + one 65,536-bin
+histogram update per pair, measured in the same process with the method of ../shared/tools/floor.py) and
+against the alternatives a user has, on random stores with ties. Each method runs in its own fresh process
+so that its peak resident memory is its own; methods too slow or too big for the whole store run on the
+pairs of its first rows and are extrapolated (marked ~).
+
+    python -m benchmarks.bench_score [--sizes 3708x1000,100000x128]     (same as: cli.py bench score ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import multiprocessing as mp
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.runtime import resolve_device
+
+
+@dataclass(frozen=True)
+class BenchScoreConfig:
+    """Options of `cli.py bench score`."""
+
+    sizes: tuple[tuple[int, int], ...] = ((3708, 1000), (100_000, 128))
+    """Random stores N x D to score (on a GPU, 1,000,000 x 512 is added)."""
+    peers: bool = True
+    """Also time scikit-learn, torchmetrics, FAISS + numpy and the study's Python loop."""
+    device: str = "auto"
+    """auto | cpu | cuda (ours; the peers run where they run)."""
+    workdir: Path | None = None
+    """Folder for the random stores (default: a temporary folder)."""
+    bins: int = 1 << 18
+    """Bins of our histograms."""
+    peer_pairs: int = 20_000_000
+    """Pairs above which a peer runs on the first rows only and is extrapolated."""
+
+    def __post_init__(self):
+        if not self.sizes or any(n < 2 or d < 1 for n, d in self.sizes):
+            raise ValueError(f"sizes must be N x D with N >= 2, D >= 1: {self.sizes}")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def floor_seconds(n: int, d: int, device: torch.device | None = None, repeats: int = 3) -> float:
+    """The floor of ../shared/tools/floor.py: gemm time per pair (4096 x 4096 x D) + torch.histc per value
+    (65,536 bins, 2^24 values), times n(n-1)/2; on `device`."""
+    device = device or torch.device("cpu")
+    torch.manual_seed(0)
+    b = min(n, 4096)
+    x, y = torch.randn(b, d, device=device), torch.randn(b, d, device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    x @ y.T
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        x @ y.T
+    sync()
+    gemm_per_pair = (time.perf_counter() - t) / repeats / (b * b)
+    v = torch.rand(1 << 24, device=device)
+    torch.histc(v, bins=65536, min=0, max=1)
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        torch.histc(v, bins=65536, min=0, max=1)
+    sync()
+    hist_per_pair = (time.perf_counter() - t) / repeats / v.numel()
+    return n * (n - 1) / 2 * (gemm_per_pair + hist_per_pair)
+
+
+def write_random_store(path: Path, n: int, d: int, seed: int = 0) -> Path:
+    """LFWPeople-like labels (n * 1711 / 3708 people), a weak identity signal (AUC about 0.7), and ties: 2.5%
+    of rows are exact copies of other rows with their label, 2.5% under another label (cross-class ties)."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    n_ids = max(2, round(n * 1711 / 3708))
+    labels = rng.integers(0, n_ids, size=n)
+    signal = np.float32((0.8 / np.sqrt(d)) ** 0.5)
+    centres = rng.standard_normal((n_ids, d), dtype=np.float32)
+    x = np.empty((n, d), dtype=np.float32)
+    for s in range(0, n, 1 << 15):
+        lab = labels[s : s + (1 << 15)]
+        x[s : s + len(lab)] = signal * centres[lab] + rng.standard_normal((len(lab), d), dtype=np.float32)
+    k = n // 40
+    src, dst = rng.integers(0, n, size=2 * k), rng.choice(n, size=2 * k, replace=False)
+    x[dst] = x[src]
+    labels[dst[:k]] = labels[src[:k]]  # the same image twice
+    labels[dst[k:]] = rng.integers(0, n_ids, size=k)  # the same picture under another name
+    with h5py.File(path, "w") as f:
+        f.create_dataset("embeddings", data=x, chunks=(min(n, 4096), d))
+        f.create_dataset("labels", data=labels.astype(np.int64))
+        f.attrs.update(model="random", protocol="people", image_set="random")
+    return path
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rows_for(n: int, budget: int) -> int:
+    """Rows whose all-pairs count is about `budget` (at most n)."""
+    return min(n, int((1 + np.sqrt(1 + 8 * budget)) / 2))
+
+
+def _load(path: Path, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f["embeddings"][:rows].astype(np.float32), f["labels"][:rows]
+
+
+def _materialise(x: np.ndarray, labels: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair's similarity (float32) and same flag, as a user would build them for scikit-learn."""
+    t = torch.from_numpy(x)
+    if metric == "cosine":
+        t = torch.nn.functional.normalize(t, dim=1)
+    iu = torch.triu_indices(len(x), len(x), 1)
+    sims, same = [], []
+    lab = torch.from_numpy(labels)
+    for s in range(0, len(x), 1024):
+        rows = iu[0] >= s
+        rows &= iu[0] < s + 1024
+        i, j = iu[0][rows], iu[1][rows]
+        block = -torch.cdist(t[s : s + 1024], t) if metric == "l2" else t[s : s + 1024] @ t.T
+        sims.append(block[i - s, j].numpy())
+        same.append((lab[i] == lab[j]).numpy())
+    return np.concatenate(sims), np.concatenate(same)
+
+
+# ---------------------------------------------------------------------------------------------------- methods
+
+
+def run_method(method: str, path: str, n: int, d: int, device: str, bins: int, peer_pairs: int) -> dict:
+    """One measurement in this (fresh) process: floor first, then the method. Returns a table row."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    dev = resolve_device(device) if method.startswith("ours") else torch.device("cpu")
+    floor = floor_seconds(n, d, dev)
+    n_pairs = n * (n - 1) // 2
+    row = {"method": method, "n": n, "d": d, "pairs": n_pairs, "floor": floor, "auc": float("nan"), "note": ""}
+    if method.startswith("ours"):
+        from pipeline.score import ScoreConfig, score
+
+        metric = "cosine" if "cosine" in method else "l2"
+        backend = "faiss" if "faiss" in method else "torch"
+        m = score(
+            ScoreConfig(store=Path(path), metric=metric, backend=backend, device=device, bins=bins, progress=False)
+        )
+        row.update(seconds=m["seconds"], auc=m["auc"], bound=m["auc_error_bound"], n_positive=m["n_positive"])
+        row["note"] = f"bound {m['auc_error_bound']:.1e}, {m['n_positive']} same"
+        if m["n_pairs"] != n_pairs:
+            raise RuntimeError(f"scored {m['n_pairs']} pairs of {n_pairs}")
+    else:
+        rows = _rows_for(n, peer_pairs if not method.startswith("torchmetrics") else peer_pairs // 100)
+        if method == "study loop":
+            rows = _rows_for(n, 200_000)
+        part = rows * (rows - 1) // 2
+        x, labels = _load(Path(path), rows)
+        metric = "cosine" if "cosine" in method else "l2"
+        t0 = time.perf_counter()
+        row["auc"] = PEERS[method.replace(" (cosine)", "")](x, labels, metric)
+        row["seconds"] = (time.perf_counter() - t0) * n_pairs / part
+        if part < n_pairs:
+            row["extrapolated_from"] = part
+            row["auc"] = float("nan")
+            row["note"] = f"~ from {part:.3g} pairs"
+    row["peak_mb"] = _peak_mb()
+    return row
+
+
+def peer_sklearn(x, labels, metric) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    s, y = _materialise(x, labels, metric)
+    return float(roc_auc_score(y, s))
+
+
+def peer_torchmetrics(x, labels, metric) -> float:
+    from torchmetrics.classification import BinaryAUROC
+
+    s, y = _materialise(x, labels, metric)
+    auroc = BinaryAUROC(thresholds=10000)
+    # scores into [0, 1] as torchmetrics' binned mode expects probabilities
+    s = torch.from_numpy(s).double()
+    s = ((s - s.min()) / (s.max() - s.min())).float()
+    for a in range(0, len(s), 1 << 16):
+        auroc.update(s[a : a + (1 << 16)], torch.from_numpy(y[a : a + (1 << 16)]).long())
+    return float(auroc.compute())
+
+
+def peer_faiss_numpy(x, labels, metric) -> float:
+    import faiss
+
+    from pipeline.roc import Binning, HistogramROC
+
+    pos = np.zeros(65536, np.int64)
+    allc = np.zeros(65536, np.int64)
+    hi = float(4 * (np.linalg.norm(x - x.mean(0), axis=1).max() ** 2))
+    xc = np.ascontiguousarray(x - x.mean(0))
+    for s in range(0, len(x), 4096):
+        for c in range(s, len(x), 4096):
+            v = faiss.pairwise_distances(xc[s : s + 4096], xc[c : c + 4096])
+            same = labels[s : s + 4096, None] == labels[None, c : c + 4096]
+            if c == s:
+                m = np.triu(np.ones_like(same), 1)
+                v, same = v[m], same[m]
+            allc += np.histogram(v, bins=65536, range=(0, hi))[0]
+            pos += np.histogram(v[same], bins=65536, range=(0, hi))[0]
+    acc = HistogramROC(Binning(0.0, hi, 65536, "l2"))
+    acc.add_counts(allc, pos)
+    return acc.compute()["auc"]
+
+
+def peer_study_loop(x, labels, metric) -> float:
+    """The study's evaluation: a Python loop over pairs keeping every score in a list, then one exact ROC."""
+    from sklearn.metrics import roc_auc_score
+
+    scores, same = [], []
+    n = len(x)
+    for i in range(n):
+        for j in range(i + 1, n):
+            scores.append(-float(np.linalg.norm(x[i] - x[j])))
+            same.append(labels[i] == labels[j])
+    return float(roc_auc_score(same, scores))
+
+
+PEERS = {
+    "scikit-learn exact": peer_sklearn,
+    "torchmetrics BinaryAUROC(10000)": peer_torchmetrics,
+    "FAISS pairwise + numpy histogram": peer_faiss_numpy,
+    "study loop": peer_study_loop,
+}
+
+
+def _in_child(*args) -> dict:
+    with cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
+        return ex.submit(run_method, *args).result()
+
+
+def run_bench(cfg: BenchScoreConfig) -> list[dict]:
+    """All measurements, one fresh process each; rows of the table."""
+    sizes = list(cfg.sizes)
+    if resolve_device(cfg.device).type == "cuda" and (1_000_000, 512) not in sizes:
+        sizes.append((1_000_000, 512))
+    rows = []
+    with tempfile.TemporaryDirectory(dir=cfg.workdir) as tmp:
+        for n, d in sizes:
+            path = str(write_random_store(Path(tmp) / f"random_{n}x{d}.h5", n, d))
+            methods = ["ours l2", "ours cosine", "ours l2 faiss"]
+            if cfg.peers:
+                methods += ["scikit-learn exact", "scikit-learn exact (cosine)", *list(PEERS)[1:]]
+            for method in methods:
+                row = _in_child(method, path, n, d, cfg.device, cfg.bins, cfg.peer_pairs)
+                rows.append(row)
+                print(format_row(row), flush=True)
+            _compare(rows, n, d)
+    return rows
+
+
+def _compare(rows: list[dict], n: int, d: int) -> None:
+    """AUC difference of ours to scikit-learn's exact AUC over the same store (where both ran in full)."""
+    mine = [r for r in rows if r["n"] == n and r["d"] == d]
+    for r in mine:
+        metric = "cosine" if "cosine" in r["method"] else "l2"
+        ref = [
+            s for s in mine if s["method"].startswith("scikit") and ("cosine" in s["method"]) == (metric == "cosine")
+        ]
+        if ref and np.isfinite(ref[0]["auc"]) and r["method"].startswith("ours"):
+            r["auc_minus_sklearn"] = r["auc"] - ref[0]["auc"]
+
+
+def format_row(r: dict) -> str:
+    rate = r["pairs"] / r["seconds"]
+    diff = r.get("auc_minus_sklearn")
+    return (
+        f"| {r['n']:,} x {r['d']} | {r['method']} | {r['seconds']:.3f} | {rate:.3g} | {r['seconds'] / r['floor']:.2f} | "
+        f"{r['peak_mb']:.0f} | {r['auc']:.6f} | {'' if diff is None else f'{diff:+.1e}'} | {r['note']} |"
+    )
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (
+        "| store | method | seconds | pairs/s | x floor | peak RSS MB | AUC | AUC - sklearn | note |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
+    floors = sorted({(r["n"], r["d"], r["floor"]) for r in rows if r["method"] == "ours l2"})
+    foot = "\n".join(f"\nfloor {n:,} x {d}: {f:.3f} s (measured in each method's own process)" for n, d, f in floors)
+    return "\n".join([head, *(format_row(r) for r in rows)]) + "\n" + foot + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="3708x1000,100000x128")
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args()
+    sizes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in a.sizes.split(","))
+    print(format_table(run_bench(BenchScoreConfig(sizes=sizes, peers=not a.no_peers, device=a.device))))
+
+
+if __name__ == "__main__":
+    main()
