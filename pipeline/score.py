@@ -6,7 +6,7 @@ one rectangle (off-diagonal tiles) or a few blocks on the diagonal (diagonal lea
 histogrammed once for all pairs and once for its same-person slice of the *same* tensor, so both land in the
 same bins exactly; different-person counts are the difference. For l2 the tile is one matrix product of
 augmented rows `[x, |x|^2, 1] . [-2x, 1, |y|^2]` = squared distance (rows centred first), for cosine of the
-normalised rows. Memory: the rows (3 copies of N x D float32) + one tile (block^2 floats) + 2 x bins counts.
+normalised rows. Memory: the rows (2 copies of N x (D+2) float32) + one tile (block^2 floats) + 2 x bins counts.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ class Prepared:
     """The store's rows sorted by identity, ready for tiles: `left @ right.T` is the binned value."""
 
     x: np.ndarray
-    """[N, D] float32 sorted rows, centred (l2) or normalised (cosine): the FAISS backend's input."""
+    """[N, D] float32 sorted rows, centred (l2) or normalised (cosine): a view into `left`."""
     left: torch.Tensor
     right: torch.Tensor
     labels: torch.Tensor
@@ -177,15 +177,18 @@ class Prepared:
         return len(self.order)
 
 
-def read_rows(store: Store) -> np.ndarray:
-    """All rows as float32, read in blocks; NaN or infinite rows are an error that names them."""
+def read_rows(store: Store, out: np.ndarray | None = None) -> np.ndarray:
+    """All rows as float32 (into `out` when given), read in blocks; NaN or infinite rows are an error that
+    names them."""
     n, d = store.n, store.dim
-    x = np.empty((n, d), dtype=np.float32)
+    x = np.empty((n, d), dtype=np.float32) if out is None else out
     step = max(1, READ_ROWS_BYTES // max(1, d * 4))
     bad: list[int] = []
     for s in range(0, n, step):
         blk = store.rows(s, min(s + step, n))
-        ok = np.isfinite(blk).all(axis=1)
+        ok = np.isfinite(blk.sum(axis=1))  # NaN and inf propagate; an overflowing sum is checked exactly
+        if not ok.all():
+            ok = np.isfinite(blk).all(axis=1)
         if not ok.all():
             bad.extend((np.flatnonzero(~ok) + s).tolist())
         x[s : s + len(blk)] = blk
@@ -199,8 +202,8 @@ def read_rows(store: Store) -> np.ndarray:
     return x
 
 
-def normalise(x: np.ndarray, what: str) -> np.ndarray:
-    """Rows scaled to unit length in float64, then float32; zero rows are an error (cosine undefined)."""
+def normalise(x: np.ndarray, what: str, inplace: bool = False) -> np.ndarray:
+    """Rows scaled to unit length (norms in float64); zero rows are an error (cosine undefined)."""
     norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
     zero = np.flatnonzero(norms == 0)
     if len(zero):
@@ -208,6 +211,9 @@ def normalise(x: np.ndarray, what: str) -> np.ndarray:
             f"{what}: {len(zero)} rows are all zeros (rows {zero[:10].tolist()}): their cosine is undefined. "
             f"Use --metric l2."
         )
+    if inplace:
+        x /= norms[:, None].astype(x.dtype)
+        return x
     return (x / norms[:, None]).astype(np.float32)
 
 
@@ -215,28 +221,33 @@ def prepare(store: Store, metric: str, device: torch.device) -> Prepared:
     """Read, check, sort by identity and transform the rows of `store` for tile products on `device`."""
     if store.n < 2:
         raise PipelineError(f"{store.path} has {store.n} row(s): scoring needs at least two")
-    x = read_rows(store)
     labels = store.labels
     order = np.argsort(labels, kind="stable")
-    x = x[order]
+    d = store.dim
+    left_np = np.empty((store.n, d + 2 if metric == "l2" else d), dtype=np.float32)
+    read_rows(store, out=left_np[:, :d])
+    if (np.diff(labels) < 0).any():  # stores of `embed` are sorted by person already
+        left_np = left_np[order]
     ls = labels[order]
     cuts = np.flatnonzero(np.diff(ls)) + 1
     starts, ends = np.r_[0, cuts], np.r_[cuts, len(ls)]
     sizes = ends - starts
     n_positive = int((sizes * (sizes - 1) // 2).sum())
     gid = np.repeat(np.arange(len(starts)), sizes)
+    x = left_np[:, :d]
     if metric == "l2":
         x -= x.mean(axis=0, dtype=np.float64).astype(np.float32)  # distances unchanged, less cancellation
         sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
         max_norm = float(np.sqrt(sq.max()))
-        ones = np.ones((len(x), 1), np.float32)
-        sqf = sq.astype(np.float32)[:, None]
-        left = torch.from_numpy(np.hstack([x, sqf, ones]))
-        right = torch.from_numpy(np.hstack([-2.0 * x, ones, sqf]))
+        right_np = np.empty_like(left_np)
+        np.multiply(x, np.float32(-2.0), out=right_np[:, :d])
+        left_np[:, d], left_np[:, d + 1] = sq, 1.0
+        right_np[:, d], right_np[:, d + 1] = 1.0, sq
+        left, right = torch.from_numpy(left_np), torch.from_numpy(right_np)
     else:
-        x = normalise(x, str(store.path))
+        normalise(x, str(store.path), inplace=True)
         max_norm = 1.0
-        left = right = torch.from_numpy(x)
+        left = right = torch.from_numpy(left_np)
     left, right = left.to(device), right.to(device)
     return Prepared(
         x, left, right, torch.from_numpy(ls).to(device), order, starts[gid], ends[gid], metric, max_norm, n_positive
@@ -280,11 +291,12 @@ class FaissTiles:
 
         self.faiss = faiss
         self.prep = prep
+        self.x = np.ascontiguousarray(prep.x)
         self.metric = faiss.METRIC_L2 if prep.metric == "l2" else faiss.METRIC_INNER_PRODUCT
         self.device = prep.left.device
 
     def values(self, t: Tile) -> torch.Tensor:
-        x = self.prep.x
+        x = self.x
         v = self.faiss.pairwise_distances(x[t.r0 : t.r1], x[t.c0 : t.c1], self.metric)
         return torch.from_numpy(v).to(self.device)
 
@@ -645,8 +657,9 @@ def _nearest_faiss(prep: Prepared, queries: np.ndarray) -> np.ndarray:
     import faiss
 
     index = (faiss.IndexFlatL2 if prep.metric == "l2" else faiss.IndexFlatIP)(prep.x.shape[1])
-    index.add(prep.x)
-    _, nn = index.search(prep.x[queries], 2)
+    x = np.ascontiguousarray(prep.x)
+    index.add(x)
+    _, nn = index.search(x[queries], 2)
     return np.where(nn[:, 0] == queries, nn[:, 1], nn[:, 0])
 
 
