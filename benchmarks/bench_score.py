@@ -171,7 +171,7 @@ def run_method(method: str, path: str, n: int, d: int, device: str, bins: int, p
         x, labels = _load(Path(path), rows)
         metric = "cosine" if "cosine" in method else "l2"
         t0 = time.perf_counter()
-        row["auc"] = PEERS[method.replace(" (cosine)", "")](x, labels, metric)
+        row["auc"], row["n_positive"] = PEERS[method.replace(" (cosine)", "")](x, labels, metric)
         row["seconds"] = (time.perf_counter() - t0) * n_pairs / part
         if part < n_pairs:
             row["extrapolated_from"] = part
@@ -181,14 +181,14 @@ def run_method(method: str, path: str, n: int, d: int, device: str, bins: int, p
     return row
 
 
-def peer_sklearn(x, labels, metric) -> float:
+def peer_sklearn(x, labels, metric) -> tuple[float, int]:
     from sklearn.metrics import roc_auc_score
 
     s, y = _materialise(x, labels, metric)
-    return float(roc_auc_score(y, s))
+    return float(roc_auc_score(y, s)), int(y.sum())
 
 
-def peer_torchmetrics(x, labels, metric) -> float:
+def peer_torchmetrics(x, labels, metric) -> tuple[float, int]:
     from torchmetrics.classification import BinaryAUROC
 
     s, y = _materialise(x, labels, metric)
@@ -198,10 +198,10 @@ def peer_torchmetrics(x, labels, metric) -> float:
     s = ((s - s.min()) / (s.max() - s.min())).float()
     for a in range(0, len(s), 1 << 16):
         auroc.update(s[a : a + (1 << 16)], torch.from_numpy(y[a : a + (1 << 16)]).long())
-    return float(auroc.compute())
+    return float(auroc.compute()), int(y.sum())
 
 
-def peer_faiss_numpy(x, labels, metric) -> float:
+def peer_faiss_numpy(x, labels, metric) -> tuple[float, int]:
     import faiss
 
     from pipeline.roc import Binning, HistogramROC
@@ -221,10 +221,10 @@ def peer_faiss_numpy(x, labels, metric) -> float:
             pos += np.histogram(v[same], bins=65536, range=(0, hi))[0]
     acc = HistogramROC(Binning(0.0, hi, 65536, "l2"))
     acc.add_counts(allc, pos)
-    return acc.compute()["auc"]
+    return acc.compute()["auc"], acc.n_positive
 
 
-def peer_study_loop(x, labels, metric) -> float:
+def peer_study_loop(x, labels, metric) -> tuple[float, int]:
     """The study's evaluation: a Python loop over pairs keeping every score in a list, then one exact ROC."""
     from sklearn.metrics import roc_auc_score
 
@@ -234,7 +234,7 @@ def peer_study_loop(x, labels, metric) -> float:
         for j in range(i + 1, n):
             scores.append(-float(np.linalg.norm(x[i] - x[j])))
             same.append(labels[i] == labels[j])
-    return float(roc_auc_score(same, scores))
+    return float(roc_auc_score(same, scores)), int(sum(same))
 
 
 PEERS = {
@@ -280,6 +280,8 @@ def _compare(rows: list[dict], n: int, d: int) -> None:
         ]
         if ref and np.isfinite(ref[0]["auc"]) and r["method"].startswith("ours"):
             r["auc_minus_sklearn"] = r["auc"] - ref[0]["auc"]
+            if r["n_positive"] != ref[0]["n_positive"]:
+                r["note"] += f" (n_positive differs from scikit-learn's {ref[0]['n_positive']}!)"
 
 
 def format_row(r: dict) -> str:

@@ -44,8 +44,9 @@ def _plain(v):
 
 
 def title_of(metrics: dict) -> str:
-    parts = [str(metrics.get("label") or metrics.get("model") or "embeddings")]
-    if metrics.get("variant"):
+    label = str(metrics.get("label") or metrics.get("model") or "embeddings")
+    parts = [label]
+    if metrics.get("variant") and metrics["variant"].replace("finetuned", "fine-tuned") not in label:
         parts.append(f"({'fine-tuned' if metrics['variant'] == 'finetuned' else metrics['variant']})")
     parts.append(f"- {protocol_name(metrics)}")
     if metrics.get("image_set"):
