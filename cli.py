@@ -4,7 +4,6 @@ stage's config and calls the stage; library code does the work."""
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -39,12 +38,6 @@ class Group(click.Group):
 def main(verbose: bool) -> None:
     """Turn ImageNet CNNs into face-verification models and measure them on LFW."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _terminate)
-
-
-def _terminate(signum, frame) -> None:
-    """SIGTERM unwinds like Ctrl-C, so stages close their files and keep their progress for --resume."""
-    raise KeyboardInterrupt(f"terminated by signal {signum}")
 
 
 @main.command()
@@ -80,8 +73,10 @@ def embed(**options) -> None:
     """Embed every image of an LFW protocol split once into an HDF5 store."""
     from pipeline.embed import EmbedConfig
     from pipeline.embed import embed as run_embed
+    from pipeline.runtime import sigterm_as_interrupt
 
-    path = run_embed(EmbedConfig(**options))
+    with sigterm_as_interrupt():
+        path = run_embed(EmbedConfig(**options))
     click.echo(str(path))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
+import threading
 
 import numpy as np
 import torch
@@ -45,3 +47,21 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block SIGTERM unwinds like Ctrl-C, so a stage closes its files and keeps its progress for
+    --resume; the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
