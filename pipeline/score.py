@@ -161,7 +161,9 @@ class Prepared:
     x: np.ndarray
     """[N, D] float32 sorted rows, centred (l2) or normalised (cosine): a view into `left`."""
     left: torch.Tensor
+    """[N, D+2] rows [x, |x|^2, 1] (l2) or [N, D+1] rows [x, 1] (cosine)."""
     right: torch.Tensor
+    """[N, D+2] rows [-2x, 1, |x|^2] (l2) or [N, D+1] rows [x, 0] (cosine): `left @ right.T` is the value."""
     labels: torch.Tensor
     """[N] int64 sorted labels on the device."""
     order: np.ndarray
@@ -175,6 +177,14 @@ class Prepared:
     @property
     def n(self) -> int:
         return len(self.order)
+
+    def scale_to_bins(self, b: Binning) -> None:
+        """Make `left @ right.T` the bin coordinate `(value - lo) * bins / (hi - lo)` (in place, once): bin k
+        holds coordinates [k, k+1). Nearest neighbours are unchanged (a positive scale and a shift)."""
+        s = b.bins / (b.hi - b.lo)
+        ones = self.x.shape[1] + (1 if self.metric == "l2" else 0)  # left's column of ones
+        self.right *= s
+        self.right[:, ones] -= s * b.lo
 
 
 def read_rows(store: Store, out: np.ndarray | None = None) -> np.ndarray:
@@ -224,7 +234,7 @@ def prepare(store: Store, metric: str, device: torch.device) -> Prepared:
     labels = store.labels
     order = np.argsort(labels, kind="stable")
     d = store.dim
-    left_np = np.empty((store.n, d + 2 if metric == "l2" else d), dtype=np.float32)
+    left_np = np.empty((store.n, d + 2 if metric == "l2" else d + 1), dtype=np.float32)
     read_rows(store, out=left_np[:, :d])
     if (np.diff(labels) < 0).any():  # stores of `embed` are sorted by person already
         left_np = left_np[order]
@@ -247,7 +257,9 @@ def prepare(store: Store, metric: str, device: torch.device) -> Prepared:
     else:
         normalise(x, str(store.path), inplace=True)
         max_norm = 1.0
-        left = right = torch.from_numpy(left_np)
+        right_np = left_np.copy()
+        left_np[:, d], right_np[:, d] = 1.0, 0.0
+        left, right = torch.from_numpy(left_np), torch.from_numpy(right_np)
     left, right = left.to(device), right.to(device)
     return Prepared(
         x, left, right, torch.from_numpy(ls).to(device), order, starts[gid], ends[gid], metric, max_norm, n_positive
@@ -286,11 +298,12 @@ class FaissTiles:
 
     name = "faiss"
 
-    def __init__(self, prep: Prepared):
+    def __init__(self, prep: Prepared, binning: Binning):
         import faiss
 
         self.faiss = faiss
         self.prep = prep
+        self.lo, self.scale = np.float32(binning.lo), np.float32(binning.bins / (binning.hi - binning.lo))
         self.x = np.ascontiguousarray(prep.x)
         self.metric = faiss.METRIC_L2 if prep.metric == "l2" else faiss.METRIC_INNER_PRODUCT
         self.device = prep.left.device
@@ -298,10 +311,12 @@ class FaissTiles:
     def values(self, t: Tile) -> torch.Tensor:
         x = self.x
         v = self.faiss.pairwise_distances(x[t.r0 : t.r1], x[t.c0 : t.c1], self.metric)
+        v -= self.lo
+        v *= self.scale  # bin coordinates, as the torch backend's products give them
         return torch.from_numpy(v).to(self.device)
 
 
-def make_backend(name: str, prep: Prepared, block: int, gemm: str = "auto"):
+def make_backend(name: str, prep: Prepared, block: int, binning: Binning, gemm: str = "auto"):
     """The tile backend; FAISS when asked for and importable (CPU), else torch with a message."""
     if name == "faiss":
         try:
@@ -311,7 +326,7 @@ def make_backend(name: str, prep: Prepared, block: int, gemm: str = "auto"):
             return TorchTiles(prep, block, gemm)
         if prep.left.device.type != "cpu":
             log.warning("--backend faiss computes on the CPU here; the histograms stay on %s", prep.left.device)
-        return FaissTiles(prep)
+        return FaissTiles(prep, binning)
     return TorchTiles(prep, block, gemm)
 
 
@@ -352,34 +367,55 @@ def choose_binning(prep: Prepared, bins: int, seed: int = 0, sample_pairs: int =
 
 @dataclass
 class TilePass:
-    """What a pass over tiles leaves: the counts (on the device until `roc`) and the extreme value."""
+    """What a pass over tiles leaves: the counts (per bin) and the extreme pair. Values are bin coordinates
+    (`Prepared.scale_to_bins`): bin k holds [k, k+1)."""
 
     binning: Binning
-    all_counts: torch.Tensor
-    pos_counts: torch.Tensor
+    all_counts: np.ndarray | torch.Tensor
+    pos_counts: np.ndarray | torch.Tensor
     extreme: float = float("nan")
-    """Largest squared distance (l2) or smallest cosine (cosine) seen."""
+    """Largest squared distance (l2) or smallest cosine (cosine) seen, as a bin coordinate."""
     extreme_rows: tuple[int, int] = (-1, -1)
     """Store rows of the pair with the extreme value."""
-    n_clamped_tiles: int = 0
     n_pairs: int = 0
 
     def roc(self) -> HistogramROC:
         acc = HistogramROC(self.binning)
-        acc.add_counts(
-            self.all_counts.cpu().numpy().round().astype(np.int64),
-            self.pos_counts.cpu().numpy().round().astype(np.int64),
-        )
+        acc.add_counts(_int64(self.all_counts), _int64(self.pos_counts))
         return acc
 
 
-class Stager:
-    """Histograms values into float64 counts, batching small inputs into one `torch.histc` call (each call has
-    a fixed cost that would dominate many small tiles); the bin of a value does not depend on its batch."""
+def _int64(counts: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(counts, torch.Tensor):
+        counts = counts.cpu().numpy().round()
+    return counts.astype(np.int64)
 
-    def __init__(self, binning: Binning, device: torch.device, size: int = 1 << 22):
-        self.b = binning
-        self.counts = torch.zeros(binning.bins, dtype=torch.float64, device=device)
+
+class NumpyCounts:
+    """CPU counting: bin coordinates (clipped to [0, bins-1]) truncated to int32 and `np.bincount`-ed, single
+    threaded, so that no second thread pool takes turns with the BLAS threads of the products."""
+
+    def __init__(self, bins: int, size: int):
+        self.bins = bins
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.ibuf = np.empty(max(size, 1), dtype=np.int32)
+
+    def add(self, u: np.ndarray) -> None:
+        k = u.size
+        if k == 0:
+            return
+        iv = self.ibuf[:k].reshape(u.shape)
+        np.copyto(iv, u, casting="unsafe")  # truncation = floor for coordinates >= 0
+        self.counts += np.bincount(iv.reshape(-1), minlength=self.bins)
+
+
+class Stager:
+    """GPU counting: `torch.histc` over [0, bins] of clamped bin coordinates into float64 counts, batching small
+    inputs into one call (each call has a fixed cost); the bin of a value does not depend on its batch."""
+
+    def __init__(self, bins: int, device: torch.device, size: int = 1 << 22):
+        self.bins = bins
+        self.counts = torch.zeros(bins, dtype=torch.float64, device=device)
         self.buf = torch.empty(size, dtype=torch.float32, device=device)
         self.used = 0
 
@@ -388,7 +424,7 @@ class Stager:
         if k == 0:
             return
         if k >= len(self.buf) // 16:
-            self.counts += torch.histc(values, bins=self.b.bins, min=self.b.lo, max=self.b.hi)
+            self.counts += torch.histc(values, bins=self.bins, min=0, max=self.bins)
             return
         if self.used + k > len(self.buf):
             self.flush()
@@ -397,17 +433,19 @@ class Stager:
 
     def flush(self) -> torch.Tensor:
         if self.used:
-            self.counts += torch.histc(self.buf[: self.used], bins=self.b.bins, min=self.b.lo, max=self.b.hi)
+            self.counts += torch.histc(self.buf[: self.used], bins=self.bins, min=0, max=self.bins)
             self.used = 0
         return self.counts
 
 
 class TileScorer:
-    """Feeds tiles of a backend into one pair of histograms (all pairs, same-person pairs)."""
+    """Feeds tiles of a backend into one pair of histograms (all pairs, same-person pairs): NumPy counting on
+    the CPU, `torch.histc` on a GPU."""
 
-    def __init__(self, prep: Prepared, binning: Binning, backend):
+    def __init__(self, prep: Prepared, binning: Binning, backend, counting: str = "auto"):
         self.prep, self.binning, self.backend = prep, binning, backend
         self.device = prep.left.device
+        self.numpy = counting == "numpy" or (counting == "auto" and self.device.type == "cpu")
         self._triu: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]] = {}
         self._labels = prep.labels.cpu().numpy()
 
@@ -425,55 +463,28 @@ class TileScorer:
             return values.reshape(-1)
         return values.reshape(-1).index_select(0, self.triu(t.r1 - t.r0)[3])
 
-    def positive_values(self, t: Tile, values: torch.Tensor) -> torch.Tensor | None:
-        """The same-person scores of a tile, sliced from the tile's own values."""
+    def positive_index(self, t: Tile) -> np.ndarray | tuple[slice, slice] | None:
+        """Where a tile's same-person pairs are: flat indices (diagonal) or one rectangle (rows are sorted, so
+        only the group holding the tile's last row can reach its columns)."""
         p = self.prep
         if t.diagonal:
             r, c, flat, _ = self.triu(t.r1 - t.r0)
             lab = self._labels[t.r0 : t.r1]
-            idx = torch.from_numpy(flat[lab[r] == lab[c]]).to(self.device)
-            return values.reshape(-1).index_select(0, idx)
-        last = t.r1 - 1  # only the group holding the tile's last row can reach its columns (sorted rows)
+            return flat[lab[r] == lab[c]]
+        last = t.r1 - 1
         g0, g1 = int(p.group_start[last]), int(p.group_end[last])
         if g1 <= t.c0:
             return None
-        return values[max(g0, t.r0) - t.r0 :, : min(g1, t.c1) - t.c0].reshape(-1)
+        return slice(max(g0, t.r0) - t.r0, None), slice(None, min(g1, t.c1) - t.c0)
 
-    def run(self, plan: list[Tile], select: Iterable[int] | None = None, progress: bool = True) -> TilePass:
-        """Score the tiles `plan[i]` for i in `select` (default: all) into a `TilePass`."""
-        b = self.binning
-        all_h, pos_h = Stager(b, self.device), Stager(b, self.device)
-        res = TilePass(b, all_h.counts, pos_h.counts)
-        indices = range(len(plan)) if select is None else list(select)
-        total = sum(plan[i].n_pairs for i in indices)
-        find_max = self.prep.metric == "l2"
-        with tqdm(
-            total=total, unit="pair", unit_scale=True, disable=not progress, mininterval=1.0, desc="scoring pairs"
-        ) as bar:
-            for i in indices:
-                t = plan[i]
-                if t.n_pairs == 0:
-                    continue
-                tv = self.backend.values(t)
-                vals = self.upper_values(t, tv)
-                pv = self.positive_values(t, tv)
-                mn, mx = (float(v) for v in torch.aminmax(vals))
-                ext = mx if find_max else mn
-                if not (ext <= res.extreme if find_max else ext >= res.extreme):  # also true while nan
-                    res.extreme = ext
-                    res.extreme_rows = self.store_rows(t, int(vals.argmax() if find_max else vals.argmin()))
-                if mn < b.lo or mx > b.hi:
-                    res.n_clamped_tiles += 1
-                    vals.clamp_(b.lo, b.hi)  # in the tile buffer for off-diagonal tiles: `pv` views it too
-                    pv = None if pv is None else pv.clamp(b.lo, b.hi)
-                all_h.add(vals)
-                if pv is not None:
-                    pos_h.add(pv)
-                res.n_pairs += t.n_pairs
-                bar.update(t.n_pairs)
-        all_h.flush()
-        pos_h.flush()
-        return res
+    def positive_values(self, t: Tile, values: torch.Tensor) -> torch.Tensor | None:
+        """The same-person scores of a tile, sliced from the tile's own values."""
+        where = self.positive_index(t)
+        if where is None:
+            return None
+        if t.diagonal:
+            return values.reshape(-1).index_select(0, torch.from_numpy(where).to(self.device))
+        return values[where].reshape(-1)
 
     def store_rows(self, t: Tile, k: int) -> tuple[int, int]:
         """Store rows (i, j) of the k-th pair of a tile (in `upper_values` order)."""
@@ -483,6 +494,66 @@ class TileScorer:
         else:
             r, c = divmod(k, t.c1 - t.c0)
         return int(self.prep.order[t.r0 + r]), int(self.prep.order[t.c0 + c])
+
+    def run(self, plan: list[Tile], select: Iterable[int] | None = None, progress: bool = True) -> TilePass:
+        """Score the tiles `plan[i]` for i in `select` (default: all) into a `TilePass`."""
+        indices = range(len(plan)) if select is None else list(select)
+        total = sum(plan[i].n_pairs for i in indices)
+        step = self._tile_numpy if self.numpy else self._tile_torch
+        bins = self.binning.bins
+        if self.numpy:
+            size = max((plan[i].r1 - plan[i].r0) * (plan[i].c1 - plan[i].c0) for i in indices) if indices else 1
+            counts = NumpyCounts(bins, size), NumpyCounts(bins, size)
+        else:
+            counts = Stager(bins, self.device), Stager(bins, self.device)
+        res = TilePass(self.binning, counts[0].counts, counts[1].counts)
+        with tqdm(total=total, unit="pair", unit_scale=True, disable=not progress, mininterval=1.0,
+                  desc="scoring pairs") as bar:  # fmt: skip
+            for i in indices:
+                t = plan[i]
+                if t.n_pairs:
+                    step(t, res, *counts)
+                    res.n_pairs += t.n_pairs
+                    bar.update(t.n_pairs)
+        if not self.numpy:
+            counts[0].flush()
+            counts[1].flush()
+        return res
+
+    def _improves(self, ext: float, res: TilePass) -> bool:
+        if self.prep.metric == "l2":
+            return not ext <= res.extreme  # also true while nan
+        return not ext >= res.extreme
+
+    def _tile_numpy(self, t: Tile, res: TilePass, all_c: NumpyCounts, pos_c: NumpyCounts) -> None:
+        u = self.backend.values(t).numpy()
+        vals = u.reshape(-1).take(self.triu(t.r1 - t.r0)[2]) if t.diagonal else u
+        find_max = self.prep.metric == "l2"
+        ext = float(vals.max() if find_max else vals.min())
+        if self._improves(ext, res):
+            res.extreme = ext
+            res.extreme_rows = self.store_rows(t, int(vals.argmax() if find_max else vals.argmin()))
+        top = np.float32(self.binning.bins - 1)
+        np.clip(vals, 0, top, out=vals)  # in the tile itself for off-diagonal tiles: their rectangle sees it
+        all_c.add(vals)
+        where = self.positive_index(t)
+        if where is not None:
+            pv = np.clip(u.reshape(-1).take(where), 0, top) if t.diagonal else u[where]
+            pos_c.add(pv)
+
+    def _tile_torch(self, t: Tile, res: TilePass, all_c: Stager, pos_c: Stager) -> None:
+        tv = self.backend.values(t)
+        vals = self.upper_values(t, tv)
+        find_max = self.prep.metric == "l2"
+        ext = float(vals.max() if find_max else vals.min())
+        if self._improves(ext, res):
+            res.extreme = ext
+            res.extreme_rows = self.store_rows(t, int(vals.argmax() if find_max else vals.argmin()))
+        vals.clamp_(0, self.binning.bins)  # in the tile itself for off-diagonal tiles: their rectangle sees it
+        all_c.add(vals)
+        pv = self.positive_values(t, tv)
+        if pv is not None:
+            pos_c.add(pv.clamp(0, self.binning.bins) if t.diagonal else pv)
 
 
 def pair_distance(a: np.ndarray, b: np.ndarray, metric: str) -> float:
@@ -520,7 +591,8 @@ def score_all_pairs(
     prep = prepare(store, cfg.metric, device)
     check_defined(prep.n_positive, prep.n * (prep.n - 1) // 2 - prep.n_positive)
     binning = choose_binning(prep, cfg.bins, cfg.seed, cfg.sample_pairs)
-    backend = make_backend(cfg.backend, prep, cfg.block, cfg.gemm)
+    prep.scale_to_bins(binning)
+    backend = make_backend(cfg.backend, prep, cfg.block, binning, cfg.gemm)
     plan = tile_plan(prep.n, cfg.block, leaf)
     scorer = TileScorer(prep, binning, backend)
     t1 = time.perf_counter()
@@ -537,7 +609,7 @@ def score_all_pairs(
         "bin_lo": binning.lo,
         "bin_hi": binning.hi,
         "n_tiles": len(plan),
-        "n_clamped_tiles": res.n_clamped_tiles,
+        "edge_bin_fraction": float((acc.pos[[0, -1]].sum() + acc.neg[[0, -1]].sum()) / max(1, res.n_pairs)),
         "seconds": t2 - t0,
         "seconds_prepare": t1 - t0,
         "seconds_tiles": t2 - t1,

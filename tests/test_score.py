@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.score import (
     ScoreConfig,
     TileScorer,
+    TorchTiles,
     choose_binning,
     prepare,
     score,
@@ -101,14 +102,20 @@ def test_diagonal_split_into_leaves_and_tile_subsets_add_up(tmp_path):
         check_against_sklearn({**acc.compute(), "max_distance": acc.max_distance}, x, labels, "l2")
         prep = prepare(st_, "l2", torch.device("cpu"))
     plan = tile_plan(prep.n, 64, leaf=8)
-    scorer = TileScorer(prep, choose_binning(prep, 1 << 12), __import__("pipeline.score").score.TorchTiles(prep, 64))
-    whole = scorer.run(plan, progress=False)
-    parts = [scorer.run(plan, select=range(r, len(plan), 3), progress=False) for r in range(3)]
-    merged = parts[0].roc()
-    for p in parts[1:]:
-        merged.merge(p.roc())
-    w = whole.roc()
-    assert (merged.pos == w.pos).all() and (merged.neg == w.neg).all()
+    binning = choose_binning(prep, 1 << 12)
+    prep.scale_to_bins(binning)
+    for counting in ("numpy", "torch"):  # "torch" is the GPU's counting, run here on the CPU
+        scorer = TileScorer(prep, binning, TorchTiles(prep, 64), counting=counting)
+        whole = scorer.run(plan, progress=False)
+        parts = [scorer.run(plan, select=range(r, len(plan), 3), progress=False) for r in range(3)]
+        merged = parts[0].roc()
+        for p in parts[1:]:
+            merged.merge(p.roc())
+        w = whole.roc()
+        assert (merged.pos == w.pos).all() and (merged.neg == w.neg).all()
+        assert w.n_positive == prep.n_positive and w.n_positive + w.n_negative == 149 * 148 // 2
+        exact = roc_auc_score(*brute_force(x, labels, "l2")[::-1])
+        assert abs(w.compute()["auc"] - exact) <= w.compute()["auc_error_bound"] + 1e-6
 
 
 @settings(max_examples=40, deadline=None)
