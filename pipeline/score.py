@@ -342,14 +342,18 @@ def choose_binning(prep: Prepared, bins: int, seed: int = 0, sample_pairs: int =
     rng = np.random.default_rng(seed)
     n = prep.n
     rows = np.sort(rng.choice(n, size=min(n, max(8, sample_pairs // n)), replace=False))
-    it = torch.from_numpy(rows).to(prep.left.device)
-    a = prep.left.index_select(0, it)
-    every = []
-    for c0 in range(0, n, 1 << 14):
-        v = a @ prep.right[c0 : c0 + (1 << 14)].T
-        cols = torch.arange(c0, c0 + v.shape[1], device=v.device)
-        every.append(v[cols[None, :] != it[:, None]])  # a row with itself is no pair
-    allv = torch.cat(every).double().cpu().numpy()
+    if prep.left.device.type == "cpu":  # NumPy's BLAS, as the tiles
+        v = prep.left.numpy()[rows] @ prep.right.numpy().T
+        v[np.arange(len(rows)), rows] = np.nan  # a row with itself is no pair
+        allv = v[~np.isnan(v)].astype(np.float64)
+    else:
+        it = torch.from_numpy(rows).to(prep.left.device)
+        every = []
+        for c0 in range(0, n, 1 << 14):
+            v = prep.left[it] @ prep.right[c0 : c0 + (1 << 14)].T
+            cols = torch.arange(c0, c0 + v.shape[1], device=v.device)
+            every.append(v[cols[None, :] != it[:, None]])
+        allv = torch.cat(every).double().cpu().numpy()
     k = min(9, (len(allv) - 1) // 2)
     vmin, vmax = float(np.partition(allv, k)[k]), float(np.partition(allv, len(allv) - 1 - k)[len(allv) - 1 - k])
     margin = 0.05 * (vmax - vmin) or 1e-6 * max(1.0, abs(vmax))
