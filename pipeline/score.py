@@ -2,11 +2,14 @@
 or the pairs a store lists; 10-fold accuracy; rank-1 identification; the results folder.
 
 All-pairs in short: rows are sorted by identity once, so that the same-person pairs of any tile form at most
-one rectangle (off-diagonal tiles) or a few blocks on the diagonal (diagonal leaves). Each tile's values are
-histogrammed once for all pairs and once for its same-person slice of the *same* tensor, so both land in the
-same bins exactly; different-person counts are the difference. For l2 the tile is one matrix product of
-augmented rows `[x, |x|^2, 1] . [-2x, 1, |y|^2]` = squared distance (rows centred first), for cosine of the
-normalised rows. Memory: the rows (2 copies of N x (D+2) float32) + one tile (block^2 floats) + 2 x bins counts.
+one rectangle (off-diagonal tiles) or a few blocks on the diagonal (diagonal leaves). The bins are chosen from
+a sample, then each tile is one matrix product of augmented rows whose entries are directly bin coordinates:
+`[x, |x|^2, 1] . s [-2y, 1, |y|^2 - lo]` = s (squared distance - lo) for l2 (rows centred first), and
+`[x, 1] . s [y, -lo]` for cosine (rows normalised). Each tile is counted once for all its pairs and once for
+its same-person slice of the *same* array, so both land in the same bins exactly; different-person counts are
+the difference. CPU: NumPy's BLAS and `np.bincount` (single-threaded: no second thread pool taking turns with
+the BLAS threads); GPU: torch and `torch.histc`. Memory: the rows (2 copies of N x (D+2) float32) + one tile
+(block^2 floats and as many int32) + 2 x bins counts, whatever the number of pairs.
 """
 
 from __future__ import annotations
