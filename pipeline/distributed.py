@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -54,3 +55,27 @@ def split_range(n: int, parts: int, k: int) -> range:
     base, extra = divmod(n, parts)
     start = k * base + min(k, extra)
     return range(start, start + base + (1 if k < extra else 0))
+
+
+def all_reduce_sum(counts: np.ndarray) -> np.ndarray:
+    """Element-wise sum over the ranks of an int64 array (every rank gets it); unchanged single process.
+    gloo sums int64 exactly; on NCCL the array goes through the current CUDA device."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return counts
+    t = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.int64))
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().numpy()
+
+
+def all_gather_rows(row: list[float]) -> list[list[float]]:
+    """Every rank's float64 `row` (same length on all ranks), in rank order; [row] single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [list(row)]
+    t = torch.tensor(row, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [o.cpu().tolist() for o in out]

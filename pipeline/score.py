@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +27,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.blockmath import (
+    GEMM_K,
+    LEAF,
+    STAT_ROWS,
+    SampleRange,
+    Tile,
+    augment,
+    balance,
+    better_extreme,
+    bin_range,
+    blocked_mean,
+    fixed_matmul,
+    pair_distance,
+    sample_rows,
+    scale_right,
+    tile_plan,
+)
+from pipeline.distributed import World, all_gather_rows, all_reduce_sum, init_world
 from pipeline.errors import PipelineError
 from pipeline.roc import (
     Binning,
@@ -42,7 +60,6 @@ from pipeline.store import Store, open_store
 log = logging.getLogger(__name__)
 
 MAX_BLOCK = 4096  # a tile holds at most 2^24 values: float32 histogram counts stay exact
-LEAF = 1024  # diagonal blocks are split until this size (smaller products lose more speed than leaves waste)
 READ_ROWS_BYTES = 64 << 20
 
 
@@ -109,49 +126,7 @@ class ScoreConfig:
 # ---------------------------------------------------------------------------------------------------- tiles
 
 
-@dataclass(frozen=True)
-class Tile:
-    """Rows [r0, r1) against columns [c0, c1) of the identity-sorted rows. Off-diagonal tiles have r1 <= c0
-    and hold all their pairs; diagonal tiles (r0 == c0, r1 == c1) hold only their upper triangle."""
-
-    r0: int
-    r1: int
-    c0: int
-    c1: int
-    diagonal: bool
-
-    @property
-    def n_pairs(self) -> int:
-        m = self.r1 - self.r0
-        return m * (m - 1) // 2 if self.diagonal else m * (self.c1 - self.c0)
-
-
-def tile_plan(n: int, block: int, leaf: int = LEAF) -> list[Tile]:
-    """Every pair i < j of n rows exactly once, in tiles of at most block x block, in a fixed order.
-
-    Diagonal blocks are split in halves (one full off-diagonal tile and two smaller diagonal blocks) down to
-    `leaf` rows, so almost no product is computed twice. The list depends only on (n, block, leaf): select any
-    subset (e.g. `plan[rank::world]`) and the histograms of the parts add up to the whole, bit for bit.
-    """
-    plan: list[Tile] = []
-    starts = list(range(0, n, block))
-    for i, r0 in enumerate(starts):
-        r1 = min(r0 + block, n)
-        plan.extend(_split_diagonal(r0, r1, leaf))
-        for c0 in starts[i + 1 :]:
-            plan.append(Tile(r0, r1, c0, min(c0 + block, n), False))
-    return plan
-
-
-def _split_diagonal(a: int, b: int, leaf: int) -> Iterator[Tile]:
-    if b - a <= max(leaf, 1):
-        if b - a >= 2:
-            yield Tile(a, b, a, b, True)
-        return
-    m = (a + b) // 2
-    yield from _split_diagonal(a, m, leaf)
-    yield Tile(a, m, m, b, False)
-    yield from _split_diagonal(m, b, leaf)
+# Tile and tile_plan live in pipeline.blockmath (shared with out-of-core --rows scoring).
 
 
 # ---------------------------------------------------------------------------------------------------- rows
@@ -184,10 +159,13 @@ class Prepared:
     def scale_to_bins(self, b: Binning) -> None:
         """Make `left @ right.T` the bin coordinate `(value - lo) * bins / (hi - lo)` (in place, once): bin k
         holds coordinates [k, k+1). Nearest neighbours are unchanged (a positive scale and a shift)."""
+        if self.right.device.type == "cpu":  # the same float32 operations as out-of-core blocks
+            scale_right(self.right.numpy(), b.lo, b.hi, b.bins, self.x.shape[1], self.metric)
+            return
         s = b.bins / (b.hi - b.lo)
         ones = self.x.shape[1] + (1 if self.metric == "l2" else 0)  # left's column of ones
-        self.right *= s
-        self.right[:, ones] -= s * b.lo
+        self.right *= float(np.float32(s))
+        self.right[:, ones] -= float(np.float32(s * b.lo))
 
 
 def read_rows(store: Store, out: np.ndarray | None = None) -> np.ndarray:
@@ -248,21 +226,23 @@ def prepare(store: Store, metric: str, device: torch.device) -> Prepared:
     n_positive = int((sizes * (sizes - 1) // 2).sum())
     gid = np.repeat(np.arange(len(starts)), sizes)
     x = left_np[:, :d]
-    if metric == "l2":
-        x -= x.mean(axis=0, dtype=np.float64).astype(np.float32)  # distances unchanged, less cancellation
-        sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
-        max_norm = float(np.sqrt(sq.max()))
-        right_np = np.empty_like(left_np)
-        np.multiply(x, np.float32(-2.0), out=right_np[:, :d])
-        left_np[:, d], left_np[:, d + 1] = sq, 1.0
-        right_np[:, d], right_np[:, d + 1] = 1.0, sq
-        left, right = torch.from_numpy(left_np), torch.from_numpy(right_np)
-    else:
-        normalise(x, str(store.path), inplace=True)
-        max_norm = 1.0
-        right_np = left_np.copy()
-        left_np[:, d], right_np[:, d] = 1.0, 0.0
-        left, right = torch.from_numpy(left_np), torch.from_numpy(right_np)
+    right_np = np.empty_like(left_np)
+    mean = None
+    if metric == "l2":  # centred: distances unchanged, less cancellation
+        mean = blocked_mean((x[s : s + STAT_ROWS] for s in range(0, store.n, STAT_ROWS)), store.n)
+    sq = np.empty(store.n, dtype=np.float64)
+    for s in range(0, store.n, STAT_ROWS):  # per block, as out-of-core scoring does
+        e = min(s + STAT_ROWS, store.n)
+        sq[s:e] = augment(x[s:e], mean, metric, left_np[s:e], right_np[s:e])
+    if metric == "cosine":
+        zero = np.flatnonzero(sq == 0)
+        if len(zero):
+            raise PipelineError(
+                f"{store.path}: {len(zero)} rows are all zeros (sorted rows {zero[:10].tolist()}): their cosine "
+                f"is undefined. Use --metric l2."
+            )
+    max_norm = float(np.sqrt(sq.max())) if metric == "l2" else 1.0
+    left, right = torch.from_numpy(left_np), torch.from_numpy(right_np)
     left, right = left.to(device), right.to(device)
     return Prepared(
         x, left, right, torch.from_numpy(ls).to(device), order, starts[gid], ends[gid], metric, max_norm, n_positive
@@ -285,12 +265,14 @@ class TorchTiles:
         self.numpy = gemm == "numpy" or (gemm == "auto" and prep.left.device.type == "cpu")
         if self.numpy:
             self.np_left, self.np_right, self.np_buf = prep.left.numpy(), prep.right.numpy(), self.buf.numpy()
+            self.np_tmp = np.empty_like(self.np_buf) if prep.left.shape[1] > GEMM_K else None
 
     def values(self, t: Tile) -> torch.Tensor:
         m, k = t.r1 - t.r0, t.c1 - t.c0
         if self.numpy:
             out = self.np_buf[: m * k].reshape(m, k)
-            np.matmul(self.np_left[t.r0 : t.r1], self.np_right[t.c0 : t.c1].T, out=out)
+            tmp = None if self.np_tmp is None else self.np_tmp[: m * k].reshape(m, k)
+            fixed_matmul(self.np_left[t.r0 : t.r1], self.np_right[t.c0 : t.c1], out, tmp)
             return self.buf[: m * k].view(m, k)
         out = self.buf[: m * k].view(m, k)
         return torch.mm(self.prep.left[t.r0 : t.r1], self.prep.right[t.c0 : t.c1].T, out=out)
@@ -342,13 +324,12 @@ def choose_binning(prep: Prepared, bins: int, seed: int = 0, sample_pairs: int =
     on each side and kept inside the provable range. Rare outliers (duplicate images at distance 0) then do not
     stretch the bins: scores outside count in the edge bins, still correct, only coarser there, and
     `auc_error_bound` accounts for them."""
-    rng = np.random.default_rng(seed)
     n = prep.n
-    rows = np.sort(rng.choice(n, size=min(n, max(8, sample_pairs // n)), replace=False))
-    if prep.left.device.type == "cpu":  # NumPy's BLAS, as the tiles
-        v = prep.left.numpy()[rows] @ prep.right.numpy().T
-        v[np.arange(len(rows)), rows] = np.nan  # a row with itself is no pair
-        allv = v[~np.isnan(v)].astype(np.float64)
+    rows = sample_rows(n, seed, sample_pairs)
+    if prep.left.device.type == "cpu":  # NumPy's BLAS in fixed blocks, as out-of-core scoring does
+        rng_ = SampleRange(rows, n)
+        rng_.add(prep.left.numpy()[rows], prep.right.numpy(), 0)
+        vmin, vmax = rng_.extremes()
     else:
         it = torch.from_numpy(rows).to(prep.left.device)
         every = []
@@ -357,15 +338,10 @@ def choose_binning(prep: Prepared, bins: int, seed: int = 0, sample_pairs: int =
             cols = torch.arange(c0, c0 + v.shape[1], device=v.device)
             every.append(v[cols[None, :] != it[:, None]])
         allv = torch.cat(every).double().cpu().numpy()
-    k = min(9, (len(allv) - 1) // 2)
-    vmin, vmax = float(np.partition(allv, k)[k]), float(np.partition(allv, len(allv) - 1 - k)[len(allv) - 1 - k])
-    margin = 0.05 * (vmax - vmin) or 1e-6 * max(1.0, abs(vmax))
-    if prep.metric == "l2":
-        lo, hi = max(vmin - margin, 0.0), min(vmax + margin, 4.0 * prep.max_norm**2 * (1 + 1e-4) + 1e-30)
-    else:
-        lo, hi = max(vmin - margin, -1.0 - 1e-4), min(vmax + margin, 1.0 + 1e-4)
-    if not hi > lo:
-        hi = lo + max(1e-6, abs(lo) * 1e-6)
+        k = min(9, (len(allv) - 1) // 2)
+        vmin = float(np.partition(allv, k)[k])
+        vmax = float(np.partition(allv, len(allv) - 1 - k)[len(allv) - 1 - k])
+    lo, hi = bin_range(vmin, vmax, prep.metric, prep.max_norm)
     return Binning(float(lo), float(hi), bins, prep.metric)
 
 
@@ -384,6 +360,8 @@ class TilePass:
     """Largest squared distance (l2) or smallest cosine (cosine) seen, as a bin coordinate."""
     extreme_rows: tuple[int, int] = (-1, -1)
     """Store rows of the pair with the extreme value."""
+    extreme_tile: int = -1
+    """Plan index of the tile holding the extreme pair (ties across ranks go to the earliest tile)."""
     n_pairs: int = 0
 
     def roc(self) -> HistogramROC:
@@ -519,7 +497,10 @@ class TileScorer:
             for i in indices:
                 t = plan[i]
                 if t.n_pairs:
+                    before = res.extreme_rows
                     step(t, res, *counts)
+                    if res.extreme_rows != before:
+                        res.extreme_tile = i
                     res.n_pairs += t.n_pairs
                     bar.update(t.n_pairs)
         if not self.numpy:
@@ -563,14 +544,6 @@ class TileScorer:
             pos_c.add(pv.clamp(0, self.binning.bins) if t.diagonal else pv)
 
 
-def pair_distance(a: np.ndarray, b: np.ndarray, metric: str) -> float:
-    """Distance of two stored rows in float64: Euclidean, or 1 - cosine."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    if metric == "l2":
-        return float(np.sqrt(((a - b) ** 2).sum()))
-    return float(1.0 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 # ---------------------------------------------------------------------------------------------------- modes
 
 
@@ -589,9 +562,13 @@ def _ieee_matmul(device: torch.device):
 
 
 def score_all_pairs(
-    store: Store, cfg: ScoreConfig, device: torch.device, leaf: int = LEAF
+    store: Store, cfg: ScoreConfig, device: torch.device, leaf: int = LEAF, world: World | None = None
 ) -> tuple[HistogramROC, dict]:
-    """Every pair of `store` into a `HistogramROC`; extra facts (max pair, timings, exact AUC) in a dict."""
+    """Every pair of `store` into a `HistogramROC`; extra facts (max pair, timings, exact AUC) in a dict.
+
+    Under torchrun (`world.size > 1`) each rank scores its share of the tiles (balanced by pair count) and the
+    counts and the extreme pair are combined with collectives: every rank returns the whole result."""
+    world = world or World()
     t0 = time.perf_counter()
     if cfg.exact:
         check_exact_fits(store.n * (store.n - 1) // 2)
@@ -603,9 +580,18 @@ def score_all_pairs(
     plan = tile_plan(prep.n, cfg.block, leaf)
     scorer = TileScorer(prep, binning, backend)
     t1 = time.perf_counter()
-    res = scorer.run(plan, progress=cfg.progress)
-    i, j = res.extreme_rows
+    mine = balance([t.n_pairs for t in plan], world.size)[world.rank]
+    res = scorer.run(plan, select=mine, progress=cfg.progress and world.is_main)
     acc = res.roc()
+    if world.size > 1:
+        acc = HistogramROC(binning)
+        acc.add_counts(all_reduce_sum(_int64(res.all_counts)), all_reduce_sum(_int64(res.pos_counts)))
+        res.n_pairs = int(all_reduce_sum(np.array([res.n_pairs], dtype=np.int64))[0])
+        best = (float("nan"), -1, -1, -1)
+        for cand in all_gather_rows([res.extreme, res.extreme_tile, *res.extreme_rows]):
+            best = better_extreme(best, (cand[0], int(cand[1]), int(cand[2]), int(cand[3])), cfg.metric)
+        res.extreme, res.extreme_tile, res.extreme_rows = best[0], best[1], (best[2], best[3])
+    i, j = res.extreme_rows
     acc.max_distance = pair_distance(store.rows(i, i + 1)[0], store.rows(j, j + 1)[0], cfg.metric)
     t2 = time.perf_counter()
     if acc.n_positive != prep.n_positive or res.n_pairs != prep.n * (prep.n - 1) // 2:
@@ -616,6 +602,7 @@ def score_all_pairs(
         "bin_lo": binning.lo,
         "bin_hi": binning.hi,
         "n_tiles": len(plan),
+        "world_size": world.size,
         "edge_bin_fraction": float((acc.pos[[0, -1]].sum() + acc.neg[[0, -1]].sum()) / max(1, res.n_pairs)),
         "seconds": t2 - t0,
         "seconds_prepare": t1 - t0,
@@ -806,11 +793,12 @@ def score(cfg: ScoreConfig) -> dict:
     """Score a store (all pairs or its listed pairs), write the results folder, return metrics.json's dict."""
     if cfg.out is not None and Path(cfg.out).exists() and not cfg.overwrite:
         raise PipelineError(f"results folder {cfg.out} exists; pass --overwrite to replace it")
-    device = resolve_device(cfg.device)
+    world, device = init_world(resolve_device(cfg.device))  # torchrun: tiles split over the ranks
+    world.barrier()  # every rank has checked the results folder before rank 0 writes it
     with open_store(cfg.store, need_labels=cfg.all_pairs or cfg.rank1) as store, _ieee_matmul(device):
         t0 = time.perf_counter()
         if cfg.all_pairs:
-            acc, extra = score_all_pairs(store, cfg, device)
+            acc, extra = score_all_pairs(store, cfg, device, world=world)
             metrics = acc.compute()
         else:
             acc, metrics, extra = score_listed_pairs(store, cfg)
@@ -833,6 +821,7 @@ def score(cfg: ScoreConfig) -> dict:
         mode="all-pairs" if cfg.all_pairs else "pairs",
         **extra,
     )
+    metrics["world_size"] = world.size
     if "auc_exact" in metrics:
         metrics["auc_minus_exact"] = metrics["auc"] - metrics["auc_exact"]
     metrics.update(
@@ -856,7 +845,7 @@ def score(cfg: ScoreConfig) -> dict:
         seconds,
         metrics["pairs_per_second"],
     )
-    if cfg.out is not None:
+    if cfg.out is not None and world.is_main:
         from pipeline.report import write_results
 
         write_results(Path(cfg.out), metrics, roc, acc, log_fpr=cfg.log_fpr, overwrite=cfg.overwrite)

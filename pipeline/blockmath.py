@@ -1,0 +1,211 @@
+"""Row-block arithmetic shared by in-memory, distributed and out-of-core scoring, without torch.
+
+Whatever runs a tile (one process with many BLAS threads, a torchrun rank with one thread, a `--rows` part
+reading the store block by block), every pair must get the same float32 value to the last bit, or the
+histograms would not add up exactly. Three rules make it so:
+
+1. Products go through `fixed_matmul`: the inner dimension is cut into chunks of at most `GEMM_K` (OpenBLAS
+   splits longer inner dimensions differently with different thread counts; up to 512 it does not), and
+   products with a side smaller than `MIN_SIDE` are never formed on their own (BLAS switches to other kernels
+   there): callers compute the whole tile instead and slice it.
+2. Rows are transformed block by block by `augment` (contiguous float32 copies, per-row float64 norms), so a
+   row's transformed values do not depend on which block it came in.
+3. The centring mean is summed in fixed blocks of `STAT_ROWS` store rows (`blocked_mean`), the same blocks
+   whether the rows are in memory or streamed from the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+GEMM_K = 256  # inner dimensions up to this are multiplied identically with 1 or many threads (OpenBLAS: 500 is not)
+MIN_SIDE = 64  # no product with fewer rows than this unless the tile itself is that small
+STAT_ROWS = 1 << 14  # rows per block of the centring mean
+LEAF = 1024  # diagonal blocks are split until this size (smaller products lose more speed than leaves waste)
+
+
+def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, tmp: np.ndarray | None = None) -> np.ndarray:
+    """`out = a @ b.T` (float32) with the inner dimension in equal chunks of at most `GEMM_K`, added in order;
+    `tmp` (same shape as `out`) is scratch for the chunks after the first."""
+    k = a.shape[1]
+    chunks = -(-k // GEMM_K)
+    if chunks <= 1:
+        return np.matmul(a, b.T, out=out)
+    cuts = [k * i // chunks for i in range(chunks + 1)]
+    np.matmul(a[:, cuts[0] : cuts[1]], b[:, cuts[0] : cuts[1]].T, out=out)
+    scratch = np.empty_like(out) if tmp is None else tmp
+    for k0, k1 in zip(cuts[1:-1], cuts[2:], strict=True):
+        np.matmul(a[:, k0:k1], b[:, k0:k1].T, out=scratch)
+        out += scratch
+    return out
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Rows [r0, r1) against columns [c0, c1) of the identity-sorted rows. Off-diagonal tiles have r1 <= c0
+    and hold all their pairs; diagonal tiles (r0 == c0, r1 == c1) hold only their upper triangle."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    diagonal: bool
+
+    @property
+    def n_pairs(self) -> int:
+        m = self.r1 - self.r0
+        return m * (m - 1) // 2 if self.diagonal else m * (self.c1 - self.c0)
+
+
+def tile_plan(n: int, block: int, leaf: int = LEAF) -> list[Tile]:
+    """Every pair i < j of n rows exactly once, in tiles of at most block x block, in a fixed order.
+
+    Diagonal blocks are split in halves (one full off-diagonal tile and two smaller diagonal blocks) down to
+    `leaf` rows, so almost no product is computed twice. The list depends only on (n, block, leaf): select any
+    subset (e.g. `plan[rank::world]`) and the histograms of the parts add up to the whole, bit for bit.
+    """
+    plan: list[Tile] = []
+    starts = list(range(0, n, block))
+    for i, r0 in enumerate(starts):
+        r1 = min(r0 + block, n)
+        plan.extend(_split_diagonal(r0, r1, leaf))
+        for c0 in starts[i + 1 :]:
+            plan.append(Tile(r0, r1, c0, min(c0 + block, n), False))
+    return plan
+
+
+def _split_diagonal(a: int, b: int, leaf: int) -> Iterator[Tile]:
+    if b - a <= max(leaf, 1):
+        if b - a >= 2:
+            yield Tile(a, b, a, b, True)
+        return
+    m = (a + b) // 2
+    yield from _split_diagonal(a, m, leaf)
+    yield Tile(a, m, m, b, False)
+    yield from _split_diagonal(m, b, leaf)
+
+
+def balance(costs: list[int], parts: int) -> list[list[int]]:
+    """Indices of `costs` dealt to `parts` bins, largest first to the least loaded bin (LPT; ties to the lower
+    bin), each bin's indices in increasing order: deterministic, within 4/3 of the best balance."""
+    loads = [0] * parts
+    bins: list[list[int]] = [[] for _ in range(parts)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        k = min(range(parts), key=lambda k: (loads[k], k))
+        bins[k].append(i)
+        loads[k] += costs[i]
+    return [sorted(b) for b in bins]
+
+
+def blocked_mean(blocks: Iterator[np.ndarray], n: int) -> np.ndarray:
+    """Column mean (float64 sums of consecutive `STAT_ROWS`-row blocks, added in order) as float32."""
+    total = None
+    for blk in blocks:
+        s = np.ascontiguousarray(blk, dtype=np.float32).sum(axis=0, dtype=np.float64)
+        total = s if total is None else total + s
+    return (total / n).astype(np.float32)
+
+
+def augment(x: np.ndarray, mean: np.ndarray | None, metric: str, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Rows `x` (float32) into `left`/`right` (views of the tile operands, [m, D+2] for l2, [m, D+1] for cosine):
+    l2 `[x-mean, |x-mean|^2, 1]` and `[-2(x-mean), 1, |x-mean|^2]`; cosine `[x/|x|, 1]` and `[x/|x|, 0]`.
+    Returns the per-row float64 squared norms (of the centred rows, l2; of the raw rows, cosine)."""
+    d = x.shape[1]
+    xc = np.array(x, dtype=np.float32, order="C", copy=True)
+    if metric == "l2":
+        xc -= mean
+        sq = np.einsum("ij,ij->i", xc, xc, dtype=np.float64)
+        left[:, :d] = xc
+        left[:, d], left[:, d + 1] = sq, 1.0
+        np.multiply(xc, np.float32(-2.0), out=right[:, :d])
+        right[:, d], right[:, d + 1] = 1.0, sq
+        return sq
+    sq = np.einsum("ij,ij->i", xc, xc, dtype=np.float64)
+    if (sq > 0).all():
+        xc /= np.sqrt(sq)[:, None].astype(np.float32)
+    left[:, :d], right[:, :d] = xc, xc
+    left[:, d], right[:, d] = 1.0, 0.0
+    return sq
+
+
+def scale_right(right: np.ndarray, lo: float, hi: float, bins: int, d: int, metric: str) -> None:
+    """Make `left @ right.T` the bin coordinate `(value - lo) * bins / (hi - lo)` (in place)."""
+    s = bins / (hi - lo)
+    ones = d + (1 if metric == "l2" else 0)  # left's column of ones
+    right *= np.float32(s)
+    right[:, ones] -= np.float32(s * lo)
+
+
+def pair_distance(a: np.ndarray, b: np.ndarray, metric: str) -> float:
+    """Distance of two stored rows in float64: Euclidean, or 1 - cosine."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    if metric == "l2":
+        return float(np.sqrt(((a - b) ** 2).sum()))
+    return float(1.0 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def better_extreme(a: tuple, b: tuple, metric: str) -> tuple:
+    """Of two (value, tile, i, j) candidates for the extreme pair, the one a single pass in plan order keeps:
+    the larger squared distance (l2) or smaller cosine (cosine), ties to the earlier (tile, i, j)."""
+    if not np.isfinite(a[0]):
+        return b
+    if not np.isfinite(b[0]):
+        return a
+    if a[0] != b[0]:
+        return a if (a[0] > b[0]) == (metric == "l2") else b
+    return min(a, b, key=lambda c: c[1:])
+
+
+SAMPLE_COLS = 1 << 14  # columns per product of the bin-range sample
+SAMPLE_RANK = 9  # the range runs between the sample's 10th smallest and 10th largest value
+
+
+def sample_rows(n: int, seed: int, sample_pairs: int) -> np.ndarray:
+    """Sorted store rows of the bin-range sample (each is scored against every other row)."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=min(n, max(MIN_SIDE, sample_pairs // n)), replace=False))
+
+
+class SampleRange:
+    """The 10th smallest and largest value of the sample rows against every other row, fed column block by
+    column block (`add`) in any grouping: only the extremes of each block are kept."""
+
+    def __init__(self, rows: np.ndarray, n: int):
+        self.rows, self.n = rows, n
+        self.low: list[np.ndarray] = []
+        self.high: list[np.ndarray] = []
+
+    def add(self, left_rows: np.ndarray, right_cols: np.ndarray, c0: int) -> None:
+        """`left_rows`: the sample's left operands; `right_cols`: right operands of columns c0.. ."""
+        for s in range(0, len(right_cols), SAMPLE_COLS):
+            blk = right_cols[s : s + SAMPLE_COLS]
+            v = np.empty((len(left_rows), len(blk)), dtype=np.float32)
+            fixed_matmul(left_rows, blk, v)
+            own = np.flatnonzero((self.rows >= c0 + s) & (self.rows < c0 + s + len(blk)))
+            v[own, self.rows[own] - c0 - s] = np.nan  # a row with itself is no pair
+            flat = v[~np.isnan(v)]
+            k = min(SAMPLE_RANK + 1, len(flat))
+            if k:
+                self.low.append(np.partition(flat, k - 1)[:k])
+                self.high.append(np.partition(flat, len(flat) - k)[len(flat) - k :])
+
+    def extremes(self) -> tuple[float, float]:
+        total = len(self.rows) * (self.n - 1)
+        k = min(SAMPLE_RANK, (total - 1) // 2)
+        low, high = np.concatenate(self.low).astype(np.float64), np.concatenate(self.high).astype(np.float64)
+        return float(np.partition(low, k)[k]), float(np.partition(high, len(high) - 1 - k)[len(high) - 1 - k])
+
+
+def bin_range(vmin: float, vmax: float, metric: str, max_norm: float) -> tuple[float, float]:
+    """[lo, hi] of the bins: the sample's range widened by 5% each side, inside the provable range."""
+    margin = 0.05 * (vmax - vmin) or 1e-6 * max(1.0, abs(vmax))
+    if metric == "l2":
+        lo, hi = max(vmin - margin, 0.0), min(vmax + margin, 4.0 * max_norm**2 * (1 + 1e-4) + 1e-30)
+    else:
+        lo, hi = max(vmin - margin, -1.0 - 1e-4), min(vmax + margin, 1.0 + 1e-4)
+    if not hi > lo:
+        hi = lo + max(1e-6, abs(lo) * 1e-6)
+    return float(lo), float(hi)
