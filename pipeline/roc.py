@@ -16,11 +16,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    import torch
 
 METRICS = ("l2", "cosine")
 FAR_LEVELS = (1e-4, 1e-3, 1e-2)
@@ -62,6 +65,8 @@ class Binning:
 
     def histogram(self, values: torch.Tensor) -> torch.Tensor:
         """Counts per bin (float tensor, exact up to 2^24 per call for float32 input), edges clamped in."""
+        import torch  # here: out-of-core scoring and merge use this module without torch
+
         if values.numel() == 0:
             return torch.zeros(self.bins, dtype=values.dtype, device=values.device)
         mn, mx = torch.aminmax(values)
@@ -93,6 +98,8 @@ class HistogramROC:
 
     def update(self, values, positive) -> None:
         """Add scores (binned values: squared distances for l2, cosines) with their labels (True = same)."""
+        import torch
+
         v = torch.as_tensor(values)
         if not v.is_floating_point():
             v = v.double()
