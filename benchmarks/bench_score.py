@@ -126,17 +126,20 @@ def _materialise(x: np.ndarray, labels: np.ndarray, metric: str) -> tuple[np.nda
     t = torch.from_numpy(x)
     if metric == "cosine":
         t = torch.nn.functional.normalize(t, dim=1)
-    iu = torch.triu_indices(len(x), len(x), 1)
-    sims, same = [], []
     lab = torch.from_numpy(labels)
+    sims, same = [], []
+    cols = torch.arange(len(x))
     for s in range(0, len(x), 1024):
-        rows = iu[0] >= s
-        rows &= iu[0] < s + 1024
-        i, j = iu[0][rows], iu[1][rows]
         block = -torch.cdist(t[s : s + 1024], t) if metric == "l2" else t[s : s + 1024] @ t.T
-        sims.append(block[i - s, j].numpy())
-        same.append((lab[i] == lab[j]).numpy())
+        upper = cols[None, :] > torch.arange(s, s + len(block))[:, None]
+        sims.append(block[upper].numpy())
+        same.append((lab[s : s + 1024, None] == lab[None, :])[upper].numpy())
     return np.concatenate(sims), np.concatenate(same)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 # ---------------------------------------------------------------------------------------------------- methods
@@ -170,13 +173,19 @@ def run_method(method: str, path: str, n: int, d: int, device: str, bins: int, p
         part = rows * (rows - 1) // 2
         x, labels = _load(Path(path), rows)
         metric = "cosine" if "cosine" in method else "l2"
+        base = _rss_mb()
         t0 = time.perf_counter()
         row["auc"], row["n_positive"] = PEERS[method.replace(" (cosine)", "")](x, labels, metric)
         row["seconds"] = (time.perf_counter() - t0) * n_pairs / part
+        row["peak_mb"] = _peak_mb()
         if part < n_pairs:
             row["extrapolated_from"] = part
             row["auc"] = float("nan")
             row["note"] = f"~ from {part:.3g} pairs"
+            if method.startswith(("scikit", "study")):  # memory grows with the pairs
+                row["peak_mb"] = base + (row["peak_mb"] - base) * n_pairs / part
+                row["note"] += ", memory too"
+        return row
     row["peak_mb"] = _peak_mb()
     return row
 
