@@ -103,18 +103,92 @@ def embed(**options) -> None:
               help="For report's table (default: guessed from the store's weights).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample that sets the bin range.")
 @click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bar.")
-def score(store: Path, mode: str | None, **options) -> None:
+@click.option("--rows", default=None, metavar="A:B",
+              help="Only the pairs i < j with A <= i < B, read from the store in blocks (out of core, no torch); "
+                   "add the parts with `merge`. Needs a store sorted by label.")
+def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
     """Score pairs of an embedding store: ROC, AUC, EER, TAR@FAR, accuracy into a results folder."""
+    if mode is None:
+        raise click.UsageError("choose --all-pairs or --pairs")
+    if rows is not None or (mode == "all-pairs" and _larger_than_memory(store, options)):
+        _score_rows(store, mode, rows, options)
+        return
     from pipeline.score import ScoreConfig
     from pipeline.score import score as run_score
 
-    if mode is None:
-        raise click.UsageError("choose --all-pairs or --pairs")
     m = run_score(ScoreConfig(store=store, all_pairs=mode == "all-pairs", **options))
     click.echo(
         f"AUC {m['auc']:.6f} (binning bound {m['auc_error_bound']:.1e}) over {m['n_pairs']} pairs "
         f"({m['n_positive']} same), EER {m['eer']:.4f}, {m['seconds']:.3f} s -> {options['out']}"
     )
+
+
+def _larger_than_memory(store: Path, options: dict) -> bool:
+    """True when the rows `score` would hold (2 x N x (D+2) float32) exceed half the free memory: such stores
+    are scored block by block (the --rows path over every row), unless a device, --exact, --rank1 or --backend
+    faiss asks for the in-memory engine."""
+    import os
+
+    import h5py
+
+    if options["exact"] or options["rank1"] or options["backend"] != "torch" or options["device"] == "cuda":
+        return False
+    try:
+        with h5py.File(store, "r") as f:
+            n, d = f["embeddings"].shape
+    except (OSError, KeyError, ValueError):
+        return False  # score reports what is wrong with the store
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return 8 * n * (d + 2) > free / 2
+
+
+def _score_rows(store: Path, mode: str, rows: str | None, options: dict) -> None:
+    from pipeline.rows import RowsConfig, parse_rows, score_rows
+
+    if mode != "all-pairs":
+        raise click.UsageError("--rows goes with --all-pairs")
+    for flag in ("exact", "rank1"):
+        if options[flag]:
+            raise click.UsageError(f"--{flag} needs the whole store in memory: drop --rows")
+    try:
+        span = None if rows is None else parse_rows(rows)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--rows") from None
+    keep = ("out", "metric", "bins", "block", "seed", "overwrite", "progress", "label", "variant", "log_fpr")
+    info = score_rows(RowsConfig(store=store, rows=span, **{k: options[k] for k in keep}))
+    done = f"{info['n_pairs']} pairs ({info['n_positive']} same), {info['seconds']:.3f} s -> {options['out']}"
+    metrics = Path(options["out"]) / "metrics.json" if options["out"] else None
+    if metrics is not None and metrics.is_file():
+        import json
+
+        m = json.loads(metrics.read_text())
+        click.echo(f"AUC {m['auc']:.6f} (binning bound {m['auc_error_bound']:.1e}) over {done}")
+    else:
+        click.echo(f"rows {info['rows'][0]}:{info['rows'][1]}: {done}")
+
+
+@main.command()
+@click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The merged results folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing results folder.")
+@click.option("--log-fpr", is_flag=True, help="Logarithmic false-positive-rate axis in roc.png.")
+def merge(parts: tuple[Path, ...], out: Path, overwrite: bool, log_fpr: bool) -> None:
+    """Add `score --all-pairs --rows A:B` parts (job arrays) into one result; the full results folder when they
+    cover every row."""
+    import json
+
+    from pipeline.merge import MergeConfig
+    from pipeline.merge import merge as run_merge
+
+    info = run_merge(MergeConfig(parts=parts, out=out, overwrite=overwrite, log_fpr=log_fpr))
+    if info["complete"]:
+        m = json.loads((out / "metrics.json").read_text())
+        click.echo(
+            f"AUC {m['auc']:.6f} (binning bound {m['auc_error_bound']:.1e}) over {m['n_pairs']} pairs "
+            f"({m['n_positive']} same) from {info['parts']} parts -> {out}"
+        )
+    else:
+        click.echo(f"rows {info['ranges']} of {info['store_n']}: {info['n_pairs']} pairs (partial) -> {out}")
 
 
 @main.command()

@@ -1,0 +1,78 @@
+"""`merge`: add the histograms of `score --all-pairs --rows A:B` parts (job arrays, no torchrun) into one
+result. Parts must come from the same store with the same metric, bins, bin range, tile side and sample seed,
+and their row ranges must not overlap; when they cover every row the full results folder is written
+(metrics.json, roc.csv, roc.png, histogram.npz), otherwise a part folder that can be merged further."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.roc import HistogramROC
+from pipeline.rows import PART_FILE, _ranges_of, covered, write_part
+
+log = logging.getLogger(__name__)
+
+SAME = ("store_n", "store_dim", "store_size", "metric", "bins", "bin_lo", "bin_hi", "block", "leaf", "seed",
+        "sample_pairs")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Which part folders to add up, and where the result goes."""
+
+    parts: tuple[Path, ...]
+    """Folders written by `score --all-pairs --rows A:B --out DIR` (or by an earlier merge)."""
+    out: Path
+    """The merged folder: full results when the parts cover every row, else a part folder."""
+    overwrite: bool = False
+    """Replace an existing folder."""
+    log_fpr: bool = False
+    """Logarithmic false-positive-rate axis in roc.png."""
+
+    def __post_init__(self):
+        if not self.parts:
+            raise ValueError("merge needs at least one part folder")
+
+
+def load_part(folder: Path) -> tuple[dict, HistogramROC]:
+    info_path = Path(folder) / PART_FILE
+    if not info_path.is_file():
+        raise PipelineError(f"{folder} is no --rows part: it has no {PART_FILE} (write parts with score --rows A:B)")
+    info = json.loads(info_path.read_text())
+    acc = HistogramROC.load(Path(folder) / "histogram.npz")
+    return info, acc
+
+
+def merge(cfg: MergeConfig) -> dict:
+    """Check and add the parts; write `cfg.out`; return the merged part.json dict."""
+    if Path(cfg.out).exists() and not cfg.overwrite:
+        raise PipelineError(f"results folder {cfg.out} exists; pass --overwrite to replace it")
+    loaded = [load_part(p) for p in cfg.parts]
+    first, acc = loaded[0][0], None
+    for folder, (info, part) in zip(cfg.parts, loaded, strict=True):
+        differ = [f"{k} {info.get(k)!r} vs {first.get(k)!r}" for k in SAME if info.get(k) != first.get(k)]
+        if differ:
+            raise PipelineError(
+                f"cannot merge {folder} with {cfg.parts[0]}: {'; '.join(differ)}. Score every part of one store "
+                f"with the same --metric, --bins, --block and --seed."
+            )
+        if info["store"] != first["store"]:
+            log.warning("%s scored %s, %s scored %s (same size: merging)", folder, info["store"], cfg.parts[0],
+                        first["store"])  # fmt: skip
+        acc = part if acc is None else acc.merge(part)
+    ranges = sorted(r for info, _ in loaded for r in _ranges_of(info))
+    for (a0, b0), (a1, b1) in zip(ranges, ranges[1:], strict=False):
+        if a1 < b0:
+            raise PipelineError(f"parts overlap: rows {a0}:{b0} and {a1}:{b1} (their pairs would count twice)")
+    infos = [info for info, _ in loaded]
+    write_part(Path(cfg.out), infos, acc, cfg.overwrite, log_fpr=cfg.log_fpr)
+    merged = json.loads((Path(cfg.out) / PART_FILE).read_text())
+    merged["complete"] = covered(infos) == [[0, first["store_n"]]]
+    return merged
+
+
+__all__ = ["MergeConfig", "merge", "load_part"]

@@ -1,0 +1,478 @@
+"""Out-of-core all-pairs scoring of a row range (`score --all-pairs --rows A:B`), without torch.
+
+Scores the pairs i < j whose smaller index i lies in [A, B) (store order), reading the store in row blocks,
+so a store larger than memory scores in bounded memory. The parts of any split of [0, N) add up, by
+`cli.py merge`, to the whole run bit for bit: the same tile plan, bins, row transforms and products as
+`pipeline.score` (see `pipeline.blockmath`), and the same bins in every part (the bin-range sample is drawn
+from the whole store with the same seed).
+
+The store must be sorted by label (as `embed` writes it), so that store order is the order `score` uses.
+
+Memory (bytes, N rows of dimension D, tile side T = --block, bins K = --bins):
+    24 N                      labels and identity-group bounds
+  + 16 T (D + 2) x 2          two cached row blocks (left and right operands)
+  + 12 T^2                    one tile of products, its inner-dimension scratch (D > 254) and int32 bins
+  + 24 K                      the two histograms and a bincount
+  + the Python/NumPy/h5py runtime (about 60 MB; torch is not imported).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.blockmath import (
+    GEMM_K,
+    LEAF,
+    MIN_SIDE,
+    STAT_ROWS,
+    SampleRange,
+    Tile,
+    augment,
+    better_extreme,
+    bin_range,
+    blocked_mean,
+    fixed_matmul,
+    pair_distance,
+    sample_rows,
+    scale_right,
+    tile_plan,
+)
+from pipeline.errors import PipelineError
+from pipeline.roc import Binning, HistogramROC, check_defined
+from pipeline.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+PART_FILE = "part.json"
+
+
+def parse_rows(text: str) -> tuple[int, int]:
+    """'A:B' -> (A, B) with 0 <= A < B (B is checked against the store later)."""
+    a, sep, b = str(text).partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        start, stop = int(a), int(b)
+    except ValueError:
+        raise ValueError(f"--rows must be A:B (two integers, e.g. 0:2000), not {text!r}") from None
+    if start < 0 or stop <= start:
+        raise ValueError(f"--rows {text}: need 0 <= A < B")
+    return start, stop
+
+
+@dataclass(frozen=True)
+class RowsConfig:
+    """Configuration of out-of-core scoring of the pairs whose smaller row index lies in `rows`."""
+
+    store: Path
+    """The HDF5 embedding store (/embeddings, /labels sorted by label)."""
+    rows: tuple[int, int] | None = None
+    """[A, B): score the pairs i < j with A <= i < B; None: every pair."""
+    out: Path | None = None
+    """Part folder: part.json and histogram.npz (plus the full results when the part covers every row)."""
+    metric: str = "l2"
+    """l2 or cosine, as `score`."""
+    bins: int = 1 << 18
+    """Histogram bins (every part of one merge needs the same)."""
+    block: int = 4096
+    """Rows per tile side (every part of one merge needs the same)."""
+    seed: int = 0
+    """Seed of the bin-range sample (every part of one merge needs the same)."""
+    sample_pairs: int = 1 << 18
+    """About this many pairs set the bin range."""
+    overwrite: bool = False
+    """Replace an existing folder."""
+    progress: bool = True
+    """Show a progress bar."""
+    label: str | None = None
+    """Name of the result in legends and tables."""
+    variant: str | None = None
+    """pretrained or finetuned (default: guessed from the store's weights attribute)."""
+    log_fpr: bool = False
+    """Logarithmic false-positive-rate axis in roc.png (complete results)."""
+
+    def __post_init__(self):
+        if self.metric not in ("l2", "cosine"):
+            raise ValueError(f"--metric must be l2 or cosine, not {self.metric!r}")
+        if not 2 <= self.bins <= 1 << 24:
+            raise ValueError(f"--bins must be between 2 and {1 << 24}, not {self.bins}")
+        if not 1 <= self.block <= 4096:
+            raise ValueError(f"--block must be between 1 and 4096, not {self.block}")
+        if self.rows is not None and not 0 <= self.rows[0] < self.rows[1]:
+            raise ValueError(f"--rows must satisfy 0 <= A < B, not {self.rows}")
+        if self.variant not in (None, "pretrained", "finetuned"):
+            raise ValueError(f"variant must be pretrained or finetuned, not {self.variant!r}")
+
+
+class BlockRows:
+    """Transformed row blocks `[k*T, (k+1)*T)` read from the store on demand (the last two kept)."""
+
+    def __init__(self, store: Store, mean: np.ndarray | None, metric: str, binning: Binning | None, side: int):
+        self.store, self.mean, self.metric, self.binning, self.side = store, mean, metric, binning, side
+        self.width = store.dim + (2 if metric == "l2" else 1)
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def rows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(left, right) of rows [a, b), transformed as `pipeline.score.prepare` does, scaled to bins when a
+        binning is set."""
+        left = np.empty((b - a, self.width), dtype=np.float32)
+        right = np.empty_like(left)
+        for s in range(a, b, STAT_ROWS):  # STAT_ROWS-aligned pieces, as prepare transforms them
+            e = min(b, (s // STAT_ROWS + 1) * STAT_ROWS)
+            augment(self.store.rows(s, e), self.mean, self.metric, left[s - a : e - a], right[s - a : e - a])
+        if self.binning is not None:
+            b_ = self.binning
+            scale_right(right, b_.lo, b_.hi, b_.bins, self.store.dim, self.metric)
+        return left, right
+
+    def block(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k not in self.cache:
+            if len(self.cache) >= 2:
+                self.cache.pop(min(self.cache))
+            self.cache[k] = self.rows(k * self.side, min((k + 1) * self.side, self.store.n))
+        return self.cache[k]
+
+
+def row_stats(store: Store, metric: str) -> tuple[np.ndarray | None, float]:
+    """(centring mean or None, largest centred norm) by streaming the store; NaN/inf or (cosine) zero rows are
+    an error naming them."""
+    n = store.n
+    bad: list[int] = []
+
+    def blocks():
+        for s in range(0, n, STAT_ROWS):
+            blk = store.rows(s, min(s + STAT_ROWS, n))
+            ok = np.isfinite(blk).all(axis=1)
+            if not ok.all():
+                bad.extend((np.flatnonzero(~ok) + s).tolist())
+            yield blk
+
+    mean = blocked_mean(blocks(), n) if metric == "l2" else None
+    if metric == "cosine":
+        for _ in blocks():
+            pass
+    if bad:
+        raise PipelineError(
+            f"{store.path}: {len(bad)} rows hold NaN or infinite values: rows {bad[:10]}"
+            f"{' ...' if len(bad) > 10 else ''}. Re-embed those images (check the weights) or drop them."
+        )
+    reader = BlockRows(store, mean, metric, None, STAT_ROWS)
+    top, zero = 0.0, []
+    for s in range(0, n, STAT_ROWS):
+        e = min(s + STAT_ROWS, n)
+        left = np.empty((e - s, reader.width), dtype=np.float32)
+        sq = augment(store.rows(s, e), mean, metric, left, np.empty_like(left))
+        top = max(top, float(sq.max()))
+        zero.extend((np.flatnonzero(sq == 0) + s).tolist())
+    if metric == "cosine" and zero:
+        raise PipelineError(
+            f"{store.path}: {len(zero)} rows are all zeros (rows {zero[:10]}): their cosine is undefined. "
+            f"Use --metric l2."
+        )
+    return mean, math.sqrt(top) if metric == "l2" else 1.0
+
+
+def stream_binning(store: Store, mean, metric: str, max_norm: float, cfg: RowsConfig) -> Binning:
+    """`pipeline.score.choose_binning` over streamed column blocks (the same sample, products and range)."""
+    rows = sample_rows(store.n, cfg.seed, cfg.sample_pairs)
+    reader = BlockRows(store, mean, metric, None, STAT_ROWS)
+    sample_left = np.empty((len(rows), reader.width), dtype=np.float32)
+    augment(store.embeddings[rows].astype(np.float32), mean, metric, sample_left, np.empty_like(sample_left))
+    rng = SampleRange(rows, store.n)
+    for s in range(0, store.n, STAT_ROWS):
+        _, right = reader.rows(s, min(s + STAT_ROWS, store.n))
+        rng.add(sample_left, right, s)
+    vmin, vmax = rng.extremes()
+    lo, hi = bin_range(vmin, vmax, metric, max_norm)
+    return Binning(lo, hi, cfg.bins, metric)
+
+
+@dataclass
+class PartResult:
+    acc: HistogramROC
+    n_pairs: int
+    extreme: tuple  # (value, tile, i, j)
+    seconds: float
+
+
+def score_part(store: Store, cfg: RowsConfig, binning: Binning, mean, rows: tuple[int, int]) -> PartResult:
+    """Count the pairs i < j with i in `rows` into a HistogramROC (store order = sorted order)."""
+    t0 = time.perf_counter()
+    n, A, B = store.n, rows[0], rows[1]
+    labels = store.labels
+    cuts = np.flatnonzero(np.diff(labels)) + 1
+    starts, ends = np.r_[0, cuts], np.r_[cuts, n]
+    gid = np.repeat(np.arange(len(starts)), ends - starts)
+    gs, ge = starts[gid], ends[gid]
+    del gid
+    plan = tile_plan(n, cfg.block, LEAF)
+    mine = [k for k, t in enumerate(plan) if t.r0 < B and t.r1 > A and t.n_pairs]
+    side = min(cfg.block, n)
+    reader = BlockRows(store, mean, cfg.metric, binning, side)
+    size = max((_rows_multiplied(plan[k], A, B) * (plan[k].c1 - plan[k].c0) for k in mine), default=1)
+    buf = np.empty(size, dtype=np.float32)
+    tmp = np.empty(size, dtype=np.float32) if reader.width > GEMM_K else None
+    ibuf = np.empty(size, dtype=np.int32)
+    all_c, pos_c = np.zeros(cfg.bins, dtype=np.int64), np.zeros(cfg.bins, dtype=np.int64)
+    top = np.float32(cfg.bins - 1)
+    find_max = cfg.metric == "l2"
+    best: tuple = (float("nan"), -1, -1, -1)
+    n_pairs = 0
+    total = sum(_clipped_pairs(plan[k], A, B) for k in mine)
+    with tqdm(total=total, unit="pair", unit_scale=True, disable=not cfg.progress, mininterval=1.0) as bar:
+        for k in mine:
+            t = plan[k]
+            a, b = max(t.r0, A), min(t.r1, B)
+            a2, b2 = _multiplied(t, a, b)
+            kr, kc = t.r0 // side, t.c0 // side
+            left = reader.block(kr)[0][a2 - kr * side : b2 - kr * side]
+            right = reader.block(kc)[1][t.c0 - kc * side : t.c1 - kc * side]
+            m, w = b2 - a2, t.c1 - t.c0
+            u = buf[: m * w].reshape(m, w)
+            fixed_matmul(left, right, u, None if tmp is None else tmp[: m * w].reshape(m, w))
+            # the part's pairs: rows [a, b), and columns j > i on the diagonal (flat indices into u)
+            ri = np.arange(a, b)
+            if t.diagonal:
+                lo_c = np.maximum(ri + 1, t.c0)
+                flat = _ranges(ri - a2, lo_c - t.c0, np.full(len(ri), w), w)
+                vals = u.reshape(-1)[flat]
+            else:
+                vals = u[a - a2 : b - a2].reshape(-1)
+                flat = None
+            if vals.size:
+                j = int(vals.argmax() if find_max else vals.argmin())
+                if flat is None:
+                    pi, pj = a + j // w, t.c0 + j % w
+                else:
+                    pi, pj = a2 + int(flat[j]) // w, t.c0 + int(flat[j]) % w
+                best = better_extreme(best, (float(vals[j]), k, pi, pj), cfg.metric)
+                np.clip(vals, 0, top, out=vals)
+                iv = ibuf[: vals.size]
+                np.copyto(iv, vals.reshape(-1), casting="unsafe")
+                all_c += np.bincount(iv, minlength=cfg.bins)
+                if flat is not None:
+                    u.reshape(-1)[flat] = vals  # clipped values back, for the same-person slice
+            # same-person pairs: label groups are contiguous (sorted store)
+            c_lo = np.maximum(gs[a:b], t.c0)
+            if t.diagonal:
+                c_lo = np.maximum(c_lo, ri + 1)
+            c_hi = np.minimum(ge[a:b], t.c1)
+            if (c_hi > c_lo).any():
+                pf = _ranges(ri - a2, c_lo - t.c0, c_hi - t.c0, w)
+                pv = np.clip(u.reshape(-1)[pf], 0, top)
+                pos_c += np.bincount(pv.astype(np.int32), minlength=cfg.bins)
+            n_pairs += vals.size
+            bar.update(vals.size)
+    acc = HistogramROC(binning)
+    acc.add_counts(all_c, pos_c)
+    return PartResult(acc, n_pairs, best, time.perf_counter() - t0)
+
+
+def _multiplied(t: Tile, a: int, b: int) -> tuple[int, int]:
+    """Rows of tile `t` actually multiplied for its rows [a, b): never fewer than MIN_SIDE unless the tile has
+    fewer (BLAS computes tiny products with other kernels, whose sums may differ in the last bit)."""
+    if (a, b) == (t.r0, t.r1) or b - a >= MIN_SIDE:
+        return a, b
+    a2 = max(t.r0, b - MIN_SIDE)
+    return a2, min(t.r1, a2 + MIN_SIDE)
+
+
+def _rows_multiplied(t: Tile, a: int, b: int) -> int:
+    a2, b2 = _multiplied(t, max(t.r0, a), min(t.r1, b))
+    return b2 - a2
+
+
+def _clipped_pairs(t: Tile, a: int, b: int) -> int:
+    a, b = max(t.r0, a), min(t.r1, b)
+    if not t.diagonal:
+        return (b - a) * (t.c1 - t.c0)
+    return sum(t.c1 - i - 1 for i in range(a, b))
+
+
+def _ranges(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, width: int) -> np.ndarray:
+    """Flat indices `r * width + c` for c in [lo_r, hi_r) of each row r, row by row."""
+    lens = np.maximum(hi - lo, 0)
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    first = np.repeat(rows.astype(np.int64) * width + lo - np.cumsum(lens) + lens, lens)
+    return first + np.arange(total, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------- stage
+
+
+def check_sorted(store: Store) -> None:
+    if (np.diff(store.labels) < 0).any():
+        raise PipelineError(
+            f"{store.path}: --rows and out-of-core scoring need a store sorted by label (stores of `embed` are); "
+            f"this one is not: score it whole, or rewrite it sorted by /labels"
+        )
+
+
+def part_info(store: Store, cfg: RowsConfig, binning: Binning, rows: tuple[int, int], res: PartResult) -> dict:
+    """What `merge` checks and adds: the part's place, bins, settings and store identity."""
+    value, tile, i, j = res.extreme
+    attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in store.attrs.items()}
+    attrs = {k: (v.decode(errors="replace") if isinstance(v, bytes) else v) for k, v in attrs.items()}
+    attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in attrs.items()}
+    return {
+        "rows": list(rows),
+        "store": str(Path(cfg.store).resolve()),
+        "store_n": store.n,
+        "store_dim": store.dim,
+        "store_size": os.path.getsize(cfg.store),
+        "metric": cfg.metric,
+        "bins": cfg.bins,
+        "bin_lo": binning.lo,
+        "bin_hi": binning.hi,
+        "block": cfg.block,
+        "leaf": LEAF,
+        "seed": cfg.seed,
+        "sample_pairs": cfg.sample_pairs,
+        "n_pairs": res.n_pairs,
+        "n_positive": res.acc.n_positive,
+        "extreme": [value, tile, i, j],
+        "max_distance": res.acc.max_distance,
+        "seconds": res.seconds,
+        "label": cfg.label,
+        "variant": cfg.variant,
+        "provenance": attrs,
+    }
+
+
+def score_rows(cfg: RowsConfig) -> dict:
+    """Score the pairs of `cfg.rows` out of core; write the part folder; return its part.json dict (with the
+    full metrics under "metrics" when the part covers every row)."""
+    if cfg.out is not None and Path(cfg.out).exists() and not cfg.overwrite:
+        raise PipelineError(f"results folder {cfg.out} exists; pass --overwrite to replace it")
+    with open_store(cfg.store, need_labels=True) as store:
+        n = store.n
+        if n < 2:
+            raise PipelineError(f"{store.path} has {n} row(s): scoring needs at least two")
+        rows = cfg.rows or (0, n)
+        if rows[1] > n:
+            raise PipelineError(f"--rows {rows[0]}:{rows[1]}: the store has {n} rows (B must be at most {n})")
+        check_sorted(store)
+        t0 = time.perf_counter()
+        mean, max_norm = row_stats(store, cfg.metric)
+        binning = stream_binning(store, mean, cfg.metric, max_norm, cfg)
+        res = score_part(store, cfg, binning, mean, rows)
+        i, j = res.extreme[2], res.extreme[3]
+        if i >= 0:
+            res.acc.max_distance = pair_distance(store.rows(i, i + 1)[0], store.rows(j, j + 1)[0], cfg.metric)
+        res.seconds = time.perf_counter() - t0
+        info = part_info(store, cfg, binning, rows, res)
+    log.info("rows %d:%d: %d pairs (%d same) in %.1f s", rows[0], rows[1], res.n_pairs, info["n_positive"],
+             res.seconds)  # fmt: skip
+    if cfg.out is not None:
+        write_part(Path(cfg.out), [info], res.acc, cfg.overwrite, log_fpr=cfg.log_fpr)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------- folders
+
+
+def covered(parts: list[dict]) -> list[list[int]]:
+    """The union of the parts' row ranges as sorted disjoint [A, B) ranges."""
+    out: list[list[int]] = []
+    for a, b in sorted(r for p in parts for r in _ranges_of(p)):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _ranges_of(p: dict) -> list[list[int]]:
+    return p["ranges"] if "ranges" in p else [p["rows"]]
+
+
+def write_part(out: Path, parts: list[dict], acc: HistogramROC, overwrite: bool, log_fpr: bool = False) -> None:
+    """A part folder (part.json, histogram.npz); the full results folder (metrics.json, roc.csv, roc.png as
+    `score` writes them, plus part.json) when the parts cover every row of the store."""
+    first = parts[0]
+    ranges = covered(parts)
+    extreme = (float("nan"), -1, -1, -1)
+    for p in parts:
+        extreme = better_extreme(extreme, tuple(p["extreme"]), first["metric"])
+    info = {k: v for k, v in first.items() if k not in ("rows", "extreme", "n_pairs", "n_positive", "seconds")}
+    max_d = next((p["max_distance"] for p in parts if list(p["extreme"]) == list(extreme)), acc.max_distance)
+    info.update(
+        ranges=ranges,
+        parts=sum(p.get("parts", 1) for p in parts),
+        n_pairs=sum(p["n_pairs"] for p in parts),
+        n_positive=acc.n_positive,
+        extreme=list(extreme),
+        max_distance=max_d,
+        seconds=sum(p["seconds"] for p in parts),
+    )
+    acc.max_distance = max_d
+    complete = ranges == [[0, first["store_n"]]]
+    if complete:
+        from pipeline.report import write_results
+
+        n = first["store_n"]
+        if info["n_pairs"] != n * (n - 1) // 2:
+            raise RuntimeError(f"internal error: the parts hold {info['n_pairs']} pairs of {n * (n - 1) // 2}")
+        check_defined(acc.n_positive, acc.n_negative)
+        metrics = full_metrics(info, acc)
+        roc = metrics.pop("roc")
+        write_results(out, metrics, roc, acc, log_fpr=log_fpr, overwrite=overwrite)
+        (out / PART_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        return
+    if out.exists() and not overwrite:
+        raise PipelineError(f"results folder {out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    (tmp / PART_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    acc.save(tmp / "histogram.npz")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def full_metrics(info: dict, acc: HistogramROC) -> dict:
+    """metrics.json of a complete result, with the keys `score` writes."""
+    metrics = acc.compute()
+    attrs = info.get("provenance", {})
+    weights = str(attrs.get("weights", ""))
+    seconds = info["seconds"]
+    metrics.update(
+        metric=info["metric"],
+        bins=info["bins"],
+        device="cpu",
+        seconds=seconds,
+        pairs_per_second=metrics["n_pairs"] / seconds if seconds > 0 else float("inf"),
+        mode="all-pairs",
+        backend="numpy-out-of-core",
+        max_distance_pair=info["extreme"][2:],
+        bin_lo=info["bin_lo"],
+        bin_hi=info["bin_hi"],
+        world_size=1,
+        parts=info["parts"],
+        model=attrs.get("model", ""),
+        protocol=attrs.get("protocol", ""),
+        image_set=attrs.get("image_set", ""),
+        layer=attrs.get("layer", ""),
+        weights=weights,
+        variant=info.get("variant") or ("finetuned" if "finetune" in weights.lower() else "pretrained"),
+        label=info.get("label") or f"{attrs.get('model', Path(info['store']).stem)}",
+        store=info["store"],
+        provenance=attrs,
+    )
+    return metrics
+
+
+__all__ = ["RowsConfig", "parse_rows", "score_rows", "write_part", "covered", "PART_FILE"]
