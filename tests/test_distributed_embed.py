@@ -3,8 +3,6 @@ fails the run with its message and leaves no store at the output path."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -14,13 +12,7 @@ import pytest
 from pipeline import data
 from pipeline.distributed import split_range
 from pipeline.embed import EmbedConfig, embed
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "cli.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+from tests.torchrun import torchrun
 
 
 def embed_args(root: Path, out: Path, *extra: str) -> list[str]:
