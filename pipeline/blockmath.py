@@ -189,8 +189,8 @@ class SampleRange:
             flat = v[~np.isnan(v)]
             k = min(SAMPLE_RANK + 1, len(flat))
             if k:
-                self.low.append(np.partition(flat, k - 1)[:k])
-                self.high.append(np.partition(flat, len(flat) - k)[len(flat) - k :])
+                self.low.append(np.partition(flat, k - 1)[:k].copy())  # copies: no view keeps the block alive
+                self.high.append(np.partition(flat, len(flat) - k)[len(flat) - k :].copy())
 
     def extremes(self) -> tuple[float, float]:
         total = len(self.rows) * (self.n - 1)
