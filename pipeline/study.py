@@ -130,17 +130,31 @@ def _embed(cfg: RunConfig, weights: str, layer: str, protocol: str, out: Path) -
     return path, True
 
 
+def _previous_seconds(summary: Path) -> dict[str, float]:
+    """Step times of an earlier run into the same folder (kept for the steps this run reuses)."""
+    try:
+        return dict(json.loads(summary.read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _mtime(path: Path) -> int | None:
+    return Path(path).stat().st_mtime_ns if Path(path).exists() else None
+
+
 def _score(
     store: Path, out: Path, all_pairs: bool, metric: str, variant: str, label: str, fresh: bool, device: str
-) -> dict:
+) -> tuple[dict, bool]:
+    """Score a store unless its results folder exists for the same store and metric; (metrics, scored)."""
     if (out / "metrics.json").is_file() and not fresh:
         metrics = json.loads((out / "metrics.json").read_text())
         if metrics.get("metric") == metric:
             log.info("reusing %s", out)
-            return metrics
-    return score_store(
+            return metrics, False
+    metrics = score_store(
         store, out, all_pairs=all_pairs, metric=metric, variant=variant, label=label, overwrite=True, device=device
     )
+    return metrics, True
 
 
 def run(cfg: RunConfig) -> dict:
@@ -150,16 +164,17 @@ def run(cfg: RunConfig) -> dict:
     ft_cfg = cfg.finetune_config()
     layer = ft_cfg.layer
     metric = "l2" if layer == "output" else "cosine"
-    seconds: dict[str, float] = {}
+    seconds = _previous_seconds(out / "summary.json") if not cfg.overwrite else {}
     results: dict[str, dict[str, dict]] = {p: {} for p in PROTOCOLS}
 
     def stage(name: str, weights: str, variant: str) -> None:
         for protocol, all_pairs in PROTOCOLS.items():
             t0 = time.perf_counter()
             store, fresh = _embed(cfg, weights, layer, protocol, out / "embeddings" / f"{variant}-{protocol}.h5")
-            seconds[f"embed {variant} {protocol}"] = round(time.perf_counter() - t0, 1)
+            if fresh:
+                seconds[f"embed {variant} {protocol}"] = round(time.perf_counter() - t0, 1)
             t0 = time.perf_counter()
-            results[protocol][variant] = _score(
+            results[protocol][variant], scored = _score(
                 store,
                 out / "results" / f"{variant}-{protocol}",
                 all_pairs,
@@ -169,12 +184,14 @@ def run(cfg: RunConfig) -> dict:
                 fresh,
                 cfg.device,
             )
-            seconds[f"score {variant} {protocol}"] = round(time.perf_counter() - t0, 1)
+            if scored:
+                seconds[f"score {variant} {protocol}"] = round(time.perf_counter() - t0, 1)
 
     stage("pretrained", cfg.weights, "pretrained")
-    t0 = time.perf_counter()
+    t0, before = time.perf_counter(), _mtime(ft_cfg.out)
     checkpoint = finetune(ft_cfg)
-    seconds["finetune"] = round(time.perf_counter() - t0, 1)
+    if _mtime(checkpoint) != before:
+        seconds["finetune"] = round(time.perf_counter() - t0, 1)
     stage(f"fine-tuned ({cfg.recipe})", str(checkpoint), "finetuned")
 
     folders = {p: [out / "results" / f"{v}-{p}" for v in ("pretrained", "finetuned")] for p in PROTOCOLS}
