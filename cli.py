@@ -4,6 +4,7 @@ stage's config and calls the stage; library code does the work."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -117,6 +118,8 @@ def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
     from pipeline.score import score as run_score
 
     m = run_score(ScoreConfig(store=store, all_pairs=mode == "all-pairs", **options))
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return
     click.echo(
         f"AUC {m['auc']:.6f} (binning bound {m['auc_error_bound']:.1e}) over {m['n_pairs']} pairs "
         f"({m['n_positive']} same), EER {m['eer']:.4f}, {m['seconds']:.3f} s -> {options['out']}"
@@ -127,8 +130,6 @@ def _larger_than_memory(store: Path, options: dict) -> bool:
     """True when the rows `score` would hold (2 x N x (D+2) float32) exceed half the free memory: such stores
     are scored block by block (the --rows path over every row), unless a device, --exact, --rank1 or --backend
     faiss asks for the in-memory engine."""
-    import os
-
     import h5py
 
     if options["exact"] or options["rank1"] or options["backend"] != "torch" or options["device"] == "cuda":
