@@ -25,7 +25,9 @@ class StudyLoss(nn.Module):
         return dist / (self.running_max + self.eps)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, different: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy(self.dissimilarity(a, b), different.float())
+        # binary cross entropy is refused under CUDA autocast: compute it (and the distances) in float32
+        with torch.autocast(a.device.type, enabled=False):
+            return F.binary_cross_entropy(self.dissimilarity(a, b), different.float())
 
 
 class CosFaceLoss(nn.Module):
