@@ -21,6 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+try:  # SciPy's sgemm takes beta (accumulate into the output); NumPy's matmul does not
+    from scipy.linalg.blas import sgemm as _sgemm
+except ImportError:  # pragma: no cover
+    _sgemm = None
+
 GEMM_K = 256  # inner dimensions up to this are multiplied identically with 1 or many threads (OpenBLAS: 500 is not)
 MIN_SIDE = 64  # no product with fewer rows than this unless the tile itself is that small
 STAT_ROWS = 1 << 14  # rows per block of the centring mean
@@ -35,6 +40,14 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, tmp: np.ndarray 
     if chunks <= 1:
         return np.matmul(a, b.T, out=out)
     cuts = [k * i // chunks for i in range(chunks + 1)]
+    if _sgemm is not None and out.flags.c_contiguous and out.dtype == np.float32:
+        # BLAS accumulates each chunk into `out` itself (beta = 1): the same sums as the adds below, less traffic
+        ct = out.T  # Fortran-ordered view: out^T = b a^T
+        for i, (k0, k1) in enumerate(zip(cuts, cuts[1:], strict=False)):
+            r = _sgemm(1.0, b[:, k0:k1].T, a[:, k0:k1].T, beta=0.0 if i == 0 else 1.0, c=ct, trans_a=1, overwrite_c=1)
+            if not np.shares_memory(r, ct):  # pragma: no cover (SciPy copied `c`)
+                ct[...] = r
+        return out
     np.matmul(a[:, cuts[0] : cuts[1]], b[:, cuts[0] : cuts[1]].T, out=out)
     scratch = np.empty_like(out) if tmp is None else tmp
     for k0, k1 in zip(cuts[1:-1], cuts[2:], strict=True):
