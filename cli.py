@@ -148,6 +148,8 @@ def _score_rows(store: Path, mode: str, rows: str | None, options: dict) -> None
 
     if mode != "all-pairs":
         raise click.UsageError("--rows goes with --all-pairs")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise click.UsageError("--rows splits the work by hand (job arrays): run it without torchrun")
     for flag in ("exact", "rank1"):
         if options[flag]:
             raise click.UsageError(f"--{flag} needs the whole store in memory: drop --rows")

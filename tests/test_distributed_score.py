@@ -159,3 +159,15 @@ def test_rows_errors_are_clear(tmp_path):
     unsorted, _, _ = random_store(tmp_path / "u.h5", 50, 4, seed=7)
     res = cli("score", unsorted, "--all-pairs", "--rows", "0:5", "--out", tmp_path / "o")
     assert res.exit_code != 0 and "sorted by label" in res.output
+
+
+def test_store_larger_than_memory_is_scored_out_of_core(tmp_path, monkeypatch):
+    import cli as cli_module
+
+    store = sorted_store(tmp_path / "s.h5", 400, 12, seed=8)
+    assert cli("score", store, "--all-pairs", "--no-progress", "--out", tmp_path / "mem").exit_code == 0
+    monkeypatch.setattr(cli_module, "_larger_than_memory", lambda store, options: True)
+    res = cli("score", store, "--all-pairs", "--no-progress", "--out", tmp_path / "ooc")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ooc" / "part.json").is_file()
+    same_results(tmp_path / "mem", tmp_path / "ooc")
