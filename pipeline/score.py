@@ -569,6 +569,9 @@ def score_all_pairs(
     Under torchrun (`world.size > 1`) each rank scores its share of the tiles (balanced by pair count) and the
     counts and the extreme pair are combined with collectives: every rank returns the whole result."""
     world = world or World()
+    if world.size > 1 and cfg.backend == "faiss":
+        log.warning("--backend faiss sums with its own threads: under torchrun the result can differ from one "
+                    "process in the last bit of some pairs (the default backend is exact)")  # fmt: skip
     t0 = time.perf_counter()
     if cfg.exact:
         check_exact_fits(store.n * (store.n - 1) // 2)
