@@ -13,7 +13,7 @@ Memory (bytes, N rows of dimension D, tile side T = --block, bins K = --bins):
   + 16 T (D + 2) x 2          two cached row blocks (left and right operands)
   + 12 T^2                    one tile of products, its inner-dimension scratch (D > 254) and int32 bins
   + 24 K                      the two histograms and a bincount
-  + the Python/NumPy/h5py runtime (about 60 MB; torch is not imported).
+  + the Python/NumPy/h5py runtime (about 80 MB; torch is not imported).
 """
 
 from __future__ import annotations
