@@ -18,7 +18,11 @@ DEVICES = click.Choice(["auto", "cpu", "cuda"])
 
 def data_root_option(f):
     return click.option(
-        "--data-root", type=click.Path(path_type=Path), envvar="LFW_ROOT", default="data", show_default=True,
+        "--data-root",
+        type=click.Path(path_type=Path),
+        envvar="LFW_ROOT",
+        default="data",
+        show_default=True,
         help="Folder with LFW: lfw-py/<image dir> and the protocol .txt files, or those directly (env LFW_ROOT).",
     )(f)
 
@@ -44,32 +48,70 @@ def main(verbose: bool) -> None:
 @main.command()
 @data_root_option
 @click.option("--image-set", type=IMAGE_SETS, default="deepfunneled", show_default=True, help="Which LFW images.")
-@click.option("--protocol", type=click.Choice(["people", "pairs", "10fold"]), default="people", show_default=True,
-              help="people: View 1 people (all-pairs); pairs: View 1 pairs; 10fold: View 2 pairs.txt with folds.")
-@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True,
-              help="View 1 split (ignored by 10fold).")
-@click.option("--model", default="squeezenet1_0", show_default=True,
-              help="Backbone: alexnet, vgg16, squeezenet1_0, resnet18, resnet50.")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="imagenet (torchvision download), none (random init), or PATH to a state_dict / finetune checkpoint.")
-@click.option("--layer", type=click.Choice(["output", "penultimate"]), default="output", show_default=True,
-              help="output: the 1000-d network output (the study's); penultimate: features before the classifier.")
+@click.option(
+    "--protocol",
+    type=click.Choice(["people", "pairs", "10fold"]),
+    default="people",
+    show_default=True,
+    help="people: View 1 people (all-pairs); pairs: View 1 pairs; 10fold: View 2 pairs.txt with folds.",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["train", "test"]),
+    default="test",
+    show_default=True,
+    help="View 1 split (ignored by 10fold).",
+)
+@click.option(
+    "--model",
+    default="squeezenet1_0",
+    show_default=True,
+    help="Backbone: alexnet, vgg16, squeezenet1_0, resnet18, resnet50.",
+)
+@click.option(
+    "--weights",
+    default="imagenet",
+    show_default=True,
+    help="imagenet (torchvision download), none (random init), or PATH to a state_dict / finetune checkpoint.",
+)
+@click.option(
+    "--layer",
+    type=click.Choice(["output", "penultimate"]),
+    default="output",
+    show_default=True,
+    help="output: the 1000-d network output (the study's); penultimate: features before the classifier.",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output HDF5 store.")
-@click.option("--batch-size", type=int, default=32, show_default=True,
-              help="Images per forward pass (a resumed run must use the same).")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Images per forward pass (a resumed run must use the same).",
+)
 @click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
 @click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
 @click.option("--limit", type=int, default=None, help="Only the first N images (people) or pairs (pair protocols).")
 @click.option("--resume", is_flag=True, help="Continue OUT.partial of an interrupted run with the same settings.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
-@click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (recorded in the store) instead of stopping.")
+@click.option(
+    "--skip-bad", is_flag=True, help="Leave out unreadable images (recorded in the store) instead of stopping."
+)
 @click.option("--skip-missing", is_flag=True, help="Leave out listed images that are missing instead of stopping.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Storage type of /embeddings.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Storage type of /embeddings.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (matters with --weights none).")
 @click.option("--download", is_flag=True, help="Try torchvision's LFW download into the data root first.")
-@click.option("--deterministic", is_flag=True,
-              help="Rows independent of thread count and number of ranks (bit-identical under torchrun); ~30%% slower.")
+@click.option(
+    "--deterministic",
+    is_flag=True,
+    help="Rows independent of thread count and number of ranks (bit-identical under torchrun); ~30%% slower.",
+)
 def embed(**options) -> None:
     """Embed every image of an LFW protocol split once into an HDF5 store."""
     from pipeline.embed import EmbedConfig
@@ -85,28 +127,57 @@ def embed(**options) -> None:
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--all-pairs", "mode", flag_value="all-pairs", help="Every unordered pair i < j of the store.")
 @click.option("--pairs", "mode", flag_value="pairs", help="The pairs the store lists (embed --protocol pairs|10fold).")
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Results folder: metrics.json, roc.csv, roc.png, histogram.npz.")
-@click.option("--metric", type=click.Choice(["l2", "cosine"]), default="l2", show_default=True,
-              help="l2: Euclidean distance (the study's); cosine: cosine similarity.")
-@click.option("--bins", type=int, default=1 << 18, show_default=True,
-              help="Histogram bins over the data's score range (more: smaller auc_error_bound).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Results folder: metrics.json, roc.csv, roc.png, histogram.npz.",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(["l2", "cosine"]),
+    default="l2",
+    show_default=True,
+    help="l2: Euclidean distance (the study's); cosine: cosine similarity.",
+)
+@click.option(
+    "--bins",
+    type=int,
+    default=1 << 18,
+    show_default=True,
+    help="Histogram bins over the data's score range (more: smaller auc_error_bound).",
+)
 @click.option("--block", type=int, default=4096, show_default=True, help="Rows per tile side (at most 4096).")
-@click.option("--backend", type=click.Choice(["torch", "faiss"]), default="torch", show_default=True,
-              help="Tile distances by torch or FAISS (falls back to torch when faiss is missing).")
+@click.option(
+    "--backend",
+    type=click.Choice(["torch", "faiss"]),
+    default="torch",
+    show_default=True,
+    help="Tile distances by torch or FAISS (falls back to torch when faiss is missing).",
+)
 @click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
-@click.option("--exact", is_flag=True, help="Also the exact AUC by sorting every score (checking; memory for all pairs).")
+@click.option(
+    "--exact", is_flag=True, help="Also the exact AUC by sorting every score (checking; memory for all pairs)."
+)
 @click.option("--rank1", is_flag=True, help="Also rank-1 identification accuracy (nearest other image).")
 @click.option("--log-fpr", is_flag=True, help="Logarithmic false-positive-rate axis in roc.png.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing results folder.")
 @click.option("--label", default=None, help="Name of this result in legends and tables.")
-@click.option("--variant", type=click.Choice(["pretrained", "finetuned"]), default=None,
-              help="For report's table (default: guessed from the store's weights).")
+@click.option(
+    "--variant",
+    type=click.Choice(["pretrained", "finetuned"]),
+    default=None,
+    help="For report's table (default: guessed from the store's weights).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample that sets the bin range.")
 @click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bar.")
-@click.option("--rows", default=None, metavar="A:B",
-              help="Only the pairs i < j with A <= i < B, read from the store in blocks (out of core, no torch); "
-                   "add the parts with `merge`. Needs a store sorted by label.")
+@click.option(
+    "--rows",
+    default=None,
+    metavar="A:B",
+    help="Only the pairs i < j with A <= i < B, read from the store in blocks (out of core, no torch); "
+    "add the parts with `merge`. Needs a store sorted by label.",
+)
 def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
     """Score pairs of an embedding store: ROC, AUC, EER, TAR@FAR, accuracy into a results folder."""
     if mode is None:
@@ -196,8 +267,13 @@ def merge(parts: tuple[Path, ...], out: Path, overwrite: bool, log_fpr: bool) ->
 
 @main.command()
 @click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default="report", show_default=True,
-              help="Folder for roc.png (all curves) and table.md.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default="report",
+    show_default=True,
+    help="Folder for roc.png (all curves) and table.md.",
+)
 @click.option("--log-fpr", is_flag=True, help="Logarithmic false-positive-rate axis.")
 def report(folders: tuple[Path, ...], out: Path, log_fpr: bool) -> None:
     """One ROC figure and the study's table (pretrained, fine-tuned, improvement) from results folders."""
@@ -218,8 +294,13 @@ def bench() -> None:
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
 @click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
-@click.option("--decoded", type=int, default=256, show_default=True,
-              help="Images decoded in advance for the model-only measurement.")
+@click.option(
+    "--decoded",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Images decoded in advance for the model-only measurement.",
+)
 def bench_embed(models: str, **options) -> None:
     """Images/s of the whole `embed` against model-only forward passes, in the same run."""
     from benchmarks.bench_embed import BenchEmbedConfig, format_table, run_bench
@@ -229,8 +310,9 @@ def bench_embed(models: str, **options) -> None:
 
 
 @bench.command("score")
-@click.option("--sizes", default="3708x1000,100000x128", show_default=True,
-              help="Comma-separated NxD random stores to score.")
+@click.option(
+    "--sizes", default="3708x1000,100000x128", show_default=True, help="Comma-separated NxD random stores to score."
+)
 @click.option("--peers/--no-peers", default=True, show_default=True, help="Also time the alternatives a user has.")
 @click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Where the random stores go (temp).")
@@ -244,18 +326,33 @@ def bench_score(sizes: str, peers: bool, device: str, workdir: Path | None) -> N
 
 def finetune_options(f):
     """Options shared by `finetune` and `run` (recipe values; unset ones take the recipe's preset)."""
-    for option in reversed([
-        click.option("--recipe", type=click.Choice(["study", "best"]), default="study", show_default=True,
-                     help="study: the study's Siamese recipe; best: the project's recipe (README, Fine-tuning)."),
-        click.option("--phase1-epochs", type=int, default=None, help="Epochs with the frozen part frozen [preset]."),
-        click.option("--phase2-epochs", type=int, default=None, help="Epochs training the whole network [preset]."),
-        click.option("--batch-size", type=int, default=None, help="Pairs (study) or images (best) per step [preset]."),
-        click.option("--lr", type=float, default=None, help="Learning rate [preset]."),
-        click.option("--momentum", type=float, default=None, help="SGD momentum [preset]."),
-        click.option("--max-pairs", type=int, default=None,
-                     help="Quick runs: the first N/2 same and N/2 different training pairs (best: N images)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--recipe",
+                type=click.Choice(["study", "best"]),
+                default="study",
+                show_default=True,
+                help="study: the study's Siamese recipe; best: the project's recipe (README, Fine-tuning).",
+            ),
+            click.option(
+                "--phase1-epochs", type=int, default=None, help="Epochs with the frozen part frozen [preset]."
+            ),
+            click.option("--phase2-epochs", type=int, default=None, help="Epochs training the whole network [preset]."),
+            click.option(
+                "--batch-size", type=int, default=None, help="Pairs (study) or images (best) per step [preset]."
+            ),
+            click.option("--lr", type=float, default=None, help="Learning rate [preset]."),
+            click.option("--momentum", type=float, default=None, help="SGD momentum [preset]."),
+            click.option(
+                "--max-pairs",
+                type=int,
+                default=None,
+                help="Quick runs: the first N/2 same and N/2 different training pairs (best: N images).",
+            ),
+            click.option("--seed", type=int, default=0, show_default=True, help="Seed."),
+        ]
+    ):
         f = option(f)
     return f
 
@@ -263,18 +360,31 @@ def finetune_options(f):
 @main.command()
 @data_root_option
 @click.option("--image-set", type=IMAGE_SETS, default="deepfunneled", show_default=True, help="Which LFW images.")
-@click.option("--model", default="squeezenet1_0", show_default=True,
-              help="Backbone: alexnet, vgg16, squeezenet1_0, resnet18, resnet50.")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="Starting weights: imagenet, none, or PATH to a state_dict / checkpoint.")
+@click.option(
+    "--model",
+    default="squeezenet1_0",
+    show_default=True,
+    help="Backbone: alexnet, vgg16, squeezenet1_0, resnet18, resnet50.",
+)
+@click.option(
+    "--weights",
+    default="imagenet",
+    show_default=True,
+    help="Starting weights: imagenet, none, or PATH to a state_dict / checkpoint.",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint file (.pt).")
 @finetune_options
 @click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint at OUT (same options).")
 @click.option("--overwrite", is_flag=True, help="Start over although OUT exists.")
-@click.option("--no-cache", "cache_features", flag_value=False, default=True,
-              help="Recompute the frozen features every step in phase 1 (for measuring the cache).")
+@click.option(
+    "--no-cache",
+    "cache_features",
+    flag_value=False,
+    default=True,
+    help="Recompute the frozen features every step in phase 1 (for measuring the cache).",
+)
 def finetune(**options) -> None:
     """Fine-tune an ImageNet CNN for face verification (checkpoint after every epoch; Ctrl-C saves)."""
     from pipeline.finetune import FinetuneConfig, TrainingInterrupted
@@ -291,16 +401,30 @@ def finetune(**options) -> None:
 @main.command()
 @data_root_option
 @click.option("--image-set", type=IMAGE_SETS, default="deepfunneled", show_default=True, help="Which LFW images.")
-@click.option("--model", default="squeezenet1_0", show_default=True,
-              help="Backbone: alexnet, vgg16, squeezenet1_0, resnet18, resnet50.")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="Pretrained weights: imagenet, none, or PATH to a state_dict.")
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Folder for stores, results, checkpoint, summary.json, table.md and ROC figures.")
+@click.option(
+    "--model",
+    default="squeezenet1_0",
+    show_default=True,
+    help="Backbone: alexnet, vgg16, squeezenet1_0, resnet18, resnet50.",
+)
+@click.option(
+    "--weights",
+    default="imagenet",
+    show_default=True,
+    help="Pretrained weights: imagenet, none, or PATH to a state_dict.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder for stores, results, checkpoint, summary.json, table.md and ROC figures.",
+)
 @finetune_options
 @click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
-@click.option("--embed-batch-size", type=int, default=64, show_default=True, help="Images per forward pass when embedding.")
+@click.option(
+    "--embed-batch-size", type=int, default=64, show_default=True, help="Images per forward pass when embedding."
+)
 @click.option("--limit", type=int, default=None, help="Quick runs: only the first N test pairs / test images.")
 @click.option("--overwrite", is_flag=True, help="Redo every step instead of reusing finished ones.")
 def run(**options) -> None:
