@@ -60,7 +60,7 @@ def model_only_rate(name: str, images: torch.Tensor, batch_size: int, device: to
 def run_bench(cfg: BenchEmbedConfig) -> list[dict]:
     device = resolve_device(cfg.device)
     proto = data.load_protocol(cfg.data_root, "deepfunneled", "people", "test").limit(cfg.limit)
-    tf = data.imagenet_transform()
+    tf = data.imagenet_crop()
     images = torch.stack([tf(data.load_image(proto.absolute(i % len(proto)))) for i in range(cfg.decoded)])
     rows = []
     for name in cfg.models:

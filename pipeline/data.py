@@ -275,6 +275,19 @@ def imagenet_transform(resize: int = 256, crop: int = 224) -> transforms.Compose
     )
 
 
+def imagenet_crop(resize: int = 256, crop: int = 224) -> transforms.Compose:
+    """`imagenet_transform` up to the crop, as uint8: 4x less to pass from decoding workers; `normalize`
+    finishes it per batch with the same arithmetic (bit-identical)."""
+    return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop), transforms.PILToTensor()])
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images [B, 3, H, W] (any device) -> float32 as ToTensor + Normalize compute them."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x.float().div(255) - mean) / std
+
+
 def load_image(path: Path | str) -> Image.Image:
     """Decode an image as RGB; a missing or corrupt file is a PipelineError naming it."""
     try:
@@ -288,8 +301,8 @@ class ImageFiles(Dataset):
     """Images by path -> (tensor, index, error). A bad image yields a zero tensor and its error message,
     so that the main process (not a worker) decides whether to stop or skip."""
 
-    def __init__(self, paths: list[Path], transform, shape: tuple[int, int, int] = (3, 224, 224)):
-        self.paths, self.transform, self.shape = paths, transform, shape
+    def __init__(self, paths: list[Path], transform, shape: tuple[int, int, int] = (3, 224, 224), dtype=torch.uint8):
+        self.paths, self.transform, self.shape, self.dtype = paths, transform, shape, dtype
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -298,4 +311,4 @@ class ImageFiles(Dataset):
         try:
             return self.transform(load_image(self.paths[i])), i, ""
         except PipelineError as e:
-            return torch.zeros(self.shape), i, str(e)
+            return torch.zeros(self.shape, dtype=self.dtype), i, str(e)

@@ -115,8 +115,8 @@ def prepare(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def forward(
     embedder: torch.nn.Module, x: torch.Tensor, device: torch.device, deterministic: bool = False
 ) -> np.ndarray:
-    """One inference batch -> float32 numpy rows."""
-    x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    """One inference batch of uint8 crops (`data.imagenet_crop`) -> float32 numpy rows."""
+    x = data.normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(device), reproducible_kernels(device, deterministic):
         return embedder(x).float().cpu().numpy()
 
@@ -137,7 +137,7 @@ def embed(cfg: EmbedConfig) -> Path:
     world, device = init_world(resolve_device(cfg.device))
     seed_everything(cfg.seed)
     embedder = prepare(models.Embedder(models.build_model(cfg.model, cfg.weights), cfg.layer), device)
-    transform = data.imagenet_transform()
+    transform = data.imagenet_crop()
     identity = {
         "model": cfg.model,
         **models.weights_provenance(cfg.weights),
@@ -151,7 +151,7 @@ def embed(cfg: EmbedConfig) -> Path:
         "dtype": cfg.dtype,
         "seed": cfg.seed,
         "deterministic": cfg.deterministic,
-        "transform": repr(transform),
+        "transform": repr(data.imagenet_transform()),
     }
     extra = {
         "data_root": str(Path(cfg.data_root).resolve()),

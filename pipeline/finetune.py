@@ -36,7 +36,6 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torchvision import models as tvm
-from torchvision import transforms
 from tqdm import tqdm
 
 from pipeline import data, models
@@ -234,8 +233,7 @@ class ImageBank:
     """Decoded images (resize 256, centre crop 224) kept as uint8 in memory; normalised per batch."""
 
     def __init__(self, proto: data.LFWProtocol, workers: int):
-        uint8 = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()])
-        files = data.ImageFiles([proto.absolute(i) for i in range(len(proto))], uint8)
+        files = data.ImageFiles([proto.absolute(i) for i in range(len(proto))], data.imagenet_crop())
         self.images = torch.empty((len(proto), 3, 224, 224), dtype=torch.uint8)
         loader = DataLoader(files, batch_size=64, num_workers=workers)
         for x, idx, errors in tqdm(loader, desc="decode", unit="batch", dynamic_ncols=True):
@@ -243,15 +241,13 @@ class ImageBank:
             if bad:
                 raise PipelineError(bad[0])
             self.images[idx] = x
-        self.mean = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def batch(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised float images `idx`; rows where `flip` is true are mirrored left-right."""
-        x = (self.images[idx].float().div(255) - self.mean) / self.std
+        x = data.normalize(self.images[idx])
         if flip is not None and flip.any():
             x[flip] = x[flip].flip(-1)
         return x.contiguous(memory_format=torch.channels_last)
