@@ -27,6 +27,24 @@ def data_root_option(f):
     )(f)
 
 
+# Options shared by several commands (click builds a new Option each time a decorator is applied).
+image_set_option = click.option(
+    "--image-set", type=IMAGE_SETS, default="deepfunneled", show_default=True, help="Which LFW images."
+)
+model_option = click.option(
+    "--model",
+    default="squeezenet1_0",
+    show_default=True,
+    help="Backbone: alexnet, vgg16, squeezenet1_0, resnet18, resnet50.",
+)
+device_option = click.option(
+    "--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present."
+)
+workers_option = click.option(
+    "--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes."
+)
+
+
 class Group(click.Group):
     """Turns PipelineError and ValueError (bad configuration) into a one-line message and exit code 2."""
 
@@ -47,7 +65,7 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @data_root_option
-@click.option("--image-set", type=IMAGE_SETS, default="deepfunneled", show_default=True, help="Which LFW images.")
+@image_set_option
 @click.option(
     "--protocol",
     type=click.Choice(["people", "pairs", "10fold"]),
@@ -62,12 +80,7 @@ def main(verbose: bool) -> None:
     show_default=True,
     help="View 1 split (ignored by 10fold).",
 )
-@click.option(
-    "--model",
-    default="squeezenet1_0",
-    show_default=True,
-    help="Backbone: alexnet, vgg16, squeezenet1_0, resnet18, resnet50.",
-)
+@model_option
 @click.option(
     "--weights",
     default="imagenet",
@@ -89,8 +102,8 @@ def main(verbose: bool) -> None:
     show_default=True,
     help="Images per forward pass (a resumed run must use the same).",
 )
-@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
-@click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
+@workers_option
+@device_option
 @click.option("--limit", type=int, default=None, help="Only the first N images (people) or pairs (pair protocols).")
 @click.option("--resume", is_flag=True, help="Continue OUT.partial of an interrupted run with the same settings.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
@@ -155,7 +168,7 @@ def embed(**options) -> None:
     show_default=True,
     help="Tile distances by torch or FAISS (falls back to torch when faiss is missing).",
 )
-@click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
+@device_option
 @click.option(
     "--exact", is_flag=True, help="Also the exact AUC by sorting every score (checking; memory for all pairs)."
 )
@@ -292,8 +305,8 @@ def bench() -> None:
 @click.option("--models", default="squeezenet1_0,alexnet", show_default=True, help="Comma-separated backbones.")
 @click.option("--limit", type=int, default=None, help="Only the first N LFWPeople test images (default all 3,708).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per forward pass.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
-@click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
+@workers_option
+@device_option
 @click.option(
     "--decoded",
     type=int,
@@ -314,7 +327,7 @@ def bench_embed(models: str, **options) -> None:
     "--sizes", default="3708x1000,100000x128", show_default=True, help="Comma-separated NxD random stores to score."
 )
 @click.option("--peers/--no-peers", default=True, show_default=True, help="Also time the alternatives a user has.")
-@click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
+@device_option
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Where the random stores go (temp).")
 def bench_score(sizes: str, peers: bool, device: str, workdir: Path | None) -> None:
     """All-pairs scoring: pairs/s, ratio to the floor measured in the same process, peers, peak memory."""
@@ -359,13 +372,8 @@ def finetune_options(f):
 
 @main.command()
 @data_root_option
-@click.option("--image-set", type=IMAGE_SETS, default="deepfunneled", show_default=True, help="Which LFW images.")
-@click.option(
-    "--model",
-    default="squeezenet1_0",
-    show_default=True,
-    help="Backbone: alexnet, vgg16, squeezenet1_0, resnet18, resnet50.",
-)
+@image_set_option
+@model_option
 @click.option(
     "--weights",
     default="imagenet",
@@ -374,8 +382,8 @@ def finetune_options(f):
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint file (.pt).")
 @finetune_options
-@click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
+@device_option
+@workers_option
 @click.option("--resume", is_flag=True, help="Continue the checkpoint at OUT (same options).")
 @click.option("--overwrite", is_flag=True, help="Start over although OUT exists.")
 @click.option(
@@ -400,13 +408,8 @@ def finetune(**options) -> None:
 
 @main.command()
 @data_root_option
-@click.option("--image-set", type=IMAGE_SETS, default="deepfunneled", show_default=True, help="Which LFW images.")
-@click.option(
-    "--model",
-    default="squeezenet1_0",
-    show_default=True,
-    help="Backbone: alexnet, vgg16, squeezenet1_0, resnet18, resnet50.",
-)
+@image_set_option
+@model_option
 @click.option(
     "--weights",
     default="imagenet",
@@ -420,8 +423,8 @@ def finetune(**options) -> None:
     help="Folder for stores, results, checkpoint, summary.json, table.md and ROC figures.",
 )
 @finetune_options
-@click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
+@device_option
+@workers_option
 @click.option(
     "--embed-batch-size", type=int, default=64, show_default=True, help="Images per forward pass when embedding."
 )
