@@ -123,7 +123,7 @@ def main(verbose: bool) -> None:
 @click.option(
     "--deterministic",
     is_flag=True,
-    help="Rows independent of thread count and number of ranks (bit-identical under torchrun); ~30%% slower.",
+    help="Rows independent of thread count and number of ranks (bit-identical under torchrun); 1.5-2.5x slower on CPU.",
 )
 def embed(**options) -> None:
     """Embed every image of an LFW protocol split once into an HDF5 store."""
@@ -307,6 +307,7 @@ def bench() -> None:
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per forward pass.")
 @workers_option
 @device_option
+@click.option("--deterministic", is_flag=True, help="Time `embed --deterministic` (oneDNN off).")
 @click.option(
     "--decoded",
     type=int,

@@ -36,6 +36,8 @@ class BenchEmbedConfig:
     """auto | cpu | cuda."""
     decoded: int = 256
     """Images decoded in advance for the model-only measurement."""
+    deterministic: bool = False
+    """Time `embed --deterministic` (oneDNN off: thread-independent rows)."""
 
     def __post_init__(self):
         if not self.models:
@@ -44,16 +46,18 @@ class BenchEmbedConfig:
             raise ValueError("decoded must be at least one batch")
 
 
-def model_only_rate(name: str, images: torch.Tensor, batch_size: int, device: torch.device) -> float:
+def model_only_rate(
+    name: str, images: torch.Tensor, batch_size: int, device: torch.device, deterministic: bool = False
+) -> float:
     """Images/s of forward passes alone over decoded, transformed images (after one warm-up batch)."""
     embedder = prepare(models.Embedder(models.build_model(name, "none"), "output"), device)
     batches = images.split(batch_size)
-    forward(embedder, batches[0], device)
+    forward(embedder, batches[0], device, deterministic)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for x in batches:
-        forward(embedder, x, device)  # ends with .cpu(): synchronised
+        forward(embedder, x, device, deterministic)  # ends with .cpu(): synchronised
     return len(images) / (time.perf_counter() - start)
 
 
@@ -64,13 +68,14 @@ def run_bench(cfg: BenchEmbedConfig) -> list[dict]:
     images = torch.stack([tf(data.load_image(proto.absolute(i % len(proto)))) for i in range(cfg.decoded)])
     rows = []
     for name in cfg.models:
-        before = model_only_rate(name, images, cfg.batch_size, device)
+        before = model_only_rate(name, images, cfg.batch_size, device, cfg.deterministic)
         with tempfile.TemporaryDirectory() as tmp:
             ecfg = EmbedConfig(
                 out=Path(tmp) / "bench.h5",
                 data_root=cfg.data_root,
                 model=name,
                 weights="none",
+                deterministic=cfg.deterministic,
                 limit=cfg.limit,
                 batch_size=cfg.batch_size,
                 workers=cfg.workers,
@@ -79,7 +84,7 @@ def run_bench(cfg: BenchEmbedConfig) -> list[dict]:
             start = time.perf_counter()
             embed(ecfg)
             seconds = time.perf_counter() - start
-        after = model_only_rate(name, images, cfg.batch_size, device)
+        after = model_only_rate(name, images, cfg.batch_size, device, cfg.deterministic)
         model_rate = (before + after) / 2  # the machine drifts: average the two sides of the embed run
         stage_rate = len(proto) / seconds
         rows.append(

@@ -70,7 +70,7 @@ class EmbedConfig:
     download: bool = False
     """Try torchvision's LFW download into the data root first."""
     deterministic: bool = False
-    """Rows independent of threads and ranks (bit-identical under torchrun); about 30% slower on CPU."""
+    """Rows independent of threads and ranks (bit-identical under torchrun); 1.5-2.5x slower on CPU."""
 
     def __post_init__(self):
         if self.image_set not in data.IMAGE_DIRS:

@@ -33,7 +33,7 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
 
 def reproducible_kernels(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """Kernels whose results do not depend on the thread count (or so the number of ranks): oneDNN off on
-    CPU (its convolutions change summation order with the threads; about 30% slower), deterministic cuDNN."""
+    CPU (its convolutions change summation order with the threads; 1.5-2.5x slower), deterministic cuDNN."""
     if not enabled:
         return contextlib.nullcontext()
     if device.type == "cuda":
