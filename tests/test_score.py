@@ -241,15 +241,6 @@ def test_faiss_missing_falls_back_to_torch(tmp_path, monkeypatch, caplog):
     check_against_sklearn(m, x, labels, "l2")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_equals_sklearn(tmp_path):  # pragma: no cover
-    path, x, labels = random_store(tmp_path / "s.h5", n=149, d=16, n_ids=50, duplicates=10)
-    for metric in ("l2", "cosine"):
-        check_against_sklearn(
-            score(ScoreConfig(store=path, metric=metric, device="cuda", block=33, progress=False)), x, labels, metric
-        )
-
-
 # ---------------------------------------------------------------------------------------------------- CLI
 
 

@@ -1,0 +1,51 @@
+"""Copy the images of one protocol split (and every protocol file) into a small data root of the same layout.
+
+The GPU device machine sees only the project's working tree (at most 64 MiB), not ../shared: the 3,708
+LFWPeople test images (31 MiB) travel as such a slice, in a folder git ignores, named in the run's `carry`.
+
+    python -m benchmarks.lfw_slice --data-root ../shared/data --out .device/lfw
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from pipeline import data
+
+
+def make_slice(data_root: Path, out: Path, image_set: str = "deepfunneled", protocol: str = "people",
+               split: str = "test") -> int:  # fmt: skip
+    """Copy the split's images and all protocol .txt files under `out` (torchvision layout); returns the
+    number of images. Files already there with the same size are kept, so a second run is quick."""
+    proto = data.load_protocol(data_root, image_set, protocol, split)
+    base = data.find_base(data_root, image_set)
+    dest = out / "lfw-py"
+    dest.mkdir(parents=True, exist_ok=True)
+    for txt in base.glob("*.txt"):
+        shutil.copy2(txt, dest / txt.name)
+    for rel in proto.paths:
+        src = data_root / rel
+        target = dest / src.relative_to(base)
+        if not (target.is_file() and target.stat().st_size == src.stat().st_size):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+    return len(proto)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path, required=True, help="The full LFW data root.")
+    parser.add_argument("--out", type=Path, required=True, help="The slice's data root (created).")
+    parser.add_argument("--image-set", default="deepfunneled", choices=sorted(data.IMAGE_DIRS))
+    parser.add_argument("--protocol", default="people", choices=data.PROTOCOLS)
+    parser.add_argument("--split", default="test", choices=data.SPLITS)
+    args = parser.parse_args(argv)
+    n = make_slice(args.data_root, args.out, args.image_set, args.protocol, args.split)
+    size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
+    print(f"{n} images, {size / 2**20:.1f} MiB under {args.out}")
+
+
+if __name__ == "__main__":
+    main()
