@@ -484,7 +484,6 @@ class TileScorer:
         """Score the tiles `plan[i]` for i in `select` (default: all) into a `TilePass`."""
         indices = range(len(plan)) if select is None else list(select)
         total = sum(plan[i].n_pairs for i in indices)
-        step = self._tile_numpy if self.numpy else self._tile_torch
         bins = self.binning.bins
         if self.numpy:
             size = max((plan[i].r1 - plan[i].r0) * (plan[i].c1 - plan[i].c0) for i in indices) if indices else 1
@@ -492,21 +491,40 @@ class TileScorer:
         else:
             counts = Stager(bins, self.device), Stager(bins, self.device)
         res = TilePass(self.binning, counts[0].counts, counts[1].counts)
+        # GPU: each tile's extreme stays on the device (no wait for the GPU per tile); the pair is found at the end
+        extremes = None if self.numpy else torch.full((len(indices),), math.nan, device=self.device)
         with tqdm(total=total, unit="pair", unit_scale=True, disable=not progress, mininterval=1.0,
                   desc="scoring pairs") as bar:  # fmt: skip
-            for i in indices:
+            for k, i in enumerate(indices):
                 t = plan[i]
                 if t.n_pairs:
-                    before = res.extreme_rows
-                    step(t, res, *counts)
-                    if res.extreme_rows != before:
-                        res.extreme_tile = i
+                    if self.numpy:
+                        before = res.extreme_rows
+                        self._tile_numpy(t, res, *counts)
+                        if res.extreme_rows != before:
+                            res.extreme_tile = i
+                    else:
+                        extremes[k] = self._tile_torch(t, *counts)
                     res.n_pairs += t.n_pairs
                     bar.update(t.n_pairs)
         if not self.numpy:
             counts[0].flush()
             counts[1].flush()
+            if res.n_pairs:
+                self._find_extreme(plan, indices, extremes, res)
         return res
+
+    def _find_extreme(self, plan: list[Tile], indices: list[int], extremes: torch.Tensor, res: TilePass) -> None:
+        """The extreme pair from the per-tile extremes: the first tile holding it, the first pair in that tile
+        (as the CPU's sequential scan finds it); that tile's values are computed once more."""
+        find_max = self.prep.metric == "l2"
+        filled = extremes.nan_to_num(-math.inf if find_max else math.inf)
+        k = int(filled.argmax() if find_max else filled.argmin())  # the first occurrence
+        t = plan[indices[k]]
+        vals = self.upper_values(t, self.backend.values(t))
+        res.extreme = float(vals.max() if find_max else vals.min())
+        res.extreme_rows = self.store_rows(t, int(vals.argmax() if find_max else vals.argmin()))
+        res.extreme_tile = indices[k]
 
     def _improves(self, ext: float, res: TilePass) -> bool:
         if self.prep.metric == "l2":
@@ -529,19 +547,17 @@ class TileScorer:
             pv = np.clip(u.reshape(-1).take(where), 0, top) if t.diagonal else u[where]
             pos_c.add(pv)
 
-    def _tile_torch(self, t: Tile, res: TilePass, all_c: Stager, pos_c: Stager) -> None:
+    def _tile_torch(self, t: Tile, all_c: Stager, pos_c: Stager) -> torch.Tensor:
+        """Count a tile's pairs; returns its extreme value as a 0-d tensor on the device."""
         tv = self.backend.values(t)
         vals = self.upper_values(t, tv)
-        find_max = self.prep.metric == "l2"
-        ext = float(vals.max() if find_max else vals.min())
-        if self._improves(ext, res):
-            res.extreme = ext
-            res.extreme_rows = self.store_rows(t, int(vals.argmax() if find_max else vals.argmin()))
+        ext = vals.max() if self.prep.metric == "l2" else vals.min()
         vals.clamp_(0, self.binning.bins)  # in the tile itself for off-diagonal tiles: their rectangle sees it
         all_c.add(vals)
         pv = self.positive_values(t, tv)
         if pv is not None:
             pos_c.add(pv.clamp(0, self.binning.bins) if t.diagonal else pv)
+        return ext
 
 
 # ---------------------------------------------------------------------------------------------------- modes

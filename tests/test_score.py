@@ -104,9 +104,11 @@ def test_diagonal_split_into_leaves_and_tile_subsets_add_up(tmp_path):
     plan = tile_plan(prep.n, 64, leaf=8)
     binning = choose_binning(prep, 1 << 12)
     prep.scale_to_bins(binning)
+    extremes = {}
     for counting in ("numpy", "torch"):  # "torch" is the GPU's counting, run here on the CPU
         scorer = TileScorer(prep, binning, TorchTiles(prep, 64), counting=counting)
         whole = scorer.run(plan, progress=False)
+        extremes[counting] = (whole.extreme, whole.extreme_rows, whole.extreme_tile)
         parts = [scorer.run(plan, select=range(r, len(plan), 3), progress=False) for r in range(3)]
         merged = parts[0].roc()
         for p in parts[1:]:
@@ -116,6 +118,34 @@ def test_diagonal_split_into_leaves_and_tile_subsets_add_up(tmp_path):
         assert w.n_positive == prep.n_positive and w.n_positive + w.n_negative == 149 * 148 // 2
         exact = roc_auc_score(*brute_force(x, labels, "l2")[::-1])
         assert abs(w.compute()["auc"] - exact) <= w.compute()["auc_error_bound"] + 1e-6
+    assert extremes["numpy"] == extremes["torch"] and extremes["numpy"][2] >= 0
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_gpu_counting_finds_the_same_extreme_pair_under_ties(tmp_path, metric):
+    """The extreme pair repeated in many tiles (copies of two opposite rows): the GPU's counting (per-tile
+    extremes kept on the device) picks the same tile and pair as the CPU's sequential scan, for every subset."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((130, 6)).astype(np.float32) * 0.1 + 1
+    far = rng.choice(130, size=12, replace=False)
+    x[far[:6]], x[far[6:]] = 5.0, -5.0
+    path = write_store(tmp_path / "s.h5", x, rng.integers(0, 40, size=130))
+    with open_store(path) as st_:
+        prep = prepare(st_, metric, torch.device("cpu"))
+    binning = choose_binning(prep, 1 << 10)
+    prep.scale_to_bins(binning)
+    plan = tile_plan(prep.n, 32, leaf=8)
+    for select in (None, range(0, len(plan), 2), range(1, len(plan), 3)):
+        found = [
+            (r.extreme, r.extreme_rows, r.extreme_tile)
+            for r in (
+                TileScorer(prep, binning, TorchTiles(prep, 32), counting=c).run(plan, select=select, progress=False)
+                for c in ("numpy", "torch")
+            )
+        ]
+        assert found[0] == found[1]
+        i, j = found[0][1]
+        assert {x[i, 0], x[j, 0]} == {5.0, -5.0}
 
 
 @settings(max_examples=40, deadline=None)
