@@ -11,8 +11,8 @@ The store must be sorted by label (as `embed` writes it), so that store order is
 Memory (bytes, N rows of dimension D, tile side T = --block, bins K = --bins):
     24 N                      labels and identity-group bounds
   + 16 T (D + 2) x 2          two cached row blocks (left and right operands)
-  + 12 T^2                    one tile of products, its inner-dimension scratch (D > 254) and int32 bins
-  + 24 K                      the two histograms and a bincount
+  + 8 T^2                     one tile of products and its inner-dimension scratch (D > 254)
+  + 8 max(2^20, 4 K) + 24 K   the bincount index buffer, the two histograms and a bincount
   + the Python/NumPy/h5py runtime (about 80 MB; torch is not imported).
 """
 
@@ -36,6 +36,7 @@ from pipeline.blockmath import (
     LEAF,
     MIN_SIDE,
     STAT_ROWS,
+    BinCounts,
     SampleRange,
     Tile,
     augment,
@@ -223,8 +224,7 @@ def score_part(store: Store, cfg: RowsConfig, binning: Binning, mean, rows: tupl
     size = max((_rows_multiplied(plan[k], A, B) * (plan[k].c1 - plan[k].c0) for k in mine), default=1)
     buf = np.empty(size, dtype=np.float32)
     tmp = np.empty(size, dtype=np.float32) if reader.width > GEMM_K else None
-    ibuf = np.empty(size, dtype=np.int32)
-    all_c, pos_c = np.zeros(cfg.bins, dtype=np.int64), np.zeros(cfg.bins, dtype=np.int64)
+    all_c, pos_c = BinCounts(cfg.bins), BinCounts(cfg.bins)
     top = np.float32(cfg.bins - 1)
     find_max = cfg.metric == "l2"
     best: tuple = (float("nan"), -1, -1, -1)
@@ -258,9 +258,7 @@ def score_part(store: Store, cfg: RowsConfig, binning: Binning, mean, rows: tupl
                     pi, pj = a2 + int(flat[j]) // w, t.c0 + int(flat[j]) % w
                 best = better_extreme(best, (float(vals[j]), k, pi, pj), cfg.metric)
                 np.clip(vals, 0, top, out=vals)
-                iv = ibuf[: vals.size]
-                np.copyto(iv, vals.reshape(-1), casting="unsafe")
-                all_c += np.bincount(iv, minlength=cfg.bins)
+                all_c.add(vals)
                 if flat is not None:
                     u.reshape(-1)[flat] = vals  # clipped values back, for the same-person slice
             # same-person pairs: label groups are contiguous (sorted store)
@@ -271,11 +269,11 @@ def score_part(store: Store, cfg: RowsConfig, binning: Binning, mean, rows: tupl
             if (c_hi > c_lo).any():
                 pf = _ranges(ri - a2, c_lo - t.c0, c_hi - t.c0, w)
                 pv = np.clip(u.reshape(-1)[pf], 0, top)
-                pos_c += np.bincount(pv.astype(np.int32), minlength=cfg.bins)
+                pos_c.add(pv)
             n_pairs += vals.size
             bar.update(vals.size)
     acc = HistogramROC(binning)
-    acc.add_counts(all_c, pos_c)
+    acc.add_counts(all_c.counts, pos_c.counts)
     return PartResult(acc, n_pairs, best, time.perf_counter() - t0)
 
 

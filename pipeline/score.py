@@ -9,7 +9,7 @@ a sample, then each tile is one matrix product of augmented rows whose entries a
 its same-person slice of the *same* array, so both land in the same bins exactly; different-person counts are
 the difference. CPU: NumPy's BLAS and `np.bincount` (single-threaded: no second thread pool taking turns with
 the BLAS threads); GPU: torch and `torch.histc`. Memory: the rows (2 copies of N x (D+2) float32) + one tile
-(block^2 floats and as many int32) + 2 x bins counts, whatever the number of pairs.
+(block^2 floats) + an 8 MB bincount index buffer + 2 x bins counts, whatever the number of pairs.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pipeline.blockmath import (
     GEMM_K,
     LEAF,
     STAT_ROWS,
+    BinCounts,
     SampleRange,
     Tile,
     augment,
@@ -376,24 +377,6 @@ def _int64(counts: np.ndarray | torch.Tensor) -> np.ndarray:
     return counts.astype(np.int64)
 
 
-class NumpyCounts:
-    """CPU counting: bin coordinates (clipped to [0, bins-1]) truncated to int32 and `np.bincount`-ed, single
-    threaded, so that no second thread pool takes turns with the BLAS threads of the products."""
-
-    def __init__(self, bins: int, size: int):
-        self.bins = bins
-        self.counts = np.zeros(bins, dtype=np.int64)
-        self.ibuf = np.empty(max(size, 1), dtype=np.int32)
-
-    def add(self, u: np.ndarray) -> None:
-        k = u.size
-        if k == 0:
-            return
-        iv = self.ibuf[:k].reshape(u.shape)
-        np.copyto(iv, u, casting="unsafe")  # truncation = floor for coordinates >= 0
-        self.counts += np.bincount(iv.reshape(-1), minlength=self.bins)
-
-
 class Stager:
     """GPU counting: `torch.histc` over [0, bins] of clamped bin coordinates into float64 counts, batching small
     inputs into one call (each call has a fixed cost); the bin of a value does not depend on its batch."""
@@ -486,8 +469,7 @@ class TileScorer:
         total = sum(plan[i].n_pairs for i in indices)
         bins = self.binning.bins
         if self.numpy:
-            size = max((plan[i].r1 - plan[i].r0) * (plan[i].c1 - plan[i].c0) for i in indices) if indices else 1
-            counts = NumpyCounts(bins, size), NumpyCounts(bins, size)
+            counts = BinCounts(bins), BinCounts(bins)
         else:
             counts = Stager(bins, self.device), Stager(bins, self.device)
         res = TilePass(self.binning, counts[0].counts, counts[1].counts)
@@ -531,7 +513,7 @@ class TileScorer:
             return not ext <= res.extreme  # also true while nan
         return not ext >= res.extreme
 
-    def _tile_numpy(self, t: Tile, res: TilePass, all_c: NumpyCounts, pos_c: NumpyCounts) -> None:
+    def _tile_numpy(self, t: Tile, res: TilePass, all_c: BinCounts, pos_c: BinCounts) -> None:
         u = self.backend.values(t).numpy()
         vals = u.reshape(-1).take(self.triu(t.r1 - t.r0)[2]) if t.diagonal else u
         find_max = self.prep.metric == "l2"
