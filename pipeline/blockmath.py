@@ -38,7 +38,8 @@ COUNT_CHUNK = 1 << 20  # values per bincount call (at least 4x the bins): one re
 class BinCounts:
     """Histogram counts on the CPU: bin coordinates (already clipped to [0, bins-1]) truncated to integers and
     `np.bincount`-ed, in chunks through one reused intp buffer: bincount copies any other input to intp, and
-    fresh buffers of tile size cost page faults on every call (a third of a cold 3,708 x 1000 scoring).
+    fresh buffers of tile size cost page faults on every call (cProfile of a cold `score --all-pairs` of the
+    3,708-row LFWPeople test store: counting took 0.08-0.09 s that way, 0.025 s this way).
     Single threaded, so that no second thread pool takes turns with the BLAS threads of the products."""
 
     def __init__(self, bins: int):
