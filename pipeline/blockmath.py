@@ -7,7 +7,9 @@ histograms would not add up exactly. Three rules make it so:
 1. Products go through `fixed_matmul`: the inner dimension is cut into chunks of at most `GEMM_K` (OpenBLAS
    splits longer inner dimensions differently with different thread counts; up to 512 it does not), and
    products with a side smaller than `MIN_SIDE` are never formed on their own (BLAS switches to other kernels
-   there): callers compute the whole tile instead and slice it.
+   there): callers compute the whole tile instead and slice it. The BLAS itself is checked once per process
+   (`gemm_engine`): some of OpenBLAS's kernels (its Haswell ones, which it also picks for AMD Zen 5) give an
+   entry other bits when the call has other rows or threads; there the products go through torch (MKL).
 2. Rows are transformed block by block by `augment` (contiguous float32 copies, per-row float64 norms), so a
    row's transformed values do not depend on which block it came in.
 3. The centring mean is summed in fixed blocks of `STAT_ROWS` store rows (`blocked_mean`), the same blocks
@@ -16,6 +18,8 @@ histograms would not add up exactly. Three rules make it so:
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,6 +29,8 @@ try:  # SciPy's sgemm takes beta (accumulate into the output); NumPy's matmul do
     from scipy.linalg.blas import sgemm as _sgemm
 except ImportError:  # pragma: no cover
     _sgemm = None
+
+log = logging.getLogger(__name__)
 
 GEMM_K = 256  # inner dimensions up to this are multiplied identically with 1 or many threads (OpenBLAS: 500 is not)
 MIN_SIDE = 64  # no product with fewer rows than this unless the tile itself is that small
@@ -59,11 +65,63 @@ class BinCounts:
             self.counts += np.bincount(iv, minlength=self.bins)
 
 
+def _numpy_mm(a: np.ndarray, b: np.ndarray, threads: int) -> np.ndarray:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads, user_api="blas"):
+        return a @ b.T
+
+
+def _torch_mm(a: np.ndarray, b: np.ndarray, threads: int) -> np.ndarray:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return torch.mm(torch.from_numpy(a), torch.from_numpy(b).T).numpy()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _consistent(mm) -> bool:
+    """Does `mm` give each entry the same bits with 1 and 2 threads and for a call on a slice of the rows or
+    columns? (The same fixed sizes in every process, so that every rank of a run decides alike.)"""
+    rng = np.random.default_rng(0)
+    for k in (24, 200):
+        a = rng.standard_normal((320, k)).astype(np.float32)
+        b = rng.standard_normal((288, k)).astype(np.float32)
+        whole = mm(a, b, 1)
+        if not (
+            np.array_equal(mm(a, b, 2), whole)
+            and np.array_equal(mm(a[96:], b, 1), whole[96:])
+            and np.array_equal(mm(a[96:], b, 2), whole[96:])
+            and np.array_equal(mm(a, b[64:], 2), whole[:, 64:])
+        ):
+            return False
+    return True
+
+
+@functools.cache
+def gemm_engine() -> str:
+    """'numpy' (its BLAS, OpenBLAS) when it multiplies bit-consistently, else 'torch' (MKL) when that does;
+    'numpy' with a warning when neither does (then parts and ranks may differ from one process in a few bins)."""
+    if _consistent(_numpy_mm):
+        return "numpy"
+    if _consistent(_torch_mm):
+        log.info("NumPy's BLAS gives other bits for other call shapes on this CPU: tile products use torch")
+        return "torch"
+    log.warning("neither NumPy's BLAS nor torch multiplies bit-consistently here: --rows parts and torchrun ranks "
+                "may differ from a single process in a few bins")  # fmt: skip
+    return "numpy"
+
+
 def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, tmp: np.ndarray | None = None) -> np.ndarray:
     """`out = a @ b.T` (float32) with the inner dimension in equal chunks of at most `GEMM_K`, added in order;
-    `tmp` (same shape as `out`) is scratch for the chunks after the first."""
+    `tmp` (same shape as `out`) is scratch for the chunks after the first. Through `gemm_engine()`."""
     k = a.shape[1]
     chunks = -(-k // GEMM_K)
+    if gemm_engine() == "torch":
+        return _fixed_matmul_torch(a, b, out, [k * i // chunks for i in range(chunks + 1)])
     if chunks <= 1:
         return np.matmul(a, b.T, out=out)
     cuts = [k * i // chunks for i in range(chunks + 1)]
@@ -80,6 +138,16 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, tmp: np.ndarray 
     for k0, k1 in zip(cuts[1:-1], cuts[2:], strict=True):
         np.matmul(a[:, k0:k1], b[:, k0:k1].T, out=scratch)
         out += scratch
+    return out
+
+
+def _fixed_matmul_torch(a: np.ndarray, b: np.ndarray, out: np.ndarray, cuts: list[int]) -> np.ndarray:
+    import torch
+
+    ta, tb, to = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)  # views: no copies
+    torch.mm(ta[:, cuts[0] : cuts[1]], tb[:, cuts[0] : cuts[1]].T, out=to)
+    for k0, k1 in zip(cuts[1:-1], cuts[2:], strict=True):
+        to.addmm_(ta[:, k0:k1], tb[:, k0:k1].T)
     return out
 
 
