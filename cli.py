@@ -106,7 +106,7 @@ def main(verbose: bool) -> None:
 @device_option
 @click.option("--limit", type=int, default=None, help="Only the first N images (people) or pairs (pair protocols).")
 @click.option("--resume", is_flag=True, help="Continue OUT.partial of an interrupted run with the same settings.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT (only a store that embed wrote).")
 @click.option(
     "--skip-bad", is_flag=True, help="Leave out unreadable images (recorded in the store) instead of stopping."
 )
@@ -174,7 +174,9 @@ def embed(**options) -> None:
 )
 @click.option("--rank1", is_flag=True, help="Also rank-1 identification accuracy (nearest other image).")
 @click.option("--log-fpr", is_flag=True, help="Logarithmic false-positive-rate axis in roc.png.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing results folder.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing results folder (only one that score or merge wrote)."
+)
 @click.option("--label", default=None, help="Name of this result in legends and tables.")
 @click.option(
     "--variant",
@@ -257,7 +259,9 @@ def _score_rows(store: Path, mode: str, rows: str | None, options: dict) -> None
 @main.command()
 @click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The merged results folder.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing results folder.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing results folder (only one that score or merge wrote)."
+)
 @click.option("--log-fpr", is_flag=True, help="Logarithmic false-positive-rate axis in roc.png.")
 def merge(parts: tuple[Path, ...], out: Path, overwrite: bool, log_fpr: bool) -> None:
     """Add `score --all-pairs --rows A:B` parts (job arrays) into one result; the full results folder when they
@@ -288,11 +292,12 @@ def merge(parts: tuple[Path, ...], out: Path, overwrite: bool, log_fpr: bool) ->
     help="Folder for roc.png (all curves) and table.md.",
 )
 @click.option("--log-fpr", is_flag=True, help="Logarithmic false-positive-rate axis.")
-def report(folders: tuple[Path, ...], out: Path, log_fpr: bool) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace table.md and roc.png of an earlier report in OUT.")
+def report(folders: tuple[Path, ...], out: Path, log_fpr: bool, overwrite: bool) -> None:
     """One ROC figure and the study's table (pretrained, fine-tuned, improvement) from results folders."""
     from pipeline.report import report as run_report
 
-    click.echo(run_report(list(folders), out, log_fpr=log_fpr), nl=False)
+    click.echo(run_report(list(folders), out, log_fpr=log_fpr, overwrite=overwrite), nl=False)
 
 
 @main.group()
@@ -386,7 +391,11 @@ def finetune_options(f):
 @device_option
 @workers_option
 @click.option("--resume", is_flag=True, help="Continue the checkpoint at OUT (same options).")
-@click.option("--overwrite", is_flag=True, help="Start over although OUT exists.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start over although OUT exists (replaces OUT, OUT's .log and .best.pt: ours only).",
+)
 @click.option(
     "--no-cache",
     "cache_features",
@@ -430,7 +439,9 @@ def finetune(**options) -> None:
     "--embed-batch-size", type=int, default=64, show_default=True, help="Images per forward pass when embedding."
 )
 @click.option("--limit", type=int, default=None, help="Quick runs: only the first N test pairs / test images.")
-@click.option("--overwrite", is_flag=True, help="Redo every step instead of reusing finished ones.")
+@click.option(
+    "--overwrite", is_flag=True, help="Redo every step instead of reusing finished ones (replaces only what run wrote)."
+)
 def run(**options) -> None:
     """The whole study: pretrained and fine-tuned, LFWPairs and LFWPeople test, table and ROC figures."""
     from pipeline.finetune import TrainingInterrupted

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from pipeline import data
+from pipeline.errors import PipelineError
 
 
 def make_slice(data_root: Path, out: Path, image_set: str = "deepfunneled", protocol: str = "people",
@@ -25,9 +26,12 @@ def make_slice(data_root: Path, out: Path, image_set: str = "deepfunneled", prot
     dest.mkdir(parents=True, exist_ok=True)
     for txt in base.glob("*.txt"):
         shutil.copy2(txt, dest / txt.name)
+    inside = dest.resolve()
     for rel in proto.paths:
         src = data_root / rel
         target = dest / src.relative_to(base)
+        if not target.resolve().is_relative_to(inside):  # load_protocol already refuses such names
+            raise PipelineError(f"{rel} would be copied outside {out}: refusing")
         if not (target.is_file() and target.stat().st_size == src.stat().st_size):
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, target)

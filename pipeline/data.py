@@ -89,22 +89,46 @@ def image_name(name: str, number: int) -> str:
     return f"{name}/{name}_{number:04d}.jpg"
 
 
-def _read_lines(path: Path) -> list[list[str]]:
+def _read_lines(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of the non-blank lines."""
     if not path.is_file():
         raise PipelineError(f"protocol file {path} is missing. {GET_LFW_HELP}")
     check_checksum(path)
-    return [line.split() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PipelineError(f"cannot read protocol file {path}: {e}") from e
+    lines = [(k, line.split()) for k, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise PipelineError(f"protocol file {path} is empty. {GET_LFW_HELP}")
+    return lines
+
+
+def check_name(name: str, path: Path, line: int) -> str:
+    """A person's name from a protocol file, which becomes a folder name under the data root: no path
+    separators, no `.` or `..`, so that every image path stays inside the data root."""
+    if name in (".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute():
+        raise PipelineError(
+            f"{path}, line {line}: name {name!r} is not a person's name (it would lead outside the data root)"
+        )
+    return name
 
 
 def parse_people(path: Path) -> list[tuple[str, int]]:
     """View 1 people file: a count, then `name n_images` lines."""
     rows = _read_lines(path)
+    people = []
+    for line, r in rows[1:]:
+        try:
+            people.append((check_name(r[0], path, line), int(r[1])))
+        except (IndexError, ValueError):
+            raise PipelineError(f"{path}, line {line}: expected `name number_of_images`, got {r}") from None
     try:
-        people = [(r[0], int(r[1])) for r in rows[1:]]
-    except (IndexError, ValueError) as e:
-        raise PipelineError(f"{path} is not an LFW people file: {e}") from e
-    if len(people) != int(rows[0][0]):
-        raise PipelineError(f"{path} announces {rows[0][0]} people but lists {len(people)}")
+        announced = int(rows[0][1][0])
+    except ValueError:
+        raise PipelineError(f"{path}, line {rows[0][0]}: expected the number of people, got {rows[0][1]}") from None
+    if len(people) != announced:
+        raise PipelineError(f"{path} announces {announced} people but lists {len(people)}")
     return people
 
 
@@ -112,17 +136,25 @@ def parse_pairs(path: Path) -> list[tuple[str, str, int, int]]:
     """Pairs file: a header, then `name i j` (same) or `name1 i name2 j` (different) lines, in order.
     Returns (image_a, image_b, same, fold); View 1 files have fold 0, `pairs.txt` folds 0..9."""
     rows = _read_lines(path)
-    header = [int(x) for x in rows[0]]
-    per_fold = 2 * header[-1]
+    try:
+        header = [int(x) for x in rows[0][1]]
+        per_fold = 2 * header[-1]
+    except (ValueError, IndexError):
+        raise PipelineError(f"{path}, line {rows[0][0]}: expected a header of counts, got {rows[0][1]}") from None
     out = []
-    for k, r in enumerate(rows[1:]):
+    for k, (line, r) in enumerate(rows[1:]):
         fold = k // per_fold if len(header) == 2 else 0
-        if len(r) == 3:
-            out.append((image_name(r[0], int(r[1])), image_name(r[0], int(r[2])), 1, fold))
-        elif len(r) == 4:
-            out.append((image_name(r[0], int(r[1])), image_name(r[2], int(r[3])), 0, fold))
-        else:
-            raise PipelineError(f"{path}, line {k + 2}: expected 3 or 4 fields, got {r}")
+        try:
+            if len(r) == 3:
+                name = check_name(r[0], path, line)
+                out.append((image_name(name, int(r[1])), image_name(name, int(r[2])), 1, fold))
+            elif len(r) == 4:
+                a, b = check_name(r[0], path, line), check_name(r[2], path, line)
+                out.append((image_name(a, int(r[1])), image_name(b, int(r[3])), 0, fold))
+            else:
+                raise PipelineError(f"{path}, line {line}: expected 3 or 4 fields, got {r}")
+        except ValueError:
+            raise PipelineError(f"{path}, line {line}: image numbers must be integers, got {r}") from None
     expected = header[0] * per_fold if len(header) == 2 else per_fold
     if len(out) != expected:
         raise PipelineError(f"{path} announces {expected} pairs but lists {len(out)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -13,11 +14,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from pipeline import data, models
+from pipeline import data, models, outputs
 from pipeline.distributed import init_world, split_range
 from pipeline.errors import PipelineError
 from pipeline.runtime import autocast, reproducible_kernels, resolve_device, seed_everything
-from pipeline.store import StoreWriter, differing_settings, partial_path
+from pipeline.store import StoreWriter, differing_settings, partial_path, recognise_partial, recognise_store
 
 log = logging.getLogger(__name__)
 ASSEMBLY_ROWS = 65536  # rows copied at a time when rank 0 joins the parts (bounded memory)
@@ -127,8 +128,20 @@ def embed(cfg: EmbedConfig) -> Path:
     Under torchrun each rank embeds a contiguous shard of whole batches into `OUT.partK` (resumable on its
     own); rank 0 then assembles the parts in order into OUT, identical to a single-process store."""
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise PipelineError(f"{out} exists; pass --overwrite to replace it")
+    inputs = [Path(cfg.weights)] if cfg.weights not in ("imagenet", "none") else []
+
+    def check() -> None:
+        outputs.check_file_out(out, inputs=inputs)
+        outputs.check_replaceable(out, cfg.overwrite, recognise_store, "embedding store")
+
+    check()
+    # rank 0 (or the one process) holds OUT's lock; under torchrun every rank also locks its own part
+    main = int(os.environ.get("RANK", "0")) == 0
+    with outputs.claim(out, check) if main else contextlib.nullcontext():
+        return _embed(cfg, out)
+
+
+def _embed(cfg: EmbedConfig, out: Path) -> Path:
     if cfg.download:
         data.download_lfw(cfg.data_root, cfg.image_set)
     proto = data.load_protocol(cfg.data_root, cfg.image_set, cfg.protocol, cfg.split, cfg.skip_missing).limit(cfg.limit)
@@ -167,8 +180,9 @@ def embed(cfg: EmbedConfig) -> Path:
     batches = split_range(n_batches, world.size, world.rank)
     rows = range(batches.start * cfg.batch_size, min(batches.stop * cfg.batch_size, len(proto)))
     parts = [part_path(out, k, world.size) for k in range(world.size)]
-    if not (cfg.resume and _complete_part(parts[world.rank], job.part_identity(rows))):
-        job.run(parts[world.rank], rows, {}, {}, final=False)
+    with outputs.output_lock(parts[world.rank]):
+        if not (cfg.resume and _complete_part(parts[world.rank], job.part_identity(rows))):
+            job.run(parts[world.rank], rows, {}, {}, final=False)
     world.barrier()
     if world.is_main:
         _assemble(out, parts, len(proto), identity, store_arrays(proto), extra, cfg)
@@ -200,8 +214,12 @@ class _Job:
         cfg = self.cfg
         identity = self.part_identity(rows)
         dim = embedding_dim(cfg.model, cfg.layer)
-        if not cfg.resume and partial_path(target).exists():
-            log.info("starting over: replacing %s (pass --resume to continue it)", partial_path(target))
+        partial = partial_path(target)
+        if not (cfg.resume and partial.exists()) and os.path.lexists(partial):
+            reason = recognise_partial(partial)
+            if reason is not None:
+                raise PipelineError(f"refusing to replace {partial}: {reason}. Move it away or choose another --out.")
+            log.info("starting over: replacing %s (pass --resume to continue it)", partial)
         writer = StoreWriter(target, len(rows), dim, identity, arrays, cfg.dtype, cfg.resume)
         try:
             bad = sorted(set(_fill(writer, self.embedder, self.proto, self.transform, cfg, self.device, rows)))

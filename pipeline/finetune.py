@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from torchvision import models as tvm
 from tqdm import tqdm
 
-from pipeline import data, models
+from pipeline import data, models, outputs
 from pipeline.embed import default_data_root
 from pipeline.errors import PipelineError
 from pipeline.losses import BatchPairLoss, CosFaceLoss, StudyLoss
@@ -407,8 +407,7 @@ class Trainer:
     def __init__(self, cfg: FinetuneConfig, device: torch.device):
         self.cfg, self.device = cfg, device
         self.out = Path(cfg.out)
-        self.log_path = self.out.with_suffix(".log")
-        self.best_path = self.out.with_name(self.out.stem + ".best.pt")
+        self.log_path, self.best_path = side_files(self.out)
         # channels_last: two to three times faster convolutions on CPU (and on GPU with mixed precision)
         self.model = models.build_model(cfg.model, cfg.weights).to(device, memory_format=torch.channels_last)
         self.frozen, self.tail = split_model(self.model, cfg.layer)
@@ -820,24 +819,74 @@ class BestTrainer(Trainer):
         return self.head(emb, self.train_labels[idx].to(self.device))
 
 
+def side_files(out: Path) -> tuple[Path, Path]:
+    """(validation log, best-epoch checkpoint) written beside the checkpoint `out`."""
+    return out.with_suffix(".log"), out.with_name(out.stem + ".best.pt")
+
+
+def recognise_checkpoint(path: Path) -> str | None:
+    """None when `path` is a checkpoint that `finetune` wrote (read without running code); else what it is."""
+    if Path(path).is_symlink() or not Path(path).is_file():
+        return "it is not a regular file"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return "it is not a checkpoint torch can read safely"
+    ours = isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)
+    return None if ours else "it is not a finetune checkpoint"
+
+
+def recognise_log(path: Path) -> str | None:
+    """None when `path` is a validation log that `finetune` wrote (JSON lines with an epoch); else what it is."""
+    if Path(path).is_symlink() or not Path(path).is_file():
+        return "it is not a regular file"
+    try:
+        records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "it is not a finetune log"
+    return None if all(isinstance(r, dict) and "epoch" in r for r in records) else "it is not a finetune log"
+
+
+def check_outputs(cfg: FinetuneConfig) -> None:
+    """Refuse what would replace or delete a file this command did not write: the checkpoint is replaced only
+    with --overwrite (and when it is ours); its log and best-epoch file only when the checkpoint is replaced
+    or, with --resume, when a killed run left them without a checkpoint."""
+    out = Path(cfg.out)
+    weights = [Path(cfg.weights)] if cfg.weights not in ("imagenet", "none") else []
+    outputs.check_file_out(out, inputs=weights)
+    if out in side_files(out):
+        raise PipelineError(f"--out {out} would be its own log or best-epoch file: pass a name ending in .pt")
+    if cfg.resume and out.exists():
+        return  # load_checkpoint checks it; the log and best file go on
+    if out.exists():
+        outputs.check_replaceable(out, cfg.overwrite, recognise_checkpoint, "finetune checkpoint")
+    fresh_ok = cfg.overwrite or cfg.resume  # starting over on purpose, or after a run killed before its checkpoint
+    for path, recognise in zip(side_files(out), (recognise_log, recognise_checkpoint), strict=True):
+        if os.path.lexists(path):
+            outputs.check_replaceable(path, fresh_ok, recognise, "file of an earlier finetune run")
+
+
 def finetune(cfg: FinetuneConfig) -> Path:
     """Fine-tune `cfg.model` with `cfg.recipe`; returns the final checkpoint (OUT)."""
     cfg = cfg.resolved()
     out = Path(cfg.out)
+    with outputs.claim(out, lambda: check_outputs(cfg)):
+        return _finetune(cfg, out)
+
+
+def _finetune(cfg: FinetuneConfig, out: Path) -> Path:
     ckpt = None
     if out.exists() and cfg.resume:
         ckpt = load_checkpoint(out, cfg)
         if ckpt.get("complete"):
             log.info("%s is already complete; nothing to do", out)
             return out
-    elif out.exists() and not cfg.overwrite:
-        raise PipelineError(f"{out} exists; pass --resume to continue it or --overwrite to start over")
     elif cfg.resume:
         log.warning("no checkpoint at %s: starting from the beginning", out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if ckpt is None:
-        out.with_suffix(".log").unlink(missing_ok=True)
-        out.with_name(out.stem + ".best.pt").unlink(missing_ok=True)
+    if ckpt is None:  # check_outputs recognised these as an earlier run's of this output
+        for path in side_files(out):
+            path.unlink(missing_ok=True)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     trainer = (StudyTrainer if cfg.recipe == "study" else BestTrainer)(cfg, device)

@@ -5,14 +5,15 @@ and their row ranges must not overlap; when they cover every row the full result
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.outputs import claim
+from pipeline.results import PART_FILE, check_results_out, read_json
 from pipeline.roc import HistogramROC
-from pipeline.rows import PART_FILE, _ranges_of, covered, write_part
+from pipeline.rows import _ranges_of, covered, write_part
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,19 @@ def load_part(folder: Path) -> tuple[dict, HistogramROC]:
     info_path = Path(folder) / PART_FILE
     if not info_path.is_file():
         raise PipelineError(f"{folder} is no --rows part: it has no {PART_FILE} (write parts with score --rows A:B)")
-    info = json.loads(info_path.read_text())
+    info = read_json(info_path, "part description")
     acc = HistogramROC.load(Path(folder) / "histogram.npz")
     return info, acc
 
 
 def merge(cfg: MergeConfig) -> dict:
     """Check and add the parts; write `cfg.out`; return the merged part.json dict."""
-    if Path(cfg.out).exists() and not cfg.overwrite:
-        raise PipelineError(f"results folder {cfg.out} exists; pass --overwrite to replace it")
+    out = Path(cfg.out)
+    with claim(out, lambda: check_results_out(out, cfg.overwrite, list(cfg.parts))):
+        return _merge(cfg)
+
+
+def _merge(cfg: MergeConfig) -> dict:
     loaded = [load_part(p) for p in cfg.parts]
     first, acc = loaded[0][0], None
     for folder, (info, part) in zip(cfg.parts, loaded, strict=True):
@@ -69,8 +74,8 @@ def merge(cfg: MergeConfig) -> dict:
         if a1 < b0:
             raise PipelineError(f"parts overlap: rows {a0}:{b0} and {a1}:{b1} (their pairs would count twice)")
     infos = [info for info, _ in loaded]
-    write_part(Path(cfg.out), infos, acc, cfg.overwrite, log_fpr=cfg.log_fpr)
-    merged = json.loads((Path(cfg.out) / PART_FILE).read_text())
+    write_part(Path(cfg.out), infos, acc, log_fpr=cfg.log_fpr)
+    merged = read_json(Path(cfg.out) / PART_FILE, "part description")
     merged["complete"] = covered(infos) == [[0, first["store_n"]]]
     return merged
 

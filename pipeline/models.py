@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from torchvision import models as tvm
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
+HASH_PREFIX = re.compile(r"-([a-f0-9]{8,})\.")  # torchvision names its files NAME-<sha256 prefix>.pth
 
 
 @dataclass(frozen=True)
@@ -82,17 +84,31 @@ def sha256(path: Path | str) -> str:
 
 
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights (downloaded into the torch cache on first use)."""
+    """torchvision's ImageNet weights, downloaded into the torch cache on first use. The file is checked against
+    the sha256 prefix in its published name and read with `weights_only=True`: a file planted in the cache
+    runs no code."""
     weights = backbone(name).imagenet
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    try:
-        return weights.get_state_dict(progress=True)
-    except Exception as e:  # URLError, socket errors, HTTP errors: all mean "not available offline"
+    filename = Path(weights.url).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not cached.exists():
+        try:
+            weights.get_state_dict(progress=True, check_hash=True, weights_only=True)  # downloads, checks the hash
+        except Exception as e:  # URLError, socket errors, HTTP errors: all mean "not available offline"
+            raise PipelineError(
+                f"cannot get ImageNet weights for {name} ({type(e).__name__}: {e}). torchvision looks for "
+                f"{cached}; put the file {filename} there (from {weights.url}), or pass --weights PATH to a saved "
+                f"state_dict."
+            ) from e
+    match = HASH_PREFIX.search(filename)
+    if match and not sha256(cached).startswith(match.group(1)):
         raise PipelineError(
-            f"cannot get ImageNet weights for {name} ({type(e).__name__}: {e}). torchvision looks for "
-            f"{cached}; put the file {Path(weights.url).name} there (from {weights.url}), or pass "
-            f"--weights PATH to a saved state_dict."
-        ) from e
+            f"{cached} is not torchvision's {filename}: its sha256 does not start with {match.group(1)}. Delete "
+            f"it (the next run downloads it again), or pass --weights PATH to a saved state_dict."
+        )
+    try:
+        return torch.load(cached, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PipelineError(f"cannot read cached ImageNet weights {cached}: {e}. Delete it and retry.") from e
 
 
 def read_weights_file(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,46 +1,27 @@
-"""Results on disk and on paper: the results folder of one `score` (metrics.json, roc.csv, roc.png,
-histogram.npz, written atomically) and `report` of several folders (one ROC figure, the study's table)."""
+"""Results on paper: the ROC figure of one result, and `report` of several results folders (one ROC figure,
+the study's table)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import outputs
 from pipeline.errors import PipelineError
-from pipeline.roc import HistogramROC, thin_roc
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_NAMES = {"pairs": "LFWPairs", "people": "LFWPeople", "10fold": "LFW View 2"}
 VARIANTS = ("pretrained", "finetuned")
+REPORT_FILES = ("table.md", "roc.png")
 
 
 def protocol_name(metrics: dict) -> str:
     p = str(metrics.get("protocol") or "")
     return PROTOCOL_NAMES.get(p, p or metrics.get("mode", "pairs"))
-
-
-def _plain(v):
-    """JSON-safe: numpy scalars to Python, NaN/inf to null."""
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _plain(v.tolist())
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 def title_of(metrics: dict) -> str:
@@ -81,46 +62,8 @@ def draw_roc(curves: list[tuple[np.ndarray, np.ndarray, str]], path: Path, title
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
-
-
-def write_results(
-    out: Path, metrics: dict, roc: dict, acc: HistogramROC, log_fpr: bool = False, overwrite: bool = False
-) -> Path:
-    """Write metrics.json, roc.csv, roc.png and histogram.npz into a temporary folder next to `out` and rename
-    it to `out` (an existing `out` is replaced only with `overwrite`)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise PipelineError(f"results folder {out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
-        (tmp / "metrics.json").write_text(json.dumps(_plain(metrics), indent=2) + "\n")
-        fpr, tpr, thr = roc["fpr"], roc["tpr"], roc["threshold"]
-        keep = thin_roc(fpr, tpr)
-        scale = metrics.get("max_distance") or float("nan")
-        with open(tmp / "roc.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["fpr", "tpr", "threshold", "threshold_normalised"])
-            for k in keep:
-                w.writerow([f"{fpr[k]:.9g}", f"{tpr[k]:.9g}", f"{thr[k]:.9g}", f"{thr[k] / scale:.9g}"])
-        draw_roc([(fpr[keep], tpr[keep], f"AUC = {metrics['auc']:.4f}")], tmp / "roc.png", title_of(metrics), log_fpr)
-        acc.save(tmp / "histogram.npz")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("wrote %s", out)
-    return out
 
 
 def read_result(folder: Path) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -163,19 +106,41 @@ def study_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(folders: list[Path], out: Path, log_fpr: bool = False) -> str:
-    """One ROC figure (out/roc.png) and the study's table (out/table.md) from several results folders."""
+def recognise_report_file(path: Path) -> str | None:
+    """None when `path` is a table.md or a PNG figure that this tool wrote; else what it is."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return "it is not a regular file"
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if path.suffix == ".md":
+        return None if head.startswith(b"| model |") else "it is not a table written by report"
+    if head.startswith(b"\x89PNG") and b"matplotlib" in head.lower():
+        return None
+    return "it is not a figure written by this tool"
+
+
+def report(folders: list[Path], out: Path, log_fpr: bool = False, overwrite: bool = False) -> str:
+    """One ROC figure (out/roc.png) and the study's table (out/table.md) from several results folders; an
+    existing table or figure is replaced only with `overwrite`, and only when this tool wrote it."""
     if not folders:
         raise PipelineError("report needs at least one results folder")
+    out = Path(out)
+    outputs.check_folder_out(out, inputs=folders, holds_inputs=False)
     results, curves = [], []
     for folder in folders:
         metrics, fpr, tpr = read_result(folder)
         results.append(metrics)
         curves.append((fpr, tpr, f"{title_of(metrics)}: AUC = {metrics['auc']:.4f}"))
-    out = Path(out)
+    for name in REPORT_FILES:
+        outputs.check_replaceable(out / name, overwrite, recognise_report_file, "report file")
     out.mkdir(parents=True, exist_ok=True)
     table = study_table(results)
-    (out / "table.md").write_text(table)
-    draw_roc(curves, out / "roc.png", "ROC of " + ", ".join(sorted({protocol_name(m) for m in results})), log_fpr)
+    title = "ROC of " + ", ".join(sorted({protocol_name(m) for m in results}))
+    with outputs.output_lock(out / "table.md"):
+        for name in REPORT_FILES:  # checked again under the lock: another run may have written them since
+            outputs.check_replaceable(out / name, overwrite, recognise_report_file, "report file")
+        outputs.replace_file(lambda p: p.write_text(table), out / "table.md")
+        outputs.replace_file(lambda p: draw_roc(curves, p, title, log_fpr), out / "roc.png")
     log.info("wrote %s and %s", out / "table.md", out / "roc.png")
     return table

@@ -18,12 +18,9 @@ Memory (bytes, N rows of dimension D, tile side T = --block, bins K = --bins):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +47,12 @@ from pipeline.blockmath import (
     tile_plan,
 )
 from pipeline.errors import PipelineError
+from pipeline.outputs import claim
+from pipeline.results import PART_FILE, check_results_out, json_writer, write_folder, write_results
 from pipeline.roc import Binning, HistogramROC, check_defined
-from pipeline.store import Store, open_store
+from pipeline.store import Store, open_store, recorded_data_root
 
 log = logging.getLogger(__name__)
-
-PART_FILE = "part.json"
 
 
 def parse_rows(text: str) -> tuple[int, int]:
@@ -353,8 +350,14 @@ def part_info(store: Store, cfg: RowsConfig, binning: Binning, rows: tuple[int, 
 def score_rows(cfg: RowsConfig) -> dict:
     """Score the pairs of `cfg.rows` out of core; write the part folder; return its part.json dict (with the
     full metrics under "metrics" when the part covers every row)."""
-    if cfg.out is not None and Path(cfg.out).exists() and not cfg.overwrite:
-        raise PipelineError(f"results folder {cfg.out} exists; pass --overwrite to replace it")
+    if cfg.out is None:
+        return _score_rows(cfg)
+    out, inputs, data_root = Path(cfg.out), [Path(cfg.store)], recorded_data_root(cfg.store)
+    with claim(out, lambda: check_results_out(out, cfg.overwrite, inputs, data_root)):
+        return _score_rows(cfg)
+
+
+def _score_rows(cfg: RowsConfig) -> dict:
     with open_store(cfg.store, need_labels=True) as store:
         n = store.n
         if n < 2:
@@ -375,7 +378,7 @@ def score_rows(cfg: RowsConfig) -> dict:
     log.info("rows %d:%d: %d pairs (%d same) in %.1f s", rows[0], rows[1], res.n_pairs, info["n_positive"],
              res.seconds)  # fmt: skip
     if cfg.out is not None:
-        write_part(Path(cfg.out), [info], res.acc, cfg.overwrite, log_fpr=cfg.log_fpr)
+        write_part(Path(cfg.out), [info], res.acc, log_fpr=cfg.log_fpr)
     return info
 
 
@@ -397,7 +400,7 @@ def _ranges_of(p: dict) -> list[list[int]]:
     return p["ranges"] if "ranges" in p else [p["rows"]]
 
 
-def write_part(out: Path, parts: list[dict], acc: HistogramROC, overwrite: bool, log_fpr: bool = False) -> None:
+def write_part(out: Path, parts: list[dict], acc: HistogramROC, log_fpr: bool = False) -> None:
     """A part folder (part.json, histogram.npz); the full results folder (metrics.json, roc.csv, roc.png as
     `score` writes them, plus part.json) when the parts cover every row of the store."""
     first = parts[0]
@@ -419,26 +422,15 @@ def write_part(out: Path, parts: list[dict], acc: HistogramROC, overwrite: bool,
     acc.max_distance = max_d
     complete = ranges == [[0, first["store_n"]]]
     if complete:
-        from pipeline.report import write_results
-
         n = first["store_n"]
         if info["n_pairs"] != n * (n - 1) // 2:
             raise RuntimeError(f"internal error: the parts hold {info['n_pairs']} pairs of {n * (n - 1) // 2}")
         check_defined(acc.n_positive, acc.n_negative)
         metrics = full_metrics(info, acc)
         roc = metrics.pop("roc")
-        write_results(out, metrics, roc, acc, log_fpr=log_fpr, overwrite=overwrite)
-        (out / PART_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        return
-    if out.exists() and not overwrite:
-        raise PipelineError(f"results folder {out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    (tmp / PART_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    acc.save(tmp / "histogram.npz")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+        write_results(out, metrics, roc, acc, log_fpr=log_fpr, part=info)
+    else:
+        write_folder(out, {PART_FILE: json_writer(info, null_nan=False)}, acc)
 
 
 def full_metrics(info: dict, acc: HistogramROC) -> dict:

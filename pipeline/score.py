@@ -47,6 +47,8 @@ from pipeline.blockmath import (
 )
 from pipeline.distributed import World, all_gather_rows, all_reduce_sum, init_world
 from pipeline.errors import PipelineError
+from pipeline.outputs import claim
+from pipeline.results import check_results_out, write_results
 from pipeline.roc import (
     Binning,
     HistogramROC,
@@ -56,7 +58,7 @@ from pipeline.roc import (
     value_to_distance,
 )
 from pipeline.runtime import resolve_device
-from pipeline.store import Store, open_store
+from pipeline.store import Store, open_store, recorded_data_root
 
 log = logging.getLogger(__name__)
 
@@ -792,10 +794,19 @@ def guess_variant(attrs: dict) -> str:
 
 def score(cfg: ScoreConfig) -> dict:
     """Score a store (all pairs or its listed pairs), write the results folder, return metrics.json's dict."""
-    if cfg.out is not None and Path(cfg.out).exists() and not cfg.overwrite:
-        raise PipelineError(f"results folder {cfg.out} exists; pass --overwrite to replace it")
+    out = None if cfg.out is None else Path(cfg.out)
+    if out is not None:
+        data_root = recorded_data_root(cfg.store)
+        check_results_out(out, cfg.overwrite, [Path(cfg.store)], data_root)
     world, device = init_world(resolve_device(cfg.device))  # torchrun: tiles split over the ranks
     world.barrier()  # every rank has checked the results folder before rank 0 writes it
+    if out is None or not world.is_main:  # rank 0 alone writes, so it alone holds the output's lock
+        return _score_locked(cfg, world, device)
+    with claim(out, lambda: check_results_out(out, cfg.overwrite, [Path(cfg.store)], data_root)):
+        return _score_locked(cfg, world, device)
+
+
+def _score_locked(cfg: ScoreConfig, world: World, device: torch.device) -> dict:
     with open_store(cfg.store, need_labels=cfg.all_pairs or cfg.rank1) as store, _ieee_matmul(device):
         t0 = time.perf_counter()
         if cfg.all_pairs:
@@ -847,9 +858,7 @@ def score(cfg: ScoreConfig) -> dict:
         metrics["pairs_per_second"],
     )
     if cfg.out is not None and world.is_main:
-        from pipeline.report import write_results
-
-        write_results(Path(cfg.out), metrics, roc, acc, log_fpr=cfg.log_fpr, overwrite=cfg.overwrite)
+        write_results(Path(cfg.out), metrics, roc, acc, log_fpr=cfg.log_fpr)
     return metrics
 
 

@@ -28,6 +28,34 @@ def partial_path(out: Path | str) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+OWN_ATTRS = ("rows_done", "complete", "model", "torch_version")
+"""Attributes every store that `embed` writes carries: a file without them is not replaced by `--overwrite`."""
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def recognise_store(path: Path | str) -> str | None:
+    """None when `path` is an embedding store that `embed` wrote; else what is there."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return "it is not a regular file"
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [a for a in OWN_ATTRS if a not in f.attrs]
+    except OSError:
+        return "it is not a readable HDF5 file"
+    return f"it is an HDF5 file without embed's attributes {missing}" if missing else None
+
+
+def recognise_partial(path: Path | str) -> str | None:
+    """None when `path` (an OUT.partial) is an HDF5 file, as the partial stores of `embed` are (a killed run's
+    may be unreadable); else what is there."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return "it is not a regular file"
+    with open(path, "rb") as f:
+        return None if f.read(8) == HDF5_SIGNATURE else "it is not an HDF5 file"
+
+
 def library_versions() -> dict[str, str]:
     import torch
     import torchvision
@@ -159,6 +187,14 @@ def _attr(v):
 def _drop_rows(path: Path, drop: list[int]) -> None:
     """Rewrite a store in place without rows `drop`, re-indexing pairs (pairs using a dropped row go)."""
     tmp = path.with_name(path.name + ".compact")
+    try:
+        _copy_without(path, tmp, drop)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _copy_without(path: Path, tmp: Path, drop: list[int]) -> None:
     with h5py.File(path, "r") as src, h5py.File(tmp, "w") as dst:
         n = src["embeddings"].shape[0]
         keep = np.setdiff1d(np.arange(n), np.asarray(drop, dtype=np.int64))
@@ -182,7 +218,15 @@ def _drop_rows(path: Path, drop: list[int]) -> None:
         dst.attrs.update(dict(src.attrs))
         dst.attrs["n_skipped_bad"] = len(drop)
         dst.attrs["rows_done"] = len(keep)
-    os.replace(tmp, path)
+
+
+def recorded_data_root(path: Path | str) -> str | None:
+    """The data root a store was embedded from (its `data_root` attribute), or None."""
+    try:
+        with h5py.File(path, "r") as f:
+            return str(_attr(f.attrs.get("data_root", ""))) or None
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 @dataclass

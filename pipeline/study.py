@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline import models
+from pipeline import models, outputs
 from pipeline.embed import EmbedConfig, default_data_root, embed
 from pipeline.finetune import FinetuneConfig, finetune
 from pipeline.report import report
+from pipeline.results import read_json
 from pipeline.score import score_store
 from pipeline.store import open_store
 
@@ -92,7 +93,7 @@ class RunConfig:
             seed=self.seed,
             device=self.device,
             workers=self.workers,
-            resume=out.exists() and not self.overwrite,
+            resume=not self.overwrite,  # a missing checkpoint starts from the beginning
             overwrite=self.overwrite,
             **self.finetune_options,
         ).resolved()
@@ -147,7 +148,7 @@ def _score(
 ) -> tuple[dict, bool]:
     """Score a store unless its results folder exists for the same store and metric; (metrics, scored)."""
     if (out / "metrics.json").is_file() and not fresh:
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = read_json(out / "metrics.json", "results file")
         if metrics.get("metric") == metric:
             log.info("reusing %s", out)
             return metrics, False
@@ -157,9 +158,26 @@ def _score(
     return metrics, True
 
 
+def recognise_summary(path: Path) -> str | None:
+    """None when `path` is a summary.json that `run` wrote; else what it is."""
+    try:
+        summary = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "it is not a JSON file"
+    ours = isinstance(summary, dict) and {"pairs", "people", "recipe"} <= set(summary)
+    return None if ours else "it is not a summary written by run"
+
+
 def run(cfg: RunConfig) -> dict:
-    """The whole study for one model and recipe; returns (and writes) summary.json's dict."""
+    """The whole study for one model and recipe; returns (and writes) summary.json's dict. Every step reuses
+    or replaces only what this tool wrote (each checks its own output) and refuses anything else."""
     out = Path(cfg.out)
+    inputs = [Path(cfg.weights)] if cfg.weights not in ("imagenet", "none") else []
+    with outputs.claim(out, lambda: outputs.check_folder_out(out, inputs=inputs, data_root=cfg.data_root)):
+        return _run(cfg, out)
+
+
+def _run(cfg: RunConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     ft_cfg = cfg.finetune_config()
     layer = ft_cfg.layer
@@ -196,8 +214,8 @@ def run(cfg: RunConfig) -> dict:
 
     folders = {p: [out / "results" / f"{v}-{p}" for v in ("pretrained", "finetuned")] for p in PROTOCOLS}
     for protocol, dirs in folders.items():
-        report(dirs, out / protocol)
-    table = report([d for dirs in folders.values() for d in dirs], out)
+        report(dirs, out / protocol, overwrite=True)
+    table = report([d for dirs in folders.values() for d in dirs], out, overwrite=True)
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     summary = {
         **{p: {v: results[p][v]["auc"] for v in ("pretrained", "finetuned")} for p in PROTOCOLS},
@@ -216,7 +234,8 @@ def run(cfg: RunConfig) -> dict:
             for m, t in STUDY_TABLE.items()
         },
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    outputs.check_replaceable(out / "summary.json", True, recognise_summary, "summary")
+    outputs.replace_file(lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"), out / "summary.json")
     log.info(
         "LFWPairs test AUC %.4f -> %.4f; LFWPeople test AUC %.4f -> %.4f (%s)",
         summary["pairs"]["pretrained"],

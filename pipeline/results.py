@@ -1,0 +1,144 @@
+"""The results folder of `score` and `merge` (metrics.json, roc.csv, roc.png, histogram.npz, and part.json for
+`--rows` parts): where it may go, when an existing one may be replaced, and its one writer (a temporary folder
+beside it, renamed into place)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import outputs
+from pipeline.errors import PipelineError
+from pipeline.roc import HistogramROC, thin_roc
+
+log = logging.getLogger(__name__)
+
+PART_FILE = "part.json"
+RESULT_FILES = ("metrics.json", "roc.csv", "roc.png", "histogram.npz", PART_FILE)
+"""Everything a results or part folder holds; a folder holding anything else is not replaced."""
+
+
+def plain(v):
+    """JSON-safe: numpy scalars to Python, NaN/inf to null."""
+    if isinstance(v, dict):
+        return {str(k): plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [plain(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return plain(v.tolist())
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def recognise_results_folder(path: Path) -> str | None:
+    """None when `path` is an empty folder or a results/part folder of `score`/`merge`; else what it holds."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return "it is not a folder" if not path.is_symlink() else "it is a symbolic link"
+    entries = list(path.iterdir())
+    foreign = sorted(p.name for p in entries if p.name not in RESULT_FILES or p.is_symlink() or not p.is_file())
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        return f"it holds {', '.join(foreign[:5])}{more}, which score does not write"
+    if not entries:
+        return None
+    for name in ("metrics.json", PART_FILE):
+        try:
+            if "n_pairs" in json.loads((path / name).read_text()):
+                return None
+        except (OSError, ValueError, TypeError):
+            continue
+    return "it has no metrics.json or part.json written by score"
+
+
+def check_results_out(out: Path, overwrite: bool, inputs: list[Path], data_root: str | None = None) -> None:
+    """Before anything is created: a safe location, and an existing folder only with `overwrite` when it is a
+    results folder (exit 2 otherwise, with what is there)."""
+    outputs.check_folder_out(out, inputs=inputs, data_root=data_root or None)
+    outputs.check_replaceable(out, overwrite, recognise_results_folder, "results folder")
+
+
+def json_writer(obj: dict, null_nan: bool = True):
+    """A writer of `obj` as indented JSON: NaN/inf as null (`plain`), or as JSON's NaN literals (part.json keeps
+    them: `merge` compares them)."""
+    text = json.dumps(plain(obj) if null_nan else obj, indent=2) + "\n"
+    return lambda path: Path(path).write_text(text)
+
+
+def write_folder(out: Path, files: dict[str, Callable[[Path], None]], acc: HistogramROC) -> Path:
+    """Write `files` (name -> writer taking the path) and `histogram.npz` into a temporary folder beside `out`,
+    then move it into place (`outputs.replace_folder`)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(0o755)
+        for name, write in files.items():
+            write(tmp / name)
+        acc.save(tmp / "histogram.npz")
+        outputs.replace_folder(tmp, out, recognise_results_folder, RESULT_FILES)
+    except BaseException:
+        outputs.remove_own_files(tmp, RESULT_FILES)
+        raise
+    log.info("wrote %s", out)
+    return out
+
+
+def write_results(
+    out: Path, metrics: dict, roc: dict, acc: HistogramROC, log_fpr: bool = False, part: dict | None = None
+) -> Path:
+    """The full results folder: metrics.json, roc.csv, roc.png, histogram.npz (and part.json for merged parts)."""
+    from pipeline.report import draw_roc, title_of
+
+    fpr, tpr, thr = roc["fpr"], roc["tpr"], roc["threshold"]
+    keep = thin_roc(fpr, tpr)
+    scale = metrics.get("max_distance") or float("nan")
+
+    def roc_csv(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["fpr", "tpr", "threshold", "threshold_normalised"])
+            for k in keep:
+                w.writerow([f"{fpr[k]:.9g}", f"{tpr[k]:.9g}", f"{thr[k]:.9g}", f"{thr[k] / scale:.9g}"])
+
+    def roc_png(path: Path) -> None:
+        draw_roc([(fpr[keep], tpr[keep], f"AUC = {metrics['auc']:.4f}")], path, title_of(metrics), log_fpr)
+
+    files = {"metrics.json": json_writer(metrics), "roc.csv": roc_csv, "roc.png": roc_png}
+    if part is not None:
+        files[PART_FILE] = json_writer(part, null_nan=False)
+    return write_folder(out, files, acc)
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from a results folder; unreadable or malformed is a PipelineError naming the file."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"cannot read {what} {path}: {e}") from e
+    if not isinstance(value, dict):
+        raise PipelineError(f"{path} is not a {what}: it holds no JSON object")
+    return value
+
+
+__all__ = [
+    "PART_FILE",
+    "RESULT_FILES",
+    "plain",
+    "recognise_results_folder",
+    "check_results_out",
+    "json_writer",
+    "write_folder",
+    "write_results",
+    "read_json",
+]
