@@ -862,8 +862,13 @@ def check_outputs(cfg: FinetuneConfig) -> None:
         outputs.check_replaceable(out, cfg.overwrite, recognise_checkpoint, "finetune checkpoint")
     fresh_ok = cfg.overwrite or cfg.resume  # starting over on purpose, or after a run killed before its checkpoint
     for path, recognise in zip(side_files(out), (recognise_log, recognise_checkpoint), strict=True):
+        if os.path.lexists(path) and not fresh_ok:
+            raise PipelineError(
+                f"{path} exists beside --out {out} (finetune writes its validation log and best epoch there): "
+                f"move it away, or pass --overwrite to start over if an earlier finetune run wrote it"
+            )
         if os.path.lexists(path):
-            outputs.check_replaceable(path, fresh_ok, recognise, "file of an earlier finetune run")
+            outputs.check_replaceable(path, True, recognise, "file of an earlier finetune run")
 
 
 def finetune(cfg: FinetuneConfig) -> Path:
