@@ -53,7 +53,35 @@ class Group(click.Group):
             return super().invoke(ctx)
         except (PipelineError, ValueError) as e:
             click.echo(f"error: {e}", err=True)
+            if getattr(e, "hard_exit", False):
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             sys.exit(2)
+        except OSError as e:  # reading or writing failed (permissions, full disk, ...): the OS says which file
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+def _quiet_h5py_excepthook(kind, value, tb) -> None:
+    """h5py prints the failure of freeing an object through sys.excepthook: after a failed write that repeats
+    what the command reports once, so it goes to the debug log."""
+    last = tb
+    while last is not None and last.tb_next is not None:
+        last = last.tb_next
+    if last is not None and "h5py" in last.tb_frame.f_code.co_filename and "dealloc" in last.tb_frame.f_code.co_name:
+        logging.getLogger("h5py").debug("ignored while freeing: %s", value)
+        return
+    sys.__excepthook__(kind, value, tb)
+
+
+def _quiet_h5py_dealloc(unraisable) -> None:
+    """After a failed HDF5 write, h5py's objects fail again as they are freed; the command has reported the
+    failure once, so these repeats are logged at debug level. Anything else goes to Python's own hook."""
+    if "h5py" in repr(unraisable.object) or "h5py" in str(getattr(unraisable, "err_msg", "")):
+        logging.getLogger("h5py").debug("ignored while freeing: %s", unraisable.exc_value)
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 @click.group(cls=Group)
@@ -61,6 +89,7 @@ class Group(click.Group):
 def main(verbose: bool) -> None:
     """Turn ImageNet CNNs into face-verification models and measure them on LFW."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.unraisablehook, sys.excepthook = _quiet_h5py_dealloc, _quiet_h5py_excepthook
 
 
 @main.command()

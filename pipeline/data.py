@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -327,6 +328,21 @@ def load_image(path: Path | str) -> Image.Image:
             return im.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:
         raise PipelineError(f"cannot read image {path}: {e}") from e
+
+
+def batches(loader) -> Iterator:
+    """The batches of a DataLoader; a worker process that fails (shared memory full, a file size limit, killed)
+    is one PipelineError instead of torch's nested traceback."""
+    try:
+        yield from loader
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        cause = str(e).strip().splitlines()[-1]
+        raise PipelineError(
+            f"an image-decoding worker process failed ({cause}); pass --workers 0 to decode in the main process, "
+            f"or make room in /dev/shm (and lift any file size limit)"
+        ) from None
 
 
 class ImageFiles(Dataset):

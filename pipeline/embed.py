@@ -224,10 +224,12 @@ class _Job:
         try:
             bad = sorted(set(_fill(writer, self.embedder, self.proto, self.transform, cfg, self.device, rows)))
             path = writer.finish({**extra, "bad_rows": bad}, drop_rows=bad if final else None)
-        except BaseException:
+        except BaseException as e:
             done = writer.rows_done
-            writer.close()
-            log.error("stopped; %s keeps %d finished rows: rerun with --resume to continue", partial_path(target), done)
+            with contextlib.suppress(Exception):  # after a failed write the file may not close: it is reported
+                writer.close()
+            if not isinstance(e, PipelineError):  # a PipelineError's message says what to do
+                log.error("stopped; %s keeps %d finished rows: rerun with --resume to continue", partial, done)
             raise
         if final:
             log.info("wrote %s (%d images, %d unreadable skipped)", path, len(rows) - len(bad), len(bad))
@@ -279,7 +281,7 @@ def _fill(writer: StoreWriter, embedder, proto, transform, cfg: EmbedConfig, dev
         pin_memory=device.type == "cuda",
     )
     with tqdm(total=len(rows), initial=start - rows.start, unit="img", desc="embed", dynamic_ncols=True) as bar:
-        for x, idx, errors in loader:
+        for x, idx, errors in data.batches(loader):
             failed = [i for i, e in zip(idx.tolist(), errors, strict=True) if e]
             if failed and not cfg.skip_bad:
                 raise PipelineError(
@@ -294,7 +296,7 @@ def _fill(writer: StoreWriter, embedder, proto, transform, cfg: EmbedConfig, dev
                     f"the model produced NaN or infinite outputs for {len(names)} images, e.g. {names[:3]}; check the weights"
                 )
             bad += failed
-            writer.file.attrs["bad_rows"] = bad
+            writer.set_attrs({"bad_rows": bad})
             writer.write(int(idx[0]) - rows.start, y.astype(cfg.dtype))
             bar.update(len(idx))
     return bad

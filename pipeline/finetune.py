@@ -17,6 +17,7 @@ every epoch and on SIGINT/SIGTERM; `resume` continues it and ends with the weigh
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -236,7 +237,7 @@ class ImageBank:
         files = data.ImageFiles([proto.absolute(i) for i in range(len(proto))], data.imagenet_crop())
         self.images = torch.empty((len(proto), 3, 224, 224), dtype=torch.uint8)
         loader = DataLoader(files, batch_size=64, num_workers=workers)
-        for x, idx, errors in tqdm(loader, desc="decode", unit="batch", dynamic_ncols=True):
+        for x, idx, errors in tqdm(data.batches(loader), total=len(loader), desc="decode", unit="batch"):
             bad = [e for e in errors if e]
             if bad:
                 raise PipelineError(bad[0])
@@ -300,17 +301,22 @@ def _tuples(x):
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """Serialise in memory, write a temporary file beside `path`, fsync, rename over it. A failed write (full
+    disk, file size limit) is one PipelineError naming the file; the previous checkpoint stays."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)  # in memory first: torch's writer hides the OS's cause of a failed write
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        outputs.replace_file(write, path)
+    except PipelineError as e:
+        raise PipelineError(f"{e}: make room (or lift the limit) and rerun with --resume") from None
 
 
 def load_checkpoint(path: Path, cfg: FinetuneConfig) -> dict:
@@ -589,8 +595,11 @@ class Trainer:
         )
         if auc is None and record["epoch"] == 0:
             log.info("no validation images: validation AUC is not measured")
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise PipelineError(f"cannot write the validation log {self.log_path}: {outputs.io_cause(e)}") from None
 
     def validate(self) -> float | None:
         if len(self.val_rows) < 2:

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -73,6 +74,16 @@ def check_replaceable(out: Path | str, overwrite: bool, recognise: Recognise, wh
             f"refusing to replace {out}: it is not a {what} this tool wrote ({reason}). Move it away or choose "
             f"another --out."
         )
+
+
+def io_cause(e: BaseException) -> str:
+    """The cause of a failed read or write in a few words: h5py's own 'error message', or the OS's."""
+    m = re.search(r"error message = '([^']*)'", str(e))
+    if m:
+        return m.group(1)
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
 
 
 # ---------------------------------------------------------------------------------------------------- locks
@@ -182,11 +193,13 @@ def _free_name(base: Path) -> Path:
 
 def replace_file(write: Callable[[Path], None], out: Path) -> None:
     """Write `out` through `write(tmp)` into a temporary file beside it, then rename it over `out`; the
-    temporary file is removed on any error."""
+    temporary file is removed on any error, and a failed write is a PipelineError naming `out`."""
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, out)
+    except OSError as e:
+        raise PipelineError(f"cannot write {out}: {io_cause(e)}; the previous file, if any, is kept") from e
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -196,6 +209,7 @@ __all__ = [
     "check_folder_out",
     "check_file_out",
     "check_replaceable",
+    "io_cause",
     "output_lock",
     "claim",
     "lock_path",

@@ -87,6 +87,11 @@ def write_folder(out: Path, files: dict[str, Callable[[Path], None]], acc: Histo
             write(tmp / name)
         acc.save(tmp / "histogram.npz")
         outputs.replace_folder(tmp, out, recognise_results_folder, RESULT_FILES)
+    except OSError as e:
+        outputs.remove_own_files(tmp, RESULT_FILES)
+        raise PipelineError(
+            f"cannot write the results folder {out}: {outputs.io_cause(e)}; nothing was written"
+        ) from None
     except BaseException:
         outputs.remove_own_files(tmp, RESULT_FILES)
         raise

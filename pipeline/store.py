@@ -8,7 +8,9 @@ complete, so a file at the output path is always whole.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import logging
 import os
 import platform
 from dataclasses import dataclass
@@ -18,6 +20,9 @@ import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.outputs import io_cause
+
+log = logging.getLogger(__name__)
 
 STR = h5py.string_dtype("utf-8")
 CHUNK_BYTES = 1 << 20
@@ -92,18 +97,46 @@ class StoreWriter:
     ):
         self.out, self.partial = Path(out), partial_path(out)
         self.n, self.dim = n, dim
-        if resume and self.partial.exists():
-            self.file = self._reopen(identity)
-        else:
-            self.file = self._create(n, dim, dtype, identity, arrays)
+        reopened = self._reopen(identity) if resume and self.partial.exists() else None
+        self.file = reopened or self._create(n, dim, dtype, identity, arrays)
+        # one handle for all writes: a temporary handle per write would flush (and fail) as it is freed
+        self.embeddings = self.file["embeddings"]
 
     @property
     def rows_done(self) -> int:
         return int(self.file.attrs["rows_done"])
 
+    def _write_error(self, e: BaseException, f: h5py.File | None) -> PipelineError:
+        """A failed write (full disk, file size limit, read-only or forbidden folder: h5py raises OSError or
+        RuntimeError) as one PipelineError naming the file and the cause; the file is closed first."""
+        err = PipelineError(
+            f"cannot write {self.partial}: {io_cause(e)}. Rows written before are kept there: make room (or lift "
+            f"the limit) and rerun with --resume"
+        )
+        if f is not None:
+            try:
+                f.close()
+            except Exception:
+                err.hard_exit = True
+        return err
+
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            raise self._write_error(e, self.file) from None
+
     def _create(self, n: int, dim: int, dtype: str, identity: dict, arrays: dict) -> h5py.File:
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(self.partial, "w")
+        f = None
+        try:
+            f = h5py.File(self.partial, "w", locking=False)  # our own lock guards it; HDF5's would pass to workers
+            return self._fill_new(f, n, dim, dtype, identity, arrays)
+        except (OSError, RuntimeError) as e:
+            raise self._write_error(e, f) from None
+
+    def _fill_new(self, f: h5py.File, n: int, dim: int, dtype: str, identity: dict, arrays: dict) -> h5py.File:
         itemsize = np.dtype(dtype).itemsize
         f.create_dataset("embeddings", (n, dim), dtype=dtype, chunks=(min(max(n, 1), chunk_rows(dim, itemsize)), dim))
         for name, value in arrays.items():
@@ -120,14 +153,18 @@ class StoreWriter:
         f.flush()
         return f
 
-    def _reopen(self, identity: dict) -> h5py.File:
+    def _reopen(self, identity: dict) -> h5py.File | None:
+        """The partial file to continue, or None when it is unreadable (a run killed while writing HDF5's
+        metadata): then it is started over, as embed's rows are the same whenever they are computed."""
         try:
-            f = h5py.File(self.partial, "r+")
-        except OSError as e:
-            raise PipelineError(
-                f"cannot resume from {self.partial}: it is unreadable ({e}). Delete it, or rerun without --resume "
-                f"to start over."
-            ) from e
+            f = h5py.File(self.partial, "r+", locking=False)
+            int(f.attrs["rows_done"])
+        except (OSError, KeyError) as e:
+            reason = recognise_partial(self.partial)
+            if reason is not None:
+                raise PipelineError(f"cannot resume from {self.partial}: {reason}. Move it away.") from e
+            log.warning("%s is unreadable (%s; killed while writing?): starting over", self.partial, e)
+            return None
         differ = differing_settings(f, identity)
         if differ:
             f.close()
@@ -137,26 +174,34 @@ class StoreWriter:
             )
         return f
 
+    def set_attrs(self, attrs: dict) -> None:
+        """Attributes that go with the next rows (written with them by `write`'s flush)."""
+        with self._writing():
+            self.file.attrs.update(attrs)
+
     def write(self, start: int, rows: np.ndarray) -> None:
         """Write rows [start, start+len(rows)); only contiguous progress from `rows_done` is allowed."""
         if start != self.rows_done:
             raise RuntimeError(f"rows must be written in order: expected start {self.rows_done}, got {start}")
-        self.file["embeddings"][start : start + len(rows)] = rows
-        self.file.attrs["rows_done"] = start + len(rows)
-        self.file.flush()
+        with self._writing():
+            self.embeddings[start : start + len(rows)] = rows
+            self.file.attrs["rows_done"] = start + len(rows)
+            self.file.flush()
 
     def finish(self, extra_attrs: dict | None = None, drop_rows: list[int] | None = None) -> Path:
         """Mark complete and rename to the output path; `drop_rows` (bad images) are removed first."""
         if self.rows_done != self.n:
             raise RuntimeError(f"store has {self.rows_done} of {self.n} rows")
         f = self.file
-        f.attrs.update({k: _attr(v) for k, v in (extra_attrs or {}).items()})
-        f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        f.attrs["complete"] = True
-        f.close()
-        if drop_rows:
-            _drop_rows(self.partial, drop_rows)
-        os.replace(self.partial, self.out)
+        with self._writing():
+            del self.embeddings
+            f.attrs.update({k: _attr(v) for k, v in (extra_attrs or {}).items()})
+            f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            f.attrs["complete"] = True
+            f.close()
+            if drop_rows:
+                _drop_rows(self.partial, drop_rows)
+            os.replace(self.partial, self.out)
         return self.out
 
     def close(self) -> None:
@@ -277,6 +322,31 @@ class Store:
         self.close()
 
 
+def integer_labels(raw: np.ndarray, path: Path) -> np.ndarray:
+    """A store's /labels as int64 identities: integers (or floats without fractions) >= 0, one per row; floats
+    with fractions, strings and negative values are refused, never truncated."""
+    raw = np.asarray(raw)
+    if raw.ndim != 1:
+        raise PipelineError(f"{path}: /labels has shape {raw.shape}; it must be one integer per row")
+    if raw.dtype.kind in "iub":
+        labels = raw.astype(np.int64)
+    elif raw.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(raw) | (raw != np.round(raw)))
+        if len(bad):
+            raise PipelineError(
+                f"{path}: /labels are floats with fractions or NaN (row {bad[0]}: {raw[bad[0]]!r}, {len(bad)} rows in "
+                f"all); labels must be integer identities: write e.g. np.unique(labels, return_inverse=True)[1]"
+            )
+        labels = raw.astype(np.int64)
+    else:
+        raise PipelineError(
+            f"{path}: /labels has type {raw.dtype}; labels must be integer identities (names go to /identities)"
+        )
+    if len(labels) and labels.min() < 0:
+        raise PipelineError(f"{path}: /labels holds negative values (row {int(np.argmin(labels))}); use indices >= 0")
+    return labels
+
+
 def open_store(path: Path | str, need_labels: bool = True) -> Store:
     """Open a store for reading; a missing, truncated, incomplete or malformed file is a PipelineError."""
     path = Path(path)
@@ -300,11 +370,15 @@ def open_store(path: Path | str, need_labels: bool = True) -> Store:
             raise PipelineError(
                 f"{path} is incomplete (rows_done={f.attrs.get('rows_done')}): finish it with `embed --resume`"
             )
-        labels = f["labels"][...].astype(np.int64) if "labels" in f else None
+        labels = integer_labels(f["labels"][...], path) if "labels" in f else None
         if need_labels and labels is None:
             raise PipelineError(f"{path} has no /labels: scoring needs the identity of each row")
-        if labels is not None and len(labels) != f["embeddings"].shape[0]:
-            raise PipelineError(f"{path}: /labels has {len(labels)} rows but /embeddings {f['embeddings'].shape[0]}")
+        n = f["embeddings"].shape[0]
+        for name in ("labels", "paths"):
+            if name in f and len(f[name]) != n:
+                raise PipelineError(
+                    f"{path}: /{name} has {len(f[name])} rows but /embeddings {n}: the store is damaged"
+                )
     except Exception:
         f.close()
         raise

@@ -113,13 +113,20 @@ def test_interrupted_run_resumes_to_identical_store(tiny_lfw, tmp_path, monkeypa
         np.testing.assert_array_equal(resumed[k], whole[k])
 
 
-def test_corrupt_partial_gives_clear_error(tiny_lfw, tmp_path):
+def test_unreadable_partial_starts_over_and_a_foreign_one_is_refused(tiny_lfw, tmp_path, caplog):
+    """A partial HDF5 file left unreadable (a run killed while writing metadata) is started over by --resume, as
+    a requeued job must go on; a file at OUT.partial that is not HDF5 is not ours and is refused."""
+    whole = read(embed(config(tiny_lfw, tmp_path / "whole.h5")))
     out = tmp_path / "s.h5"
     partial_path(out).write_bytes(b"\x89HDF\r\n\x1a\ntruncated")
-    with pytest.raises(PipelineError, match="unreadable.*without --resume"):
-        embed(config(tiny_lfw, out, resume=True))
-    embed(config(tiny_lfw, out))  # without --resume it starts over
-    assert out.exists()
+    resumed = read(embed(config(tiny_lfw, out, resume=True)))
+    assert "starting over" in caplog.text
+    np.testing.assert_array_equal(resumed["embeddings"], whole["embeddings"])
+    other = tmp_path / "t.h5"
+    partial_path(other).write_bytes(b"someone else's file")
+    with pytest.raises(PipelineError, match="not an HDF5 file"):
+        embed(config(tiny_lfw, other, resume=True))
+    assert partial_path(other).read_bytes() == b"someone else's file"
 
 
 def test_corrupt_image_stops_or_is_skipped(tiny_lfw, tmp_path):
