@@ -132,7 +132,8 @@ def embed(cfg: EmbedConfig) -> Path:
 
     def check() -> None:
         outputs.check_file_out(out, inputs=inputs)
-        outputs.check_replaceable(out, cfg.overwrite, recognise_store, "embedding store")
+        if not (cfg.resume and os.path.lexists(out) and recognise_store(out) is None):  # resume checks it below
+            outputs.check_replaceable(out, cfg.overwrite, recognise_store, "embedding store")
 
     check()
     # rank 0 (or the one process) holds OUT's lock; under torchrun every rank also locks its own part
@@ -147,10 +148,6 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
     proto = data.load_protocol(cfg.data_root, cfg.image_set, cfg.protocol, cfg.split, cfg.skip_missing).limit(cfg.limit)
     if len(proto) == 0:
         raise PipelineError("no images to embed (empty protocol or --limit 0)")
-    world, device = init_world(resolve_device(cfg.device))
-    seed_everything(cfg.seed)
-    embedder = prepare(models.Embedder(models.build_model(cfg.model, cfg.weights), cfg.layer), device)
-    transform = data.imagenet_crop()
     identity = {
         "model": cfg.model,
         **models.weights_provenance(cfg.weights),
@@ -166,6 +163,16 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
         "deterministic": cfg.deterministic,
         "transform": repr(data.imagenet_transform()),
     }
+    if cfg.resume and out.exists():  # a requeued run whose store was finished already
+        if _complete_part(out, identity):
+            log.info("%s is already complete with these settings; nothing to do", out)
+            return out
+        if not cfg.overwrite:
+            raise PipelineError(f"{out} exists and was made with other settings; pass --overwrite to replace it")
+    world, device = init_world(resolve_device(cfg.device))
+    seed_everything(cfg.seed)
+    embedder = prepare(models.Embedder(models.build_model(cfg.model, cfg.weights), cfg.layer), device)
+    transform = data.imagenet_crop()
     extra = {
         "data_root": str(Path(cfg.data_root).resolve()),
         "n_skipped_missing": len(proto.skipped),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.outputs import claim
-from pipeline.results import PART_FILE, check_results_out, read_json
+from pipeline.results import PART_FILE, RESULT_FILES, check_results_out, read_json
 from pipeline.roc import HistogramROC
 from pipeline.rows import _ranges_of, covered, write_part
 
@@ -51,7 +51,7 @@ def load_part(folder: Path) -> tuple[dict, HistogramROC]:
 def merge(cfg: MergeConfig) -> dict:
     """Check and add the parts; write `cfg.out`; return the merged part.json dict."""
     out = Path(cfg.out)
-    with claim(out, lambda: check_results_out(out, cfg.overwrite, list(cfg.parts))):
+    with claim(out, lambda: check_results_out(out, cfg.overwrite, list(cfg.parts)), RESULT_FILES):
         return _merge(cfg)
 
 

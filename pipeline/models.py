@@ -162,4 +162,6 @@ def weights_provenance(weights: str) -> dict[str, str]:
     """What to record about the weights in a store: the spec and, for a file, its sha256."""
     if weights in ("imagenet", "none"):
         return {"weights": weights, "weights_sha256": ""}
+    if not Path(weights).is_file():
+        raise PipelineError(f"weights file {weights} does not exist; pass imagenet, none, or an existing file")
     return {"weights": str(Path(weights).resolve()), "weights_sha256": sha256(weights)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import logging
 import os
 import re
@@ -134,13 +135,36 @@ def output_lock(out: Path | str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def claim(out: Path | str, check: Callable[[], None]) -> Iterator[None]:
-    """`check()` (location, replaceable), then the output's lock, then `check()` again: refused before
-    anything is created, and nothing written since the first check is replaced unseen."""
+def claim(out: Path | str, check: Callable[[], None], own_files: Iterable[str] = ()) -> Iterator[None]:
+    """`check()` (location, replaceable), then the output's lock, then what killed runs of this output left
+    (`recover_leftovers`), then `check()` again: refused before anything is created, and nothing written since
+    the first check is replaced unseen."""
     check()
     with output_lock(out):
+        recover_leftovers(Path(out), tuple(own_files))
         check()
         yield
+
+
+def recover_leftovers(out: Path, own_files: tuple[str, ...]) -> None:
+    """Under the output's lock (so no other run is writing them): temporaries of killed runs of `out`
+    (`.NAME.<pid>.tmp` files; `.NAME.*.tmp` folders, of which only `own_files` are removed) go; a previous
+    output moved aside by a replace that was killed (`.NAME.old*`) is put back when `out` is missing, and
+    otherwise its own files are removed."""
+    name = glob.escape(out.name)
+    for p in out.parent.glob(f".{name}.*.tmp"):
+        if p.is_file() and not p.is_symlink() and p.name[len(out.name) + 2 : -4].isdigit():
+            p.unlink()
+        elif p.is_dir() and not p.is_symlink() and own_files:
+            remove_own_files(p, own_files)
+    for p in sorted(out.parent.glob(f".{name}.old*")):
+        if not (p.is_dir() and not p.is_symlink() and own_files):
+            continue
+        if not os.path.lexists(out):
+            log.warning("putting back %s, moved aside by a run that was killed", out)
+            os.replace(p, out)
+        else:
+            remove_own_files(p, own_files)
 
 
 def _read_holder(fd: int) -> str:
@@ -212,6 +236,7 @@ __all__ = [
     "io_cause",
     "output_lock",
     "claim",
+    "recover_leftovers",
     "lock_path",
     "replace_folder",
     "replace_file",

@@ -80,7 +80,7 @@ def write_folder(out: Path, files: dict[str, Callable[[Path], None]], acc: Histo
     then move it into place (`outputs.replace_folder`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         tmp.chmod(0o755)
         for name, write in files.items():

@@ -14,6 +14,7 @@ count there is 0, 1/2 or 1, so `|auc - exact| <= sum_k pos_k * neg_k / (2 P N)`:
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -164,11 +165,15 @@ class HistogramROC:
 
     @classmethod
     def load(cls, path: Path | str) -> HistogramROC:
-        with np.load(path) as z:
-            acc = cls(Binning(float(z["lo"]), float(z["hi"]), int(z["bins"]), str(z["metric"])))
-            acc.pos[:] = z["pos"]
-            acc.neg[:] = z["neg"]
-            acc.max_distance = float(z["max_distance"])
+        """Read `save`'s file; a missing, truncated or foreign file is a PipelineError naming it."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                acc = cls(Binning(float(z["lo"]), float(z["hi"]), int(z["bins"]), str(z["metric"])))
+                acc.pos[:] = z["pos"]
+                acc.neg[:] = z["neg"]
+                acc.max_distance = float(z["max_distance"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise PipelineError(f"cannot read histograms {path} (truncated or not written by score?): {e}") from None
         return acc
 
 

@@ -48,7 +48,7 @@ from pipeline.blockmath import (
 )
 from pipeline.errors import PipelineError
 from pipeline.outputs import claim
-from pipeline.results import PART_FILE, check_results_out, json_writer, write_folder, write_results
+from pipeline.results import PART_FILE, RESULT_FILES, check_results_out, json_writer, write_folder, write_results
 from pipeline.roc import Binning, HistogramROC, check_defined
 from pipeline.store import Store, open_store, recorded_data_root
 
@@ -353,7 +353,7 @@ def score_rows(cfg: RowsConfig) -> dict:
     if cfg.out is None:
         return _score_rows(cfg)
     out, inputs, data_root = Path(cfg.out), [Path(cfg.store)], recorded_data_root(cfg.store)
-    with claim(out, lambda: check_results_out(out, cfg.overwrite, inputs, data_root)):
+    with claim(out, lambda: check_results_out(out, cfg.overwrite, inputs, data_root), RESULT_FILES):
         return _score_rows(cfg)
 
 

@@ -48,7 +48,7 @@ from pipeline.blockmath import (
 from pipeline.distributed import World, all_gather_rows, all_reduce_sum, init_world
 from pipeline.errors import PipelineError
 from pipeline.outputs import claim
-from pipeline.results import check_results_out, write_results
+from pipeline.results import RESULT_FILES, check_results_out, write_results
 from pipeline.roc import (
     Binning,
     HistogramROC,
@@ -802,7 +802,7 @@ def score(cfg: ScoreConfig) -> dict:
     world.barrier()  # every rank has checked the results folder before rank 0 writes it
     if out is None or not world.is_main:  # rank 0 alone writes, so it alone holds the output's lock
         return _score_locked(cfg, world, device)
-    with claim(out, lambda: check_results_out(out, cfg.overwrite, [Path(cfg.store)], data_root)):
+    with claim(out, lambda: check_results_out(out, cfg.overwrite, [Path(cfg.store)], data_root), RESULT_FILES):
         return _score_locked(cfg, world, device)
 
 
