@@ -12,7 +12,8 @@ limit; corrupt and truncated inputs. For each fault the outcome is one of:
 - recovered: the output ends equal to an uninterrupted run's, bit for bit (arrays, checkpoint tensors; for
   results folders the histograms and every non-timing metric);
 - refused: exit code 2 with one `error:` line, no traceback, nothing at the output path (the expected
-  outcome for corrupt inputs);
+  outcome for corrupt inputs; a write failure is followed by a restart, so it ends recovered or lost; finetune
+  may keep its last checkpoint, not marked complete, for that restart);
 - lost: anything else (a different or unreadable output, a traceback, a hang). This must be zero.
 """
 
@@ -104,6 +105,16 @@ def same_checkpoint(a: Path, b: Path) -> bool:
     except Exception:
         return False
     return bool(ca.get("complete")) and all(torch.equal(ca["model"][k], cb["model"][k]) for k in cb["model"])
+
+
+def resumable(path: Path) -> bool:
+    """A readable checkpoint not marked complete: what `finetune --resume` continues."""
+    import torch
+
+    try:
+        return not torch.load(path, map_location="cpu", weights_only=True).get("complete")
+    except Exception:
+        return False
 
 
 METRIC_KEYS = ("auc", "n_pairs", "n_positive", "eer", "tar_at_far", "best_threshold", "max_distance", "bin_lo")
@@ -220,8 +231,8 @@ def write_failure(job: Job, trial: Path, rng: random.Random, tally: Tally, size:
     res = cli(*job.args(out), cwd=trial, fsize=rng.randint(1024, max(2048, int(size * 1.1))))
     if res.returncode == 0:
         first_ok = job.same(out, job.reference)
-    else:
-        first_ok = clean_refusal(res) and not os.path.lexists(out)
+    else:  # finetune keeps its last good checkpoint (not marked complete) for --resume; others leave nothing
+        first_ok = clean_refusal(res) and (not os.path.lexists(out) or (job.name == "finetune" and resumable(out)))
     if not first_ok:
         tally.add("lost", f"under the limit: exit {res.returncode}: {res.stderr.strip()[-200:]}")
         return
