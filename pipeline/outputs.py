@@ -1,8 +1,9 @@
 """What a command may write, replace and delete.
 
-Every command that writes takes `output_lock(out)` first (one writer per output), checks the location with
-`check_folder_out` / `check_file_out` before anything is created, and replaces an existing output only when
-a `recognise` function says this tool wrote it (`--overwrite` alone is not enough). Folders are written
+Every command that writes checks its `--out` (`check_folder_out` / `check_file_out`, `check_replaceable`)
+before anything is created, then holds `output_lock(out)` (one writer per output) until its last write
+(`claim` does both), and replaces an existing output only when a `recognise` function says this tool wrote
+it (`--overwrite` alone is not enough). Folders are written
 beside their target and renamed into place; an old folder is moved aside, the new one moved in, and only
 then are the old one's own files removed, file by file (no recursive delete anywhere)."""
 

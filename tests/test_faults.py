@@ -38,6 +38,12 @@ def test_fault_suite_one_trial_each(tmp_path):
     assert all(t.recovered == t.trials for t in tallies if not t.fault.startswith("corrupt")), table
 
 
+def run_killing_itself(patch: str, args: list) -> subprocess.CompletedProcess:
+    """`cli.py ARGS` in a fresh process after `patch` (Python code) has made it SIGKILL itself somewhere."""
+    code = f"import os, sys, runpy\n{patch}sys.argv = ['cli.py', *sys.argv[1:]]\nrunpy.run_path('cli.py', run_name='__main__')\n"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+
+
 def test_sigkill_of_embed_with_workers_resumes_at_once(tiny_lfw, tmp_path):
     """The killed run's DataLoader workers still live when the restart begins: they hold neither our lock nor
     HDF5's."""
@@ -45,19 +51,15 @@ def test_sigkill_of_embed_with_workers_resumes_at_once(tiny_lfw, tmp_path):
     args = ["embed", "--data-root", tiny_lfw, "--weights", "none", "--batch-size", "2", "--workers", "2"]
     ref = faults.cli(*args, "--out", tmp_path / "ref.h5", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
-    code = (
-        "import os, sys, runpy\n"
+    patch = (
         "from pipeline.store import StoreWriter\n"
         "write = StoreWriter.write\n"
         "def die(self, start, rows):\n"
         "    write(self, start, rows)\n"
         "    if self.rows_done >= 4: os.kill(os.getpid(), 9)\n"
         "StoreWriter.write = die\n"
-        "sys.argv = ['cli.py', *sys.argv[1:]]\n"
-        "runpy.run_path('cli.py', run_name='__main__')\n"
     )
-    killed = subprocess.run([sys.executable, "-c", code, *map(str, args), "--out", str(out)], cwd=ROOT,
-                            capture_output=True, text=True)  # fmt: skip
+    killed = run_killing_itself(patch, [*args, "--out", out])
     assert killed.returncode == -9, killed.stderr
     with h5py.File(out.with_name("a.h5.partial"), "r") as f:
         assert 4 <= int(f.attrs["rows_done"]) < 10
@@ -151,23 +153,19 @@ def test_sigkill_during_a_checkpoint_write_resumes_to_the_uninterrupted_result(t
             "--phase1-epochs", "1", "--phase2-epochs", "1", "--batch-size", "4"]  # fmt: skip
     ref = faults.cli(*args, "--out", tmp_path / "ref.pt", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
-    code = (
-        "import os, sys, runpy\n"
-        "from pipeline import finetune, outputs\n"
+    patch = (
+        "from pipeline import outputs\n"
         "replace = outputs.replace_file\n"
         "calls = []\n"
         "def dying(write, path):\n"
         "    calls.append(path)\n"
-        "    if len(calls) == 3:\n"  # the checkpoint after the first epoch: temporary written, not yet renamed
+        "    if len(calls) == 3:\n"  # a checkpoint during training: temporary written, not yet renamed
         "        write(path.with_name(f'.{path.name}.{os.getpid()}.tmp')); os.kill(os.getpid(), 9)\n"
         "    replace(write, path)\n"
         "outputs.replace_file = dying\n"
-        "sys.argv = ['cli.py', *sys.argv[1:]]\n"
-        "runpy.run_path('cli.py', run_name='__main__')\n"
     )
     out = tmp_path / "m.pt"
-    killed = subprocess.run([sys.executable, "-c", code, *map(str, args), "--out", str(out)], cwd=ROOT,
-                            capture_output=True, text=True)  # fmt: skip
+    killed = run_killing_itself(patch, [*args, "--out", out])
     assert killed.returncode == -9, killed.stderr
     assert list(tmp_path.glob(".m.pt.*.tmp"))  # the killed write's temporary
     res = faults.cli(*args, "--out", out, "--resume", cwd=tmp_path)
