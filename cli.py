@@ -220,7 +220,7 @@ def embed(**options) -> None:
     default=None,
     metavar="A:B",
     help="Only the pairs i < j with A <= i < B, read from the store in blocks (out of core, no torch); "
-    "add the parts with `merge`. Needs a store sorted by label.",
+    "add the parts with `merge`.",
 )
 def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
     """Score pairs of an embedding store: ROC, AUC, EER, TAR@FAR, accuracy into a results folder."""

@@ -6,10 +6,14 @@ so a store larger than memory scores in bounded memory. The parts of any split o
 `pipeline.score` (see `pipeline.blockmath`), and the same bins in every part (the bin-range sample is drawn
 from the whole store with the same seed).
 
-The store must be sorted by label (as `embed` writes it), so that store order is the order `score` uses.
+Labels may be in any row order: each tile finds its same-person pairs by matching labels. For a store sorted by
+label (as `embed` writes it) store order is the order the in-memory `score` uses, and the results are its
+results bit for bit. For an unsorted store the in-memory path multiplies some pairs in the other orientation
+(row j against column i), whose float32 sum can differ in the last bit: a few pairs may land in a neighbouring
+bin; parts still merge exactly into the whole out-of-core run.
 
 Memory (bytes, N rows of dimension D, tile side T = --block, bins K = --bins):
-    24 N                      labels and identity-group bounds
+    16 N                      labels, and their sort order while the bin-range sample is drawn
   + 16 T (D + 2) x 2          two cached row blocks (left and right operands)
   + 8 T^2                     one tile of products and its inner-dimension scratch (D > 254)
   + 8 max(2^20, 4 K) + 24 K   the bincount index buffer, the two histograms and a bincount
@@ -74,7 +78,7 @@ class RowsConfig:
     """Configuration of out-of-core scoring of the pairs whose smaller row index lies in `rows`."""
 
     store: Path
-    """The HDF5 embedding store (/embeddings, /labels sorted by label)."""
+    """The HDF5 embedding store (/embeddings, /labels in any row order)."""
     rows: tuple[int, int] | None = None
     """[A, B): score the pairs i < j with A <= i < B; None: every pair."""
     out: Path | None = None
@@ -182,8 +186,11 @@ def row_stats(store: Store, metric: str) -> tuple[np.ndarray | None, float]:
 
 
 def stream_binning(store: Store, mean, metric: str, max_norm: float, cfg: RowsConfig) -> Binning:
-    """`pipeline.score.choose_binning` over streamed column blocks (the same sample, products and range)."""
-    rows = sample_rows(store.n, cfg.seed, cfg.sample_pairs)
+    """`pipeline.score.choose_binning` over streamed column blocks (the same sample, products and range). The
+    in-memory path draws its sample among the rows sorted by label: the same rows here, in store order."""
+    order = np.argsort(store.labels, kind="stable")
+    rows = np.sort(order[sample_rows(store.n, cfg.seed, cfg.sample_pairs)])
+    del order
     reader = BlockRows(store, mean, metric, None, STAT_ROWS)
     sample_left = np.empty((len(rows), reader.width), dtype=np.float32)
     augment(store.embeddings[rows].astype(np.float32), mean, metric, sample_left, np.empty_like(sample_left))
@@ -205,15 +212,10 @@ class PartResult:
 
 
 def score_part(store: Store, cfg: RowsConfig, binning: Binning, mean, rows: tuple[int, int]) -> PartResult:
-    """Count the pairs i < j with i in `rows` into a HistogramROC (store order = sorted order)."""
+    """Count the pairs i < j (store order) with i in `rows` into a HistogramROC."""
     t0 = time.perf_counter()
     n, A, B = store.n, rows[0], rows[1]
     labels = store.labels
-    cuts = np.flatnonzero(np.diff(labels)) + 1
-    starts, ends = np.r_[0, cuts], np.r_[cuts, n]
-    gid = np.repeat(np.arange(len(starts)), ends - starts)
-    gs, ge = starts[gid], ends[gid]
-    del gid
     plan = tile_plan(n, cfg.block, LEAF)
     mine = [k for k, t in enumerate(plan) if t.r0 < B and t.r1 > A and t.n_pairs]
     side = min(cfg.block, n)
@@ -258,20 +260,34 @@ def score_part(store: Store, cfg: RowsConfig, binning: Binning, mean, rows: tupl
                 all_c.add(vals)
                 if flat is not None:
                     u.reshape(-1)[flat] = vals  # clipped values back, for the same-person slice
-            # same-person pairs: label groups are contiguous (sorted store)
-            c_lo = np.maximum(gs[a:b], t.c0)
-            if t.diagonal:
-                c_lo = np.maximum(c_lo, ri + 1)
-            c_hi = np.minimum(ge[a:b], t.c1)
-            if (c_hi > c_lo).any():
-                pf = _ranges(ri - a2, c_lo - t.c0, c_hi - t.c0, w)
-                pv = np.clip(u.reshape(-1)[pf], 0, top)
-                pos_c.add(pv)
+            pf = same_label_flat(labels, a, b, t, a2, w)  # same-person pairs, in any row order
+            if pf.size:
+                pos_c.add(np.clip(u.reshape(-1)[pf], 0, top))
             n_pairs += vals.size
             bar.update(vals.size)
     acc = HistogramROC(binning)
     acc.add_counts(all_c.counts, pos_c.counts)
     return PartResult(acc, n_pairs, best, time.perf_counter() - t0)
+
+
+def same_label_flat(labels: np.ndarray, a: int, b: int, t: Tile, a2: int, w: int) -> np.ndarray:
+    """Flat indices into tile `t`'s product (rows from a2, width w) of its same-person pairs whose row lies in
+    [a, b): the tile's columns sorted by label once, each row's matches found by binary search. Labels may be
+    in any order; on a diagonal tile only columns j > i count."""
+    cols = labels[t.c0 : t.c1]
+    order = np.argsort(cols, kind="stable")
+    by_label = cols[order]
+    lo = np.searchsorted(by_label, labels[a:b], "left")
+    lens = np.searchsorted(by_label, labels[a:b], "right") - lo
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    i = np.repeat(np.arange(a, b, dtype=np.int64), lens)
+    j = order[np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(total)].astype(np.int64) + t.c0
+    if t.diagonal:
+        keep = j > i
+        i, j = i[keep], j[keep]
+    return (i - a2) * w + (j - t.c0)
 
 
 def _multiplied(t: Tile, a: int, b: int) -> tuple[int, int]:
@@ -306,14 +322,6 @@ def _ranges(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, width: int) -> np.
 
 
 # ---------------------------------------------------------------------------------------------------- stage
-
-
-def check_sorted(store: Store) -> None:
-    if (np.diff(store.labels) < 0).any():
-        raise PipelineError(
-            f"{store.path}: --rows and out-of-core scoring need a store sorted by label (stores of `embed` are); "
-            f"this one is not: score it whole, or rewrite it sorted by /labels"
-        )
 
 
 def part_info(store: Store, cfg: RowsConfig, binning: Binning, rows: tuple[int, int], res: PartResult) -> dict:
@@ -365,7 +373,6 @@ def _score_rows(cfg: RowsConfig) -> dict:
         rows = cfg.rows or (0, n)
         if rows[1] > n:
             raise PipelineError(f"--rows {rows[0]}:{rows[1]}: the store has {n} rows (B must be at most {n})")
-        check_sorted(store)
         t0 = time.perf_counter()
         mean, max_norm = row_stats(store, cfg.metric)
         binning = stream_binning(store, mean, cfg.metric, max_norm, cfg)
