@@ -219,7 +219,7 @@ def embed(**options) -> None:
     "--rows",
     default=None,
     metavar="A:B",
-    help="Only the pairs i < j with A <= i < B, read from the store in blocks (out of core, no torch); "
+    help="Only the pairs i < j with A <= i < B, read from the store in blocks (out of core); "
     "add the parts with `merge`.",
 )
 def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
@@ -381,7 +381,7 @@ def finetune_options(f):
                 type=click.Choice(["study", "best"]),
                 default="study",
                 show_default=True,
-                help="study: the study's Siamese recipe; best: the project's recipe (README, Fine-tuning).",
+                help="study: the study's Siamese recipe; best: the project's recipe (docs/finetuning.md).",
             ),
             click.option(
                 "--phase1-epochs", type=int, default=None, help="Epochs with the frozen part frozen [preset]."

@@ -1,1 +1,1 @@
-"""Benchmarks: each prints a table of ratios measured in one run (see README.md)."""
+"""Benchmarks: each prints a table of ratios measured in one run (logs and commands: docs/scoring.md, docs/embedding.md, docs/scaling.md, docs/faults.md)."""
