@@ -3,6 +3,7 @@ stage's config and calls the stage; library code does the work."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -329,47 +330,32 @@ def report(folders: tuple[Path, ...], out: Path, log_fpr: bool, overwrite: bool)
     click.echo(run_report(list(folders), out, log_fpr=log_fpr, overwrite=overwrite), nl=False)
 
 
-@main.group()
+BENCHMARKS = {
+    "embed": "bench_embed",
+    "score": "bench_score",
+    "scale": "bench_scale",
+    "faults": "faults",
+    "gpu-check": "gpu_check",
+    "lfw-slice": "lfw_slice",
+}
+"""`cli.py bench NAME` -> the module `benchmarks.MODULE`, whose `command` it runs (as `python -m benchmarks.MODULE`)."""
+
+
+class Benchmarks(click.Group):
+    """Each benchmark's options live in its own module, imported only when that benchmark runs."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(BENCHMARKS)
+
+    def get_command(self, ctx, name: str):
+        if name not in BENCHMARKS:
+            return None
+        return importlib.import_module(f"benchmarks.{BENCHMARKS[name]}").command
+
+
+@main.group(cls=Benchmarks)
 def bench() -> None:
-    """Benchmarks that print a table of ratios measured in the same run."""
-
-
-@bench.command("embed")
-@data_root_option
-@click.option("--models", default="squeezenet1_0,alexnet", show_default=True, help="Comma-separated backbones.")
-@click.option("--limit", type=int, default=None, help="Only the first N LFWPeople test images (default all 3,708).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per forward pass.")
-@workers_option
-@device_option
-@click.option("--deterministic", is_flag=True, help="Time `embed --deterministic` (oneDNN off).")
-@click.option(
-    "--decoded",
-    type=int,
-    default=256,
-    show_default=True,
-    help="Images decoded in advance for the model-only measurement.",
-)
-def bench_embed(models: str, **options) -> None:
-    """Images/s of the whole `embed` against model-only forward passes, in the same run."""
-    from benchmarks.bench_embed import BenchEmbedConfig, format_table, run_bench
-
-    rows = run_bench(BenchEmbedConfig(models=tuple(models.split(",")), **options))
-    click.echo(format_table(rows))
-
-
-@bench.command("score")
-@click.option(
-    "--sizes", default="3708x1000,100000x128", show_default=True, help="Comma-separated NxD random stores to score."
-)
-@click.option("--peers/--no-peers", default=True, show_default=True, help="Also time the alternatives a user has.")
-@device_option
-@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Where the random stores go (temp).")
-def bench_score(sizes: str, peers: bool, device: str, workdir: Path | None) -> None:
-    """All-pairs scoring: pairs/s, ratio to the floor measured in the same process, peers, peak memory."""
-    from benchmarks.bench_score import BenchScoreConfig, format_table, run_bench
-
-    shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in sizes.split(","))
-    click.echo(format_table(run_bench(BenchScoreConfig(sizes=shapes, peers=peers, device=device, workdir=workdir))))
+    """Benchmarks that print a table of ratios measured in the same run (also `python -m benchmarks.MODULE`)."""
 
 
 def finetune_options(f):

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import torch
 
 from pipeline import data, models
@@ -114,9 +115,32 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@click.command("embed")
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    envvar="LFW_ROOT",
+    default="data",
+    show_default=True,
+    help="Folder with LFW (env LFW_ROOT).",
+)
+@click.option("--models", default="squeezenet1_0,alexnet", show_default=True, help="Comma-separated backbones.")
+@click.option("--limit", type=int, default=None, help="Only the first N LFWPeople test images (default all 3,708).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per forward pass.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--deterministic", is_flag=True, help="Time `embed --deterministic` (oneDNN off).")
+@click.option(
+    "--decoded",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Images decoded in advance for the model-only measurement.",
+)
+def command(models: str, **options) -> None:
+    """Images/s of the whole `embed` against model-only forward passes, in the same run."""
+    click.echo(format_table(run_bench(BenchEmbedConfig(models=tuple(models.split(",")), **options))))
+
+
 if __name__ == "__main__":
-    import sys
-
-    from cli import main
-
-    main(["bench", "embed", *sys.argv[1:]])
+    command()

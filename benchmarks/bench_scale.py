@@ -87,14 +87,15 @@ def peak_memory(n: int, dim: int, rows: str, work: Path) -> dict:
                 n_pairs=info["n_pairs"], seconds=time.perf_counter() - t0)  # fmt: skip
 
 
-@click.command()
+@click.command("scale")
 @click.option("--n", type=int, default=100_000, show_default=True)
 @click.option("--dim", type=int, default=128, show_default=True)
 @click.option("--repeats", type=int, default=2, show_default=True)
 @click.option("--memory-n", type=int, default=0, help="Also the --rows peak memory on this many float16 rows.")
 @click.option("--rows", default="0:2000", show_default=True)
 @click.option("--work", type=click.Path(path_type=Path), default=None, help="Folder for stores (default: temp).")
-def main(n: int, dim: int, repeats: int, memory_n: int, rows: str, work: Path | None) -> None:
+def command(n: int, dim: int, repeats: int, memory_n: int, rows: str, work: Path | None) -> None:
+    """torchrun speed-up (2 ranks against 1) and out-of-core peak memory, on random stores."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_scale.")) if work is None else Path(work)
     tmp.mkdir(parents=True, exist_ok=True)
     try:
@@ -124,4 +125,4 @@ def main(n: int, dim: int, repeats: int, memory_n: int, rows: str, work: Path | 
 
 
 if __name__ == "__main__":
-    main()
+    command()

@@ -9,7 +9,6 @@ pairs of its first rows and are extrapolated (marked ~).
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import multiprocessing as mp
 import resource
@@ -18,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 
@@ -324,15 +324,18 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([head, *(format_row(r) for r in rows)]) + "\n" + foot + "\n"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="3708x1000,100000x128")
-    p.add_argument("--no-peers", action="store_true")
-    p.add_argument("--device", default="auto")
-    a = p.parse_args()
-    sizes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in a.sizes.split(","))
-    print(format_table(run_bench(BenchScoreConfig(sizes=sizes, peers=not a.no_peers, device=a.device))))
+@click.command("score")
+@click.option(
+    "--sizes", default="3708x1000,100000x128", show_default=True, help="Comma-separated NxD random stores to score."
+)
+@click.option("--peers/--no-peers", default=True, show_default=True, help="Also time the alternatives a user has.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Where the random stores go (temp).")
+def command(sizes: str, peers: bool, device: str, workdir: Path | None) -> None:
+    """All-pairs scoring: pairs/s, ratio to the floor measured in the same process, peers, peak memory."""
+    shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in sizes.split(","))
+    click.echo(format_table(run_bench(BenchScoreConfig(sizes=shapes, peers=peers, device=device, workdir=workdir))))
 
 
 if __name__ == "__main__":
-    main()
+    command()

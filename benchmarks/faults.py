@@ -37,6 +37,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from benchmarks import argparse_command
 from benchmarks.synthetic import make_tiny_lfw, random_store, write_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -381,6 +382,8 @@ def main(argv: list[str] | None = None) -> None:
     if any(t.lost for t in tallies):
         sys.exit(1)
 
+
+command = argparse_command("faults", main, __doc__)
 
 if __name__ == "__main__":
     main()

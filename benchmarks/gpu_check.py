@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import argparse_command
 from benchmarks.bench_score import floor_seconds, write_random_store
 from pipeline.roc import HistogramROC
 from pipeline.score import score_store
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
         (args.out / "gpu_check.md").write_text(text + "\n")
     return result
 
+
+command = argparse_command("gpu-check", main, __doc__)
 
 if __name__ == "__main__":
     main()

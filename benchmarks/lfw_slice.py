@@ -12,6 +12,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+from benchmarks import argparse_command
 from pipeline import data
 from pipeline.errors import PipelineError
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"{n} images, {size / 2**20:.1f} MiB under {args.out}")
 
+
+command = argparse_command("lfw-slice", main, __doc__)
 
 if __name__ == "__main__":
     main()
