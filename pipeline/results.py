@@ -61,6 +61,49 @@ def recognise_results_folder(path: Path) -> str | None:
     return "it has no metrics.json or part.json written by score"
 
 
+def json_attrs(attrs: dict) -> dict:
+    """A store's attributes as JSON-safe Python values (numpy scalars and arrays, bytes)."""
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, np.ndarray):
+            v = v.tolist()
+        if isinstance(v, bytes):
+            v = v.decode(errors="replace")
+        out[k] = v
+    return out
+
+
+def guess_variant(attrs: dict) -> str:
+    """finetuned when the store's weights are a `finetune` checkpoint, else pretrained."""
+    weights = str(attrs.get("weights", ""))
+    if weights in ("", "imagenet", "none") or not Path(weights).is_file():
+        return "finetuned" if "finetune" in weights.lower() else "pretrained"
+    try:
+        from pipeline.models import read_weights_file  # torch: only for stores made from a weights file
+
+        return "finetuned" if read_weights_file(weights)[1] else "pretrained"
+    except PipelineError:
+        return "pretrained"
+
+
+def describe(attrs: dict, store: Path, label: str | None, variant: str | None) -> dict:
+    """What every metrics.json says about its store: model, protocol, image set, layer, weights, the variant
+    (pretrained or finetuned, guessed when not given), the label of legends, the store and its provenance."""
+    return {
+        "model": attrs.get("model", ""),
+        "protocol": attrs.get("protocol", ""),
+        "image_set": attrs.get("image_set", ""),
+        "layer": attrs.get("layer", ""),
+        "weights": attrs.get("weights", ""),
+        "variant": variant or guess_variant(attrs),
+        "label": label or f"{attrs.get('model', Path(store).stem)}",
+        "store": str(Path(store).resolve()),
+        "provenance": attrs,
+    }
+
+
 def check_results_out(out: Path, overwrite: bool, inputs: list[Path], data_root: str | None = None) -> None:
     """Before anything is created: a safe location, and an existing folder only with `overwrite` when it is a
     results folder (exit 2 otherwise, with what is there)."""
@@ -140,6 +183,9 @@ __all__ = [
     "PART_FILE",
     "RESULT_FILES",
     "plain",
+    "json_attrs",
+    "guess_variant",
+    "describe",
     "recognise_results_folder",
     "check_results_out",
     "json_writer",

@@ -52,7 +52,16 @@ from pipeline.blockmath import (
 )
 from pipeline.errors import PipelineError
 from pipeline.outputs import claim
-from pipeline.results import PART_FILE, RESULT_FILES, check_results_out, json_writer, write_folder, write_results
+from pipeline.results import (
+    PART_FILE,
+    RESULT_FILES,
+    check_results_out,
+    describe,
+    json_attrs,
+    json_writer,
+    write_folder,
+    write_results,
+)
 from pipeline.roc import Binning, HistogramROC, check_defined
 from pipeline.store import Store, open_store, recorded_data_root
 
@@ -327,9 +336,7 @@ def _ranges(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, width: int) -> np.
 def part_info(store: Store, cfg: RowsConfig, binning: Binning, rows: tuple[int, int], res: PartResult) -> dict:
     """What `merge` checks and adds: the part's place, bins, settings and store identity."""
     value, tile, i, j = res.extreme
-    attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in store.attrs.items()}
-    attrs = {k: (v.decode(errors="replace") if isinstance(v, bytes) else v) for k, v in attrs.items()}
-    attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in attrs.items()}
+    attrs = json_attrs(store.attrs)
     return {
         "rows": list(rows),
         "store": str(Path(cfg.store).resolve()),
@@ -444,7 +451,6 @@ def full_metrics(info: dict, acc: HistogramROC) -> dict:
     """metrics.json of a complete result, with the keys `score` writes."""
     metrics = acc.compute()
     attrs = info.get("provenance", {})
-    weights = str(attrs.get("weights", ""))
     seconds = info["seconds"]
     metrics.update(
         metric=info["metric"],
@@ -459,15 +465,7 @@ def full_metrics(info: dict, acc: HistogramROC) -> dict:
         bin_hi=info["bin_hi"],
         world_size=1,
         parts=info["parts"],
-        model=attrs.get("model", ""),
-        protocol=attrs.get("protocol", ""),
-        image_set=attrs.get("image_set", ""),
-        layer=attrs.get("layer", ""),
-        weights=weights,
-        variant=info.get("variant") or ("finetuned" if "finetune" in weights.lower() else "pretrained"),
-        label=info.get("label") or f"{attrs.get('model', Path(info['store']).stem)}",
-        store=info["store"],
-        provenance=attrs,
+        **describe(attrs, Path(info["store"]), info.get("label"), info.get("variant")),
     )
     return metrics
 

@@ -48,7 +48,7 @@ from pipeline.blockmath import (
 from pipeline.distributed import World, all_gather_rows, all_reduce_sum, init_world
 from pipeline.errors import PipelineError
 from pipeline.outputs import claim
-from pipeline.results import RESULT_FILES, check_results_out, write_results
+from pipeline.results import RESULT_FILES, check_results_out, describe, json_attrs, write_results
 from pipeline.roc import (
     Binning,
     HistogramROC,
@@ -766,32 +766,6 @@ def _nearest_torch(prep: Prepared, queries: np.ndarray, block: int) -> np.ndarra
 # ---------------------------------------------------------------------------------------------------- stage
 
 
-def _json_attrs(attrs: dict) -> dict:
-    out = {}
-    for k, v in attrs.items():
-        if isinstance(v, np.generic):
-            v = v.item()
-        elif isinstance(v, np.ndarray):
-            v = v.tolist()
-        elif isinstance(v, bytes):
-            v = v.decode(errors="replace")
-        out[k] = v
-    return out
-
-
-def guess_variant(attrs: dict) -> str:
-    """finetuned when the store's weights are a `finetune` checkpoint, else pretrained."""
-    weights = str(attrs.get("weights", ""))
-    if weights in ("", "imagenet", "none") or not Path(weights).is_file():
-        return "finetuned" if "finetune" in weights.lower() else "pretrained"
-    try:
-        from pipeline.models import read_weights_file
-
-        return "finetuned" if read_weights_file(weights)[1] else "pretrained"
-    except PipelineError:
-        return "pretrained"
-
-
 def score(cfg: ScoreConfig) -> dict:
     """Score a store (all pairs or its listed pairs), write the results folder, return metrics.json's dict."""
     out = None if cfg.out is None else Path(cfg.out)
@@ -822,7 +796,7 @@ def _score_locked(cfg: ScoreConfig, world: World, device: torch.device) -> dict:
         # the scoring itself: without the checks that --rank1 and --exact add
         seconds = time.perf_counter() - t0 - extra.get("seconds_rank1", 0.0) - extra.get("seconds_exact", 0.0)
         extra.pop("seconds", None)
-        attrs = _json_attrs(store.attrs)
+        attrs = json_attrs(store.attrs)
     roc = metrics.pop("roc")
     metrics.update(
         metric=cfg.metric,
@@ -837,16 +811,8 @@ def _score_locked(cfg: ScoreConfig, world: World, device: torch.device) -> dict:
     if "auc_exact" in metrics:
         metrics["auc_minus_exact"] = metrics["auc"] - metrics["auc_exact"]
     metrics.update(
-        model=attrs.get("model", ""),
-        protocol=attrs.get("protocol", ""),
-        image_set=attrs.get("image_set", ""),
-        layer=attrs.get("layer", ""),
-        weights=attrs.get("weights", ""),
-        variant=cfg.variant or guess_variant(attrs),
-        label=cfg.label or f"{attrs.get('model', Path(cfg.store).stem)}",
-        store=str(Path(cfg.store).resolve()),
+        **describe(attrs, Path(cfg.store), cfg.label, cfg.variant),
         config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        provenance=attrs,
     )
     log.info(
         "AUC %.6f (+- %.1e binning) over %d pairs (%d same) in %.3f s (%.3g pairs/s)",
