@@ -63,7 +63,7 @@ from pipeline.results import (
     write_results,
 )
 from pipeline.roc import Binning, HistogramROC, check_defined
-from pipeline.store import Store, open_store, recorded_data_root
+from pipeline.store import Store, bad_rows_error, open_store, recorded_data_root
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +174,7 @@ def row_stats(store: Store, metric: str) -> tuple[np.ndarray | None, float]:
         for _ in blocks():
             pass
     if bad:
-        raise PipelineError(
-            f"{store.path}: {len(bad)} rows hold NaN or infinite values: rows {bad[:10]}"
-            f"{' ...' if len(bad) > 10 else ''}. Re-embed those images (check the weights) or drop them."
-        )
+        raise bad_rows_error(store, bad)
     reader = BlockRows(store, mean, metric, None, STAT_ROWS)
     top, zero = 0.0, []
     for s in range(0, n, STAT_ROWS):

@@ -58,7 +58,7 @@ from pipeline.roc import (
     value_to_distance,
 )
 from pipeline.runtime import resolve_device
-from pipeline.store import Store, open_store, recorded_data_root
+from pipeline.store import Store, bad_rows_error, open_store, recorded_data_root
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +187,7 @@ def read_rows(store: Store, out: np.ndarray | None = None) -> np.ndarray:
             bad.extend((np.flatnonzero(~ok) + s).tolist())
         x[s : s + len(blk)] = blk
     if bad:
-        paths = store.strings("paths")
-        named = [f"{r} ({paths[r]})" if r < len(paths) else str(r) for r in bad[:10]]
-        raise PipelineError(
-            f"{store.path}: {len(bad)} rows hold NaN or infinite values: rows {', '.join(named)}"
-            f"{' ...' if len(bad) > 10 else ''}. Re-embed those images (check the weights) or drop them."
-        )
+        raise bad_rows_error(store, bad)
     return x
 
 

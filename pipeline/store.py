@@ -347,6 +347,16 @@ def integer_labels(raw: np.ndarray, path: Path) -> np.ndarray:
     return labels
 
 
+def bad_rows_error(store: Store, bad: list[int]) -> PipelineError:
+    """NaN or infinite rows, named by row and image path (the first ten)."""
+    paths = store.strings("paths")
+    named = [f"{r} ({paths[r]})" if r < len(paths) else str(r) for r in bad[:10]]
+    return PipelineError(
+        f"{store.path}: {len(bad)} rows hold NaN or infinite values: rows {', '.join(named)}"
+        f"{' ...' if len(bad) > 10 else ''}. Re-embed those images (check the weights) or drop them."
+    )
+
+
 def open_store(path: Path | str, need_labels: bool = True) -> Store:
     """Open a store for reading; a missing, truncated, incomplete or malformed file is a PipelineError."""
     path = Path(path)

@@ -172,3 +172,14 @@ def test_sigkill_during_a_checkpoint_write_resumes_to_the_uninterrupted_result(t
     assert res.returncode == 0, res.stderr
     assert faults.same_checkpoint(out, tmp_path / "ref.pt")
     assert not list(tmp_path.glob(".m.pt.*.tmp"))  # removed under the lock by the restart
+
+
+def test_nan_rows_are_named_in_memory_and_out_of_core(tmp_path):
+    x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+    x[5, 1] = np.nan
+    path = write_store(tmp_path / "s.h5", x, np.arange(8) % 3)
+    with h5py.File(path, "a") as f:
+        f["paths"] = np.array([f"img{k}.jpg".encode() for k in range(8)])
+    for extra in ((), ("--rows", "0:8")):
+        res = cli("score", path, "--all-pairs", "--out", tmp_path / "r", *extra)
+        assert res.exit_code == 2 and "rows 5 (img5.jpg)" in res.output, res.output
