@@ -1,0 +1,153 @@
+"""The `finetune` stage: turn an ImageNet CNN into a face-verification network.
+
+Two recipes:
+
+- `study`, the study's method, faithful: Siamese pairs of `pairsDevTrain` through one network, the
+  normalised Euclidean distance of the outputs against 0 = same / 1 = different with binary cross entropy,
+  SGD with momentum, gradient norm clipped; phase 1 trains the classifier on frozen convolutional features
+  (computed once and cached: same mathematics, dropout included), phase 2 the whole network.
+- `best`, the project's own: identities of `peopleDevTrain` (a tenth of the people held out for
+  validation), a large-margin cosine loss on the penultimate features, horizontal flips, cosine learning
+  rate, the last block trained on cached early features, the checkpoint of best validation AUC kept.
+
+A checkpoint (model, optimizer, epoch, step, running state, RNG states, config) is written atomically after
+every epoch and on SIGINT/SIGTERM; `resume` continues it and ends with the weights of an uninterrupted run.
+
+Modules: `config` (options and presets as data), `checkpoint` (the files a run writes, RNG states,
+signals), `features` (frozen part / tail, image bank, feature cache), `validation` (held-out people, AUC),
+`loop` (the one training loop, `Trainer`), `recipes` (`StudyTrainer`, `BestTrainer`: hooks of the loop).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from pipeline import data, models, outputs
+from pipeline.errors import PipelineError
+from pipeline.finetune.checkpoint import (
+    append_log,
+    load_checkpoint,
+    recognise_checkpoint,
+    recognise_log,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+    side_files,
+    stop_on_signals,
+)
+from pipeline.finetune.config import (
+    BEST_PRESET,
+    RECIPES,
+    RUNTIME_FIELDS,
+    STUDY_DEFAULTS,
+    STUDY_PRESETS,
+    FinetuneConfig,
+    TrainingInterrupted,
+)
+from pipeline.finetune.features import ImageBank, cached_rows, compute_features, set_phase, split_model
+from pipeline.finetune.loop import Trainer
+from pipeline.finetune.recipes import BestTrainer, StudyTrainer, cosine_lr, identity_batches, study_pairs
+from pipeline.finetune.validation import all_pairs_auc, random_people, unpaired_people, validation_rows
+from pipeline.losses import BatchPairLoss, CosFaceLoss, StudyLoss
+from pipeline.runtime import resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+TRAINERS: dict[str, type[Trainer]] = {"study": StudyTrainer, "best": BestTrainer}
+
+__all__ = [
+    "BEST_PRESET",
+    "RECIPES",
+    "RUNTIME_FIELDS",
+    "STUDY_DEFAULTS",
+    "STUDY_PRESETS",
+    "TRAINERS",
+    "BatchPairLoss",
+    "BestTrainer",
+    "CosFaceLoss",
+    "FinetuneConfig",
+    "ImageBank",
+    "StudyLoss",
+    "StudyTrainer",
+    "Trainer",
+    "TrainingInterrupted",
+    "all_pairs_auc",
+    "append_log",
+    "cached_rows",
+    "check_outputs",
+    "compute_features",
+    "cosine_lr",
+    "data",
+    "finetune",
+    "identity_batches",
+    "load_checkpoint",
+    "models",
+    "random_people",
+    "recognise_checkpoint",
+    "recognise_log",
+    "rng_state",
+    "save_atomic",
+    "set_phase",
+    "set_rng_state",
+    "side_files",
+    "split_model",
+    "stop_on_signals",
+    "study_pairs",
+    "unpaired_people",
+    "validation_rows",
+]
+
+
+def check_outputs(cfg: FinetuneConfig) -> None:
+    """Refuse what would replace or delete a file this command did not write: the checkpoint is replaced only
+    with --overwrite (and when it is ours); its log and best-epoch file only when the checkpoint is replaced
+    or, with --resume, when a killed run left them without a checkpoint."""
+    out = Path(cfg.out)
+    weights = [Path(cfg.weights)] if cfg.weights not in ("imagenet", "none") else []
+    outputs.check_file_out(out, inputs=weights)
+    if out in side_files(out):
+        raise PipelineError(f"--out {out} would be its own log or best-epoch file: pass a name ending in .pt")
+    if cfg.resume and out.exists():
+        return  # load_checkpoint checks it; the log and best file go on
+    if out.exists():
+        outputs.check_replaceable(out, cfg.overwrite, recognise_checkpoint, "finetune checkpoint")
+    fresh_ok = cfg.overwrite or cfg.resume  # starting over on purpose, or after a run killed before its checkpoint
+    for path, recognise in zip(side_files(out), (recognise_log, recognise_checkpoint), strict=True):
+        if os.path.lexists(path) and not fresh_ok:
+            raise PipelineError(
+                f"{path} exists beside --out {out} (finetune writes its validation log and best epoch there): "
+                f"move it away, or pass --overwrite to start over if an earlier finetune run wrote it"
+            )
+        if os.path.lexists(path):
+            outputs.check_replaceable(path, True, recognise, "file of an earlier finetune run")
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    """Fine-tune `cfg.model` with `cfg.recipe`; returns the final checkpoint (OUT)."""
+    cfg = cfg.resolved()
+    out = Path(cfg.out)
+    with outputs.claim(out, lambda: check_outputs(cfg)):
+        return _finetune(cfg, out)
+
+
+def _finetune(cfg: FinetuneConfig, out: Path) -> Path:
+    ckpt = None
+    if out.exists() and cfg.resume:
+        ckpt = load_checkpoint(out, cfg)
+        if ckpt.get("complete"):
+            log.info("%s is already complete; nothing to do", out)
+            return out
+    elif cfg.resume:
+        log.warning("no checkpoint at %s: starting from the beginning", out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if ckpt is None:  # check_outputs recognised these as an earlier run's of this output
+        for path in side_files(out):
+            path.unlink(missing_ok=True)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    trainer = TRAINERS[cfg.recipe](cfg, device)
+    log.info("config: %s", json.dumps(cfg.identity()))
+    return trainer.fit(ckpt)

@@ -1,0 +1,154 @@
+"""The options of `finetune` and the recipes' presets, as data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from pipeline import data, models
+from pipeline.embed import default_data_root
+from pipeline.errors import PipelineError
+
+RECIPES = ("study", "best")
+# The study's values (AlexNet and VGG-16); other models take AlexNet's.
+STUDY_PRESETS = {
+    "alexnet": dict(batch_size=22, lr=1e-4, momentum=0.9, phase1_epochs=5, phase2_epochs=15),
+    "vgg16": dict(batch_size=4, lr=1e-4, momentum=0.9, phase1_epochs=3, phase2_epochs=2),
+}
+STUDY_DEFAULTS = dict(
+    weight_decay=0.0, cache_dtype="float32", flip=False, keep_best=False, layer="output", loss="study"
+)
+# The project's recipe, chosen by validation AUC on held-out training people (docs/finetuning.md).
+BEST_PRESET = dict(
+    batch_size=128,
+    lr=0.01,
+    momentum=0.9,
+    phase1_epochs=10,
+    phase2_epochs=0,
+    weight_decay=5e-4,
+    cache_dtype="float16",
+    flip=True,
+    keep_best=True,
+    layer="penultimate",
+    loss="pairs",
+)
+# Fields that may change between a run and its resumption.
+RUNTIME_FIELDS = ("out", "resume", "overwrite", "device", "workers")
+
+
+class TrainingInterrupted(PipelineError):
+    """SIGINT/SIGTERM: a checkpoint was saved; `--resume` continues."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Options of `finetune` (see `cli.py finetune --help`). `None` takes the recipe's preset."""
+
+    out: Path
+    """Checkpoint file (.pt); rewritten atomically after every epoch; `embed --weights OUT` reads it."""
+    data_root: Path = field(default_factory=default_data_root)
+    """Folder with LFW (`lfw-py/` or the image folder and protocol files directly)."""
+    image_set: str = "deepfunneled"
+    """original | funneled | deepfunneled."""
+    model: str = "squeezenet1_0"
+    """A backbone of `pipeline.models.BACKBONES`."""
+    weights: str = "imagenet"
+    """Starting weights: imagenet | none | PATH (state_dict or checkpoint)."""
+    recipe: str = "study"
+    """study (the study's method) | best (the project's recipe)."""
+    phase1_epochs: int | None = None
+    """Epochs with the frozen part frozen (study: classifier only; best: the last block)."""
+    phase2_epochs: int | None = None
+    """Epochs training the whole network."""
+    batch_size: int | None = None
+    """Pairs (study) or images (best) per step."""
+    lr: float | None = None
+    """Learning rate (best: peak of the cosine schedule)."""
+    momentum: float | None = None
+    """SGD momentum."""
+    weight_decay: float | None = None
+    """SGD weight decay (study: 0)."""
+    max_pairs: int | None = None
+    """Quick runs: study trains on the first N/2 same and the first N/2 different pairs of pairsDevTrain
+    (the file lists all same pairs first); best on the first N training images."""
+    seed: int = 0
+    """Seed of initialisation, shuffling, dropout, flips and the validation split."""
+    device: str = "auto"
+    """auto | cpu | cuda (mixed precision on CUDA)."""
+    workers: int = 2
+    """Image-decoding worker processes."""
+    resume: bool = False
+    """Continue the checkpoint at OUT (same configuration)."""
+    overwrite: bool = False
+    """Start over although OUT exists."""
+    eps: float = 0.01
+    """Study: added to the distance and to the running maximum."""
+    clip_norm: float = 100.0
+    """Gradient norm clip."""
+    cache_features: bool = True
+    """Phase 1 on features of the frozen part computed once (False: recompute them every step)."""
+    cache_dtype: str | None = None
+    """float32 | float16 storage of cached features (study: float32, exact; best: float16)."""
+    flip: bool | None = None
+    """Horizontal-flip augmentation (best; flipped features are cached too)."""
+    keep_best: bool | None = None
+    """Finish with the weights of the epoch of best validation AUC (best) instead of the last (study)."""
+    layer: str | None = None
+    """The layer the recipe trains and validates: output (study, Euclidean) | penultimate (best, cosine)."""
+    val_fraction: float = 0.1
+    """Best: fraction of the peopleDevTrain people held out for validation."""
+    val_images: int = 600
+    """At most this many validation images (all pairs among them are scored)."""
+    loss: str | None = None
+    """Best: pairs (every pair of P identities x K images, logistic on the cosine) | cosface (identities)."""
+    images_per_person: int = 4
+    """Best with loss pairs: K images of each identity in a batch (batch_size / K identities)."""
+    margin: float = 0.2
+    """Best: CosFace margin."""
+    scale: float = 20.0
+    """Best: scale of the cosine logits (CosFace or pairs)."""
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.model not in models.BACKBONES:
+            raise ValueError(f"model must be one of {sorted(models.BACKBONES)}, got {self.model!r}")
+        if self.image_set not in data.IMAGE_DIRS:
+            raise ValueError(f"image_set must be one of {sorted(data.IMAGE_DIRS)}, got {self.image_set!r}")
+        for name in ("phase1_epochs", "phase2_epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.batch_size is not None and self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError("lr must be > 0")
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            raise ValueError("momentum must be in [0, 1)")
+        if self.max_pairs is not None and self.max_pairs < 2:
+            raise ValueError("max_pairs must be >= 2")
+        if self.cache_dtype not in (None, "float32", "float16"):
+            raise ValueError(f"cache_dtype must be float32 or float16, got {self.cache_dtype!r}")
+        if self.layer not in (None, *models.LAYERS):
+            raise ValueError(f"layer must be one of {models.LAYERS}")
+        if not 0 <= self.val_fraction < 1 or self.val_images < 0:
+            raise ValueError("val_fraction must be in [0, 1) and val_images >= 0")
+        if self.eps <= 0 or self.clip_norm <= 0:
+            raise ValueError("eps and clip_norm must be > 0")
+        if self.loss not in (None, "study", "pairs", "cosface"):
+            raise ValueError(f"loss must be pairs or cosface, got {self.loss!r}")
+        if self.images_per_person < 2:
+            raise ValueError("images_per_person must be >= 2")
+        if self.resume and self.overwrite:
+            raise ValueError("pass --resume or --overwrite, not both")
+
+    def resolved(self) -> FinetuneConfig:
+        """The configuration with every `None` replaced by the recipe's preset for this model."""
+        if self.recipe == "study":
+            preset = {**STUDY_PRESETS.get(self.model, STUDY_PRESETS["alexnet"]), **STUDY_DEFAULTS}
+        else:
+            preset = BEST_PRESET
+        return replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+
+    def identity(self) -> dict:
+        """What defines the training (JSON-safe): all fields but the run-time ones."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}

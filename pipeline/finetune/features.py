@@ -1,0 +1,106 @@
+"""What the network sees: a backbone split into a frozen part and a trained tail, the decoded training
+images kept in memory, and the frozen part's features computed once for phase 1."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import models as tvm
+from tqdm import tqdm
+
+from pipeline import data
+from pipeline.errors import PipelineError
+from pipeline.runtime import autocast
+
+
+def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
+    """(frozen, tail) with tail(frozen(x)) = model(x) for `output` (frozen = the convolutional features,
+    tail = the classifier) or = penultimate(model, x) for `penultimate` (frozen = all but the last block)."""
+    flat = nn.Flatten(1)
+    if isinstance(model, (tvm.AlexNet, tvm.VGG)):
+        frozen = nn.Sequential(model.features, model.avgpool, flat)
+        return frozen, (model.classifier if layer == "output" else model.classifier[:-1])
+    if isinstance(model, tvm.SqueezeNet):
+        if layer == "output":
+            return model.features, nn.Sequential(model.classifier, flat)
+        # the last two Fire modules train (27 x 27 and 13 x 13): one block alone adapted too little
+        return model.features[:10], nn.Sequential(*model.features[10:], nn.AdaptiveAvgPool2d(1), flat)
+    if isinstance(model, tvm.ResNet):
+        m = model
+        stem = [m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3]
+        if layer == "output":
+            return nn.Sequential(*stem, m.layer4, m.avgpool, flat), m.fc
+        return nn.Sequential(*stem), nn.Sequential(m.layer4, m.avgpool, flat)
+    raise PipelineError(f"no frozen/trainable split known for {type(model).__name__}")
+
+
+def set_phase(model: nn.Module, frozen: nn.Module, phase: int) -> None:
+    """Phase 1: the frozen part in eval mode without gradients; phase 2: everything trains."""
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if phase == 1:
+        frozen.eval()
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+
+
+class ImageBank:
+    """Decoded images (resize 256, centre crop 224) kept as uint8 in memory; normalised per batch."""
+
+    def __init__(self, proto: data.LFWProtocol, workers: int):
+        files = data.ImageFiles([proto.absolute(i) for i in range(len(proto))], data.imagenet_crop())
+        self.images = torch.empty((len(proto), 3, 224, 224), dtype=torch.uint8)
+        loader = DataLoader(files, batch_size=64, num_workers=workers)
+        for x, idx, errors in tqdm(data.batches(loader), total=len(loader), desc="decode", unit="batch"):
+            bad = [e for e in errors if e]
+            if bad:
+                raise PipelineError(bad[0])
+            self.images[idx] = x
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised float images `idx`; rows where `flip` is true are mirrored left-right."""
+        x = data.normalize(self.images[idx])
+        if flip is not None and flip.any():
+            x[flip] = x[flip].flip(-1)
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def compute_features(
+    module: nn.Module, bank: ImageBank, device: torch.device, dtype: str, flip: bool, desc: str
+) -> torch.Tensor:
+    """`module` (in eval mode) over every image of the bank, once: [N, ...] (or [N, 2, ...] with flips)."""
+    module.eval()
+    out = None
+    variants = (False, True) if flip else (False,)
+    for v, mirrored in enumerate(variants):
+        for i in tqdm(
+            range(0, len(bank), 64), desc=desc + (" (flipped)" if mirrored else ""), unit="batch", dynamic_ncols=True
+        ):
+            idx = torch.arange(i, min(i + 64, len(bank)))
+            x = bank.batch(idx, torch.full((len(idx),), mirrored) if mirrored else None).to(device)
+            with autocast(device):
+                y = module(x).to("cpu", getattr(torch, dtype))
+            if out is None:
+                out = torch.empty((len(bank), len(variants), *y.shape[1:]), dtype=y.dtype)
+            out[idx, v] = y
+    return out if flip else out[:, 0]
+
+
+def cached_rows(
+    cache: torch.Tensor, idx: torch.Tensor, flip: torch.Tensor | None, flipped: bool, device: torch.device
+) -> torch.Tensor:
+    """Cached features of bank rows `idx` on `device` in float32 (the mirrored variant where `flip`, when
+    the cache holds both: `flipped`)."""
+    if flipped:
+        x = cache[idx, flip.long() if flip is not None else 0]
+    else:
+        x = cache[idx]
+    x = x.to(device).float()
+    # the layout of the uncached path: dropout masks follow the memory layout
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x

@@ -1,0 +1,49 @@
+"""Validation: which held-out people's images it uses and its measure, the AUC over all their pairs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from pipeline import data, roc
+
+
+def unpaired_people(people: data.LFWProtocol, pairs: data.LFWProtocol) -> np.ndarray:
+    """Identity indices (into `people`) of the people that appear in no pair of `pairs` (the study)."""
+    paired = set(pairs.identities)
+    return np.array([i for i, n in enumerate(people.identities) if n not in paired], dtype=np.int64)
+
+
+def random_people(n_people: int, fraction: float, seed: int) -> np.ndarray:
+    """A random `fraction` of `n_people` identity indices (at least 2, at most all but one), sorted."""
+    n_val = min(n_people - 1, max(2, round(fraction * n_people))) if fraction > 0 else 0
+    return np.sort(np.random.default_rng(seed).permutation(n_people)[:n_val])
+
+
+def validation_rows(labels: np.ndarray, people: np.ndarray, cap: int) -> np.ndarray:
+    """Image rows of `people`, those with two or more images first, at most `cap`, in file order."""
+    counts = np.bincount(labels, minlength=labels.max() + 1 if len(labels) else 0)
+    chosen = np.isin(labels, people)
+    multi = np.flatnonzero(chosen & (counts[labels] >= 2))
+    single = np.flatnonzero(chosen & (counts[labels] < 2))
+    return np.sort(np.concatenate([multi, single])[:cap])
+
+
+def all_pairs_auc(emb: torch.Tensor, labels: np.ndarray, metric: str) -> float | None:
+    """AUC over every pair i < j (similarity: cosine, or minus the Euclidean distance); None when it is
+    undefined (fewer than two images, or no same-person or no different-person pair). Exact, ties one half:
+    `pipeline.roc.exact_auc`."""
+    if len(labels) < 2:
+        return None
+    emb = emb.float()
+    if metric == "cosine":
+        e = F.normalize(emb, dim=1)
+        values = e @ e.T
+    else:
+        values = torch.cdist(emb, emb)
+    i, j = np.triu_indices(len(labels), 1)
+    same = labels[i] == labels[j]
+    if same.all() or not same.any():
+        return None
+    return roc.exact_auc(values.numpy()[i, j], same, metric)
