@@ -30,14 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.blockmath import (
     GEMM_K,
     LEAF,
-    MIN_SIDE,
     STAT_ROWS,
-    BinCounts,
     SampleRange,
     Tile,
     augment,
@@ -64,6 +61,7 @@ from pipeline.results import (
 )
 from pipeline.roc import Binning, HistogramROC, check_defined
 from pipeline.store import Store, bad_rows_error, open_store, recorded_data_root
+from pipeline.tiles import TileLoop, multiplied
 
 log = logging.getLogger(__name__)
 
@@ -218,113 +216,32 @@ class PartResult:
 
 
 def score_part(store: Store, cfg: RowsConfig, binning: Binning, mean, rows: tuple[int, int]) -> PartResult:
-    """Count the pairs i < j (store order) with i in `rows` into a HistogramROC."""
+    """Count the pairs i < j (store order) with i in `rows` into a HistogramROC: the tile loop over row blocks
+    read from the store."""
     t0 = time.perf_counter()
-    n, A, B = store.n, rows[0], rows[1]
-    labels = store.labels
+    n, (A, B) = store.n, rows
     plan = tile_plan(n, cfg.block, LEAF)
     mine = [k for k, t in enumerate(plan) if t.r0 < B and t.r1 > A and t.n_pairs]
     side = min(cfg.block, n)
     reader = BlockRows(store, mean, cfg.metric, binning, side)
-    size = max((_rows_multiplied(plan[k], A, B) * (plan[k].c1 - plan[k].c0) for k in mine), default=1)
-    buf = np.empty(size, dtype=np.float32)
-    tmp = np.empty(size, dtype=np.float32) if reader.width > GEMM_K else None
-    all_c, pos_c = BinCounts(cfg.bins), BinCounts(cfg.bins)
-    top = np.float32(cfg.bins - 1)
-    find_max = cfg.metric == "l2"
-    best: tuple = (float("nan"), -1, -1, -1)
-    n_pairs = 0
-    total = sum(_clipped_pairs(plan[k], A, B) for k in mine)
-    with tqdm(total=total, unit="pair", unit_scale=True, disable=not cfg.progress, mininterval=1.0) as bar:
-        for k in mine:
-            t = plan[k]
-            a, b = max(t.r0, A), min(t.r1, B)
-            a2, b2 = _multiplied(t, a, b)
-            kr, kc = t.r0 // side, t.c0 // side
-            left = reader.block(kr)[0][a2 - kr * side : b2 - kr * side]
-            right = reader.block(kc)[1][t.c0 - kc * side : t.c1 - kc * side]
-            m, w = b2 - a2, t.c1 - t.c0
-            u = buf[: m * w].reshape(m, w)
-            fixed_matmul(left, right, u, None if tmp is None else tmp[: m * w].reshape(m, w))
-            # the part's pairs: rows [a, b), and columns j > i on the diagonal (flat indices into u)
-            ri = np.arange(a, b)
-            if t.diagonal:
-                lo_c = np.maximum(ri + 1, t.c0)
-                flat = _ranges(ri - a2, lo_c - t.c0, np.full(len(ri), w), w)
-                vals = u.reshape(-1)[flat]
-            else:
-                vals = u[a - a2 : b - a2].reshape(-1)
-                flat = None
-            if vals.size:
-                j = int(vals.argmax() if find_max else vals.argmin())
-                if flat is None:
-                    pi, pj = a + j // w, t.c0 + j % w
-                else:
-                    pi, pj = a2 + int(flat[j]) // w, t.c0 + int(flat[j]) % w
-                best = better_extreme(best, (float(vals[j]), k, pi, pj), cfg.metric)
-                np.clip(vals, 0, top, out=vals)
-                all_c.add(vals)
-                if flat is not None:
-                    u.reshape(-1)[flat] = vals  # clipped values back, for the same-person slice
-            pf = same_label_flat(labels, a, b, t, a2, w)  # same-person pairs, in any row order
-            if pf.size:
-                pos_c.add(np.clip(u.reshape(-1)[pf], 0, top))
-            n_pairs += vals.size
-            bar.update(vals.size)
-    acc = HistogramROC(binning)
-    acc.add_counts(all_c.counts, pos_c.counts)
-    return PartResult(acc, n_pairs, best, time.perf_counter() - t0)
+    sizes = [(lambda a2, b2: (b2 - a2) * (t.c1 - t.c0))(*multiplied(t, max(t.r0, A), min(t.r1, B))) for t in
+             (plan[k] for k in mine)]  # fmt: skip
+    buf = np.empty(max(sizes, default=1), dtype=np.float32)
+    tmp = np.empty(len(buf), dtype=np.float32) if reader.width > GEMM_K else None
 
+    def product(t: Tile, a2: int, b2: int) -> np.ndarray:
+        kr, kc = t.r0 // side, t.c0 // side
+        left = reader.block(kr)[0][a2 - kr * side : b2 - kr * side]
+        right = reader.block(kc)[1][t.c0 - kc * side : t.c1 - kc * side]
+        m, w = b2 - a2, t.c1 - t.c0
+        u = buf[: m * w].reshape(m, w)
+        return fixed_matmul(left, right, u, None if tmp is None else tmp[: m * w].reshape(m, w))
 
-def same_label_flat(labels: np.ndarray, a: int, b: int, t: Tile, a2: int, w: int) -> np.ndarray:
-    """Flat indices into tile `t`'s product (rows from a2, width w) of its same-person pairs whose row lies in
-    [a, b): the tile's columns sorted by label once, each row's matches found by binary search. Labels may be
-    in any order; on a diagonal tile only columns j > i count."""
-    cols = labels[t.c0 : t.c1]
-    order = np.argsort(cols, kind="stable")
-    by_label = cols[order]
-    lo = np.searchsorted(by_label, labels[a:b], "left")
-    lens = np.searchsorted(by_label, labels[a:b], "right") - lo
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    i = np.repeat(np.arange(a, b, dtype=np.int64), lens)
-    j = order[np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(total)].astype(np.int64) + t.c0
-    if t.diagonal:
-        keep = j > i
-        i, j = i[keep], j[keep]
-    return (i - a2) * w + (j - t.c0)
-
-
-def _multiplied(t: Tile, a: int, b: int) -> tuple[int, int]:
-    """Rows of tile `t` actually multiplied for its rows [a, b): never fewer than MIN_SIDE unless the tile has
-    fewer (BLAS computes tiny products with other kernels, whose sums may differ in the last bit)."""
-    if (a, b) == (t.r0, t.r1) or b - a >= MIN_SIDE:
-        return a, b
-    a2 = max(t.r0, b - MIN_SIDE)
-    return a2, min(t.r1, a2 + MIN_SIDE)
-
-
-def _rows_multiplied(t: Tile, a: int, b: int) -> int:
-    a2, b2 = _multiplied(t, max(t.r0, a), min(t.r1, b))
-    return b2 - a2
-
-
-def _clipped_pairs(t: Tile, a: int, b: int) -> int:
-    a, b = max(t.r0, a), min(t.r1, b)
-    if not t.diagonal:
-        return (b - a) * (t.c1 - t.c0)
-    return sum(t.c1 - i - 1 for i in range(a, b))
-
-
-def _ranges(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, width: int) -> np.ndarray:
-    """Flat indices `r * width + c` for c in [lo_r, hi_r) of each row r, row by row."""
-    lens = np.maximum(hi - lo, 0)
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    first = np.repeat(rows.astype(np.int64) * width + lo - np.cumsum(lens) + lens, lens)
-    return first + np.arange(total, dtype=np.int64)
+    res = TileLoop(binning, product, store.labels, cfg.metric, counting="numpy").run(
+        plan, select=mine, span=(A, B), progress=cfg.progress
+    )
+    extreme = (res.extreme, res.extreme_tile, *res.extreme_rows)
+    return PartResult(res.roc(), res.n_pairs, extreme, time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------------- stage

@@ -19,19 +19,16 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.blockmath import (
     GEMM_K,
     LEAF,
     STAT_ROWS,
-    BinCounts,
     SampleRange,
     Tile,
     augment,
@@ -59,6 +56,7 @@ from pipeline.roc import (
 )
 from pipeline.runtime import resolve_device
 from pipeline.store import Store, bad_rows_error, open_store, recorded_data_root
+from pipeline.tiles import TileLoop, TilePass, as_int64
 
 log = logging.getLogger(__name__)
 
@@ -346,197 +344,14 @@ def choose_binning(prep: Prepared, bins: int, seed: int = 0, sample_pairs: int =
 # ---------------------------------------------------------------------------------------------------- tile pass
 
 
-@dataclass
-class TilePass:
-    """What a pass over tiles leaves: the counts (per bin) and the extreme pair. Values are bin coordinates
-    (`Prepared.scale_to_bins`): bin k holds [k, k+1)."""
-
-    binning: Binning
-    all_counts: np.ndarray | torch.Tensor
-    pos_counts: np.ndarray | torch.Tensor
-    extreme: float = float("nan")
-    """Largest squared distance (l2) or smallest cosine (cosine) seen, as a bin coordinate."""
-    extreme_rows: tuple[int, int] = (-1, -1)
-    """Store rows of the pair with the extreme value."""
-    extreme_tile: int = -1
-    """Plan index of the tile holding the extreme pair (ties across ranks go to the earliest tile)."""
-    n_pairs: int = 0
-
-    def roc(self) -> HistogramROC:
-        acc = HistogramROC(self.binning)
-        acc.add_counts(_int64(self.all_counts), _int64(self.pos_counts))
-        return acc
-
-
-def _int64(counts: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(counts, torch.Tensor):
-        counts = counts.cpu().numpy().round()
-    return counts.astype(np.int64)
-
-
-class Stager:
-    """GPU counting: `torch.histc` over [0, bins] of clamped bin coordinates into float64 counts, batching small
-    inputs into one call (each call has a fixed cost); the bin of a value does not depend on its batch."""
-
-    def __init__(self, bins: int, device: torch.device, size: int = 1 << 22):
-        self.bins = bins
-        self.counts = torch.zeros(bins, dtype=torch.float64, device=device)
-        self.buf = torch.empty(size, dtype=torch.float32, device=device)
-        self.used = 0
-
-    def add(self, values: torch.Tensor) -> None:
-        k = values.numel()
-        if k == 0:
-            return
-        if k >= len(self.buf) // 16:
-            self.counts += torch.histc(values, bins=self.bins, min=0, max=self.bins)
-            return
-        if self.used + k > len(self.buf):
-            self.flush()
-        self.buf[self.used : self.used + k] = values.reshape(-1)
-        self.used += k
-
-    def flush(self) -> torch.Tensor:
-        if self.used:
-            self.counts += torch.histc(self.buf[: self.used], bins=self.bins, min=0, max=self.bins)
-            self.used = 0
-        return self.counts
-
-
-class TileScorer:
-    """Feeds tiles of a backend into one pair of histograms (all pairs, same-person pairs): NumPy counting on
-    the CPU, `torch.histc` on a GPU."""
+class TileScorer(TileLoop):
+    """The tile loop over the rows held in memory (sorted by identity): tiles from a backend, store rows of
+    the extreme pair through the sort order."""
 
     def __init__(self, prep: Prepared, binning: Binning, backend, counting: str = "auto"):
-        self.prep, self.binning, self.backend = prep, binning, backend
-        self.device = prep.left.device
-        self.numpy = counting == "numpy" or (counting == "auto" and self.device.type == "cpu")
-        self._triu: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]] = {}
-        self._labels = prep.labels.cpu().numpy()
-
-    def triu(self, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
-        """Upper triangle of an m x m tile: rows, columns, flat indices (numpy) and flat indices (device)."""
-        if m not in self._triu:
-            r, c = np.triu_indices(m, 1)
-            flat = r * m + c
-            self._triu[m] = (r, c, flat, torch.from_numpy(flat).to(self.device))
-        return self._triu[m]
-
-    def upper_values(self, t: Tile, values: torch.Tensor) -> torch.Tensor:
-        """A tile's pairs: all of an off-diagonal tile, the upper triangle of a diagonal one."""
-        if not t.diagonal:
-            return values.reshape(-1)
-        return values.reshape(-1).index_select(0, self.triu(t.r1 - t.r0)[3])
-
-    def positive_index(self, t: Tile) -> np.ndarray | tuple[slice, slice] | None:
-        """Where a tile's same-person pairs are: flat indices (diagonal) or one rectangle (rows are sorted, so
-        only the group holding the tile's last row can reach its columns)."""
-        p = self.prep
-        if t.diagonal:
-            r, c, flat, _ = self.triu(t.r1 - t.r0)
-            lab = self._labels[t.r0 : t.r1]
-            return flat[lab[r] == lab[c]]
-        last = t.r1 - 1
-        g0, g1 = int(p.group_start[last]), int(p.group_end[last])
-        if g1 <= t.c0:
-            return None
-        return slice(max(g0, t.r0) - t.r0, None), slice(None, min(g1, t.c1) - t.c0)
-
-    def positive_values(self, t: Tile, values: torch.Tensor) -> torch.Tensor | None:
-        """The same-person scores of a tile, sliced from the tile's own values."""
-        where = self.positive_index(t)
-        if where is None:
-            return None
-        if t.diagonal:
-            return values.reshape(-1).index_select(0, torch.from_numpy(where).to(self.device))
-        return values[where].reshape(-1)
-
-    def store_rows(self, t: Tile, k: int) -> tuple[int, int]:
-        """Store rows (i, j) of the k-th pair of a tile (in `upper_values` order)."""
-        if t.diagonal:
-            r, c, _, _ = self.triu(t.r1 - t.r0)
-            r, c = int(r[k]), int(c[k])
-        else:
-            r, c = divmod(k, t.c1 - t.c0)
-        return int(self.prep.order[t.r0 + r]), int(self.prep.order[t.c0 + c])
-
-    def run(self, plan: list[Tile], select: Iterable[int] | None = None, progress: bool = True) -> TilePass:
-        """Score the tiles `plan[i]` for i in `select` (default: all) into a `TilePass`."""
-        indices = range(len(plan)) if select is None else list(select)
-        total = sum(plan[i].n_pairs for i in indices)
-        bins = self.binning.bins
-        if self.numpy:
-            counts = BinCounts(bins), BinCounts(bins)
-        else:
-            counts = Stager(bins, self.device), Stager(bins, self.device)
-        res = TilePass(self.binning, counts[0].counts, counts[1].counts)
-        # GPU: each tile's extreme stays on the device (no wait for the GPU per tile); the pair is found at the end
-        extremes = None if self.numpy else torch.full((len(indices),), math.nan, device=self.device)
-        with tqdm(total=total, unit="pair", unit_scale=True, disable=not progress, mininterval=1.0,
-                  desc="scoring pairs") as bar:  # fmt: skip
-            for k, i in enumerate(indices):
-                t = plan[i]
-                if t.n_pairs:
-                    if self.numpy:
-                        before = res.extreme_rows
-                        self._tile_numpy(t, res, *counts)
-                        if res.extreme_rows != before:
-                            res.extreme_tile = i
-                    else:
-                        extremes[k] = self._tile_torch(t, *counts)
-                    res.n_pairs += t.n_pairs
-                    bar.update(t.n_pairs)
-        if not self.numpy:
-            counts[0].flush()
-            counts[1].flush()
-            if res.n_pairs:
-                self._find_extreme(plan, indices, extremes, res)
-        return res
-
-    def _find_extreme(self, plan: list[Tile], indices: list[int], extremes: torch.Tensor, res: TilePass) -> None:
-        """The extreme pair from the per-tile extremes: the first tile holding it, the first pair in that tile
-        (as the CPU's sequential scan finds it); that tile's values are computed once more."""
-        find_max = self.prep.metric == "l2"
-        filled = extremes.nan_to_num(-math.inf if find_max else math.inf)
-        k = int(filled.argmax() if find_max else filled.argmin())  # the first occurrence
-        t = plan[indices[k]]
-        vals = self.upper_values(t, self.backend.values(t))
-        res.extreme = float(vals.max() if find_max else vals.min())
-        res.extreme_rows = self.store_rows(t, int(vals.argmax() if find_max else vals.argmin()))
-        res.extreme_tile = indices[k]
-
-    def _improves(self, ext: float, res: TilePass) -> bool:
-        if self.prep.metric == "l2":
-            return not ext <= res.extreme  # also true while nan
-        return not ext >= res.extreme
-
-    def _tile_numpy(self, t: Tile, res: TilePass, all_c: BinCounts, pos_c: BinCounts) -> None:
-        u = self.backend.values(t).numpy()
-        vals = u.reshape(-1).take(self.triu(t.r1 - t.r0)[2]) if t.diagonal else u
-        find_max = self.prep.metric == "l2"
-        ext = float(vals.max() if find_max else vals.min())
-        if self._improves(ext, res):
-            res.extreme = ext
-            res.extreme_rows = self.store_rows(t, int(vals.argmax() if find_max else vals.argmin()))
-        top = np.float32(self.binning.bins - 1)
-        np.clip(vals, 0, top, out=vals)  # in the tile itself for off-diagonal tiles: their rectangle sees it
-        all_c.add(vals)
-        where = self.positive_index(t)
-        if where is not None:
-            pv = np.clip(u.reshape(-1).take(where), 0, top) if t.diagonal else u[where]
-            pos_c.add(pv)
-
-    def _tile_torch(self, t: Tile, all_c: Stager, pos_c: Stager) -> torch.Tensor:
-        """Count a tile's pairs; returns its extreme value as a 0-d tensor on the device."""
-        tv = self.backend.values(t)
-        vals = self.upper_values(t, tv)
-        ext = vals.max() if self.prep.metric == "l2" else vals.min()
-        vals.clamp_(0, self.binning.bins)  # in the tile itself for off-diagonal tiles: their rectangle sees it
-        all_c.add(vals)
-        pv = self.positive_values(t, tv)
-        if pv is not None:
-            pos_c.add(pv.clamp(0, self.binning.bins) if t.diagonal else pv)
-        return ext
+        super().__init__(binning, lambda t, a2, b2: backend.values(t), prep.labels.cpu().numpy(), prep.metric,
+                         prep.order, prep.left.device, counting)  # fmt: skip
+        self.prep, self.backend = prep, backend
 
 
 # ---------------------------------------------------------------------------------------------------- modes
@@ -583,7 +398,7 @@ def score_all_pairs(
     acc = res.roc()
     if world.size > 1:
         acc = HistogramROC(binning)
-        acc.add_counts(all_reduce_sum(_int64(res.all_counts)), all_reduce_sum(_int64(res.pos_counts)))
+        acc.add_counts(all_reduce_sum(as_int64(res.all_counts)), all_reduce_sum(as_int64(res.pos_counts)))
         res.n_pairs = int(all_reduce_sum(np.array([res.n_pairs], dtype=np.int64))[0])
         best = (float("nan"), -1, -1, -1)
         for cand in all_gather_rows([res.extreme, res.extreme_tile, *res.extreme_rows]):

@@ -1,0 +1,290 @@
+"""The one loop over tiles of all-pairs scoring, whatever holds the rows.
+
+Every all-pairs path goes through `TileLoop.run`: rows held in memory (`pipeline.score`, also each torchrun
+rank with its share of the plan) and rows read from the store in blocks (`pipeline.rows`, `--rows A:B` and
+out-of-core scoring, a span of rows). A row source hands over one product per tile (`product(t, a2, b2)`: rows
+[a2, b2) of tile `t` against its columns, already in bin coordinates); the loop takes the tile's pairs (the
+upper triangle of a diagonal tile, the rows of the span), finds the extreme pair, counts every pair and the
+same-person pairs (matched by label, in any row order) into two histograms. CPU: NumPy counting; GPU: torch
+counting (`torch.histc`), a branch of the same loop, not a second one. Torch is imported only for the latter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.blockmath import MIN_SIDE, BinCounts, Tile, better_extreme
+from pipeline.roc import Binning, HistogramROC
+
+if TYPE_CHECKING:
+    import torch
+
+Product = Callable[[Tile, int, int], Any]
+"""product(t, a2, b2) -> rows [a2, b2) of tile t against its columns c0..c1 ([b2-a2, c1-c0], float32 bin
+coordinates), a NumPy array or a torch tensor."""
+
+
+@dataclass
+class TilePass:
+    """What a pass over tiles leaves: the counts (per bin) and the extreme pair. Values are bin coordinates:
+    bin k holds [k, k+1)."""
+
+    binning: Binning
+    all_counts: Any
+    pos_counts: Any
+    extreme: float = float("nan")
+    """Largest squared distance (l2) or smallest cosine (cosine) seen, as a bin coordinate."""
+    extreme_rows: tuple[int, int] = (-1, -1)
+    """Store rows of the pair with the extreme value."""
+    extreme_tile: int = -1
+    """Plan index of the tile holding the extreme pair (ties go to the earliest tile, then the first pair)."""
+    n_pairs: int = 0
+
+    def roc(self) -> HistogramROC:
+        acc = HistogramROC(self.binning)
+        acc.add_counts(as_int64(self.all_counts), as_int64(self.pos_counts))
+        return acc
+
+
+def as_int64(counts) -> np.ndarray:
+    if not isinstance(counts, np.ndarray):  # a torch tensor of float64 counts (GPU)
+        counts = counts.cpu().numpy().round()
+    return counts.astype(np.int64)
+
+
+class Stager:
+    """GPU counting: `torch.histc` over [0, bins] of clamped bin coordinates into float64 counts, batching small
+    inputs into one call (each call has a fixed cost); the bin of a value does not depend on its batch."""
+
+    def __init__(self, bins: int, device, size: int = 1 << 22):
+        import torch
+
+        self.torch = torch
+        self.bins = bins
+        self.counts = torch.zeros(bins, dtype=torch.float64, device=device)
+        self.buf = torch.empty(size, dtype=torch.float32, device=device)
+        self.used = 0
+
+    def add(self, values: torch.Tensor) -> None:
+        k = values.numel()
+        if k == 0:
+            return
+        if k >= len(self.buf) // 16:
+            self.counts += self.torch.histc(values, bins=self.bins, min=0, max=self.bins)
+            return
+        if self.used + k > len(self.buf):
+            self.flush()
+        self.buf[self.used : self.used + k] = values.reshape(-1)
+        self.used += k
+
+    def flush(self) -> torch.Tensor:
+        if self.used:
+            self.counts += self.torch.histc(self.buf[: self.used], bins=self.bins, min=0, max=self.bins)
+            self.used = 0
+        return self.counts
+
+
+# ---------------------------------------------------------------------------------------------------- pairs of a tile
+
+
+def clip_to_span(t: Tile, span: tuple[int, int] | None) -> tuple[int, int]:
+    """The tile's rows [a, b) whose pairs belong to `span` (pairs i < j with A <= i < B)."""
+    return (t.r0, t.r1) if span is None else (max(t.r0, span[0]), min(t.r1, span[1]))
+
+
+def multiplied(t: Tile, a: int, b: int) -> tuple[int, int]:
+    """Rows of tile `t` actually multiplied for its rows [a, b): never fewer than MIN_SIDE unless the tile has
+    fewer (BLAS computes tiny products with other kernels, whose sums may differ in the last bit)."""
+    if (a, b) == (t.r0, t.r1) or b - a >= MIN_SIDE:
+        return a, b
+    a2 = max(t.r0, b - MIN_SIDE)
+    return a2, min(t.r1, a2 + MIN_SIDE)
+
+
+def pairs_in(t: Tile, span: tuple[int, int] | None) -> int:
+    a, b = clip_to_span(t, span)
+    if b <= a:
+        return 0
+    if not t.diagonal:
+        return (b - a) * (t.c1 - t.c0)
+    return sum(t.c1 - i - 1 for i in range(a, b))
+
+
+def ranges(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, width: int) -> np.ndarray:
+    """Flat indices `r * width + c` for c in [lo_r, hi_r) of each row r, row by row."""
+    lens = np.maximum(hi - lo, 0)
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    first = np.repeat(rows.astype(np.int64) * width + lo - np.cumsum(lens) + lens, lens)
+    return first + np.arange(total, dtype=np.int64)
+
+
+def same_label_flat(labels: np.ndarray, a: int, b: int, t: Tile, a2: int, w: int) -> np.ndarray:
+    """Flat indices into tile `t`'s product (rows from a2, width w) of its same-person pairs whose row lies in
+    [a, b): the tile's columns sorted by label once, each row's matches found by binary search. Labels may be
+    in any order; on a diagonal tile only columns j > i count."""
+    cols = labels[t.c0 : t.c1]
+    order = np.argsort(cols, kind="stable")
+    by_label = cols[order]
+    lo = np.searchsorted(by_label, labels[a:b], "left")
+    lens = np.searchsorted(by_label, labels[a:b], "right") - lo
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    i = np.repeat(np.arange(a, b, dtype=np.int64), lens)
+    j = order[np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(total)].astype(np.int64) + t.c0
+    if t.diagonal:
+        keep = j > i
+        i, j = i[keep], j[keep]
+    return (i - a2) * w + (j - t.c0)
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+class TileLoop:
+    """Scores tiles of a plan from one row source into a `TilePass`.
+
+    `labels` are the source's labels in its row order; `order` maps a source row to its store row (None: the
+    same). Counting: "numpy" (CPU), "torch" (the GPU's; also runs on the CPU), "auto" by `device`."""
+
+    def __init__(self, binning: Binning, product: Product, labels: np.ndarray, metric: str,
+                 order: np.ndarray | None = None, device: Any = "cpu", counting: str = "auto"):  # fmt: skip
+        self.binning, self.product, self.labels, self.metric = binning, product, labels, metric
+        self.order, self.device = order, device
+        on_cpu = getattr(device, "type", device) == "cpu"
+        self.numpy = counting == "numpy" or (counting == "auto" and on_cpu)
+        self._triu: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, Any]] = {}
+
+    def store_row(self, i: int) -> int:
+        return int(i) if self.order is None else int(self.order[i])
+
+    def triu(self, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+        """Upper triangle of an m x m tile: rows, columns, flat indices (numpy; device tensor for torch)."""
+        if m not in self._triu:
+            r, c = np.triu_indices(m, 1)
+            flat = r * m + c
+            dev = None
+            if not self.numpy:
+                import torch
+
+                dev = torch.from_numpy(flat).to(self.device)
+            self._triu[m] = (r, c, flat, dev)
+        return self._triu[m]
+
+    def run(self, plan: list[Tile], select: Iterable[int] | None = None, span: tuple[int, int] | None = None,
+            progress: bool = True) -> TilePass:  # fmt: skip
+        """Score the tiles `plan[i]` for i in `select` (default: all), only the pairs of rows in `span`."""
+        indices = range(len(plan)) if select is None else list(select)
+        if span is not None and not self.numpy:
+            raise ValueError("a span of rows is scored with NumPy counting (out of core, on the CPU)")
+        bins = self.binning.bins
+        if self.numpy:
+            counts = (BinCounts(bins), BinCounts(bins))
+        else:
+            counts = (Stager(bins, self.device), Stager(bins, self.device))
+        res = TilePass(self.binning, counts[0].counts, counts[1].counts)
+        extremes = None
+        if not self.numpy:  # each tile's extreme stays on the device (no wait per tile); the pair is found at the end
+            import torch
+
+            extremes = torch.full((len(indices),), math.nan, device=self.device)
+        total = sum(pairs_in(plan[i], span) for i in indices)
+        with tqdm(total=total, unit="pair", unit_scale=True, disable=not progress, mininterval=1.0,
+                  desc="scoring pairs") as bar:  # fmt: skip
+            for k, i in enumerate(indices):
+                t = plan[i]
+                a, b = clip_to_span(t, span)
+                if b <= a or not t.n_pairs:
+                    continue
+                if self.numpy:
+                    done = self._tile_numpy(i, t, a, b, res, *counts)
+                else:
+                    extremes[k] = self._tile_torch(t, *counts)
+                    done = t.n_pairs
+                res.n_pairs += done
+                bar.update(done)
+        if not self.numpy:
+            counts[0].flush()
+            counts[1].flush()
+            if res.n_pairs:
+                self._find_extreme(plan, indices, extremes, res)
+        return res
+
+    def _diagonal_flat(self, t: Tile, a: int, b: int, a2: int) -> np.ndarray:
+        w = t.c1 - t.c0
+        if (a, b, a2) == (t.r0, t.r1, t.r0):
+            return self.triu(w)[2]
+        ri = np.arange(a, b)
+        return ranges(ri - a2, np.maximum(ri + 1, t.c0) - t.c0, np.full(len(ri), w), w)
+
+    def _tile_numpy(self, k: int, t: Tile, a: int, b: int, res: TilePass, all_c: BinCounts, pos_c: BinCounts) -> int:
+        a2, b2 = multiplied(t, a, b)
+        u = self.product(t, a2, b2)
+        u = u if isinstance(u, np.ndarray) else u.numpy()
+        w = t.c1 - t.c0
+        flat = self._diagonal_flat(t, a, b, a2) if t.diagonal else None
+        vals = u.reshape(-1).take(flat) if flat is not None else u[a - a2 : b - a2].reshape(-1)
+        if not vals.size:
+            return 0
+        j = int(vals.argmax() if self.metric == "l2" else vals.argmin())
+        pos = int(flat[j]) if flat is not None else (a - a2) * w + j
+        cand = (float(vals[j]), k, self.store_row(a2 + pos // w), self.store_row(t.c0 + pos % w))
+        best = better_extreme((res.extreme, res.extreme_tile, *res.extreme_rows), cand, self.metric)
+        res.extreme, res.extreme_tile, res.extreme_rows = best[0], best[1], (best[2], best[3])
+        top = np.float32(self.binning.bins - 1)
+        np.clip(vals, 0, top, out=vals)
+        all_c.add(vals)
+        if flat is not None:
+            u.reshape(-1)[flat] = vals  # clipped values back, for the same-person pairs
+        pf = same_label_flat(self.labels, a, b, t, a2, w)
+        if pf.size:
+            pos_c.add(np.clip(u.reshape(-1)[pf], 0, top))
+        return vals.size
+
+    def _upper_values(self, t: Tile, values: torch.Tensor) -> torch.Tensor:
+        if not t.diagonal:
+            return values.reshape(-1)
+        return values.reshape(-1).index_select(0, self.triu(t.r1 - t.r0)[3])
+
+    def _tile_torch(self, t: Tile, all_c: Stager, pos_c: Stager) -> torch.Tensor:
+        """Count a tile's pairs; returns its extreme value as a 0-d tensor on the device."""
+        import torch
+
+        tv = self.product(t, t.r0, t.r1)
+        vals = self._upper_values(t, tv)
+        ext = vals.max() if self.metric == "l2" else vals.min()
+        vals.clamp_(0, self.binning.bins)  # in the tile itself for off-diagonal tiles
+        all_c.add(vals)
+        pf = same_label_flat(self.labels, t.r0, t.r1, t, t.r0, t.c1 - t.c0)
+        if pf.size:
+            pos_c.add(tv.reshape(-1).index_select(0, torch.from_numpy(pf).to(tv.device)).clamp(0, self.binning.bins))
+        return ext
+
+    def _find_extreme(self, plan: list[Tile], indices: list[int], extremes, res: TilePass) -> None:
+        """The extreme pair from the per-tile extremes: the first tile holding it, the first pair in that tile
+        (as the CPU's sequential scan finds it); that tile's values are computed once more."""
+        find_max = self.metric == "l2"
+        filled = extremes.nan_to_num(-math.inf if find_max else math.inf)
+        k = int(filled.argmax() if find_max else filled.argmin())  # the first occurrence
+        t = plan[indices[k]]
+        vals = self._upper_values(t, self.product(t, t.r0, t.r1))
+        res.extreme = float(vals.max() if find_max else vals.min())
+        p = int(vals.argmax() if find_max else vals.argmin())
+        if t.diagonal:
+            r, c, _, _ = self.triu(t.r1 - t.r0)
+            r, c = int(r[p]), int(c[p])
+        else:
+            r, c = divmod(p, t.c1 - t.c0)
+        res.extreme_rows = (self.store_row(t.r0 + r), self.store_row(t.c0 + c))
+        res.extreme_tile = indices[k]
+
+
+__all__ = ["TilePass", "TileLoop", "Stager", "as_int64", "same_label_flat", "multiplied", "pairs_in", "ranges"]
