@@ -1,0 +1,62 @@
+"""Rank-1 identification (`score --rank1`): is the nearest other image of the same person?"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from pipeline.scoring.memory import Prepared
+
+log = logging.getLogger(__name__)
+
+
+def rank1_accuracy(prep: Prepared, backend: str, block: int) -> dict:
+    """Rank-1 identification: for each image whose person has another image, is its nearest other image (all
+    other images are the gallery) of the same person? FAISS exact k-NN when installed, torch otherwise."""
+    queries = np.flatnonzero(prep.group_end - prep.group_start > 1)
+    if len(queries) == 0:
+        return {"rank1_accuracy": float("nan"), "rank1_queries": 0}
+    nearest = None
+    if backend == "faiss":
+        try:
+            nearest = _nearest_faiss(prep, queries)
+        except ImportError:
+            log.warning("faiss is not installed: rank-1 by torch")
+    if nearest is None:
+        nearest = _nearest_torch(prep, queries, block)
+    lab = prep.labels.cpu().numpy()
+    hit = lab[nearest] == lab[queries]
+    return {"rank1_accuracy": float(hit.mean()), "rank1_queries": int(len(queries))}
+
+
+def _nearest_faiss(prep: Prepared, queries: np.ndarray) -> np.ndarray:
+    import faiss
+
+    index = (faiss.IndexFlatL2 if prep.metric == "l2" else faiss.IndexFlatIP)(prep.x.shape[1])
+    x = np.ascontiguousarray(prep.x)
+    index.add(x)
+    _, nn = index.search(x[queries], 2)
+    return np.where(nn[:, 0] == queries, nn[:, 1], nn[:, 0])
+
+
+def _nearest_torch(prep: Prepared, queries: np.ndarray, block: int) -> np.ndarray:
+    sign = 1.0 if prep.metric == "l2" else -1.0  # minimise sign * value
+    out = np.empty(len(queries), dtype=np.int64)
+    for s in range(0, len(queries), block):
+        q = torch.from_numpy(queries[s : s + block]).to(prep.left.device)
+        best = torch.full((len(q),), math.inf, device=q.device)
+        arg = torch.zeros(len(q), dtype=torch.int64, device=q.device)
+        for c0 in range(0, prep.n, block):
+            c1 = min(c0 + block, prep.n)
+            v = sign * (prep.left[q] @ prep.right[c0:c1].T)
+            own = (q >= c0) & (q < c1)
+            v[own.nonzero().squeeze(1), (q[own] - c0)] = math.inf
+            m, a = v.min(1)
+            better = m < best
+            best = torch.where(better, m, best)
+            arg = torch.where(better, a + c0, arg)
+        out[s : s + len(q)] = arg.cpu().numpy()
+    return out
