@@ -4,12 +4,10 @@ Whatever runs a tile (one process with many BLAS threads, a torchrun rank with o
 reading the store block by block), every pair must get the same float32 value to the last bit, or the
 histograms would not add up exactly. Three rules make it so:
 
-1. Products go through `fixed_matmul`: the inner dimension is cut into chunks of at most `GEMM_K` (OpenBLAS
-   splits longer inner dimensions differently with different thread counts; up to 512 it does not), and
-   products with a side smaller than `MIN_SIDE` are never formed on their own (BLAS switches to other kernels
-   there): callers compute the whole tile instead and slice it. The BLAS itself is checked once per process
-   (`gemm_engine`): some of OpenBLAS's kernels (its Haswell ones, which it also picks for AMD Zen 5) give an
-   entry other bits when the call has other rows or threads; there the products go through torch (MKL).
+1. Products go through `fixed_matmul`: single-threaded BLAS calls on canonical `chunk_side(block)` blocks
+   whose borders are multiples of the side in the whole plan (tile borders and diagonal splits fall on them;
+   a `--rows` span multiplies the whole blocks it touches), run in parallel by a pool of threads. An entry then
+   always comes from a call of the same shape at the same place, whatever the thread count or the path.
 2. Rows are transformed block by block by `augment` (contiguous float32 copies, per-row float64 norms), so a
    row's transformed values do not depend on which block it came in.
 3. The centring mean is summed in fixed blocks of `STAT_ROWS` store rows (`blocked_mean`), the same blocks
@@ -20,20 +18,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-try:  # SciPy's sgemm takes beta (accumulate into the output); NumPy's matmul does not
-    from scipy.linalg.blas import sgemm as _sgemm
-except ImportError:  # pragma: no cover
-    _sgemm = None
-
 log = logging.getLogger(__name__)
 
-GEMM_K = 256  # inner dimensions up to this are multiplied identically with 1 or many threads (OpenBLAS: 500 is not)
-MIN_SIDE = 64  # no product with fewer rows than this unless the tile itself is that small
+GEMM_K = 256  # inner dimensions are multiplied in chunks of at most this, added in order
+SAMPLE_MIN_ROWS = 64  # the bin-range sample has at least this many rows
+SMALL_SIDE = 64  # no canonical block thinner than this unless the whole operand is
+CHUNK = 512  # side of the canonical products (`fixed_matmul`); tile borders fall on its multiples
 STAT_ROWS = 1 << 14  # rows per block of the centring mean
 LEAF = 1024  # diagonal blocks are split until this size (smaller products lose more speed than leaves waste)
 
@@ -65,89 +62,71 @@ class BinCounts:
             self.counts += np.bincount(iv, minlength=self.bins)
 
 
-def _numpy_mm(a: np.ndarray, b: np.ndarray, threads: int) -> np.ndarray:
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=threads, user_api="blas"):
-        return a @ b.T
-
-
-def _torch_mm(a: np.ndarray, b: np.ndarray, threads: int) -> np.ndarray:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return torch.mm(torch.from_numpy(a), torch.from_numpy(b).T).numpy()
-    finally:
-        torch.set_num_threads(before)
-
-
-def _consistent(mm) -> bool:
-    """Does `mm` give each entry the same bits with 1 and 2 threads and for a call on a slice of the rows or
-    columns? (The same fixed sizes in every process, so that every rank of a run decides alike.)"""
-    rng = np.random.default_rng(0)
-    for k in (24, 200):
-        a = rng.standard_normal((320, k)).astype(np.float32)
-        b = rng.standard_normal((288, k)).astype(np.float32)
-        whole = mm(a, b, 1)
-        if not (
-            np.array_equal(mm(a, b, 2), whole)
-            and np.array_equal(mm(a[96:], b, 1), whole[96:])
-            and np.array_equal(mm(a[96:], b, 2), whole[96:])
-            and np.array_equal(mm(a, b[64:], 2), whole[:, 64:])
-        ):
-            return False
-    return True
+def chunk_side(block: int) -> int:
+    """Side of the canonical products for tiles of `block` rows (every path of one run uses the same)."""
+    return max(1, min(CHUNK, block))
 
 
 @functools.cache
-def gemm_engine() -> str:
-    """'numpy' (its BLAS, OpenBLAS) when it multiplies bit-consistently, else 'torch' (MKL) when that does;
-    'numpy' with a warning when neither does (then parts and ranks may differ from one process in a few bins)."""
-    if _consistent(_numpy_mm):
-        return "numpy"
-    if _consistent(_torch_mm):
-        log.info("NumPy's BLAS gives other bits for other call shapes on this CPU: tile products use torch")
-        return "torch"
-    log.warning("neither NumPy's BLAS nor torch multiplies bit-consistently here: --rows parts and torchrun ranks "
-                "may differ from a single process in a few bins")  # fmt: skip
-    return "numpy"
+def _blas_workers() -> ThreadPoolExecutor | None:
+    """Threads for the canonical products: as many as NumPy's BLAS would use (1 under torchrun's default
+    OMP_NUM_THREADS=1), each calling the BLAS single-threaded from now on."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    n = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1)
+    _blas_workers.limit = threadpool_limits(limits=1, user_api="blas")  # kept: single-threaded BLAS from here on
+    return ThreadPoolExecutor(n, thread_name_prefix="blas") if n > 1 else None
 
 
-def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, tmp: np.ndarray | None = None) -> np.ndarray:
-    """`out = a @ b.T` (float32) with the inner dimension in equal chunks of at most `GEMM_K`, added in order;
-    `tmp` (same shape as `out`) is scratch for the chunks after the first. Through `gemm_engine()`."""
+def block_spans(length: int, side: int) -> list[tuple[int, int]]:
+    """The canonical blocks [s, e) of `length` rows counted from 0: `side` rows each, the last one taking a
+    remainder of fewer than SMALL_SIDE rows (BLAS multiplies very thin products with other kernels)."""
+    starts = list(range(0, length, side))
+    if len(starts) > 1 and length - starts[-1] < SMALL_SIDE:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [length], strict=True))
+
+
+_local = threading.local()
+
+
+def _scratch(shape: tuple[int, int]) -> np.ndarray:
+    """This thread's reused scratch block (fresh buffers fault in new pages on every call)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < shape[0] * shape[1]:
+        buf = _local.buf = np.empty(max(shape[0] * shape[1], CHUNK * CHUNK), dtype=np.float32)
+    return buf[: shape[0] * shape[1]].reshape(shape)
+
+
+def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, tmp: np.ndarray | None = None,
+                 side: int = CHUNK) -> np.ndarray:  # fmt: skip
+    """`out = a @ b.T` (float32) as single-threaded BLAS calls on the `side` x `side` blocks of `a` and `b`
+    counted from their first rows, run by a pool of threads. Callers pass operands that start at multiples of
+    `side` of the whole plan, so an entry always comes from a call of the same shape, at the same place in it,
+    whoever computes it: some OpenBLAS kernels (its Haswell ones, which it also picks for AMD Zen 5) give an
+    entry other bits when the call has other rows, columns or threads. Inner dimensions over `GEMM_K` are cut
+    in equal chunks added in order, as products always were here. `tmp` is unused (kept for callers)."""
+    jobs = [(i, j) for i in block_spans(a.shape[0], side) for j in block_spans(b.shape[0], side)]
     k = a.shape[1]
     chunks = -(-k // GEMM_K)
-    if gemm_engine() == "torch":
-        return _fixed_matmul_torch(a, b, out, [k * i // chunks for i in range(chunks + 1)])
-    if chunks <= 1:
-        return np.matmul(a, b.T, out=out)
-    cuts = [k * i // chunks for i in range(chunks + 1)]
-    if _sgemm is not None and out.flags.c_contiguous and out.dtype == np.float32:
-        # BLAS accumulates each chunk into `out` itself (beta = 1): the same sums as the adds below, less traffic
-        ct = out.T  # Fortran-ordered view: out^T = b a^T
-        for i, (k0, k1) in enumerate(zip(cuts, cuts[1:], strict=False)):
-            r = _sgemm(1.0, b[:, k0:k1].T, a[:, k0:k1].T, beta=0.0 if i == 0 else 1.0, c=ct, trans_a=1, overwrite_c=1)
-            if not np.shares_memory(r, ct):  # pragma: no cover (SciPy copied `c`)
-                ct[...] = r
-        return out
-    np.matmul(a[:, cuts[0] : cuts[1]], b[:, cuts[0] : cuts[1]].T, out=out)
-    scratch = np.empty_like(out) if tmp is None else tmp
-    for k0, k1 in zip(cuts[1:-1], cuts[2:], strict=True):
-        np.matmul(a[:, k0:k1], b[:, k0:k1].T, out=scratch)
-        out += scratch
-    return out
+    cuts = [k * c // chunks for c in range(chunks + 1)]
 
+    def one(ij: tuple[tuple[int, int], tuple[int, int]]) -> None:
+        (i0, i1), (j0, j1) = ij
+        ai, bj, o = a[i0:i1], b[j0:j1], out[i0:i1, j0:j1]
+        np.matmul(ai[:, cuts[0] : cuts[1]], bj[:, cuts[0] : cuts[1]].T, out=o)
+        if chunks > 1:
+            scratch = _scratch(o.shape)
+            for k0, k1 in zip(cuts[1:-1], cuts[2:], strict=True):
+                np.matmul(ai[:, k0:k1], bj[:, k0:k1].T, out=scratch)
+                o += scratch
 
-def _fixed_matmul_torch(a: np.ndarray, b: np.ndarray, out: np.ndarray, cuts: list[int]) -> np.ndarray:
-    import torch
-
-    ta, tb, to = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)  # views: no copies
-    torch.mm(ta[:, cuts[0] : cuts[1]], tb[:, cuts[0] : cuts[1]].T, out=to)
-    for k0, k1 in zip(cuts[1:-1], cuts[2:], strict=True):
-        to.addmm_(ta[:, k0:k1], tb[:, k0:k1].T)
+    pool = _blas_workers()
+    if pool is None or len(jobs) == 1:
+        for ij in jobs:
+            one(ij)
+    else:
+        list(pool.map(one, jobs))
     return out
 
 
@@ -171,29 +150,30 @@ class Tile:
 def tile_plan(n: int, block: int, leaf: int = LEAF) -> list[Tile]:
     """Every pair i < j of n rows exactly once, in tiles of at most block x block, in a fixed order.
 
-    Diagonal blocks are split in halves (one full off-diagonal tile and two smaller diagonal blocks) down to
-    `leaf` rows, so almost no product is computed twice. The list depends only on (n, block, leaf): select any
+    Diagonal blocks are split near their middle, on a multiple of the product side (one full off-diagonal tile
+    and two smaller diagonal blocks), down to `leaf` rows, so almost no product is computed twice. The list depends only on (n, block, leaf): select any
     subset (e.g. `plan[rank::world]`) and the histograms of the parts add up to the whole, bit for bit.
     """
     plan: list[Tile] = []
     starts = list(range(0, n, block))
+    side = chunk_side(block)
     for i, r0 in enumerate(starts):
         r1 = min(r0 + block, n)
-        plan.extend(_split_diagonal(r0, r1, leaf))
+        plan.extend(_split_diagonal(r0, r1, leaf, side))
         for c0 in starts[i + 1 :]:
             plan.append(Tile(r0, r1, c0, min(c0 + block, n), False))
     return plan
 
 
-def _split_diagonal(a: int, b: int, leaf: int) -> Iterator[Tile]:
-    if b - a <= max(leaf, 1):
+def _split_diagonal(a: int, b: int, leaf: int, side: int) -> Iterator[Tile]:
+    m = a + max(side, (b - a) // 2 // side * side)  # near the middle, on a multiple of the product side
+    if b - a <= max(leaf, 1) or m >= b:
         if b - a >= 2:
             yield Tile(a, b, a, b, True)
         return
-    m = (a + b) // 2
-    yield from _split_diagonal(a, m, leaf)
+    yield from _split_diagonal(a, m, leaf, side)
     yield Tile(a, m, m, b, False)
-    yield from _split_diagonal(m, b, leaf)
+    yield from _split_diagonal(m, b, leaf, side)
 
 
 def balance(costs: list[int], parts: int) -> list[list[int]]:
@@ -274,7 +254,7 @@ SAMPLE_RANK = 9  # the range runs between the sample's 10th smallest and 10th la
 def sample_rows(n: int, seed: int, sample_pairs: int) -> np.ndarray:
     """Sorted store rows of the bin-range sample (each is scored against every other row)."""
     rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, size=min(n, max(MIN_SIDE, sample_pairs // n)), replace=False))
+    return np.sort(rng.choice(n, size=min(n, max(SAMPLE_MIN_ROWS, sample_pairs // n)), replace=False))
 
 
 class SampleRange:

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.blockmath import (
-    GEMM_K,
     LEAF,
     STAT_ROWS,
     SampleRange,
@@ -41,6 +40,7 @@ from pipeline.blockmath import (
     better_extreme,
     bin_range,
     blocked_mean,
+    chunk_side,
     fixed_matmul,
     pair_distance,
     sample_rows,
@@ -224,10 +224,10 @@ def score_part(store: Store, cfg: RowsConfig, binning: Binning, mean, rows: tupl
     mine = [k for k, t in enumerate(plan) if t.r0 < B and t.r1 > A and t.n_pairs]
     side = min(cfg.block, n)
     reader = BlockRows(store, mean, cfg.metric, binning, side)
-    sizes = [(lambda a2, b2: (b2 - a2) * (t.c1 - t.c0))(*multiplied(t, max(t.r0, A), min(t.r1, B))) for t in
+    unit = chunk_side(cfg.block)
+    sizes = [(lambda a2, b2: (b2 - a2) * (t.c1 - t.c0))(*multiplied(t, max(t.r0, A), min(t.r1, B), unit)) for t in
              (plan[k] for k in mine)]  # fmt: skip
     buf = np.empty(max(sizes, default=1), dtype=np.float32)
-    tmp = np.empty(len(buf), dtype=np.float32) if reader.width > GEMM_K else None
 
     def product(t: Tile, a2: int, b2: int) -> np.ndarray:
         kr, kc = t.r0 // side, t.c0 // side
@@ -235,9 +235,9 @@ def score_part(store: Store, cfg: RowsConfig, binning: Binning, mean, rows: tupl
         right = reader.block(kc)[1][t.c0 - kc * side : t.c1 - kc * side]
         m, w = b2 - a2, t.c1 - t.c0
         u = buf[: m * w].reshape(m, w)
-        return fixed_matmul(left, right, u, None if tmp is None else tmp[: m * w].reshape(m, w))
+        return fixed_matmul(left, right, u, side=unit)
 
-    res = TileLoop(binning, product, store.labels, cfg.metric, counting="numpy").run(
+    res = TileLoop(binning, product, store.labels, cfg.metric, counting="numpy", side=unit).run(
         plan, select=mine, span=(A, B), progress=cfg.progress
     )
     extreme = (res.extreme, res.extreme_tile, *res.extreme_rows)

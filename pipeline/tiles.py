@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.blockmath import MIN_SIDE, BinCounts, Tile, better_extreme
+from pipeline.blockmath import BinCounts, Tile, better_extreme, block_spans
 from pipeline.roc import Binning, HistogramROC
 
 if TYPE_CHECKING:
@@ -98,13 +98,12 @@ def clip_to_span(t: Tile, span: tuple[int, int] | None) -> tuple[int, int]:
     return (t.r0, t.r1) if span is None else (max(t.r0, span[0]), min(t.r1, span[1]))
 
 
-def multiplied(t: Tile, a: int, b: int) -> tuple[int, int]:
-    """Rows of tile `t` actually multiplied for its rows [a, b): never fewer than MIN_SIDE unless the tile has
-    fewer (BLAS computes tiny products with other kernels, whose sums may differ in the last bit)."""
-    if (a, b) == (t.r0, t.r1) or b - a >= MIN_SIDE:
-        return a, b
-    a2 = max(t.r0, b - MIN_SIDE)
-    return a2, min(t.r1, a2 + MIN_SIDE)
+def multiplied(t: Tile, a: int, b: int, side: int) -> tuple[int, int]:
+    """Rows of tile `t` actually multiplied for its rows [a, b): the whole canonical blocks of the tile
+    (`block_spans`, counted from its first row) that hold them, so that every entry comes from the same product
+    call as in a run over the whole tile (`pipeline.blockmath.fixed_matmul`)."""
+    spans = [(t.r0 + s, t.r0 + e) for s, e in block_spans(t.r1 - t.r0, side)]
+    return max(s for s, _ in spans if s <= a), min(e for _, e in spans if e >= b)
 
 
 def pairs_in(t: Tile, span: tuple[int, int] | None) -> int:
@@ -153,11 +152,13 @@ class TileLoop:
     """Scores tiles of a plan from one row source into a `TilePass`.
 
     `labels` are the source's labels in its row order; `order` maps a source row to its store row (None: the
-    same). Counting: "numpy" (CPU), "torch" (the GPU's; also runs on the CPU), "auto" by `device`."""
+    same). Counting: "numpy" (CPU), "torch" (the GPU's; also runs on the CPU), "auto" by `device`. `side`: the
+    product side (`chunk_side(block)`), which a span's rows are rounded out to."""
 
     def __init__(self, binning: Binning, product: Product, labels: np.ndarray, metric: str,
-                 order: np.ndarray | None = None, device: Any = "cpu", counting: str = "auto"):  # fmt: skip
-        self.binning, self.product, self.labels, self.metric = binning, product, labels, metric
+                 order: np.ndarray | None = None, device: Any = "cpu", counting: str = "auto",
+                 side: int = 1) -> None:  # fmt: skip
+        self.binning, self.product, self.labels, self.metric, self.side = binning, product, labels, metric, side
         self.order, self.device = order, device
         on_cpu = getattr(device, "type", device) == "cpu"
         self.numpy = counting == "numpy" or (counting == "auto" and on_cpu)
@@ -226,7 +227,7 @@ class TileLoop:
         return ranges(ri - a2, np.maximum(ri + 1, t.c0) - t.c0, np.full(len(ri), w), w)
 
     def _tile_numpy(self, k: int, t: Tile, a: int, b: int, res: TilePass, all_c: BinCounts, pos_c: BinCounts) -> int:
-        a2, b2 = multiplied(t, a, b)
+        a2, b2 = multiplied(t, a, b, self.side)
         u = self.product(t, a2, b2)
         u = u if isinstance(u, np.ndarray) else u.numpy()
         w = t.c1 - t.c0

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from pipeline.blockmath import (
-    GEMM_K,
     STAT_ROWS,
     SampleRange,
     Tile,
     augment,
     bin_range,
     blocked_mean,
+    chunk_side,
     fixed_matmul,
     sample_rows,
     scale_right,
@@ -160,16 +160,15 @@ class TorchTiles:
         self.prep = prep
         self.buf = torch.empty(min(block, prep.n) ** 2, dtype=torch.float32, device=prep.left.device)
         self.numpy = gemm == "numpy" or (gemm == "auto" and prep.left.device.type == "cpu")
+        self.side = chunk_side(block)
         if self.numpy:
             self.np_left, self.np_right, self.np_buf = prep.left.numpy(), prep.right.numpy(), self.buf.numpy()
-            self.np_tmp = np.empty_like(self.np_buf) if prep.left.shape[1] > GEMM_K else None
 
     def values(self, t: Tile) -> torch.Tensor:
         m, k = t.r1 - t.r0, t.c1 - t.c0
         if self.numpy:
             out = self.np_buf[: m * k].reshape(m, k)
-            tmp = None if self.np_tmp is None else self.np_tmp[: m * k].reshape(m, k)
-            fixed_matmul(self.np_left[t.r0 : t.r1], self.np_right[t.c0 : t.c1], out, tmp)
+            fixed_matmul(self.np_left[t.r0 : t.r1], self.np_right[t.c0 : t.c1], out, side=self.side)
             return self.buf[: m * k].view(m, k)
         out = self.buf[: m * k].view(m, k)
         return torch.mm(self.prep.left[t.r0 : t.r1], self.prep.right[t.c0 : t.c1].T, out=out)
