@@ -99,14 +99,17 @@ def _scratch(shape: tuple[int, int]) -> np.ndarray:
 
 
 def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, tmp: np.ndarray | None = None,
-                 side: int = CHUNK) -> np.ndarray:  # fmt: skip
+                 side: int = CHUNK, below: int | None = None) -> np.ndarray:  # fmt: skip
     """`out = a @ b.T` (float32) as single-threaded BLAS calls on the `side` x `side` blocks of `a` and `b`
     counted from their first rows, run by a pool of threads. Callers pass operands that start at multiples of
     `side` of the whole plan, so an entry always comes from a call of the same shape, at the same place in it,
     whoever computes it: some OpenBLAS kernels (its Haswell ones, which it also picks for AMD Zen 5) give an
     entry other bits when the call has other rows, columns or threads. Inner dimensions over `GEMM_K` are cut
-    in equal chunks added in order, as products always were here. `tmp` is unused (kept for callers)."""
-    jobs = [(i, j) for i in block_spans(a.shape[0], side) for j in block_spans(b.shape[0], side)]
+    in equal chunks added in order, as products always were here. On a diagonal tile, `below` is the first
+    row's offset from the diagonal (`a2 - t.r0`): blocks wholly below the diagonal hold no pair and are left
+    out (their part of `out` is not written). `tmp` is unused (kept for callers)."""
+    jobs = [(i, j) for i in block_spans(a.shape[0], side) for j in block_spans(b.shape[0], side)
+            if below is None or below + i[0] < j[1]]  # fmt: skip
     k = a.shape[1]
     chunks = -(-k // GEMM_K)
     cuts = [k * c // chunks for c in range(chunks + 1)]

@@ -235,7 +235,7 @@ def score_part(store: Store, cfg: RowsConfig, binning: Binning, mean, rows: tupl
         right = reader.block(kc)[1][t.c0 - kc * side : t.c1 - kc * side]
         m, w = b2 - a2, t.c1 - t.c0
         u = buf[: m * w].reshape(m, w)
-        return fixed_matmul(left, right, u, side=unit)
+        return fixed_matmul(left, right, u, side=unit, below=a2 - t.r0 if t.diagonal else None)
 
     res = TileLoop(binning, product, store.labels, cfg.metric, counting="numpy", side=unit).run(
         plan, select=mine, span=(A, B), progress=cfg.progress

@@ -168,7 +168,8 @@ class TorchTiles:
         m, k = t.r1 - t.r0, t.c1 - t.c0
         if self.numpy:
             out = self.np_buf[: m * k].reshape(m, k)
-            fixed_matmul(self.np_left[t.r0 : t.r1], self.np_right[t.c0 : t.c1], out, side=self.side)
+            below = 0 if t.diagonal else None
+            fixed_matmul(self.np_left[t.r0 : t.r1], self.np_right[t.c0 : t.c1], out, side=self.side, below=below)
             return self.buf[: m * k].view(m, k)
         out = self.buf[: m * k].view(m, k)
         return torch.mm(self.prep.left[t.r0 : t.r1], self.prep.right[t.c0 : t.c1].T, out=out)
