@@ -9,13 +9,14 @@ from the whole store with the same seed).
 Labels may be in any row order: each tile finds its same-person pairs by matching labels. For a store sorted by
 label (as `embed` writes it) store order is the order the in-memory `score` uses, and the results are its
 results bit for bit. For an unsorted store the in-memory path multiplies some pairs in the other orientation
-(row j against column i), whose float32 sum can differ in the last bit: a few pairs may land in a neighbouring
-bin; parts still merge exactly into the whole out-of-core run.
+(row j against column i) or at another place of a product, whose float32 sum can differ in the last bit: a few
+pairs may land in a neighbouring bin; parts still merge exactly into the whole out-of-core run.
 
 Memory (bytes, N rows of dimension D, tile side T = --block, bins K = --bins):
     16 N                      labels, and their sort order while the bin-range sample is drawn
   + 16 T (D + 2) x 2          two cached row blocks (left and right operands)
-  + 8 T^2                     one tile of products and its inner-dimension scratch (D > 254)
+  + 4 T^2                     one tile of products
+  + 1 MiB per BLAS thread     the scratch block of products with D > 256 (`pipeline.blockmath.fixed_matmul`)
   + 8 max(2^20, 4 K) + 24 K   the bincount index buffer, the two histograms and a bincount
   + the Python/NumPy/h5py runtime (about 80 MB; torch is not imported).
 """
