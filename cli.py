@@ -3,7 +3,6 @@ stage's config and calls the stage; library code does the work."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -11,39 +10,16 @@ from pathlib import Path
 
 import click
 
+from benchmarks import BenchmarkGroup
+from cli_options import (
+    data_root_option,
+    device_option,
+    finetune_options,
+    image_set_option,
+    model_option,
+    workers_option,
+)
 from pipeline.errors import PipelineError
-
-IMAGE_SETS = click.Choice(["original", "funneled", "deepfunneled"])
-DEVICES = click.Choice(["auto", "cpu", "cuda"])
-
-
-def data_root_option(f):
-    return click.option(
-        "--data-root",
-        type=click.Path(path_type=Path),
-        envvar="LFW_ROOT",
-        default="data",
-        show_default=True,
-        help="Folder with LFW: lfw-py/<image dir> and the protocol .txt files, or those directly (env LFW_ROOT).",
-    )(f)
-
-
-# Options shared by several commands (click builds a new Option each time a decorator is applied).
-image_set_option = click.option(
-    "--image-set", type=IMAGE_SETS, default="deepfunneled", show_default=True, help="Which LFW images."
-)
-model_option = click.option(
-    "--model",
-    default="squeezenet1_0",
-    show_default=True,
-    help="Backbone: alexnet, vgg16, squeezenet1_0, resnet18, resnet50.",
-)
-device_option = click.option(
-    "--device", type=DEVICES, default="auto", show_default=True, help="auto picks CUDA when present."
-)
-workers_option = click.option(
-    "--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes."
-)
 
 
 class Group(click.Group):
@@ -243,20 +219,11 @@ def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
 
 
 def _larger_than_memory(store: Path, options: dict) -> bool:
-    """True when the rows `score` would hold (2 x N x (D+2) float32) exceed half the free memory: such stores
-    are scored block by block (the --rows path over every row), unless a device, --exact, --rank1 or --backend
-    faiss asks for the in-memory engine."""
-    import h5py
+    """Out of core when the store is too large for memory, unless --exact, --rank1, FAISS or CUDA need it whole."""
+    from pipeline.rows import larger_than_memory
 
-    if options["exact"] or options["rank1"] or options["backend"] != "torch" or options["device"] == "cuda":
-        return False
-    try:
-        with h5py.File(store, "r") as f:
-            n, d = f["embeddings"].shape
-    except (OSError, KeyError, ValueError):
-        return False  # score reports what is wrong with the store
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return 8 * n * (d + 2) > free / 2
+    whole = options["exact"] or options["rank1"] or options["backend"] != "torch" or options["device"] == "cuda"
+    return not whole and larger_than_memory(store)
 
 
 def _score_rows(store: Path, mode: str, rows: str | None, options: dict) -> None:
@@ -330,65 +297,9 @@ def report(folders: tuple[Path, ...], out: Path, log_fpr: bool, overwrite: bool)
     click.echo(run_report(list(folders), out, log_fpr=log_fpr, overwrite=overwrite), nl=False)
 
 
-BENCHMARKS = {
-    "embed": "bench_embed",
-    "score": "bench_score",
-    "scale": "bench_scale",
-    "faults": "faults",
-    "gpu-check": "gpu_check",
-    "lfw-slice": "lfw_slice",
-}
-"""`cli.py bench NAME` -> the module `benchmarks.MODULE`, whose `command` it runs (as `python -m benchmarks.MODULE`)."""
-
-
-class Benchmarks(click.Group):
-    """Each benchmark's options live in its own module, imported only when that benchmark runs."""
-
-    def list_commands(self, ctx) -> list[str]:
-        return list(BENCHMARKS)
-
-    def get_command(self, ctx, name: str):
-        if name not in BENCHMARKS:
-            return None
-        return importlib.import_module(f"benchmarks.{BENCHMARKS[name]}").command
-
-
-@main.group(cls=Benchmarks)
+@main.group(cls=BenchmarkGroup)
 def bench() -> None:
     """Benchmarks that print a table of ratios measured in the same run (also `python -m benchmarks.MODULE`)."""
-
-
-def finetune_options(f):
-    """Options shared by `finetune` and `run` (recipe values; unset ones take the recipe's preset)."""
-    for option in reversed(
-        [
-            click.option(
-                "--recipe",
-                type=click.Choice(["study", "best"]),
-                default="study",
-                show_default=True,
-                help="study: the study's Siamese recipe; best: the project's recipe (docs/finetuning.md).",
-            ),
-            click.option(
-                "--phase1-epochs", type=int, default=None, help="Epochs with the frozen part frozen [preset]."
-            ),
-            click.option("--phase2-epochs", type=int, default=None, help="Epochs training the whole network [preset]."),
-            click.option(
-                "--batch-size", type=int, default=None, help="Pairs (study) or images (best) per step [preset]."
-            ),
-            click.option("--lr", type=float, default=None, help="Learning rate [preset]."),
-            click.option("--momentum", type=float, default=None, help="SGD momentum [preset]."),
-            click.option(
-                "--max-pairs",
-                type=int,
-                default=None,
-                help="Quick runs: the first N/2 same and N/2 different training pairs (best: N images).",
-            ),
-            click.option("--seed", type=int, default=0, show_default=True, help="Seed."),
-        ]
-    ):
-        f = option(f)
-    return f
 
 
 @main.command()

@@ -1,5 +1,6 @@
 """Benchmarks: each prints a table of ratios measured in one run (logs and commands: docs/scoring.md, docs/embedding.md, docs/scaling.md, docs/faults.md)."""
 
+import importlib
 from collections.abc import Callable
 
 import click
@@ -15,3 +16,26 @@ def argparse_command(name: str, main: Callable[[list[str]], object], doc: str | 
         main(list(argv))
 
     return command
+
+
+BENCHMARKS = {
+    "embed": "bench_embed",
+    "score": "bench_score",
+    "scale": "bench_scale",
+    "faults": "faults",
+    "gpu-check": "gpu_check",
+    "lfw-slice": "lfw_slice",
+}
+"""`cli.py bench NAME` -> the module `benchmarks.MODULE`, whose `command` it runs (as `python -m benchmarks.MODULE`)."""
+
+
+class BenchmarkGroup(click.Group):
+    """Each benchmark's options live in its own module, imported only when that benchmark runs."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(BENCHMARKS)
+
+    def get_command(self, ctx, name: str):
+        if name not in BENCHMARKS:
+            return None
+        return importlib.import_module(f"benchmarks.{BENCHMARKS[name]}").command

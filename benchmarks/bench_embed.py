@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 import torch
 
+from cli_options import data_root_option
 from pipeline import data, models
 from pipeline.embed import EmbedConfig, embed, forward, prepare
 from pipeline.runtime import resolve_device
@@ -116,14 +117,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 @click.command("embed")
-@click.option(
-    "--data-root",
-    type=click.Path(path_type=Path),
-    envvar="LFW_ROOT",
-    default="data",
-    show_default=True,
-    help="Folder with LFW (env LFW_ROOT).",
-)
+@data_root_option
 @click.option("--models", default="squeezenet1_0,alexnet", show_default=True, help="Comma-separated backbones.")
 @click.option("--limit", type=int, default=None, help="Only the first N LFWPeople test images (default all 3,708).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per forward pass.")

@@ -67,6 +67,21 @@ from pipeline.tiles import TileLoop, multiplied
 log = logging.getLogger(__name__)
 
 
+def larger_than_memory(store: Path) -> bool:
+    """True when the rows in-memory scoring would hold (2 x N x (D+2) float32) exceed half the free memory:
+    such stores are scored block by block, every row as one span. False when the store cannot be read (the
+    scoring then says what is wrong with it)."""
+    import h5py
+
+    try:
+        with h5py.File(store, "r") as f:
+            n, d = f["embeddings"].shape
+    except (OSError, KeyError, ValueError):
+        return False
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return 8 * n * (d + 2) > free / 2
+
+
 def parse_rows(text: str) -> tuple[int, int]:
     """'A:B' -> (A, B) with 0 <= A < B (B is checked against the store later)."""
     a, sep, b = str(text).partition(":")
@@ -385,4 +400,4 @@ def full_metrics(info: dict, acc: HistogramROC) -> dict:
     return metrics
 
 
-__all__ = ["RowsConfig", "parse_rows", "score_rows", "write_part", "covered", "PART_FILE"]
+__all__ = ["RowsConfig", "larger_than_memory", "parse_rows", "score_rows", "write_part", "covered", "PART_FILE"]
