@@ -18,7 +18,8 @@ from pipeline import data, models, outputs
 from pipeline.distributed import init_world, split_range
 from pipeline.errors import PipelineError
 from pipeline.runtime import autocast, reproducible_kernels, resolve_device, seed_everything
-from pipeline.store import StoreWriter, differing_settings, partial_path, recognise_partial, recognise_store
+from pipeline.store import partial_path, recognise_partial, recognise_store
+from pipeline.store_writer import StoreWriter, differing_settings
 
 log = logging.getLogger(__name__)
 ASSEMBLY_ROWS = 65536  # rows copied at a time when rank 0 joins the parts (bounded memory)

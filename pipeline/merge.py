@@ -9,11 +9,20 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.blockmath import better_extreme
 from pipeline.errors import PipelineError
 from pipeline.outputs import claim
-from pipeline.results import PART_FILE, RESULT_FILES, check_results_out, read_json
-from pipeline.roc import HistogramROC
-from pipeline.rows import _ranges_of, covered, write_part
+from pipeline.results import (
+    PART_FILE,
+    RESULT_FILES,
+    check_results_out,
+    describe,
+    json_writer,
+    read_json,
+    write_folder,
+    write_results,
+)
+from pipeline.roc import HistogramROC, check_defined
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +90,77 @@ def _merge(cfg: MergeConfig) -> dict:
 
 
 __all__ = ["MergeConfig", "merge", "load_part"]
+
+
+# ---------------------------------------------------------------------------------------------------- folders
+
+
+def covered(parts: list[dict]) -> list[list[int]]:
+    """The union of the parts' row ranges as sorted disjoint [A, B) ranges."""
+    out: list[list[int]] = []
+    for a, b in sorted(r for p in parts for r in _ranges_of(p)):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _ranges_of(p: dict) -> list[list[int]]:
+    return p["ranges"] if "ranges" in p else [p["rows"]]
+
+
+def write_part(out: Path, parts: list[dict], acc: HistogramROC, log_fpr: bool = False) -> None:
+    """A part folder (part.json, histogram.npz); the full results folder (metrics.json, roc.csv, roc.png as
+    `score` writes them, plus part.json) when the parts cover every row of the store."""
+    first = parts[0]
+    ranges = covered(parts)
+    extreme = (float("nan"), -1, -1, -1)
+    for p in parts:
+        extreme = better_extreme(extreme, tuple(p["extreme"]), first["metric"])
+    info = {k: v for k, v in first.items() if k not in ("rows", "extreme", "n_pairs", "n_positive", "seconds")}
+    max_d = next((p["max_distance"] for p in parts if list(p["extreme"]) == list(extreme)), acc.max_distance)
+    info.update(
+        ranges=ranges,
+        parts=sum(p.get("parts", 1) for p in parts),
+        n_pairs=sum(p["n_pairs"] for p in parts),
+        n_positive=acc.n_positive,
+        extreme=list(extreme),
+        max_distance=max_d,
+        seconds=sum(p["seconds"] for p in parts),
+    )
+    acc.max_distance = max_d
+    complete = ranges == [[0, first["store_n"]]]
+    if complete:
+        n = first["store_n"]
+        if info["n_pairs"] != n * (n - 1) // 2:
+            raise RuntimeError(f"internal error: the parts hold {info['n_pairs']} pairs of {n * (n - 1) // 2}")
+        check_defined(acc.n_positive, acc.n_negative)
+        metrics = full_metrics(info, acc)
+        roc = metrics.pop("roc")
+        write_results(out, metrics, roc, acc, log_fpr=log_fpr, part=info)
+    else:
+        write_folder(out, {PART_FILE: json_writer(info, null_nan=False)}, acc)
+
+
+def full_metrics(info: dict, acc: HistogramROC) -> dict:
+    """metrics.json of a complete result, with the keys `score` writes."""
+    metrics = acc.compute()
+    attrs = info.get("provenance", {})
+    seconds = info["seconds"]
+    metrics.update(
+        metric=info["metric"],
+        bins=info["bins"],
+        device="cpu",
+        seconds=seconds,
+        pairs_per_second=metrics["n_pairs"] / seconds if seconds > 0 else float("inf"),
+        mode="all-pairs",
+        backend="numpy-out-of-core",
+        max_distance_pair=info["extreme"][2:],
+        bin_lo=info["bin_lo"],
+        bin_hi=info["bin_hi"],
+        world_size=1,
+        parts=info["parts"],
+        **describe(attrs, Path(info["store"]), info.get("label"), info.get("variant")),
+    )
+    return metrics

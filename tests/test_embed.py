@@ -17,7 +17,8 @@ from cli import main
 from pipeline import data, models
 from pipeline.embed import EmbedConfig, embed
 from pipeline.errors import PipelineError
-from pipeline.store import StoreWriter, open_store, partial_path
+from pipeline.store import open_store, partial_path
+from pipeline.store_writer import StoreWriter
 
 
 def config(root: Path, out: Path, **kw) -> EmbedConfig:

@@ -52,7 +52,7 @@ def test_sigkill_of_embed_with_workers_resumes_at_once(tiny_lfw, tmp_path):
     ref = faults.cli(*args, "--out", tmp_path / "ref.h5", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
     patch = (
-        "from pipeline.store import StoreWriter\n"
+        "from pipeline.store_writer import StoreWriter\n"
         "write = StoreWriter.write\n"
         "def die(self, start, rows):\n"
         "    write(self, start, rows)\n"
