@@ -16,13 +16,13 @@ from pipeline.results import (
     PART_FILE,
     RESULT_FILES,
     check_results_out,
-    describe,
     json_writer,
     read_json,
     write_folder,
     write_results,
 )
 from pipeline.roc import HistogramROC, check_defined
+from pipeline.scoring.assemble import assemble_metrics, edge_bin_fraction
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,8 @@ def write_part(out: Path, parts: list[dict], acc: HistogramROC, log_fpr: bool = 
     extreme = (float("nan"), -1, -1, -1)
     for p in parts:
         extreme = better_extreme(extreme, tuple(p["extreme"]), first["metric"])
-    info = {k: v for k, v in first.items() if k not in ("rows", "extreme", "n_pairs", "n_positive", "seconds")}
+    summed = ("rows", "extreme", "n_pairs", "n_positive", "seconds", "seconds_prepare", "seconds_tiles")
+    info = {k: v for k, v in first.items() if k not in summed}
     max_d = next((p["max_distance"] for p in parts if list(p["extreme"]) == list(extreme)), acc.max_distance)
     info.update(
         ranges=ranges,
@@ -128,6 +129,8 @@ def write_part(out: Path, parts: list[dict], acc: HistogramROC, log_fpr: bool = 
         extreme=list(extreme),
         max_distance=max_d,
         seconds=sum(p["seconds"] for p in parts),
+        seconds_prepare=sum(p.get("seconds_prepare", 0.0) for p in parts),
+        seconds_tiles=sum(p.get("seconds_tiles", p["seconds"]) for p in parts),
     )
     acc.max_distance = max_d
     complete = ranges == [[0, first["store_n"]]]
@@ -146,21 +149,21 @@ def write_part(out: Path, parts: list[dict], acc: HistogramROC, log_fpr: bool = 
 def full_metrics(info: dict, acc: HistogramROC) -> dict:
     """metrics.json of a complete result, with the keys `score` writes."""
     metrics = acc.compute()
-    attrs = info.get("provenance", {})
-    seconds = info["seconds"]
-    metrics.update(
-        metric=info["metric"],
-        bins=info["bins"],
-        device="cpu",
-        seconds=seconds,
-        pairs_per_second=metrics["n_pairs"] / seconds if seconds > 0 else float("inf"),
-        mode="all-pairs",
-        backend="numpy-out-of-core",
-        max_distance_pair=info["extreme"][2:],
-        bin_lo=info["bin_lo"],
-        bin_hi=info["bin_hi"],
-        world_size=1,
-        parts=info["parts"],
-        **describe(attrs, Path(info["store"]), info.get("label"), info.get("variant")),
+    extra = {
+        "backend": "numpy-out-of-core",
+        "max_distance_pair": info["extreme"][2:],
+        "bin_lo": info["bin_lo"],
+        "bin_hi": info["bin_hi"],
+        "n_tiles": info.get("n_tiles"),  # None: parts of an older version
+        "edge_bin_fraction": edge_bin_fraction(acc, metrics["n_pairs"]),
+        "parts": info["parts"],
+        "seconds_prepare": info["seconds_prepare"],
+        "seconds_tiles": info["seconds_tiles"],
+    }
+    config = dict(
+        info.get("config", {}), rows=info["ranges"] if info["parts"] > 1 else info.get("config", {}).get("rows")
     )
-    return metrics
+    return assemble_metrics(metrics, extra, metric=info["metric"], bins=info["bins"], device="cpu",
+                            seconds=info["seconds"], mode="all-pairs", world_size=1,
+                            attrs=info.get("provenance", {}), store=info["store"], label=info.get("label"),
+                            variant=info.get("variant"), config=config)  # fmt: skip

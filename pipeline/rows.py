@@ -1,19 +1,15 @@
 """Out-of-core all-pairs scoring of a row range (`score --all-pairs --rows A:B`), without torch.
 
-Scores the pairs i < j whose smaller index i lies in [A, B) (store order), reading the store in row blocks,
-so a store larger than memory scores in bounded memory. The parts of any split of [0, N) add up, by
-`cli.py merge`, to the whole run bit for bit: the same tile plan, bins, row transforms and products as
-`pipeline.score` (see `pipeline.blockmath`), and the same bins in every part (the bin-range sample is drawn
-from the whole store with the same seed).
-
-Labels may be in any row order: each tile finds its same-person pairs by matching labels. For a store sorted by
-label (as `embed` writes it) store order is the order the in-memory `score` uses, and the results are its
-results bit for bit. For an unsorted store the in-memory path multiplies some pairs in the other orientation
-(row j against column i) or at another place of a product, whose float32 sum can differ in the last bit: a few
-pairs may land in a neighbouring bin; parts still merge exactly into the whole out-of-core run.
+Scores the pairs i < j whose smaller index i lies in [A, B), with rows counted in label order (the store's own
+order for stores `embed` writes, which are sorted by label), reading the rows in blocks, so a store larger than
+memory scores in bounded memory. The rows are those the in-memory `score` multiplies, in the same order
+(`pipeline.sorted_rows`: a store in another row order is first copied in label order to a temporary file), with
+the same tile plan, bins, row transforms and products (`pipeline.blockmath`): a whole run, and the parts of any
+split of [0, N) added up by `cli.py merge`, give the in-memory results bit for bit. Every part draws the
+bin-range sample from the whole store with the same seed, so all parts share their bins.
 
 Memory (bytes, N rows of dimension D, tile side T = --block, bins K = --bins):
-    16 N                      labels, and their sort order while the bin-range sample is drawn
+    16 N                      labels and their sort order (24 N while an unsorted store is copied in order)
   + 16 T (D + 2) x 2          two cached row blocks (left and right operands)
   + 4 T^2                     one tile of products
   + 1 MiB per BLAS thread     the scratch block of products with D > 256 (`pipeline.blockmath.fixed_matmul`)
@@ -27,7 +23,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +53,7 @@ from pipeline.results import (
     json_attrs,
 )
 from pipeline.roc import Binning, HistogramROC
+from pipeline.sorted_rows import LabelOrder
 from pipeline.store import Store, bad_rows_error, open_store, recorded_data_root
 from pipeline.tiles import TileLoop, multiplied
 
@@ -139,9 +136,9 @@ class RowsConfig:
 class BlockRows:
     """Transformed row blocks `[k*T, (k+1)*T)` read from the store on demand (the last two kept)."""
 
-    def __init__(self, store: Store, mean: np.ndarray | None, metric: str, binning: Binning | None, side: int):
-        self.store, self.mean, self.metric, self.binning, self.side = store, mean, metric, binning, side
-        self.width = store.dim + (2 if metric == "l2" else 1)
+    def __init__(self, src: LabelOrder, mean: np.ndarray | None, metric: str, binning: Binning | None, side: int):
+        self.src, self.mean, self.metric, self.binning, self.side = src, mean, metric, binning, side
+        self.width = src.dim + (2 if metric == "l2" else 1)
         self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def rows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,29 +148,29 @@ class BlockRows:
         right = np.empty_like(left)
         for s in range(a, b, STAT_ROWS):  # STAT_ROWS-aligned pieces, as prepare transforms them
             e = min(b, (s // STAT_ROWS + 1) * STAT_ROWS)
-            augment(self.store.rows(s, e), self.mean, self.metric, left[s - a : e - a], right[s - a : e - a])
+            augment(self.src.rows(s, e), self.mean, self.metric, left[s - a : e - a], right[s - a : e - a])
         if self.binning is not None:
             b_ = self.binning
-            scale_right(right, b_.lo, b_.hi, b_.bins, self.store.dim, self.metric)
+            scale_right(right, b_.lo, b_.hi, b_.bins, self.src.dim, self.metric)
         return left, right
 
     def block(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k not in self.cache:
             if len(self.cache) >= 2:
                 self.cache.pop(min(self.cache))
-            self.cache[k] = self.rows(k * self.side, min((k + 1) * self.side, self.store.n))
+            self.cache[k] = self.rows(k * self.side, min((k + 1) * self.side, self.src.n))
         return self.cache[k]
 
 
-def row_stats(store: Store, metric: str) -> tuple[np.ndarray | None, float]:
-    """(centring mean or None, largest centred norm) by streaming the store; NaN/inf or (cosine) zero rows are
-    an error naming them."""
-    n = store.n
+def row_stats(src: LabelOrder, metric: str) -> tuple[np.ndarray | None, float]:
+    """(centring mean or None, largest centred norm) by streaming the rows in label order; NaN/inf or (cosine)
+    zero rows are an error naming them (by store row)."""
+    n, store = src.n, src.store
     bad: list[int] = []
 
     def blocks():
         for s in range(0, n, STAT_ROWS):
-            blk = store.rows(s, min(s + STAT_ROWS, n))
+            blk = src.rows(s, min(s + STAT_ROWS, n))
             ok = np.isfinite(blk).all(axis=1)
             if not ok.all():
                 bad.extend((np.flatnonzero(~ok) + s).tolist())
@@ -184,35 +181,33 @@ def row_stats(store: Store, metric: str) -> tuple[np.ndarray | None, float]:
         for _ in blocks():
             pass
     if bad:
-        raise bad_rows_error(store, bad)
-    reader = BlockRows(store, mean, metric, None, STAT_ROWS)
+        raise bad_rows_error(store, sorted(src.store_rows(bad).tolist()))
+    reader = BlockRows(src, mean, metric, None, STAT_ROWS)
     top, zero = 0.0, []
     for s in range(0, n, STAT_ROWS):
         e = min(s + STAT_ROWS, n)
         left = np.empty((e - s, reader.width), dtype=np.float32)
-        sq = augment(store.rows(s, e), mean, metric, left, np.empty_like(left))
+        sq = augment(src.rows(s, e), mean, metric, left, np.empty_like(left))
         top = max(top, float(sq.max()))
-        zero.extend((np.flatnonzero(sq == 0) + s).tolist())
+        zero.extend(src.store_rows(np.flatnonzero(sq == 0) + s).tolist())
     if metric == "cosine" and zero:
         raise PipelineError(
-            f"{store.path}: {len(zero)} rows are all zeros (rows {zero[:10]}): their cosine is undefined. "
+            f"{store.path}: {len(zero)} rows are all zeros (rows {sorted(zero)[:10]}): their cosine is undefined. "
             f"Use --metric l2."
         )
     return mean, math.sqrt(top) if metric == "l2" else 1.0
 
 
-def stream_binning(store: Store, mean, metric: str, max_norm: float, cfg: RowsConfig) -> Binning:
-    """`pipeline.score.choose_binning` over streamed column blocks (the same sample, products and range). The
-    in-memory path draws its sample among the rows sorted by label: the same rows here, in store order."""
-    order = np.argsort(store.labels, kind="stable")
-    rows = np.sort(order[sample_rows(store.n, cfg.seed, cfg.sample_pairs)])
-    del order
-    reader = BlockRows(store, mean, metric, None, STAT_ROWS)
+def stream_binning(src: LabelOrder, mean, metric: str, max_norm: float, cfg: RowsConfig) -> Binning:
+    """`pipeline.scoring.memory.choose_binning` over streamed column blocks (the same sample, products and
+    range)."""
+    rows = sample_rows(src.n, cfg.seed, cfg.sample_pairs)
+    reader = BlockRows(src, mean, metric, None, STAT_ROWS)
     sample_left = np.empty((len(rows), reader.width), dtype=np.float32)
-    augment(store.embeddings[rows].astype(np.float32), mean, metric, sample_left, np.empty_like(sample_left))
-    rng = SampleRange(rows, store.n)
-    for s in range(0, store.n, STAT_ROWS):
-        _, right = reader.rows(s, min(s + STAT_ROWS, store.n))
+    augment(src.take(rows), mean, metric, sample_left, np.empty_like(sample_left))
+    rng = SampleRange(rows, src.n)
+    for s in range(0, src.n, STAT_ROWS):
+        _, right = reader.rows(s, min(s + STAT_ROWS, src.n))
         rng.add(sample_left, right, s)
     vmin, vmax = rng.extremes()
     lo, hi = bin_range(vmin, vmax, metric, max_norm)
@@ -227,15 +222,15 @@ class PartResult:
     seconds: float
 
 
-def score_part(store: Store, cfg: RowsConfig, binning: Binning, mean, rows: tuple[int, int]) -> PartResult:
-    """Count the pairs i < j (store order) with i in `rows` into a HistogramROC: the tile loop over row blocks
-    read from the store."""
+def score_part(src: LabelOrder, cfg: RowsConfig, binning: Binning, mean, rows: tuple[int, int]) -> PartResult:
+    """Count the pairs i < j (label order) with i in `rows` into a HistogramROC: the tile loop over row blocks
+    read in label order."""
     t0 = time.perf_counter()
-    n, (A, B) = store.n, rows
+    n, (A, B) = src.n, rows
     plan = tile_plan(n, cfg.block, LEAF)
     mine = [k for k, t in enumerate(plan) if t.r0 < B and t.r1 > A and t.n_pairs]
     side = min(cfg.block, n)
-    reader = BlockRows(store, mean, cfg.metric, binning, side)
+    reader = BlockRows(src, mean, cfg.metric, binning, side)
     unit = chunk_side(cfg.block)
     sizes = [(lambda a2, b2: (b2 - a2) * (t.c1 - t.c0))(*multiplied(t, max(t.r0, A), min(t.r1, B), unit)) for t in
              (plan[k] for k in mine)]  # fmt: skip
@@ -249,7 +244,7 @@ def score_part(store: Store, cfg: RowsConfig, binning: Binning, mean, rows: tupl
         u = buf[: m * w].reshape(m, w)
         return fixed_matmul(left, right, u, side=unit, below=a2 - t.r0 if t.diagonal else None)
 
-    res = TileLoop(binning, product, store.labels, cfg.metric, counting="numpy", side=unit).run(
+    res = TileLoop(binning, product, src.labels, cfg.metric, src.order, counting="numpy", side=unit).run(
         plan, select=mine, span=(A, B), progress=cfg.progress
     )
     extreme = (res.extreme, res.extreme_tile, *res.extreme_rows)
@@ -282,9 +277,11 @@ def part_info(store: Store, cfg: RowsConfig, binning: Binning, rows: tuple[int, 
         "extreme": [value, tile, i, j],
         "max_distance": res.acc.max_distance,
         "seconds": res.seconds,
+        "n_tiles": len(tile_plan(store.n, cfg.block, LEAF)),
         "label": cfg.label,
         "variant": cfg.variant,
         "provenance": attrs,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
     }
 
 
@@ -307,14 +304,17 @@ def _score_rows(cfg: RowsConfig) -> dict:
         if rows[1] > n:
             raise PipelineError(f"--rows {rows[0]}:{rows[1]}: the store has {n} rows (B must be at most {n})")
         t0 = time.perf_counter()
-        mean, max_norm = row_stats(store, cfg.metric)
-        binning = stream_binning(store, mean, cfg.metric, max_norm, cfg)
-        res = score_part(store, cfg, binning, mean, rows)
+        with LabelOrder(store, progress=cfg.progress) as src:
+            mean, max_norm = row_stats(src, cfg.metric)
+            binning = stream_binning(src, mean, cfg.metric, max_norm, cfg)
+            t1 = time.perf_counter()
+            res = score_part(src, cfg, binning, mean, rows)
         i, j = res.extreme[2], res.extreme[3]
         if i >= 0:
             res.acc.max_distance = pair_distance(store.rows(i, i + 1)[0], store.rows(j, j + 1)[0], cfg.metric)
         res.seconds = time.perf_counter() - t0
         info = part_info(store, cfg, binning, rows, res)
+        info.update(seconds_prepare=t1 - t0, seconds_tiles=res.seconds - (t1 - t0))
     log.info("rows %d:%d: %d pairs (%d same) in %.1f s", rows[0], rows[1], res.n_pairs, info["n_positive"],
              res.seconds)  # fmt: skip
     if cfg.out is not None:

@@ -30,12 +30,13 @@ from pipeline.blockmath import (
 )
 from pipeline.distributed import World, all_gather_rows, all_reduce_sum, init_world
 from pipeline.outputs import claim
-from pipeline.results import RESULT_FILES, check_results_out, describe, json_attrs, write_results
+from pipeline.results import RESULT_FILES, check_results_out, json_attrs, write_results
 from pipeline.roc import (
     HistogramROC,
     check_defined,
 )
 from pipeline.runtime import resolve_device
+from pipeline.scoring.assemble import assemble_metrics, edge_bin_fraction
 from pipeline.scoring.exact import check_exact_fits, exact_all_pairs
 from pipeline.scoring.listed import score_listed_pairs, tenfold_accuracy
 from pipeline.scoring.memory import FaissTiles, TileScorer, TorchTiles, choose_binning, make_backend, prepare
@@ -170,7 +171,8 @@ def score_all_pairs(
         "bin_hi": binning.hi,
         "n_tiles": len(plan),
         "world_size": world.size,
-        "edge_bin_fraction": float((acc.pos[[0, -1]].sum() + acc.neg[[0, -1]].sum()) / max(1, res.n_pairs)),
+        "edge_bin_fraction": edge_bin_fraction(acc, res.n_pairs),
+        "parts": 1,
         "seconds": t2 - t0,
         "seconds_prepare": t1 - t0,
         "seconds_tiles": t2 - t1,
@@ -219,22 +221,9 @@ def _score_locked(cfg: ScoreConfig, world: World, device: torch.device) -> dict:
         extra.pop("seconds", None)
         attrs = json_attrs(store.attrs)
     roc = metrics.pop("roc")
-    metrics.update(
-        metric=cfg.metric,
-        bins=cfg.bins,
-        device=str(device),
-        seconds=seconds,
-        pairs_per_second=metrics["n_pairs"] / seconds if seconds > 0 else float("inf"),
-        mode="all-pairs" if cfg.all_pairs else "pairs",
-        **extra,
-    )
-    metrics["world_size"] = world.size
-    if "auc_exact" in metrics:
-        metrics["auc_minus_exact"] = metrics["auc"] - metrics["auc_exact"]
-    metrics.update(
-        **describe(attrs, Path(cfg.store), cfg.label, cfg.variant),
-        config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-    )
+    metrics = assemble_metrics(metrics, extra, metric=cfg.metric, bins=cfg.bins, device=str(device), seconds=seconds,
+                               mode="all-pairs" if cfg.all_pairs else "pairs", world_size=world.size, attrs=attrs,
+                               store=cfg.store, label=cfg.label, variant=cfg.variant, config=asdict(cfg))  # fmt: skip
     log.info(
         "AUC %.6f (+- %.1e binning) over %d pairs (%d same) in %.3f s (%.3g pairs/s)",
         metrics["auc"],

@@ -1,0 +1,46 @@
+"""Are two results folders the same result? `python -m benchmarks.same_results A B [C ...]` compares each folder
+with the first: `histogram.npz` array by array (bit for bit) and every value of `metrics.json` that does not
+describe how or how fast the run went (timings, configuration, backend, ranks, parts, tile count). Prints one
+line per folder and exits 1 when any differs. Used to check that in-memory, torchrun and `--rows` + `merge`
+runs, or two commits, give one result."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HOW = {"seconds", "seconds_prepare", "seconds_tiles", "pairs_per_second", "config", "backend", "parts",
+       "world_size", "n_tiles", "store", "label"}  # fmt: skip
+
+
+def differences(a: Path, b: Path) -> list[str]:
+    out = []
+    ha, hb = np.load(a / "histogram.npz"), np.load(b / "histogram.npz")
+    for k in sorted(set(ha.files) | set(hb.files)):
+        if k not in ha.files or k not in hb.files or not np.array_equal(ha[k], hb[k]):
+            out.append(f"histogram {k}")
+    ma, mb = (json.loads((f / "metrics.json").read_text()) for f in (a, b))
+    for k in sorted((set(ma) | set(mb)) - HOW):
+        if ma.get(k, "<missing>") != mb.get(k, "<missing>"):
+            out.append(f"{k}: {str(ma.get(k, '<missing>'))[:60]} vs {str(mb.get(k, '<missing>'))[:60]}")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print(__doc__)
+        return 2
+    first, bad = Path(argv[0]), 0
+    for other in map(Path, argv[1:]):
+        diff = differences(first, other)
+        bad += bool(diff)
+        print(f"{other} vs {first}: " + ("identical (histograms and every non-timing metric)" if not diff else
+                                        "DIFFERENT: " + "; ".join(diff)))  # fmt: skip
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
