@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -39,27 +39,43 @@ COUNT_CHUNK = 1 << 20  # values per bincount call (at least 4x the bins): one re
 
 
 class BinCounts:
-    """Histogram counts on the CPU: bin coordinates (already clipped to [0, bins-1]) truncated to integers and
-    `np.bincount`-ed, in chunks through one reused intp buffer: bincount copies any other input to intp, and
-    fresh buffers of tile size cost page faults on every call (cProfile of a cold `score --all-pairs` of the
-    3,708-row LFWPeople test store: counting took 0.08-0.09 s that way, 0.025 s this way).
-    Single threaded, so that no second thread pool takes turns with the BLAS threads of the products."""
+    """Histogram counts on the CPU: bin coordinates clipped to [0, bins-1], truncated to integers into one reused
+    intp buffer (bincount copies any other input to intp, and fresh buffers fault in new pages on every call),
+    `np.bincount`-ed when the buffer is full (`flush`) so that each call's cost of `bins` is spread over at
+    least 4 x bins values. One per thread: counts of several add up exactly."""
 
     def __init__(self, bins: int):
         self.bins = bins
+        self.top = np.float32(bins - 1)
         self.counts = np.zeros(bins, dtype=np.int64)
         self.chunk = max(COUNT_CHUNK, 4 * bins)
-        self.ibuf = np.empty(0, dtype=np.intp)  # grown to the largest input up to `chunk`, then reused
+        self.ibuf = np.empty(0, dtype=np.intp)  # grown to what is staged, up to `chunk`, then reused
+        self.fbuf = np.empty(0, dtype=np.float32)  # clipped values of one `add`
+        self.used = 0
 
     def add(self, values: np.ndarray) -> None:
-        flat = values.reshape(-1)  # a copy only for strided slices (the small same-person rectangles)
-        if len(self.ibuf) < min(flat.size, self.chunk):
-            self.ibuf = np.empty(min(flat.size, self.chunk), dtype=np.intp)
+        """Count `values` (any shape; bin coordinates, clipped here)."""
+        if values.size > len(self.fbuf):
+            self.fbuf = np.empty(values.size, dtype=np.float32)
+        clipped = self.fbuf[: values.size].reshape(values.shape)
+        np.clip(values, 0, self.top, out=clipped)
+        flat = clipped.reshape(-1)
         for s in range(0, flat.size, self.chunk):
             part = flat[s : s + self.chunk]
-            iv = self.ibuf[: part.size]
-            np.copyto(iv, part, casting="unsafe")  # truncation = floor for coordinates >= 0
-            self.counts += np.bincount(iv, minlength=self.bins)
+            if self.used + part.size > self.chunk:
+                self.flush()
+            if len(self.ibuf) < min(self.used + part.size, self.chunk):
+                grown = np.empty(min(max(2 * len(self.ibuf), self.used + part.size), self.chunk), dtype=np.intp)
+                grown[: self.used] = self.ibuf[: self.used]
+                self.ibuf = grown
+            np.copyto(self.ibuf[self.used : self.used + part.size], part, casting="unsafe")  # truncation = floor (>= 0)
+            self.used += part.size
+
+    def flush(self) -> np.ndarray:
+        if self.used:
+            self.counts += np.bincount(self.ibuf[: self.used], minlength=self.bins)
+            self.used = 0
+        return self.counts
 
 
 def chunk_side(block: int) -> int:
@@ -71,10 +87,11 @@ def chunk_side(block: int) -> int:
 def _blas_workers() -> ThreadPoolExecutor | None:
     """Threads for the canonical products: as many as NumPy's BLAS would use (1 under torchrun's default
     OMP_NUM_THREADS=1), each calling the BLAS single-threaded from now on."""
-    from threadpoolctl import threadpool_info, threadpool_limits
+    from threadpoolctl import ThreadpoolController
 
-    n = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1)
-    _blas_workers.limit = threadpool_limits(limits=1, user_api="blas")  # kept: single-threaded BLAS from here on
+    blas = ThreadpoolController().select(user_api="blas")  # one scan of the loaded libraries
+    n = max((i["num_threads"] for i in blas.info()), default=1)
+    _blas_workers.limit = blas.limit(limits=1)  # kept: single-threaded BLAS from here on
     return ThreadPoolExecutor(n, thread_name_prefix="blas") if n > 1 else None
 
 
@@ -90,16 +107,21 @@ def block_spans(length: int, side: int) -> list[tuple[int, int]]:
 _local = threading.local()
 
 
-def _scratch(shape: tuple[int, int]) -> np.ndarray:
-    """This thread's reused scratch block (fresh buffers fault in new pages on every call)."""
-    buf = getattr(_local, "buf", None)
+def _scratch(name: str, shape: tuple[int, int]) -> np.ndarray:
+    """This thread's reused scratch block `name` (fresh buffers fault in new pages on every call)."""
+    buf = getattr(_local, name, None)
     if buf is None or buf.size < shape[0] * shape[1]:
-        buf = _local.buf = np.empty(max(shape[0] * shape[1], CHUNK * CHUNK), dtype=np.float32)
+        buf = np.empty(max(shape[0] * shape[1], CHUNK * CHUNK), dtype=np.float32)
+        setattr(_local, name, buf)
     return buf[: shape[0] * shape[1]].reshape(shape)
 
 
-def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, tmp: np.ndarray | None = None,
-                 side: int = CHUNK, below: int | None = None) -> np.ndarray:  # fmt: skip
+OnBlock = Callable[[int, int, int, int, np.ndarray], None]
+"""on_block(i0, i1, j0, j1, values): rows [i0, i1) of `a` against rows [j0, j1) of `b`, in a worker thread."""
+
+
+def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, tmp: np.ndarray | None = None,
+                 side: int = CHUNK, below: int | None = None, on_block: OnBlock | None = None) -> np.ndarray | None:  # fmt: skip
     """`out = a @ b.T` (float32) as single-threaded BLAS calls on the `side` x `side` blocks of `a` and `b`
     counted from their first rows, run by a pool of threads. Callers pass operands that start at multiples of
     `side` of the whole plan, so an entry always comes from a call of the same shape, at the same place in it,
@@ -107,7 +129,9 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, tmp: np.ndarray 
     entry other bits when the call has other rows, columns or threads. Inner dimensions over `GEMM_K` are cut
     in equal chunks added in order, as products always were here. On a diagonal tile, `below` is the first
     row's offset from the diagonal (`a2 - t.r0`): blocks wholly below the diagonal hold no pair and are left
-    out (their part of `out` is not written). `tmp` is unused (kept for callers)."""
+    out (their part of `out` is not written). With `on_block`, each block is computed into a reused block of its
+    thread instead (still in cache) and handed to `on_block` there; `out` is not used and None is returned.
+    `tmp` is unused (kept for callers)."""
     jobs = [(i, j) for i in block_spans(a.shape[0], side) for j in block_spans(b.shape[0], side)
             if below is None or below + i[0] < j[1]]  # fmt: skip
     k = a.shape[1]
@@ -116,13 +140,16 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, tmp: np.ndarray 
 
     def one(ij: tuple[tuple[int, int], tuple[int, int]]) -> None:
         (i0, i1), (j0, j1) = ij
-        ai, bj, o = a[i0:i1], b[j0:j1], out[i0:i1, j0:j1]
+        ai, bj = a[i0:i1], b[j0:j1]
+        o = out[i0:i1, j0:j1] if on_block is None else _scratch("block", (i1 - i0, j1 - j0))
         np.matmul(ai[:, cuts[0] : cuts[1]], bj[:, cuts[0] : cuts[1]].T, out=o)
         if chunks > 1:
-            scratch = _scratch(o.shape)
+            scratch = _scratch("k", o.shape)
             for k0, k1 in zip(cuts[1:-1], cuts[2:], strict=True):
                 np.matmul(ai[:, k0:k1], bj[:, k0:k1].T, out=scratch)
                 o += scratch
+        if on_block is not None:
+            on_block(i0, i1, j0, j1, o)
 
     pool = _blas_workers()
     if pool is None or len(jobs) == 1:
@@ -130,7 +157,7 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, tmp: np.ndarray 
             one(ij)
     else:
         list(pool.map(one, jobs))
-    return out
+    return out if on_block is None else None
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,7 @@ the same tile plan, bins, row transforms and products (`pipeline.blockmath`): a 
 split of [0, N) added up by `cli.py merge`, give the in-memory results bit for bit. Every part draws the
 bin-range sample from the whole store with the same seed, so all parts share their bins.
 
-Memory (bytes, N rows of dimension D, tile side T = --block, bins K = --bins):
-    16 N                      labels and their sort order (24 N while an unsorted store is copied in order)
-  + 16 T (D + 2) x 2          two cached row blocks (left and right operands)
-  + 4 T^2                     one tile of products
-  + 1 MiB per BLAS thread     the scratch block of products with D > 256 (`pipeline.blockmath.fixed_matmul`)
-  + 8 max(2^20, 4 K) + 24 K   the bincount index buffer, the two histograms and a bincount
-  + the Python/NumPy/h5py runtime (about 80 MB; torch is not imported).
+Memory: two row blocks and a few bytes of labels per row, whatever the size of the store (docs/design.md).
 """
 
 from __future__ import annotations
@@ -55,7 +49,7 @@ from pipeline.results import (
 from pipeline.roc import Binning, HistogramROC
 from pipeline.sorted_rows import LabelOrder
 from pipeline.store import Store, bad_rows_error, open_store, recorded_data_root
-from pipeline.tiles import TileLoop, multiplied
+from pipeline.tiles import TileLoop
 
 log = logging.getLogger(__name__)
 
@@ -232,17 +226,12 @@ def score_part(src: LabelOrder, cfg: RowsConfig, binning: Binning, mean, rows: t
     side = min(cfg.block, n)
     reader = BlockRows(src, mean, cfg.metric, binning, side)
     unit = chunk_side(cfg.block)
-    sizes = [(lambda a2, b2: (b2 - a2) * (t.c1 - t.c0))(*multiplied(t, max(t.r0, A), min(t.r1, B), unit)) for t in
-             (plan[k] for k in mine)]  # fmt: skip
-    buf = np.empty(max(sizes, default=1), dtype=np.float32)
 
-    def product(t: Tile, a2: int, b2: int) -> np.ndarray:
+    def product(t: Tile, a2: int, b2: int, on_block) -> None:
         kr, kc = t.r0 // side, t.c0 // side
         left = reader.block(kr)[0][a2 - kr * side : b2 - kr * side]
         right = reader.block(kc)[1][t.c0 - kc * side : t.c1 - kc * side]
-        m, w = b2 - a2, t.c1 - t.c0
-        u = buf[: m * w].reshape(m, w)
-        return fixed_matmul(left, right, u, side=unit, below=a2 - t.r0 if t.diagonal else None)
+        return fixed_matmul(left, right, None, side=unit, below=a2 - t.r0 if t.diagonal else None, on_block=on_block)
 
     res = TileLoop(binning, product, src.labels, cfg.metric, src.order, counting="numpy", side=unit).run(
         plan, select=mine, span=(A, B), progress=cfg.progress

@@ -12,6 +12,7 @@ counting (`torch.histc`), a branch of the same loop, not a second one. Torch is 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,9 +26,11 @@ from pipeline.roc import Binning, HistogramROC
 if TYPE_CHECKING:
     import torch
 
-Product = Callable[[Tile, int, int], Any]
-"""product(t, a2, b2) -> rows [a2, b2) of tile t against its columns c0..c1 ([b2-a2, c1-c0], float32 bin
-coordinates), a NumPy array or a torch tensor."""
+Product = Callable[..., Any]
+"""product(t, a2, b2, on_block=None): rows [a2, b2) of tile t against its columns c0..c1 ([b2-a2, c1-c0],
+float32 bin coordinates). With `on_block` a source that computes blocks (`pipeline.blockmath.fixed_matmul`)
+hands each block to it (rows and columns relative to a2 and c0) and returns None; otherwise it returns the
+whole product, a NumPy array or a torch tensor."""
 
 
 @dataclass
@@ -148,6 +151,15 @@ def same_label_flat(labels: np.ndarray, a: int, b: int, t: Tile, a2: int, w: int
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
+class _Counting:
+    """One thread's share of a CPU pass: its histograms and its extreme candidate (value, tile, i, j) with
+    i, j in the source's row order."""
+
+    def __init__(self, bins: int):
+        self.all, self.pos = BinCounts(bins), BinCounts(bins)
+        self.best: tuple = (float("nan"), -1, -1, -1)
+
+
 class TileLoop:
     """Scores tiles of a plan from one row source into a `TilePass`.
 
@@ -187,14 +199,14 @@ class TileLoop:
         if span is not None and not self.numpy:
             raise ValueError("a span of rows is scored with NumPy counting (out of core, on the CPU)")
         bins = self.binning.bins
+        extremes = None
         if self.numpy:
-            counts = (BinCounts(bins), BinCounts(bins))
+            self._threads: dict[int, _Counting] = {}
+            res = TilePass(self.binning, None, None)
         else:
             counts = (Stager(bins, self.device), Stager(bins, self.device))
-        res = TilePass(self.binning, counts[0].counts, counts[1].counts)
-        extremes = None
-        if not self.numpy:  # each tile's extreme stays on the device (no wait per tile); the pair is found at the end
-            import torch
+            res = TilePass(self.binning, counts[0].counts, counts[1].counts)
+            import torch  # each tile's extreme stays on the device (no wait per tile); the pair is found at the end
 
             extremes = torch.full((len(indices),), math.nan, device=self.device)
         total = sum(pairs_in(plan[i], span) for i in indices)
@@ -206,49 +218,82 @@ class TileLoop:
                 if b <= a or not t.n_pairs:
                     continue
                 if self.numpy:
-                    done = self._tile_numpy(i, t, a, b, res, *counts)
+                    self._tile_numpy(i, t, a, b)
+                    done = pairs_in(t, span)
                 else:
                     extremes[k] = self._tile_torch(t, *counts)
                     done = t.n_pairs
                 res.n_pairs += done
                 bar.update(done)
-        if not self.numpy:
+        if self.numpy:
+            self._gather(res)
+        else:
             counts[0].flush()
             counts[1].flush()
             if res.n_pairs:
                 self._find_extreme(plan, indices, extremes, res)
         return res
 
-    def _diagonal_flat(self, t: Tile, a: int, b: int, a2: int) -> np.ndarray:
-        w = t.c1 - t.c0
-        if (a, b, a2) == (t.r0, t.r1, t.r0):
-            return self.triu(w)[2]
-        ri = np.arange(a, b)
-        return ranges(ri - a2, np.maximum(ri + 1, t.c0) - t.c0, np.full(len(ri), w), w)
+    def _gather(self, res: TilePass) -> None:
+        """The threads' counts added up, their extreme candidates reduced (ties: the earliest tile, then pair)."""
+        bins = self.binning.bins
+        res.all_counts, res.pos_counts = np.zeros(bins, dtype=np.int64), np.zeros(bins, dtype=np.int64)
+        best = (float("nan"), -1, -1, -1)
+        for c in self._threads.values():
+            res.all_counts += c.all.flush()
+            res.pos_counts += c.pos.flush()
+            best = better_extreme(best, c.best, self.metric)
+        self._threads = {}
+        res.extreme, res.extreme_tile = best[0], best[1]
+        res.extreme_rows = (self.store_row(best[2]), self.store_row(best[3])) if best[1] >= 0 else (-1, -1)
 
-    def _tile_numpy(self, k: int, t: Tile, a: int, b: int, res: TilePass, all_c: BinCounts, pos_c: BinCounts) -> int:
+    def _counting(self) -> _Counting:
+        c = self._threads.get(threading.get_ident())
+        if c is None:
+            c = self._threads[threading.get_ident()] = _Counting(self.binning.bins)
+        return c
+
+    def _tile_numpy(self, k: int, t: Tile, a: int, b: int) -> None:
+        """Count the pairs of tile `t` whose row lies in [a, b), block by block as the row source computes them
+        (in its worker threads, while each block is in cache), or from the whole product when it hands one."""
         a2, b2 = multiplied(t, a, b, self.side)
-        u = self.product(t, a2, b2)
-        u = u if isinstance(u, np.ndarray) else u.numpy()
+        below = a2 - t.r0 if t.diagonal else None  # a pair (r, c) of the product needs c > r + below
+        pf = same_label_flat(self.labels, a, b, t, a2, t.c1 - t.c0)
         w = t.c1 - t.c0
-        flat = self._diagonal_flat(t, a, b, a2) if t.diagonal else None
-        vals = u.reshape(-1).take(flat) if flat is not None else u[a - a2 : b - a2].reshape(-1)
-        if not vals.size:
-            return 0
-        j = int(vals.argmax() if self.metric == "l2" else vals.argmin())
-        pos = int(flat[j]) if flat is not None else (a - a2) * w + j
-        cand = (float(vals[j]), k, self.store_row(a2 + pos // w), self.store_row(t.c0 + pos % w))
-        best = better_extreme((res.extreme, res.extreme_tile, *res.extreme_rows), cand, self.metric)
-        res.extreme, res.extreme_tile, res.extreme_rows = best[0], best[1], (best[2], best[3])
-        top = np.float32(self.binning.bins - 1)
-        np.clip(vals, 0, top, out=vals)
-        all_c.add(vals)
-        if flat is not None:
-            u.reshape(-1)[flat] = vals  # clipped values back, for the same-person pairs
-        pf = same_label_flat(self.labels, a, b, t, a2, w)
-        if pf.size:
-            pos_c.add(np.clip(u.reshape(-1)[pf], 0, top))
-        return vals.size
+        pos_r, pos_c = pf // w, pf % w  # same-person pairs: sorted by row, then column
+
+        def on_block(r0: int, r1: int, c0: int, c1: int, v: np.ndarray) -> None:
+            lo, hi = max(r0, a - a2), min(r1, b - a2)  # rows of the span
+            if below is not None:
+                hi = min(hi, c1 - 1 - below)  # rows with a column above the diagonal
+            if hi <= lo:
+                return
+            cnt = self._counting()
+            width = c1 - c0
+            if below is None or c0 > hi - 1 + below:  # every column of these rows
+                vals = v[lo - r0 : hi - r0]
+                flat = None
+            else:  # a triangle: columns c > r + below
+                rows = np.arange(lo, hi)
+                flat = ranges(rows - r0, np.maximum(rows + below + 1, c0) - c0, np.full(len(rows), width), width)
+                vals = v.reshape(-1).take(flat)
+            if not vals.size:
+                return
+            j = int(vals.argmax() if self.metric == "l2" else vals.argmin())
+            f = j + (lo - r0) * width if flat is None else int(flat[j])
+            cnt.best = better_extreme(cnt.best, (float(vals.reshape(-1)[j]), k, a2 + r0 + f // width,
+                                                 t.c0 + c0 + f % width), self.metric)  # fmt: skip
+            cnt.all.add(vals)
+            s0, s1 = np.searchsorted(pos_r, [lo, hi])
+            if s1 > s0:
+                pr, pc = pos_r[s0:s1], pos_c[s0:s1]
+                keep = (pc >= c0) & (pc < c1)
+                if keep.any():
+                    cnt.pos.add(v[pr[keep] - r0, pc[keep] - c0])
+
+        u = self.product(t, a2, b2, on_block)
+        if u is not None:  # a source without blocks (FAISS): the whole product is one block
+            on_block(0, b2 - a2, 0, w, u if isinstance(u, np.ndarray) else u.numpy())
 
     def _upper_values(self, t: Tile, values: torch.Tensor) -> torch.Tensor:
         if not t.diagonal:

@@ -1,7 +1,6 @@
 """All-pairs rows held in memory: read, checked, sorted by identity and transformed once (`prepare`), multiplied
 tile by tile by a backend (torch or FAISS), binned over a sample's range (`choose_binning`), and fed to the one
-tile loop (`TileScorer`). Memory: the rows (2 copies of N x (D+2) float32) + one tile (block^2 floats) + an
-8 MB bincount index buffer + 2 x bins counts, whatever the number of pairs."""
+tile loop (`TileScorer`). Memory: the rows twice (the two operands), not the pairs; see docs/design.md."""
 
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ import torch
 
 from pipeline.blockmath import (
     STAT_ROWS,
+    OnBlock,
     SampleRange,
     Tile,
     augment,
@@ -157,21 +157,32 @@ class TorchTiles:
     name = "torch"
 
     def __init__(self, prep: Prepared, block: int, gemm: str = "auto"):
-        self.prep = prep
-        self.buf = torch.empty(min(block, prep.n) ** 2, dtype=torch.float32, device=prep.left.device)
+        self.prep, self.block = prep, block
         self.numpy = gemm == "numpy" or (gemm == "auto" and prep.left.device.type == "cpu")
         self.side = chunk_side(block)
+        self._buf: torch.Tensor | None = None  # a whole tile, only where one is asked for (torch products)
         if self.numpy:
-            self.np_left, self.np_right, self.np_buf = prep.left.numpy(), prep.right.numpy(), self.buf.numpy()
+            self.np_left, self.np_right = prep.left.numpy(), prep.right.numpy()
 
-    def values(self, t: Tile) -> torch.Tensor:
+    def buffer(self, size: int) -> torch.Tensor:
+        if self._buf is None:
+            self._buf = torch.empty(
+                min(self.block, self.prep.n) ** 2, dtype=torch.float32, device=self.prep.left.device
+            )
+        return self._buf[:size]
+
+    def values(self, t: Tile, on_block: OnBlock | None = None) -> torch.Tensor | None:
+        """The tile's values; on the CPU with `on_block`, handed over block by block instead (None returned)."""
         m, k = t.r1 - t.r0, t.c1 - t.c0
         if self.numpy:
-            out = self.np_buf[: m * k].reshape(m, k)
             below = 0 if t.diagonal else None
-            fixed_matmul(self.np_left[t.r0 : t.r1], self.np_right[t.c0 : t.c1], out, side=self.side, below=below)
-            return self.buf[: m * k].view(m, k)
-        out = self.buf[: m * k].view(m, k)
+            a, b = self.np_left[t.r0 : t.r1], self.np_right[t.c0 : t.c1]
+            if on_block is not None:
+                return fixed_matmul(a, b, None, side=self.side, below=below, on_block=on_block)
+            buf = self.buffer(m * k)
+            fixed_matmul(a, b, buf.numpy().reshape(m, k), side=self.side, below=below)
+            return buf.view(m, k)
+        out = self.buffer(m * k).view(m, k)
         return torch.mm(self.prep.left[t.r0 : t.r1], self.prep.right[t.c0 : t.c1].T, out=out)
 
 
@@ -190,7 +201,7 @@ class FaissTiles:
         self.metric = faiss.METRIC_L2 if prep.metric == "l2" else faiss.METRIC_INNER_PRODUCT
         self.device = prep.left.device
 
-    def values(self, t: Tile) -> torch.Tensor:
+    def values(self, t: Tile, on_block: OnBlock | None = None) -> torch.Tensor:
         x = self.x
         v = self.faiss.pairwise_distances(x[t.r0 : t.r1], x[t.c0 : t.c1], self.metric)
         v -= self.lo
@@ -250,6 +261,6 @@ class TileScorer(TileLoop):
     the extreme pair through the sort order."""
 
     def __init__(self, prep: Prepared, binning: Binning, backend, counting: str = "auto"):
-        super().__init__(binning, lambda t, a2, b2: backend.values(t), prep.labels.cpu().numpy(), prep.metric,
+        super().__init__(binning, lambda t, a2, b2, on_block=None: backend.values(t, on_block), prep.labels.cpu().numpy(), prep.metric,
                          prep.order, prep.left.device, counting)  # fmt: skip
         self.prep, self.backend = prep, backend
