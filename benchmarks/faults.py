@@ -118,7 +118,7 @@ def resumable(path: Path) -> bool:
         return False
 
 
-METRIC_KEYS = ("auc", "n_pairs", "n_positive", "eer", "tar_at_far", "best_threshold", "max_distance", "bin_lo")
+METRIC_KEYS = ("auc", "n_pairs", "n_positive", "eer", "tar_at_far", "best_balanced_threshold", "max_distance", "bin_lo")
 
 
 def same_results(a: Path, b: Path) -> bool:

@@ -79,3 +79,12 @@ def all_gather_rows(row: list[float]) -> list[list[float]]:
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
     return [o.cpu().tolist() for o in out]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable `obj` (any size; the exact tails of scoring), in rank order; [obj] single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

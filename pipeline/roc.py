@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.tail import Tail
 
 if TYPE_CHECKING:
     import torch
 
 METRICS = ("l2", "cosine")
-FAR_LEVELS = (1e-4, 1e-3, 1e-2)
+FAR_LEVELS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def value_to_distance(values: np.ndarray, metric: str) -> np.ndarray:
@@ -88,6 +89,8 @@ class HistogramROC:
         self.pos = np.zeros(binning.bins, dtype=np.int64)
         self.neg = np.zeros(binning.bins, dtype=np.int64)
         self.max_distance: float = float("nan")
+        self.tail: Tail | None = None
+        """The exact tail of all-pairs scoring (`pipeline.tail`): exact TAR at low FAR."""
 
     @property
     def n_positive(self) -> int:
@@ -129,6 +132,10 @@ class HistogramROC:
             raise ValueError(f"cannot merge histograms with different binnings: {self.binning} vs {other.binning}")
         self.pos += other.pos
         self.neg += other.neg
+        if (self.tail is None) != (other.tail is None):
+            raise ValueError("cannot merge histograms with and without an exact tail")
+        if self.tail is not None:
+            self.tail = self.tail.merge(other.tail).finish()
         known = [d for d in (self.max_distance, other.max_distance) if math.isfinite(d)]
         self.max_distance = max(known) if known else float("nan")
         return self
@@ -147,7 +154,10 @@ class HistogramROC:
         if math.isfinite(self.max_distance):
             thr = thr.copy()
             thr[-1] = max(thr[-1], self.max_distance)
-        return roc_metrics(pos, neg, thr, self.max_distance, exact=False)
+        metrics = roc_metrics(pos, neg, thr, self.max_distance, exact=False)
+        if self.tail is not None:
+            exact_tail_metrics(metrics, self.tail, self.binning)
+        return metrics
 
     def save(self, path: Path | str, **extra) -> None:
         b = self.binning
@@ -160,6 +170,11 @@ class HistogramROC:
             bins=b.bins,
             metric=b.metric,
             max_distance=self.max_distance,
+            **(
+                {}
+                if self.tail is None
+                else {"tail_k": self.tail.k, "tail_neg": self.tail.neg, "tail_pos": self.tail.pos}
+            ),
             **extra,
         )
 
@@ -172,6 +187,10 @@ class HistogramROC:
                 acc.pos[:] = z["pos"]
                 acc.neg[:] = z["neg"]
                 acc.max_distance = float(z["max_distance"])
+                if "tail_k" in z.files:
+                    acc.tail = Tail(int(z["tail_k"]), acc.binning.metric)
+                    acc.tail.add(z["tail_neg"], z["tail_pos"])
+                    acc.tail.finish()
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise PipelineError(f"cannot read histograms {path} (truncated or not written by score?): {e}") from None
         return acc
@@ -222,9 +241,12 @@ def roc_metrics(pos: np.ndarray, neg: np.ndarray, thresholds: np.ndarray, max_di
     tpr = np.concatenate([[0.0], np.cumsum(pos) / n_pos])
     fpr = np.concatenate([[0.0], np.cumsum(neg) / n_neg])
     thr = np.concatenate([[0.0 if len(thresholds) == 0 else min(0.0, float(thresholds[0]))], thresholds])
-    acc = (np.concatenate([[0], np.cumsum(pos)]) + n_neg - np.concatenate([[0], np.cumsum(neg)])) / (n_pos + n_neg)
-    best = int(np.argmax(acc))
+    tp, fp = np.concatenate([[0], np.cumsum(pos)]), np.concatenate([[0], np.cumsum(neg)])
+    acc = (tp + n_neg - fp) / (n_pos + n_neg)  # at the pairs' own mix of same and different
+    balanced = 0.5 * (tp / n_pos + (n_neg - fp) / n_neg)
+    best, best_b = int(np.argmax(acc)), int(np.argmax(balanced))
     scale = max_distance if (math.isfinite(max_distance) and max_distance > 0) else float("nan")
+    tar = {f"{f:g}": float(tpr[fpr <= f].max()) for f in FAR_LEVELS}
     return {
         "auc": auc,
         "auc_error_bound": 0.0 if exact else bound,
@@ -232,13 +254,31 @@ def roc_metrics(pos: np.ndarray, neg: np.ndarray, thresholds: np.ndarray, max_di
         "n_positive": n_pos,
         "n_negative": n_neg,
         "eer": equal_error_rate(fpr, tpr),
-        "tar_at_far": {f"{f:g}": float(tpr[fpr <= f].max()) for f in FAR_LEVELS},
-        "best_accuracy": float(acc[best]),
-        "best_threshold": float(thr[best]),
-        "best_threshold_normalised": float(thr[best] / scale),
+        "tar_at_far": tar,
+        "fnmr_at_fmr": {k: 1.0 - v for k, v in tar.items()},
+        "best_balanced_accuracy": float(balanced[best_b]),
+        "best_balanced_threshold": float(thr[best_b]),
+        "best_balanced_threshold_normalised": float(thr[best_b] / scale),
+        "best_unbalanced_accuracy": float(acc[best]),
+        "best_unbalanced_threshold": float(thr[best]),
+        "best_unbalanced_threshold_normalised": float(thr[best] / scale),
         "max_distance": float(max_distance),
         "roc": {"fpr": fpr, "tpr": tpr, "threshold": thr},
     }
+
+
+def exact_tail_metrics(metrics: dict, tail: Tail, binning: Binning) -> None:
+    """Replace the binned TAR at FAR (and FNMR at FMR) by the exact tail's wherever it reaches; say how far."""
+    n_neg, n_pos = metrics["n_negative"], metrics["n_positive"]
+    for f in FAR_LEVELS:
+        exact = tail.tar_at(f, n_neg, n_pos)
+        if exact is not None:
+            metrics["tar_at_far"][f"{f:g}"] = exact
+            metrics["fnmr_at_fmr"][f"{f:g}"] = 1.0 - exact
+    metrics["tail_exact_far"] = tail.exact_far(n_neg)
+    last = tail.neg[-1] if len(tail.neg) else np.nan  # the least similar negative held
+    raw = binning.lo + float(last) * (binning.hi - binning.lo) / binning.bins
+    metrics["tail_exact_down_to"] = float(value_to_distance(np.array([raw]), binning.metric)[0])
 
 
 def equal_error_rate(fpr: np.ndarray, tpr: np.ndarray) -> float:

@@ -49,6 +49,7 @@ from pipeline.results import (
 from pipeline.roc import Binning, HistogramROC
 from pipeline.sorted_rows import LabelOrder
 from pipeline.store import Store, bad_rows_error, open_store, recorded_data_root
+from pipeline.tail import tail_size
 from pipeline.tiles import TileLoop
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,9 @@ def score_part(src: LabelOrder, cfg: RowsConfig, binning: Binning, mean, rows: t
         right = reader.block(kc)[1][t.c0 - kc * side : t.c1 - kc * side]
         return fixed_matmul(left, right, None, side=unit, below=a2 - t.r0 if t.diagonal else None, on_block=on_block)
 
-    res = TileLoop(binning, product, src.labels, cfg.metric, src.order, counting="numpy", side=unit).run(
+    sizes = np.diff(np.flatnonzero(np.r_[True, np.diff(src.labels) != 0, True]))
+    k = tail_size(n * (n - 1) // 2, int((sizes * (sizes - 1) // 2).sum()))
+    res = TileLoop(binning, product, src.labels, cfg.metric, src.order, counting="numpy", side=unit, tail_k=k).run(
         plan, select=mine, span=(A, B), progress=cfg.progress
     )
     extreme = (res.extreme, res.extreme_tile, *res.extreme_rows)

@@ -28,7 +28,7 @@ from pipeline.blockmath import (
     pair_distance,
     tile_plan,
 )
-from pipeline.distributed import World, all_gather_rows, all_reduce_sum, init_world
+from pipeline.distributed import World, all_gather_objects, all_gather_rows, all_reduce_sum, init_world
 from pipeline.outputs import claim
 from pipeline.results import RESULT_FILES, check_results_out, json_attrs, write_results
 from pipeline.roc import (
@@ -42,6 +42,7 @@ from pipeline.scoring.listed import score_listed_pairs, tenfold_accuracy
 from pipeline.scoring.memory import FaissTiles, TileScorer, TorchTiles, choose_binning, make_backend, prepare
 from pipeline.scoring.rank1 import rank1_accuracy
 from pipeline.store import Store, open_store, recorded_data_root
+from pipeline.tail import Tail, tail_size
 from pipeline.tiles import TilePass, as_int64
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def score_all_pairs(
     prep.scale_to_bins(binning)
     backend = make_backend(cfg.backend, prep, cfg.block, binning, cfg.gemm)
     plan = tile_plan(prep.n, cfg.block, leaf)
-    scorer = TileScorer(prep, binning, backend)
+    scorer = TileScorer(prep, binning, backend, tail_k=tail_size(prep.n * (prep.n - 1) // 2, prep.n_positive))
     t1 = time.perf_counter()
     mine = balance([t.n_pairs for t in plan], world.size)[world.rank]
     res = scorer.run(plan, select=mine, progress=cfg.progress and world.is_main)
@@ -154,6 +155,10 @@ def score_all_pairs(
     if world.size > 1:
         acc = HistogramROC(binning)
         acc.add_counts(all_reduce_sum(as_int64(res.all_counts)), all_reduce_sum(as_int64(res.pos_counts)))
+        acc.tail = Tail(res.tail.k, res.tail.metric)
+        for neg, pos in all_gather_objects((res.tail.neg, res.tail.pos)):
+            acc.tail.add(neg, pos)
+        acc.tail.finish()
         res.n_pairs = int(all_reduce_sum(np.array([res.n_pairs], dtype=np.int64))[0])
         best = (float("nan"), -1, -1, -1)
         for cand in all_gather_rows([res.extreme, res.extreme_tile, *res.extreme_rows]):

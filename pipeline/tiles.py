@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline.blockmath import BinCounts, Tile, better_extreme, block_spans
 from pipeline.roc import Binning, HistogramROC
+from pipeline.tail import Tail
 
 if TYPE_CHECKING:
     import torch
@@ -48,10 +49,13 @@ class TilePass:
     extreme_tile: int = -1
     """Plan index of the tile holding the extreme pair (ties go to the earliest tile, then the first pair)."""
     n_pairs: int = 0
+    tail: Tail | None = None
+    """The exact tail (`pipeline.tail`), when the loop keeps one."""
 
     def roc(self) -> HistogramROC:
         acc = HistogramROC(self.binning)
         acc.add_counts(as_int64(self.all_counts), as_int64(self.pos_counts))
+        acc.tail = self.tail
         return acc
 
 
@@ -151,13 +155,18 @@ def same_label_flat(labels: np.ndarray, a: int, b: int, t: Tile, a2: int, w: int
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
+_NONE = np.zeros(0, dtype=np.int64)
+_NO_VALUES = np.zeros(0, dtype=np.float32)
+
+
 class _Counting:
     """One thread's share of a CPU pass: its histograms and its extreme candidate (value, tile, i, j) with
     i, j in the source's row order."""
 
-    def __init__(self, bins: int):
+    def __init__(self, bins: int, tail_k: int, metric: str):
         self.all, self.pos = BinCounts(bins), BinCounts(bins)
         self.best: tuple = (float("nan"), -1, -1, -1)
+        self.tail = Tail(tail_k, metric) if tail_k else None
 
 
 class TileLoop:
@@ -165,13 +174,14 @@ class TileLoop:
 
     `labels` are the source's labels in its row order; `order` maps a source row to its store row (None: the
     same). Counting: "numpy" (CPU), "torch" (the GPU's; also runs on the CPU), "auto" by `device`. `side`: the
-    product side (`chunk_side(block)`), which a span's rows are rounded out to."""
+    product side (`chunk_side(block)`), which a span's rows are rounded out to. `tail_k`: size of the exact
+    tail (`pipeline.tail`; 0: none)."""
 
     def __init__(self, binning: Binning, product: Product, labels: np.ndarray, metric: str,
                  order: np.ndarray | None = None, device: Any = "cpu", counting: str = "auto",
-                 side: int = 1) -> None:  # fmt: skip
+                 side: int = 1, tail_k: int = 0) -> None:  # fmt: skip
         self.binning, self.product, self.labels, self.metric, self.side = binning, product, labels, metric, side
-        self.order, self.device = order, device
+        self.order, self.device, self.tail_k = order, device, tail_k
         on_cpu = getattr(device, "type", device) == "cpu"
         self.numpy = counting == "numpy" or (counting == "auto" and on_cpu)
         self._triu: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, Any]] = {}
@@ -200,8 +210,8 @@ class TileLoop:
             raise ValueError("a span of rows is scored with NumPy counting (out of core, on the CPU)")
         bins = self.binning.bins
         extremes = None
+        self._threads: dict[int, _Counting] = {}
         if self.numpy:
-            self._threads: dict[int, _Counting] = {}
             res = TilePass(self.binning, None, None)
         else:
             counts = (Stager(bins, self.device), Stager(bins, self.device))
@@ -232,6 +242,12 @@ class TileLoop:
             counts[1].flush()
             if res.n_pairs:
                 self._find_extreme(plan, indices, extremes, res)
+        if self.tail_k:
+            res.tail = Tail(self.tail_k, self.metric)
+            for c in self._threads.values():
+                res.tail.merge(c.tail)
+            res.tail.finish()
+        self._threads = {}
         return res
 
     def _gather(self, res: TilePass) -> None:
@@ -243,14 +259,13 @@ class TileLoop:
             res.all_counts += c.all.flush()
             res.pos_counts += c.pos.flush()
             best = better_extreme(best, c.best, self.metric)
-        self._threads = {}
         res.extreme, res.extreme_tile = best[0], best[1]
         res.extreme_rows = (self.store_row(best[2]), self.store_row(best[3])) if best[1] >= 0 else (-1, -1)
 
     def _counting(self) -> _Counting:
         c = self._threads.get(threading.get_ident())
         if c is None:
-            c = self._threads[threading.get_ident()] = _Counting(self.binning.bins)
+            c = self._threads[threading.get_ident()] = _Counting(self.binning.bins, self.tail_k, self.metric)
         return c
 
     def _tile_numpy(self, k: int, t: Tile, a: int, b: int) -> None:
@@ -285,11 +300,21 @@ class TileLoop:
                                                  t.c0 + c0 + f % width), self.metric)  # fmt: skip
             cnt.all.add(vals)
             s0, s1 = np.searchsorted(pos_r, [lo, hi])
+            pflat, pvals = _NONE, _NO_VALUES
             if s1 > s0:
                 pr, pc = pos_r[s0:s1], pos_c[s0:s1]
                 keep = (pc >= c0) & (pc < c1)
                 if keep.any():
-                    cnt.pos.add(v[pr[keep] - r0, pc[keep] - c0])
+                    pflat = (pr[keep] - r0) * width + (pc[keep] - c0)
+                    pvals = v.reshape(-1)[pflat]
+                    cnt.pos.add(pvals)
+            if cnt.tail is not None:  # the exact tail: values at least as similar as its bound, positives apart
+                near = np.flatnonzero(cnt.tail.candidates(vals))
+                if near.size:
+                    at = near + (lo - r0) * width if flat is None else flat[near]
+                    cnt.tail.add(vals.reshape(-1)[near][~np.isin(at, pflat)], pvals[cnt.tail.candidates(pvals)])
+                elif pvals.size:
+                    cnt.tail.add(_NO_VALUES, pvals[cnt.tail.candidates(pvals)])
 
         u = self.product(t, a2, b2, on_block)
         if u is not None:  # a source without blocks (FAISS): the whole product is one block
@@ -307,12 +332,27 @@ class TileLoop:
         tv = self.product(t, t.r0, t.r1)
         vals = self._upper_values(t, tv)
         ext = vals.max() if self.metric == "l2" else vals.min()
+        pf = same_label_flat(self.labels, t.r0, t.r1, t, t.r0, t.c1 - t.c0)
+        if self.tail_k:
+            self._tail_torch(t, tv, vals, pf)
         vals.clamp_(0, self.binning.bins)  # in the tile itself for off-diagonal tiles
         all_c.add(vals)
-        pf = same_label_flat(self.labels, t.r0, t.r1, t, t.r0, t.c1 - t.c0)
         if pf.size:
             pos_c.add(tv.reshape(-1).index_select(0, torch.from_numpy(pf).to(tv.device)).clamp(0, self.binning.bins))
         return ext
+
+    def _tail_torch(self, t: Tile, tv: torch.Tensor, vals: torch.Tensor, pf: np.ndarray) -> None:
+        """The tile's most similar values (as many as the tail and its positives could take) to the CPU tail."""
+        import torch
+
+        k = min(vals.numel(), self.tail_k + len(pf))
+        top, at = torch.topk(vals, k, largest=self.metric != "l2", sorted=False)
+        flat = at if not t.diagonal else self.triu(t.r1 - t.r0)[3].index_select(0, at)
+        top, flat = top.cpu().numpy(), flat.cpu().numpy()
+        positive = np.isin(flat, pf)
+        tail = self._counting().tail
+        pos = tv.reshape(-1).index_select(0, torch.from_numpy(pf).to(tv.device)).cpu().numpy()
+        tail.add(top[~positive], pos[tail.candidates(pos)])
 
     def _find_extreme(self, plan: list[Tile], indices: list[int], extremes, res: TilePass) -> None:
         """The extreme pair from the per-tile extremes: the first tile holding it, the first pair in that tile

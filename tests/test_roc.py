@@ -80,7 +80,7 @@ def test_property_streamed_auc_within_reported_bound(data, bins, scale, metric, 
     m = acc.compute()
     exact = roc_auc_score(y, -v if metric == "l2" else v)
     assert abs(m["auc"] - exact) <= m["auc_error_bound"] + 1e-12
-    assert 0 <= m["eer"] <= 1 and 0 <= m["best_accuracy"] <= 1
+    assert 0 <= m["eer"] <= 1 and 0 <= m["best_unbalanced_accuracy"] <= 1 and 0 <= m["best_balanced_accuracy"] <= 1
 
 
 def test_merge_equals_one_accumulator_and_checks_binning():
@@ -110,13 +110,15 @@ def test_metrics_on_a_hand_example():
     # distances (l2, exact groups): same pairs at 1, 2; different at 3, 4 -> perfect separation
     pos, neg, thr = exact_counts(np.array([1.0, 4.0, 9.0, 16.0]), np.array([1, 1, 0, 0], bool), "l2")
     m = roc_metrics(pos, neg, thr, max_distance=4.0, exact=True)
-    assert m["auc"] == 1.0 and m["eer"] == 0.0 and m["best_accuracy"] == 1.0
-    assert m["best_threshold"] == 2.0 and m["best_threshold_normalised"] == 0.5
-    assert m["tar_at_far"] == {"0.0001": 1.0, "0.001": 1.0, "0.01": 1.0}
+    assert m["auc"] == 1.0 and m["eer"] == 0.0 and m["best_unbalanced_accuracy"] == 1.0
+    assert m["best_unbalanced_threshold"] == 2.0 and m["best_unbalanced_threshold_normalised"] == 0.5
+    assert m["best_balanced_accuracy"] == 1.0 and m["best_balanced_threshold"] == 2.0
+    levels = ("1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1")
+    assert m["tar_at_far"] == dict.fromkeys(levels, 1.0) and m["fnmr_at_fmr"] == dict.fromkeys(levels, 0.0)
     # reversed: all same pairs farther than all different ones
     pos, neg, thr = exact_counts(np.array([1.0, 4.0, 9.0, 16.0]), np.array([0, 0, 1, 1], bool), "l2")
     m = roc_metrics(pos, neg, thr, max_distance=4.0, exact=True)
-    assert m["auc"] == 0.0 and m["eer"] == 1.0 and m["best_accuracy"] == 0.5
+    assert m["auc"] == 0.0 and m["eer"] == 1.0 and m["best_unbalanced_accuracy"] == 0.5
 
 
 def test_eer_interpolates():

@@ -260,7 +260,7 @@ class TileScorer(TileLoop):
     """The tile loop over the rows held in memory (sorted by identity): tiles from a backend, store rows of
     the extreme pair through the sort order."""
 
-    def __init__(self, prep: Prepared, binning: Binning, backend, counting: str = "auto"):
+    def __init__(self, prep: Prepared, binning: Binning, backend, counting: str = "auto", tail_k: int = 0):
         super().__init__(binning, lambda t, a2, b2, on_block=None: backend.values(t, on_block), prep.labels.cpu().numpy(), prep.metric,
-                         prep.order, prep.left.device, counting)  # fmt: skip
+                         prep.order, prep.left.device, counting, tail_k=tail_k)  # fmt: skip
         self.prep, self.backend = prep, backend
