@@ -91,6 +91,8 @@ class HistogramROC:
         self.max_distance: float = float("nan")
         self.tail: Tail | None = None
         """The exact tail of all-pairs scoring (`pipeline.tail`): exact TAR at low FAR."""
+        self.groups: tuple[np.ndarray, np.ndarray] | None = None
+        """Coarse counts per pair of identity groups (all pairs, same-person), for `pipeline.intervals`."""
 
     @property
     def n_positive(self) -> int:
@@ -136,6 +138,10 @@ class HistogramROC:
             raise ValueError("cannot merge histograms with and without an exact tail")
         if self.tail is not None:
             self.tail = self.tail.merge(other.tail).finish()
+        if (self.groups is None) != (other.groups is None):
+            raise ValueError("cannot merge histograms with and without group counts")
+        if self.groups is not None:
+            self.groups = (self.groups[0] + other.groups[0], self.groups[1] + other.groups[1])
         known = [d for d in (self.max_distance, other.max_distance) if math.isfinite(d)]
         self.max_distance = max(known) if known else float("nan")
         return self
@@ -157,26 +163,22 @@ class HistogramROC:
         metrics = roc_metrics(pos, neg, thr, self.max_distance, exact=False)
         if self.tail is not None:
             exact_tail_metrics(metrics, self.tail, self.binning)
+        if self.groups is not None:
+            from pipeline.intervals import jackknife_all_pairs
+
+            metrics.update(jackknife_all_pairs(self, metrics))
         return metrics
 
     def save(self, path: Path | str, **extra) -> None:
         b = self.binning
-        np.savez_compressed(
-            path,
-            pos=self.pos,
-            neg=self.neg,
-            lo=b.lo,
-            hi=b.hi,
-            bins=b.bins,
-            metric=b.metric,
-            max_distance=self.max_distance,
-            **(
-                {}
-                if self.tail is None
-                else {"tail_k": self.tail.k, "tail_neg": self.tail.neg, "tail_pos": self.tail.pos}
-            ),
-            **extra,
-        )
+        arrays = dict(pos=self.pos, neg=self.neg, lo=b.lo, hi=b.hi, bins=b.bins, metric=b.metric,
+                      max_distance=self.max_distance)  # fmt: skip
+        if self.tail is not None:
+            t = self.tail
+            arrays.update(tail_k=t.k, tail_neg=t.neg, tail_pos=t.pos, tail_neg_ids=t.neg_ids, tail_pos_ids=t.pos_ids)
+        if self.groups is not None:
+            arrays.update(group_all=self.groups[0], group_pos=self.groups[1])
+        np.savez_compressed(path, **arrays, **extra)
 
     @classmethod
     def load(cls, path: Path | str) -> HistogramROC:
@@ -189,8 +191,10 @@ class HistogramROC:
                 acc.max_distance = float(z["max_distance"])
                 if "tail_k" in z.files:
                     acc.tail = Tail(int(z["tail_k"]), acc.binning.metric)
-                    acc.tail.add(z["tail_neg"], z["tail_pos"])
+                    acc.tail.add(z["tail_neg"], z["tail_pos"], z["tail_neg_ids"], z["tail_pos_ids"])
                     acc.tail.finish()
+                if "group_all" in z.files:
+                    acc.groups = (z["group_all"].astype(np.int64), z["group_pos"].astype(np.int64))
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise PipelineError(f"cannot read histograms {path} (truncated or not written by score?): {e}") from None
         return acc

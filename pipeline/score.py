@@ -156,9 +156,10 @@ def score_all_pairs(
         acc = HistogramROC(binning)
         acc.add_counts(all_reduce_sum(as_int64(res.all_counts)), all_reduce_sum(as_int64(res.pos_counts)))
         acc.tail = Tail(res.tail.k, res.tail.metric)
-        for neg, pos in all_gather_objects((res.tail.neg, res.tail.pos)):
-            acc.tail.add(neg, pos)
+        for part in all_gather_objects((res.tail.neg, res.tail.pos, res.tail.neg_ids, res.tail.pos_ids)):
+            acc.tail.add(*part)
         acc.tail.finish()
+        acc.groups = (all_reduce_sum(as_int64(res.group_all)), all_reduce_sum(as_int64(res.group_pos)))
         res.n_pairs = int(all_reduce_sum(np.array([res.n_pairs], dtype=np.int64))[0])
         best = (float("nan"), -1, -1, -1)
         for cand in all_gather_rows([res.extreme, res.extreme_tile, *res.extreme_rows]):

@@ -29,16 +29,24 @@ def tail_size(n_pairs: int, n_positive: int) -> int:
     return int(min(TAIL_MAX, max(1, math.floor(TAIL_FAR * n_neg) + 1)))
 
 
+def _key(values: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
+    """uint64 keys ordering (value, id) most similar first: the float32 bits made order-preserving, then the id."""
+    v = np.asarray(values, dtype=np.float32)
+    u = (v if metric == "l2" else -v).view(np.uint32).astype(np.uint64)
+    u = np.where(u & 0x80000000, ~u & 0xFFFFFFFF, u | 0x80000000)
+    return (u << np.uint64(16)) | ids.astype(np.uint16).astype(np.uint64)
+
+
 class Tail:
     """The K most similar negatives (`neg`) and the positives at least as similar as the K-th (`pos`), as
-    float32 bin coordinates. Feed it blocks in any order and grouping (`add`), combine tails (`merge`)."""
+    float32 bin coordinates, each with the id of its pair of identity groups (`neg_ids`, `pos_ids`, for the
+    jackknife of `pipeline.intervals`). Feed it blocks in any order and grouping (`add`), combine tails (`merge`)."""
 
     def __init__(self, k: int, metric: str):
         self.k, self.metric = k, metric
-        self.neg = np.zeros(0, dtype=np.float32)
-        self.pos = np.zeros(0, dtype=np.float32)
-        self._neg: list[np.ndarray] = []
-        self._pos: list[np.ndarray] = []
+        self.neg, self.pos = np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
+        self.neg_ids, self.pos_ids = np.zeros(0, dtype=np.int16), np.zeros(0, dtype=np.int16)
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self._held = 0
         self.bound = np.float32(np.inf if metric == "l2" else -np.inf)  # the K-th most similar seen so far
 
@@ -46,48 +54,66 @@ class Tail:
         """Mask of `values` at least as similar as the current bound (only these can enter the tail)."""
         return values <= self.bound if self.metric == "l2" else values >= self.bound
 
-    def add(self, neg: np.ndarray, pos: np.ndarray) -> None:
-        """Negatives and positives (already filtered by `candidates`, or not: both are fine)."""
-        if neg.size:
-            self._neg.append(np.array(neg, dtype=np.float32).reshape(-1))
-            self._held += neg.size
-        if pos.size:
-            self._pos.append(np.array(pos, dtype=np.float32).reshape(-1))
+    def add(self, neg: np.ndarray, pos: np.ndarray, neg_ids: np.ndarray | None = None,
+            pos_ids: np.ndarray | None = None) -> None:  # fmt: skip
+        """Negatives and positives with their group-pair ids (already filtered by `candidates`, or not)."""
+        if not (neg.size or pos.size):
+            return
+        ids = [np.zeros(len(v), dtype=np.int16) if i is None else np.asarray(i, dtype=np.int16).reshape(-1)
+               for v, i in ((neg, neg_ids), (pos, pos_ids))]  # fmt: skip
+        self._parts.append((np.array(neg, dtype=np.float32).reshape(-1), ids[0],
+                            np.array(pos, dtype=np.float32).reshape(-1), ids[1]))  # fmt: skip
+        self._held += neg.size
         if self._held > 2 * self.k:
             self._shrink()
 
     def _shrink(self) -> None:
-        neg = np.concatenate([self.neg, *self._neg])
-        pos = np.concatenate([self.pos, *self._pos])
-        self._neg, self._pos = [], []
-        if len(neg) > self.k:
-            key = neg if self.metric == "l2" else -neg
-            neg = neg[np.argpartition(key, self.k - 1)[: self.k]]
+        neg = np.concatenate([self.neg, *(p[0] for p in self._parts)])
+        neg_ids = np.concatenate([self.neg_ids, *(p[1] for p in self._parts)])
+        pos = np.concatenate([self.pos, *(p[2] for p in self._parts)])
+        pos_ids = np.concatenate([self.pos_ids, *(p[3] for p in self._parts)])
+        self._parts = []
+        if len(neg) > self.k:  # ties at the K-th value go by id: every path keeps the same pairs
+            keep = np.argpartition(_key(neg, neg_ids, self.metric), self.k - 1)[: self.k]
+            neg, neg_ids = neg[keep], neg_ids[keep]
         if len(neg) >= self.k:  # a full tail: nothing less similar than its last value can matter
             self.bound = neg.max() if self.metric == "l2" else neg.min()
-            pos = pos[self.candidates(pos)]
-        self.neg, self.pos, self._held = neg, pos, len(neg)
+            keep = self.candidates(pos)
+            pos, pos_ids = pos[keep], pos_ids[keep]
+        self.neg, self.neg_ids, self.pos, self.pos_ids, self._held = neg, neg_ids, pos, pos_ids, len(neg)
 
     def merge(self, other: Tail) -> Tail:
         if other.k != self.k or other.metric != self.metric:
             raise ValueError(f"cannot merge tails of K {other.k} ({other.metric}) and {self.k} ({self.metric})")
         other.finish()
-        self.add(other.neg, other.pos)
+        self.add(other.neg, other.pos, other.neg_ids, other.pos_ids)
         return self
 
     def finish(self) -> Tail:
-        """Shrink to the final K (sorted, most similar first), so that every path stores the same arrays."""
+        """Shrink to the final K, sorted most similar first (ties by id), so every path stores the same arrays."""
         self._shrink()
-        order = 1 if self.metric == "l2" else -1
-        self.neg = np.sort(self.neg)[::order].copy()
-        self.pos = np.sort(self.pos)[::order].copy()
+        o = np.argsort(_key(self.neg, self.neg_ids, self.metric), kind="stable")
+        self.neg, self.neg_ids = self.neg[o], self.neg_ids[o]
+        o = np.argsort(_key(self.pos, self.pos_ids, self.metric), kind="stable")
+        self.pos, self.pos_ids = self.pos[o], self.pos_ids[o]
         return self
 
-    def tar_at(self, far: float, n_negative: int, n_positive: int) -> float | None:
-        """Exact TAR at FAR `far`, or None when the tail does not reach it (then the bins answer)."""
+    def without(self, keep_ids: np.ndarray) -> Tail:
+        """The tail restricted to the group pairs `keep_ids` marks (a jackknife replicate); not shrunk."""
+        t = Tail(self.k, self.metric)
+        kn, kp = keep_ids[self.neg_ids], keep_ids[self.pos_ids]
+        t.neg, t.neg_ids, t.pos, t.pos_ids = self.neg[kn], self.neg_ids[kn], self.pos[kp], self.pos_ids[kp]
+        return t
+
+    def tar_at(self, far: float, n_negative: int, n_positive: int, complete: bool | None = None) -> float | None:
+        """Exact TAR at FAR `far`, or None when the tail does not reach it (then the bins answer). `complete`:
+        the tail holds every negative (default: it holds `n_negative` of them)."""
+        complete = len(self.neg) >= n_negative if complete is None else complete
         m = math.floor(far * n_negative + 1e-9)
-        if m >= len(self.neg) or n_positive == 0:
-            return None if len(self.neg) < n_negative else 1.0  # every negative held: all accepted
+        if n_positive == 0:
+            return None
+        if m >= len(self.neg):
+            return 1.0 if complete else None  # every negative held: all of them accepted
         edge = self.neg[m]  # the (m+1)-th most similar negative: rejected, with all tied to it
         above = np.count_nonzero(self.pos < edge) if self.metric == "l2" else np.count_nonzero(self.pos > edge)
         return above / n_positive

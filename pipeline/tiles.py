@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.blockmath import BinCounts, Tile, better_extreme, block_spans
+from pipeline.intervals import COARSE, GROUPS, identity_groups
 from pipeline.roc import Binning, HistogramROC
 from pipeline.tail import Tail
 
@@ -51,11 +52,16 @@ class TilePass:
     n_pairs: int = 0
     tail: Tail | None = None
     """The exact tail (`pipeline.tail`), when the loop keeps one."""
+    group_all: np.ndarray | None = None
+    """With the tail: coarse counts per pair of identity groups, all pairs and same-person ones (the jackknife's)."""
+    group_pos: np.ndarray | None = None
 
     def roc(self) -> HistogramROC:
         acc = HistogramROC(self.binning)
         acc.add_counts(as_int64(self.all_counts), as_int64(self.pos_counts))
         acc.tail = self.tail
+        if self.group_all is not None:
+            acc.groups = (as_int64(self.group_all), as_int64(self.group_pos))
         return acc
 
 
@@ -155,6 +161,18 @@ def same_label_flat(labels: np.ndarray, a: int, b: int, t: Tile, a2: int, w: int
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
+def _runs(groups: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of the runs of equal values of a sorted array."""
+    cuts = [0, *(np.flatnonzero(np.diff(groups)) + 1).tolist(), len(groups)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def _pair_ids(flat: np.ndarray, width: int, first_row: int, gr: np.ndarray, gc: np.ndarray) -> np.ndarray:
+    """Group-pair ids of the values at block positions `flat` (rows counted from `first_row`)."""
+    r = flat // width
+    return gr[r - first_row] * GROUPS + gc[flat - r * width]
+
+
 _NONE = np.zeros(0, dtype=np.int64)
 _NO_VALUES = np.zeros(0, dtype=np.float32)
 
@@ -163,8 +181,8 @@ class _Counting:
     """One thread's share of a CPU pass: its histograms and its extreme candidate (value, tile, i, j) with
     i, j in the source's row order."""
 
-    def __init__(self, bins: int, tail_k: int, metric: str):
-        self.all, self.pos = BinCounts(bins), BinCounts(bins)
+    def __init__(self, bins: int, tail_k: int, metric: str, n_ids: int = 0):
+        self.all, self.pos = BinCounts(bins, n_ids, COARSE), BinCounts(bins, n_ids, COARSE)
         self.best: tuple = (float("nan"), -1, -1, -1)
         self.tail = Tail(tail_k, metric) if tail_k else None
 
@@ -182,6 +200,8 @@ class TileLoop:
                  side: int = 1, tail_k: int = 0) -> None:  # fmt: skip
         self.binning, self.product, self.labels, self.metric, self.side = binning, product, labels, metric, side
         self.order, self.device, self.tail_k = order, device, tail_k
+        # identity groups of the rows (the jackknife's intervals come with the exact tail)
+        self.groups = identity_groups(labels) if tail_k else None
         on_cpu = getattr(device, "type", device) == "cpu"
         self.numpy = counting == "numpy" or (counting == "auto" and on_cpu)
         self._triu: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, Any]] = {}
@@ -211,6 +231,7 @@ class TileLoop:
         bins = self.binning.bins
         extremes = None
         self._threads: dict[int, _Counting] = {}
+        self._group_dev: dict[str, Any] = {}
         if self.numpy:
             res = TilePass(self.binning, None, None)
         else:
@@ -247,6 +268,15 @@ class TileLoop:
             for c in self._threads.values():
                 res.tail.merge(c.tail)
             res.tail.finish()
+        if self.groups is not None:
+            size = GROUPS * GROUPS * COARSE
+            if self.numpy:
+                res.group_all = sum((c.all.group_counts for c in self._threads.values()), np.zeros(size, np.int64))
+                res.group_pos = sum((c.pos.group_counts for c in self._threads.values()), np.zeros(size, np.int64))
+            else:
+                zero = np.zeros(size, dtype=np.int64)
+                res.group_all, res.group_pos = (as_int64(self._group_dev[k]) if k in self._group_dev else zero
+                                                for k in ("all", "pos"))  # fmt: skip
         self._threads = {}
         return res
 
@@ -265,7 +295,8 @@ class TileLoop:
     def _counting(self) -> _Counting:
         c = self._threads.get(threading.get_ident())
         if c is None:
-            c = self._threads[threading.get_ident()] = _Counting(self.binning.bins, self.tail_k, self.metric)
+            n_ids = 0 if self.groups is None else GROUPS * GROUPS
+            c = self._threads[threading.get_ident()] = _Counting(self.binning.bins, self.tail_k, self.metric, n_ids)
         return c
 
     def _tile_numpy(self, k: int, t: Tile, a: int, b: int) -> None:
@@ -294,27 +325,43 @@ class TileLoop:
                 vals = v.reshape(-1).take(flat)
             if not vals.size:
                 return
+            gr = gc = None
+            if self.groups is not None:  # the identity groups of the rows and columns (the jackknife's)
+                gr, gc = self.groups[a2 + lo : a2 + hi], self.groups[t.c0 + c0 : t.c0 + c1]
             j = int(vals.argmax() if self.metric == "l2" else vals.argmin())
             f = j + (lo - r0) * width if flat is None else int(flat[j])
             cnt.best = better_extreme(cnt.best, (float(vals.reshape(-1)[j]), k, a2 + r0 + f // width,
                                                  t.c0 + c0 + f % width), self.metric)  # fmt: skip
-            cnt.all.add(vals)
+            if gr is None:
+                cnt.all.add(vals)
+            elif flat is None:  # rows are sorted by label, so groups are runs: one id per rectangle of runs
+                for rs, re_ in _runs(gr):
+                    for cs, ce in _runs(gc):
+                        cnt.all.add(vals[rs:re_, cs:ce], int(gr[rs]) * GROUPS + int(gc[cs]))
+            else:
+                cnt.all.add(vals, _pair_ids(flat, width, lo - r0, gr, gc))
             s0, s1 = np.searchsorted(pos_r, [lo, hi])
-            pflat, pvals = _NONE, _NO_VALUES
+            pflat, pvals, pids = _NONE, _NO_VALUES, None
             if s1 > s0:
                 pr, pc = pos_r[s0:s1], pos_c[s0:s1]
                 keep = (pc >= c0) & (pc < c1)
                 if keep.any():
                     pflat = (pr[keep] - r0) * width + (pc[keep] - c0)
                     pvals = v.reshape(-1)[pflat]
-                    cnt.pos.add(pvals)
+                    if self.groups is not None:
+                        pids = self.groups[a2 + pr[keep]] * (GROUPS + 1)  # a same-person pair: one group
+                    cnt.pos.add(pvals, pids)
             if cnt.tail is not None:  # the exact tail: values at least as similar as its bound, positives apart
                 near = np.flatnonzero(cnt.tail.candidates(vals))
+                pk = cnt.tail.candidates(pvals)
+                pk_ids = None if pids is None else pids[pk]
                 if near.size:
                     at = near + (lo - r0) * width if flat is None else flat[near]
-                    cnt.tail.add(vals.reshape(-1)[near][~np.isin(at, pflat)], pvals[cnt.tail.candidates(pvals)])
+                    negative = ~np.isin(at, pflat)
+                    nids = None if gr is None else _pair_ids(at[negative], width, lo - r0, gr, gc)
+                    cnt.tail.add(vals.reshape(-1)[near][negative], pvals[pk], nids, pk_ids)
                 elif pvals.size:
-                    cnt.tail.add(_NO_VALUES, pvals[cnt.tail.candidates(pvals)])
+                    cnt.tail.add(_NO_VALUES, pvals[pk], None, pk_ids)
 
         u = self.product(t, a2, b2, on_block)
         if u is not None:  # a source without blocks (FAISS): the whole product is one block
@@ -333,26 +380,49 @@ class TileLoop:
         vals = self._upper_values(t, tv)
         ext = vals.max() if self.metric == "l2" else vals.min()
         pf = same_label_flat(self.labels, t.r0, t.r1, t, t.r0, t.c1 - t.c0)
+        ids = None
+        if self.groups is not None:
+            g = torch.from_numpy(self.groups).to(tv.device)
+            ids = self._upper_values(t, (g[t.r0 : t.r1] * GROUPS)[:, None] + g[t.c0 : t.c1][None, :])
         if self.tail_k:
-            self._tail_torch(t, tv, vals, pf)
+            self._tail_torch(t, tv, vals, pf, ids)
         vals.clamp_(0, self.binning.bins)  # in the tile itself for off-diagonal tiles
         all_c.add(vals)
+        if ids is not None:
+            self._group_torch("all", vals, ids)
         if pf.size:
-            pos_c.add(tv.reshape(-1).index_select(0, torch.from_numpy(pf).to(tv.device)).clamp(0, self.binning.bins))
+            pv = tv.reshape(-1).index_select(0, torch.from_numpy(pf).to(tv.device)).clamp(0, self.binning.bins)
+            pos_c.add(pv)
+            if ids is not None:
+                self._group_torch(
+                    "pos", pv, torch.from_numpy(self.groups[t.r0 + pf // (t.c1 - t.c0)] * (GROUPS + 1)).to(tv.device)
+                )
         return ext
 
-    def _tail_torch(self, t: Tile, tv: torch.Tensor, vals: torch.Tensor, pf: np.ndarray) -> None:
+    def _group_torch(self, which: str, vals: torch.Tensor, ids: torch.Tensor) -> None:
+        """Coarse counts per group pair on the device, binned as `BinCounts` bins them on the CPU."""
+        import torch
+
+        fine = vals.clamp(0, self.binning.bins - 1).long()  # truncation, as on the CPU
+        key = ids.long() * COARSE + fine * COARSE // self.binning.bins
+        counts = torch.bincount(key, minlength=GROUPS * GROUPS * COARSE)
+        self._group_dev[which] = counts if which not in self._group_dev else self._group_dev[which] + counts
+
+    def _tail_torch(self, t: Tile, tv: torch.Tensor, vals: torch.Tensor, pf: np.ndarray, ids) -> None:
         """The tile's most similar values (as many as the tail and its positives could take) to the CPU tail."""
         import torch
 
         k = min(vals.numel(), self.tail_k + len(pf))
         top, at = torch.topk(vals, k, largest=self.metric != "l2", sorted=False)
         flat = at if not t.diagonal else self.triu(t.r1 - t.r0)[3].index_select(0, at)
+        nids = None if ids is None else ids.index_select(0, at).cpu().numpy()
         top, flat = top.cpu().numpy(), flat.cpu().numpy()
         positive = np.isin(flat, pf)
         tail = self._counting().tail
         pos = tv.reshape(-1).index_select(0, torch.from_numpy(pf).to(tv.device)).cpu().numpy()
-        tail.add(top[~positive], pos[tail.candidates(pos)])
+        pids = None if ids is None else self.groups[t.r0 + pf // (t.c1 - t.c0)] * (GROUPS + 1)
+        pk = tail.candidates(pos)
+        tail.add(top[~positive], pos[pk], None if nids is None else nids[~positive], None if pids is None else pids[pk])
 
     def _find_extreme(self, plan: list[Tile], indices: list[int], extremes, res: TilePass) -> None:
         """The extreme pair from the per-tile extremes: the first tile holding it, the first pair in that tile

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.intervals import bootstrap_listed
 from pipeline.roc import (
+    FAR_LEVELS,
     Binning,
     HistogramROC,
     check_defined,
@@ -77,6 +79,7 @@ def score_listed_pairs(store: Store, cfg: ScoreConfig) -> tuple[HistogramROC, di
     max_distance = float(distance.max())
     pos, neg, thr = exact_counts(values, positive, cfg.metric)
     metrics = roc_metrics(pos, neg, thr, max_distance, exact=True)
+    metrics.update(bootstrap_listed(values, positive, cfg.metric, FAR_LEVELS, seed=cfg.seed))
     lo, hi = float(values.min()), float(values.max())
     acc = HistogramROC(Binning(lo, hi if hi > lo else lo + 1e-6, cfg.bins, cfg.metric))
     acc.update(values, positive)

@@ -1,0 +1,131 @@
+"""95% intervals of AUC, EER and TAR at FAR.
+
+- Listed pairs (`score --pairs`: LFWPairs, View 2): a percentile bootstrap over the pairs (`ROUNDS` rounds,
+  seeded), the usual interval for a fixed list of pairs whose images are mostly distinct.
+- All pairs (`score --all-pairs`): pairs that share a person are not independent (a person's image takes part in
+  thousands of pairs), so resampling pairs would give intervals far too narrow. The identities are dealt into
+  `GROUPS` groups (consecutive runs of labels, `identity_groups`) and the interval is a delete-a-group jackknife: the metric recomputed without
+  every pair that touches a group's identities, `se^2 = (G-1)/G sum (theta_g - mean)^2`, interval
+  `theta +- 1.96 se`. The engine counts, in the same pass, a coarse histogram (`COARSE` bins) per pair of groups
+  (`GroupCounts`), which is all the jackknife needs for AUC and EER; TAR at FAR uses the exact tail, whose pairs
+  carry their group pair.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+ROUNDS = 1000
+GROUPS = 10
+COARSE = 1024
+Z95 = 1.959963984540054
+
+
+def identity_groups(labels: np.ndarray, groups: int = GROUPS) -> np.ndarray:
+    """Each row's group: identities in increasing label order dealt into `groups` runs of equal size, so that rows
+    sorted by label have their groups in runs (cheap to count per pair of groups)."""
+    uniq, rank = np.unique(labels, return_inverse=True)
+    return (rank.reshape(-1) * groups // max(1, len(uniq))).astype(np.int16)
+
+
+def pair_ids(groups: int = GROUPS) -> np.ndarray:
+    """[G, G] table of the id of each unordered pair of groups (symmetric), ids 0..G(G+1)/2-1."""
+    t = np.zeros((groups, groups), dtype=np.int16)
+    k = 0
+    for a in range(groups):
+        for b in range(a, groups):
+            t[a, b] = t[b, a] = k
+            k += 1
+    return t
+
+
+def without_group(groups: int = GROUPS) -> np.ndarray:
+    """[G, P] mask: the pair-of-groups ids that do not touch group g."""
+    t = pair_ids(groups)
+    n = int(t.max()) + 1
+    keep = np.ones((groups, n), dtype=bool)
+    for g in range(groups):
+        keep[g, np.unique(t[g])] = False
+    return keep
+
+
+def jackknife(full: float, replicates: list[float]) -> list[float] | None:
+    r = np.array([x for x in replicates if x is not None and math.isfinite(x)], dtype=np.float64)
+    if len(r) < 2 or not math.isfinite(full):
+        return None
+    g = len(r)
+    se = math.sqrt((g - 1) / g * float(((r - r.mean()) ** 2).sum()))
+    return [full - Z95 * se, full + Z95 * se]
+
+
+def percentile(samples: list[float]) -> list[float] | None:
+    s = np.array([x for x in samples if x is not None and math.isfinite(x)], dtype=np.float64)
+    return None if len(s) < 2 else [float(np.percentile(s, 2.5)), float(np.percentile(s, 97.5))]
+
+
+def bootstrap_listed(values: np.ndarray, positive: np.ndarray, metric: str, far_levels, seed: int = 0,
+                     rounds: int = ROUNDS) -> dict:  # fmt: skip
+    """Percentile bootstrap over the listed pairs: `auc_ci95`, `eer_ci95`, `tar_at_far_ci95`."""
+    from pipeline.roc import equal_error_rate, exact_counts
+
+    rng = np.random.default_rng(seed)
+    n = len(values)
+    aucs, eers, tars = [], [], {f"{f:g}": [] for f in far_levels}
+    for _ in range(rounds):
+        i = rng.integers(0, n, size=n)
+        pos, neg, _ = exact_counts(values[i], positive[i], metric)
+        p, q = pos.sum(), neg.sum()
+        if p == 0 or q == 0:
+            continue
+        tp_before = np.cumsum(pos) - pos
+        aucs.append(float(np.dot(neg, tp_before + 0.5 * pos) / (p * q)))
+        tpr, fpr = np.r_[0.0, np.cumsum(pos) / p], np.r_[0.0, np.cumsum(neg) / q]
+        eers.append(equal_error_rate(fpr, tpr))
+        for f in far_levels:
+            tars[f"{f:g}"].append(float(tpr[fpr <= f].max()))
+    return {
+        "auc_ci95": percentile(aucs),
+        "eer_ci95": percentile(eers),
+        "tar_at_far_ci95": {k: percentile(v) for k, v in tars.items()},
+        "ci_method": f"percentile bootstrap over the listed pairs, {rounds} rounds, seed {seed}",
+    }
+
+
+def jackknife_all_pairs(acc, metrics: dict) -> dict:
+    """Delete-a-group jackknife intervals of an all-pairs result (`HistogramROC` with group counts and a tail):
+    AUC and EER from the coarse counts of the pairs that do not touch the group, TAR at FAR from the exact tail
+    (a level is left out where a replicate's tail does not reach it)."""
+    from pipeline.roc import _auc, equal_error_rate
+
+    all_c = acc.groups[0].reshape(GROUPS * GROUPS, COARSE)
+    pos_c = acc.groups[1].reshape(GROUPS * GROUPS, COARSE)
+    a, b = np.divmod(np.arange(GROUPS * GROUPS), GROUPS)
+    order = slice(None) if acc.binning.metric == "l2" else slice(None, None, -1)  # most similar first
+    aucs, eers, tars = [], [], {k: [] for k in metrics["tar_at_far"]}
+    for g in range(GROUPS):
+        keep = (a != g) & (b != g)
+        pos, neg = pos_c[keep].sum(0)[order], (all_c[keep] - pos_c[keep]).sum(0)[order]
+        p, q = int(pos.sum()), int(neg.sum())
+        if p == 0 or q == 0:
+            continue
+        aucs.append(_auc(pos, neg)[0])
+        eers.append(equal_error_rate(np.r_[0.0, np.cumsum(neg) / q], np.r_[0.0, np.cumsum(pos) / p]))
+        if acc.tail is not None:
+            sub = acc.tail.without(keep)
+            complete = len(acc.tail.neg) >= metrics["n_negative"]
+            for k in tars:
+                tars[k].append(sub.tar_at(float(k), q, p, complete=complete))
+    out = {
+        "auc_ci95": jackknife(metrics["auc"], aucs),
+        "eer_ci95": jackknife(metrics["eer"], eers),
+        "ci_method": f"delete-a-group jackknife over {GROUPS} groups of identities (consecutive label runs), "
+        f"{COARSE} coarse bins for AUC and EER, the exact tail for TAR at FAR",
+    }
+    if acc.tail is not None:
+        out["tar_at_far_ci95"] = {
+            k: jackknife(metrics["tar_at_far"][k], v) if len(v) == GROUPS and None not in v else None
+            for k, v in tars.items()
+        }
+    return out

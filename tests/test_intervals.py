@@ -1,0 +1,83 @@
+"""Intervals (`pipeline/intervals.py`): the all-pairs jackknife's group counts equal a brute-force count of the
+pairs per pair of identity groups, on every path; the intervals hold the estimate; the listed-pairs bootstrap."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from pipeline.intervals import COARSE, GROUPS, bootstrap_listed, identity_groups, jackknife
+from pipeline.roc import FAR_LEVELS
+from tests.stores import random_store
+from tests.torchrun import torchrun
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_identity_groups_are_runs_of_sorted_labels():
+    labels = np.array([7, 3, 3, 9, 12, 3, 40, 7, 41, 42, 43, 44])
+    g = identity_groups(labels, groups=3)
+    order = np.argsort(labels, kind="stable")
+    assert (np.diff(g[order]) >= 0).all()  # sorted rows: groups in runs
+    assert all(len(set(g[labels == lab])) == 1 for lab in labels)  # an identity in one group
+    assert sorted(set(g.tolist())) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_group_counts_equal_brute_force_on_every_path(tmp_path, metric):
+    n = 1100
+    store, x, labels = random_store(tmp_path / "s.h5", n, 30, seed=5)
+    common = ("--all-pairs", "--metric", metric, "--block", "512", "--no-progress")
+    assert cli("score", store, *common, "--out", tmp_path / "mem").exit_code == 0
+    assert cli("score", store, *common, "--rows", "0:400", "--out", tmp_path / "p0").exit_code == 0
+    assert cli("score", store, *common, "--rows", f"400:{n}", "--out", tmp_path / "p1").exit_code == 0
+    assert cli("merge", tmp_path / "p0", tmp_path / "p1", "--out", tmp_path / "merged").exit_code == 0
+    r = torchrun(2, "score", str(store), *common, "--out", str(tmp_path / "tr"))
+    assert r.returncode == 0, r.stderr
+    g = identity_groups(labels)
+    iu = np.triu_indices(n, 1)
+    ids = (g[:, None] * GROUPS + g[None, :])[iu]
+    same = (labels[:, None] == labels[None, :])[iu]
+    want_all = np.bincount(ids, minlength=GROUPS * GROUPS)
+    want_pos = np.bincount(ids[same], minlength=GROUPS * GROUPS)
+    first = np.load(tmp_path / "mem" / "histogram.npz")
+    for run in ("mem", "merged", "tr"):
+        h = np.load(tmp_path / run / "histogram.npz")
+        got_all = h["group_all"].reshape(GROUPS * GROUPS, COARSE).sum(1)
+        got_pos = h["group_pos"].reshape(GROUPS * GROUPS, COARSE).sum(1)
+        # a pair (i, j) is counted under (group of i, group of j) with i < j in label order
+        sym = lambda c: c.reshape(GROUPS, GROUPS) + c.reshape(GROUPS, GROUPS).T - np.diag(np.diag(c.reshape(GROUPS, GROUPS)))  # noqa: E731
+        np.testing.assert_array_equal(sym(got_all), sym(want_all))
+        np.testing.assert_array_equal(sym(got_pos), sym(want_pos))
+        for k in ("group_all", "group_pos", "tail_neg", "tail_pos", "tail_neg_ids", "tail_pos_ids"):
+            np.testing.assert_array_equal(h[k], first[k], err_msg=f"{run} {k}")
+        m = json.loads((tmp_path / run / "metrics.json").read_text())
+        lo, hi = m["auc_ci95"]
+        assert lo < m["auc"] < hi and hi - lo < 0.2
+        assert m["eer_ci95"][0] < m["eer"] < m["eer_ci95"][1]
+        assert "jackknife" in m["ci_method"]
+        low = m["tar_at_far_ci95"]["0.001"]
+        assert low is None or low[0] <= m["tar_at_far"]["0.001"] <= low[1]
+
+
+def test_jackknife_of_equal_replicates_is_a_point():
+    assert jackknife(0.5, [0.5] * 10) == [0.5, 0.5]
+    assert jackknife(0.5, [0.4]) is None
+
+
+def test_bootstrap_listed_holds_the_estimate():
+    rng = np.random.default_rng(0)
+    positive = rng.random(2000) < 0.5
+    values = rng.standard_normal(2000) + positive
+    r = bootstrap_listed(values, positive, "cosine", FAR_LEVELS, rounds=200)
+    from sklearn.metrics import roc_auc_score
+
+    auc = roc_auc_score(positive, values)
+    assert r["auc_ci95"][0] < auc < r["auc_ci95"][1] and r["auc_ci95"][1] - r["auc_ci95"][0] < 0.1
+    assert set(r["tar_at_far_ci95"]) == {f"{f:g}" for f in FAR_LEVELS}
