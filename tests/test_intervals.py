@@ -51,8 +51,12 @@ def test_group_counts_equal_brute_force_on_every_path(tmp_path, metric):
         h = np.load(tmp_path / run / "histogram.npz")
         got_all = h["group_all"].reshape(GROUPS * GROUPS, COARSE).sum(1)
         got_pos = h["group_pos"].reshape(GROUPS * GROUPS, COARSE).sum(1)
+
         # a pair (i, j) is counted under (group of i, group of j) with i < j in label order
-        sym = lambda c: c.reshape(GROUPS, GROUPS) + c.reshape(GROUPS, GROUPS).T - np.diag(np.diag(c.reshape(GROUPS, GROUPS)))  # noqa: E731
+        def sym(c):
+            m = c.reshape(GROUPS, GROUPS)
+            return m + m.T - np.diag(np.diag(m))
+
         np.testing.assert_array_equal(sym(got_all), sym(want_all))
         np.testing.assert_array_equal(sym(got_pos), sym(want_pos))
         for k in ("group_all", "group_pos", "tail_neg", "tail_pos", "tail_neg_ids", "tail_pos_ids"):
