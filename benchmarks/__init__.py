@@ -25,6 +25,7 @@ BENCHMARKS = {
     "faults": "faults",
     "gpu-check": "gpu_check",
     "lfw-slice": "lfw_slice",
+    "exact-tail": "exact_tail",
 }
 """`cli.py bench NAME` -> the module `benchmarks.MODULE`, whose `command` it runs (as `python -m benchmarks.MODULE`)."""
 

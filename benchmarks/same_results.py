@@ -2,7 +2,8 @@
 with the first: `histogram.npz` array by array (bit for bit) and every value of `metrics.json` that does not
 describe how or how fast the run went (timings, configuration, backend, ranks, parts, tile count). Prints one
 line per folder and exits 1 when any differs. Used to check that in-memory, torchrun and `--rows` + `merge`
-runs, or two commits, give one result."""
+runs, or two commits, give one result. `--common`: only what both have (a result of an older version: new keys
+and arrays left out, and `tar_at_far`, exact since the tail)."""
 
 from __future__ import annotations
 
@@ -14,30 +15,34 @@ import numpy as np
 
 HOW = {"seconds", "seconds_prepare", "seconds_tiles", "pairs_per_second", "config", "backend", "parts",
        "world_size", "n_tiles", "store", "label"}  # fmt: skip
+CHANGED = {"tar_at_far"}  # --common: exact where the tail reaches since commit 27ed6df (bins before)
 
 
-def differences(a: Path, b: Path) -> list[str]:
+def differences(a: Path, b: Path, common: bool = False) -> list[str]:
+    """What differs; with `common`, only arrays and keys both folders have (e.g. against an older version)."""
     out = []
     ha, hb = np.load(a / "histogram.npz"), np.load(b / "histogram.npz")
-    for k in sorted(set(ha.files) | set(hb.files)):
+    for k in sorted(set(ha.files) & set(hb.files) if common else set(ha.files) | set(hb.files)):
         if k not in ha.files or k not in hb.files or not np.array_equal(ha[k], hb[k]):
             out.append(f"histogram {k}")
     ma, mb = (json.loads((f / "metrics.json").read_text()) for f in (a, b))
-    for k in sorted((set(ma) | set(mb)) - HOW):
+    for k in sorted(((set(ma) & set(mb)) if common else (set(ma) | set(mb))) - HOW - (CHANGED if common else set())):
         if ma.get(k, "<missing>") != mb.get(k, "<missing>"):
             out.append(f"{k}: {str(ma.get(k, '<missing>'))[:60]} vs {str(mb.get(k, '<missing>'))[:60]}")
     return out
 
 
 def main(argv: list[str]) -> int:
+    common = "--common" in argv
+    argv = [a for a in argv if a != "--common"]
     if len(argv) < 2:
         print(__doc__)
         return 2
     first, bad = Path(argv[0]), 0
     for other in map(Path, argv[1:]):
-        diff = differences(first, other)
+        diff = differences(first, other, common)
         bad += bool(diff)
-        print(f"{other} vs {first}: " + ("identical (histograms and every non-timing metric)" if not diff else
+        print(f"{other} vs {first}: " + (("identical (histograms and every non-timing metric" + (" both have)" if common else ")")) if not diff else
                                         "DIFFERENT: " + "; ".join(diff)))  # fmt: skip
     return 1 if bad else 0
 

@@ -49,7 +49,7 @@ from pipeline.results import (
 from pipeline.roc import Binning, HistogramROC
 from pipeline.sorted_rows import LabelOrder
 from pipeline.store import Store, bad_rows_error, open_store, recorded_data_root
-from pipeline.tail import tail_size
+from pipeline.tail import ExactTies, duplicate_ids, tail_size, zero_coordinate
 from pipeline.tiles import TileLoop
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,9 @@ class BlockRows:
         return self.cache[k]
 
 
-def row_stats(src: LabelOrder, metric: str) -> tuple[np.ndarray | None, float]:
-    """(centring mean or None, largest centred norm) by streaming the rows in label order; NaN/inf or (cosine)
-    zero rows are an error naming them (by store row)."""
+def row_stats(src: LabelOrder, metric: str) -> tuple[np.ndarray | None, float, np.ndarray | None]:
+    """(centring mean or None, largest centred norm, duplicate ids as `pipeline.tail.duplicate_ids`) by streaming
+    the rows in label order; NaN/inf or (cosine) zero rows are an error naming them (by store row)."""
     n, store = src.n, src.store
     bad: list[int] = []
 
@@ -178,19 +178,19 @@ def row_stats(src: LabelOrder, metric: str) -> tuple[np.ndarray | None, float]:
     if bad:
         raise bad_rows_error(store, sorted(src.store_rows(bad).tolist()))
     reader = BlockRows(src, mean, metric, None, STAT_ROWS)
-    top, zero = 0.0, []
+    zero, sq = [], np.empty(n, dtype=np.float64)
     for s in range(0, n, STAT_ROWS):
         e = min(s + STAT_ROWS, n)
         left = np.empty((e - s, reader.width), dtype=np.float32)
-        sq = augment(src.rows(s, e), mean, metric, left, np.empty_like(left))
-        top = max(top, float(sq.max()))
-        zero.extend(src.store_rows(np.flatnonzero(sq == 0) + s).tolist())
+        sq[s:e] = augment(src.rows(s, e), mean, metric, left, np.empty_like(left))
+        zero.extend(src.store_rows(np.flatnonzero(sq[s:e] == 0) + s).tolist())
     if metric == "cosine" and zero:
         raise PipelineError(
             f"{store.path}: {len(zero)} rows are all zeros (rows {sorted(zero)[:10]}): their cosine is undefined. "
             f"Use --metric l2."
         )
-    return mean, math.sqrt(top) if metric == "l2" else 1.0
+    dups = duplicate_ids(sq, lambda i: src.rows(i, i + 1)[0])
+    return mean, math.sqrt(float(sq.max())) if metric == "l2" else 1.0, dups
 
 
 def stream_binning(src: LabelOrder, mean, metric: str, max_norm: float, cfg: RowsConfig) -> Binning:
@@ -217,7 +217,8 @@ class PartResult:
     seconds: float
 
 
-def score_part(src: LabelOrder, cfg: RowsConfig, binning: Binning, mean, rows: tuple[int, int]) -> PartResult:
+def score_part(src: LabelOrder, cfg: RowsConfig, binning: Binning, mean, rows: tuple[int, int],
+               dups: np.ndarray | None = None) -> PartResult:  # fmt: skip
     """Count the pairs i < j (label order) with i in `rows` into a HistogramROC: the tile loop over row blocks
     read in label order."""
     t0 = time.perf_counter()
@@ -236,9 +237,17 @@ def score_part(src: LabelOrder, cfg: RowsConfig, binning: Binning, mean, rows: t
 
     sizes = np.diff(np.flatnonzero(np.r_[True, np.diff(src.labels) != 0, True]))
     k = tail_size(n * (n - 1) // 2, int((sizes * (sizes - 1) // 2).sum()))
-    res = TileLoop(binning, product, src.labels, cfg.metric, src.order, counting="numpy", side=unit, tail_k=k).run(
-        plan, select=mine, span=(A, B), progress=cfg.progress
-    )
+    res = TileLoop(
+        binning,
+        product,
+        src.labels,
+        cfg.metric,
+        src.order,
+        counting="numpy",
+        side=unit,
+        tail_k=k,
+        ties=ExactTies(dups, zero_coordinate(binning.lo, binning.hi, binning.bins, cfg.metric), cfg.metric),
+    ).run(plan, select=mine, span=(A, B), progress=cfg.progress)
     extreme = (res.extreme, res.extreme_tile, *res.extreme_rows)
     return PartResult(res.roc(), res.n_pairs, extreme, time.perf_counter() - t0)
 
@@ -297,10 +306,10 @@ def _score_rows(cfg: RowsConfig) -> dict:
             raise PipelineError(f"--rows {rows[0]}:{rows[1]}: the store has {n} rows (B must be at most {n})")
         t0 = time.perf_counter()
         with LabelOrder(store, progress=cfg.progress) as src:
-            mean, max_norm = row_stats(src, cfg.metric)
+            mean, max_norm, dups = row_stats(src, cfg.metric)
             binning = stream_binning(src, mean, cfg.metric, max_norm, cfg)
             t1 = time.perf_counter()
-            res = score_part(src, cfg, binning, mean, rows)
+            res = score_part(src, cfg, binning, mean, rows, dups)
         i, j = res.extreme[2], res.extreme[3]
         if i >= 0:
             res.acc.max_distance = pair_distance(store.rows(i, i + 1)[0], store.rows(j, j + 1)[0], cfg.metric)

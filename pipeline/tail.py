@@ -16,6 +16,7 @@ are the K most similar overall. Values are bin coordinates (l2: small = similar;
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -121,3 +122,51 @@ class Tail:
     def exact_far(self, n_negative: int) -> float:
         """FAR levels up to this are exact (every negative held: all of them)."""
         return 1.0 if len(self.neg) >= n_negative else len(self.neg) / max(1, n_negative)
+
+
+def duplicate_ids(sq: np.ndarray, row: Callable[[int], np.ndarray]) -> np.ndarray | None:
+    """Per row, the id of its class of identical rows (the first row of the class), -1 for a row with no twin;
+    None when no two rows are identical. Candidates share their squared norm (`sq`, float64, computed anyway);
+    `row(i)` reads row i to confirm."""
+    order = np.argsort(sq, kind="stable")
+    s = sq[order]
+    same = np.flatnonzero(s[1:] == s[:-1])
+    if not len(same):
+        return None
+    ids = np.full(len(sq), -1, dtype=np.int64)
+    starts = same[np.r_[True, np.diff(same) > 1]]  # runs of equal norms
+    for a in starts:
+        b = a + 1
+        while b + 1 < len(s) and s[b + 1] == s[a]:
+            b += 1
+        members = order[a : b + 1]
+        rows = {int(i): row(int(i)) for i in members}
+        for i in sorted(rows):
+            if ids[i] >= 0:
+                continue
+            twins = [j for j in sorted(rows) if j > i and ids[j] < 0 and np.array_equal(rows[i], rows[j])]
+            if twins:
+                ids[[i, *twins]] = i
+    return ids if (ids >= 0).any() else None
+
+
+class ExactTies:
+    """Pairs the products put at float32 noise where the truth is a tie: identical rows (distance exactly 0,
+    cosine exactly 1) get exactly the value of distance 0, and nothing is more similar than that (l2: no
+    squared distance below 0; cosine: none above 1). Applied to the tail's values only (the bins see the
+    products' values), so TAR at low FAR treats duplicate images as the exact ties they are."""
+
+    def __init__(self, dups: np.ndarray | None, zero: float, metric: str):
+        self.dups, self.zero, self.metric = dups, np.float32(zero), metric
+
+    def __call__(self, values: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        v = np.maximum(values, self.zero) if self.metric == "l2" else np.minimum(values, self.zero)
+        if self.dups is not None and len(v):
+            d = self.dups[rows]
+            v[(d >= 0) & (d == self.dups[cols])] = self.zero
+        return v
+
+
+def zero_coordinate(lo: float, hi: float, bins: int, metric: str) -> float:
+    """The bin coordinate of the most similar possible pair: squared distance 0 (l2), cosine 1."""
+    return ((0.0 if metric == "l2" else 1.0) - lo) * bins / (hi - lo)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pipeline.blockmath import BinCounts, Tile, better_extreme, block_spans
 from pipeline.intervals import COARSE, GROUPS, identity_groups
 from pipeline.roc import Binning, HistogramROC
-from pipeline.tail import Tail
+from pipeline.tail import ExactTies, Tail, zero_coordinate
 
 if TYPE_CHECKING:
     import torch
@@ -197,9 +197,10 @@ class TileLoop:
 
     def __init__(self, binning: Binning, product: Product, labels: np.ndarray, metric: str,
                  order: np.ndarray | None = None, device: Any = "cpu", counting: str = "auto",
-                 side: int = 1, tail_k: int = 0) -> None:  # fmt: skip
+                 side: int = 1, tail_k: int = 0, ties: ExactTies | None = None) -> None:  # fmt: skip
         self.binning, self.product, self.labels, self.metric, self.side = binning, product, labels, metric, side
         self.order, self.device, self.tail_k = order, device, tail_k
+        self.ties = ties or ExactTies(None, zero_coordinate(binning.lo, binning.hi, binning.bins, metric), metric)
         # identity groups of the rows (the jackknife's intervals come with the exact tail)
         self.groups = identity_groups(labels) if tail_k else None
         on_cpu = getattr(device, "type", device) == "cpu"
@@ -352,6 +353,8 @@ class TileLoop:
                         pids = self.groups[a2 + pr[keep]] * (GROUPS + 1)  # a same-person pair: one group
                     cnt.pos.add(pvals, pids)
             if cnt.tail is not None:  # the exact tail: values at least as similar as its bound, positives apart
+                if pvals.size:
+                    pvals = self.ties(pvals, a2 + r0 + pflat // width, t.c0 + c0 + pflat % width)
                 near = np.flatnonzero(cnt.tail.candidates(vals))
                 pk = cnt.tail.candidates(pvals)
                 pk_ids = None if pids is None else pids[pk]
@@ -359,7 +362,9 @@ class TileLoop:
                     at = near + (lo - r0) * width if flat is None else flat[near]
                     negative = ~np.isin(at, pflat)
                     nids = None if gr is None else _pair_ids(at[negative], width, lo - r0, gr, gc)
-                    cnt.tail.add(vals.reshape(-1)[near][negative], pvals[pk], nids, pk_ids)
+                    at = at[negative]
+                    nv = self.ties(vals.reshape(-1)[near][negative], a2 + r0 + at // width, t.c0 + c0 + at % width)
+                    cnt.tail.add(nv, pvals[pk], nids, pk_ids)
                 elif pvals.size:
                     cnt.tail.add(_NO_VALUES, pvals[pk], None, pk_ids)
 
@@ -420,9 +425,13 @@ class TileLoop:
         positive = np.isin(flat, pf)
         tail = self._counting().tail
         pos = tv.reshape(-1).index_select(0, torch.from_numpy(pf).to(tv.device)).cpu().numpy()
-        pids = None if ids is None else self.groups[t.r0 + pf // (t.c1 - t.c0)] * (GROUPS + 1)
+        w = t.c1 - t.c0
+        pids = None if ids is None else self.groups[t.r0 + pf // w] * (GROUPS + 1)
+        pos = self.ties(pos, t.r0 + pf // w, t.c0 + pf % w)
+        neg_at = flat[~positive]
+        neg = self.ties(top[~positive], t.r0 + neg_at // w, t.c0 + neg_at % w)
         pk = tail.candidates(pos)
-        tail.add(top[~positive], pos[pk], None if nids is None else nids[~positive], None if pids is None else pids[pk])
+        tail.add(neg, pos[pk], None if nids is None else nids[~positive], None if pids is None else pids[pk])
 
     def _find_extreme(self, plan: list[Tile], indices: list[int], extremes, res: TilePass) -> None:
         """The extreme pair from the per-tile extremes: the first tile holding it, the first pair in that tile

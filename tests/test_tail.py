@@ -23,14 +23,17 @@ def cli(*args):
 
 
 def sklearn_tar(x: np.ndarray, labels: np.ndarray, metric: str) -> tuple[dict, int]:
+    """scikit-learn's TAR at FAR over exact float64 scores: identical rows are exact ties (distance 0, cosine 1)."""
+    from scipy.spatial.distance import pdist
+
     x = x.astype(np.float64)
     iu = np.triu_indices(len(x), 1)
     if metric == "l2":
-        sq = (x * x).sum(1)
-        score = -np.sqrt(np.clip(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0, None))[iu]
+        score = -pdist(x)  # differences first: identical rows give exactly 0
     else:
         u = x / np.linalg.norm(x, axis=1, keepdims=True)
-        score = (u @ u.T)[iu]
+        score = np.minimum((u @ u.T)[iu], 1.0)
+        score[pdist(x) == 0] = 1.0
     same = (labels[:, None] == labels[None, :])[iu]
     fpr, tpr, _ = roc_curve(same, score)
     return {f"{f:g}": float(tpr[fpr <= f].max()) for f in FAR_LEVELS}, int(same.sum())
@@ -38,7 +41,7 @@ def sklearn_tar(x: np.ndarray, labels: np.ndarray, metric: str) -> tuple[dict, i
 
 @pytest.mark.parametrize("metric,n,d", [("l2", 1499, 40), ("cosine", 1201, 300)])
 def test_tar_at_far_is_exact_on_every_path(tmp_path, metric, n, d):
-    store, x, labels = random_store(tmp_path / "s.h5", n, d, seed=11, duplicates=5)  # labels in random order
+    store, x, labels = random_store(tmp_path / "s.h5", n, d, seed=11, duplicates=60)  # labels in random order
     ref, n_pos = sklearn_tar(x, labels, metric)
     common = ("--all-pairs", "--metric", metric, "--block", "512", "--bins", "256", "--no-progress")  # coarse bins
     assert cli("score", store, *common, "--out", tmp_path / "mem").exit_code == 0
@@ -83,3 +86,13 @@ def test_tail_size_bounds():
     assert tail_size(10, 10) == 1
     assert tail_size(6_872_778, 25_000) == int(0.01 * (6_872_778 - 25_000)) + 1
     assert tail_size(5 * 10**9, 10**6) == 1 << 20
+
+
+def test_duplicate_ids_need_identical_rows_not_only_equal_norms():
+    from pipeline.tail import duplicate_ids
+
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [3.0, 4.0], [0.0, 1.0], [1.0, 0.0]], dtype=np.float32)
+    sq = (x.astype(np.float64) ** 2).sum(1)  # rows 0, 1, 2, 4, 5 share a norm; only equal rows are twins
+    ids = duplicate_ids(sq, lambda i: x[i])
+    assert ids.tolist() == [0, 1, 0, -1, 1, 0]
+    assert duplicate_ids(np.array([1.0, 2.0, 3.0]), lambda i: x[i]) is None

@@ -28,6 +28,7 @@ from pipeline.roc import (
     Binning,
 )
 from pipeline.store import Store, bad_rows_error
+from pipeline.tail import ExactTies, duplicate_ids, zero_coordinate
 from pipeline.tiles import TileLoop
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class Prepared:
     metric: str
     max_norm: float
     n_positive: int
+    dups: np.ndarray | None = None
+    """Per sorted row, the id of its class of identical rows (-1: none); None when no two rows are identical."""
 
     @property
     def n(self) -> int:
@@ -141,8 +144,19 @@ def prepare(store: Store, metric: str, device: torch.device) -> Prepared:
     max_norm = float(np.sqrt(sq.max())) if metric == "l2" else 1.0
     left, right = torch.from_numpy(left_np), torch.from_numpy(right_np)
     left, right = left.to(device), right.to(device)
+    dups = duplicate_ids(sq, lambda i: x[i])  # identical rows: exact ties in the exact tail
     return Prepared(
-        x, left, right, torch.from_numpy(ls).to(device), order, starts[gid], ends[gid], metric, max_norm, n_positive
+        x,
+        left,
+        right,
+        torch.from_numpy(ls).to(device),
+        order,
+        starts[gid],
+        ends[gid],
+        metric,
+        max_norm,
+        n_positive,
+        dups,
     )
 
 
@@ -261,6 +275,8 @@ class TileScorer(TileLoop):
     the extreme pair through the sort order."""
 
     def __init__(self, prep: Prepared, binning: Binning, backend, counting: str = "auto", tail_k: int = 0):
+        b = binning
+        ties = ExactTies(prep.dups, zero_coordinate(b.lo, b.hi, b.bins, prep.metric), prep.metric)
         super().__init__(binning, lambda t, a2, b2, on_block=None: backend.values(t, on_block), prep.labels.cpu().numpy(), prep.metric,
-                         prep.order, prep.left.device, counting, tail_k=tail_k)  # fmt: skip
+                         prep.order, prep.left.device, counting, tail_k=tail_k, ties=ties)  # fmt: skip
         self.prep, self.backend = prep, backend
