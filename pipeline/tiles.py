@@ -2,11 +2,14 @@
 
 Every all-pairs path goes through `TileLoop.run`: rows held in memory (`pipeline.score`, also each torchrun
 rank with its share of the plan) and rows read from the store in blocks (`pipeline.rows`, `--rows A:B` and
-out-of-core scoring, a span of rows). A row source hands over one product per tile (`product(t, a2, b2)`: rows
-[a2, b2) of tile `t` against its columns, already in bin coordinates); the loop takes the tile's pairs (the
-upper triangle of a diagonal tile, the rows of the span), finds the extreme pair, counts every pair and the
-same-person pairs (matched by label, in any row order) into two histograms. CPU: NumPy counting; GPU: torch
-counting (`torch.histc`), a branch of the same loop, not a second one. Torch is imported only for the latter.
+out-of-core scoring, a span of rows). A row source computes each tile's product (rows [a2, b2) of tile `t`
+against its columns, in bin coordinates) and hands it over block by block (`pipeline.blockmath.fixed_matmul`,
+in its worker threads, while each block is in cache) or whole (FAISS, GPU). For each block the loop takes the
+tile's pairs (`pipeline.tile_pairs`: the rows of the span, the upper triangle of a diagonal tile), keeps the
+extreme pair, counts every pair and the same-person pairs (matched by label) into two histograms
+(`pipeline.counting`), and, for the biometric report, the exact tail (`pipeline.tail`) and the coarse counts
+per pair of identity groups (`pipeline.intervals`). CPU: NumPy counting per thread; GPU: torch counting, a
+branch of the same loop, not a second one. Torch is imported only for the latter.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.blockmath import BinCounts, Tile, better_extreme, block_spans
+from pipeline.blockmath import Tile, better_extreme
+from pipeline.counting import BinCounts, Stager, as_int64
 from pipeline.intervals import COARSE, GROUPS, identity_groups
 from pipeline.roc import Binning, HistogramROC
 from pipeline.tail import ExactTies, Tail, zero_coordinate
+from pipeline.tile_pairs import clip_to_span, multiplied, pair_ids, pairs_in, ranges, runs, same_label_flat
 
 if TYPE_CHECKING:
     import torch
@@ -63,114 +68,6 @@ class TilePass:
         if self.group_all is not None:
             acc.groups = (as_int64(self.group_all), as_int64(self.group_pos))
         return acc
-
-
-def as_int64(counts) -> np.ndarray:
-    if not isinstance(counts, np.ndarray):  # a torch tensor of float64 counts (GPU)
-        counts = counts.cpu().numpy().round()
-    return counts.astype(np.int64)
-
-
-class Stager:
-    """GPU counting: `torch.histc` over [0, bins] of clamped bin coordinates into float64 counts, batching small
-    inputs into one call (each call has a fixed cost); the bin of a value does not depend on its batch."""
-
-    def __init__(self, bins: int, device, size: int = 1 << 22):
-        import torch
-
-        self.torch = torch
-        self.bins = bins
-        self.counts = torch.zeros(bins, dtype=torch.float64, device=device)
-        self.buf = torch.empty(size, dtype=torch.float32, device=device)
-        self.used = 0
-
-    def add(self, values: torch.Tensor) -> None:
-        k = values.numel()
-        if k == 0:
-            return
-        if k >= len(self.buf) // 16:
-            self.counts += self.torch.histc(values, bins=self.bins, min=0, max=self.bins)
-            return
-        if self.used + k > len(self.buf):
-            self.flush()
-        self.buf[self.used : self.used + k] = values.reshape(-1)
-        self.used += k
-
-    def flush(self) -> torch.Tensor:
-        if self.used:
-            self.counts += self.torch.histc(self.buf[: self.used], bins=self.bins, min=0, max=self.bins)
-            self.used = 0
-        return self.counts
-
-
-# ---------------------------------------------------------------------------------------------------- pairs of a tile
-
-
-def clip_to_span(t: Tile, span: tuple[int, int] | None) -> tuple[int, int]:
-    """The tile's rows [a, b) whose pairs belong to `span` (pairs i < j with A <= i < B)."""
-    return (t.r0, t.r1) if span is None else (max(t.r0, span[0]), min(t.r1, span[1]))
-
-
-def multiplied(t: Tile, a: int, b: int, side: int) -> tuple[int, int]:
-    """Rows of tile `t` actually multiplied for its rows [a, b): the whole canonical blocks of the tile
-    (`block_spans`, counted from its first row) that hold them, so that every entry comes from the same product
-    call as in a run over the whole tile (`pipeline.blockmath.fixed_matmul`)."""
-    spans = [(t.r0 + s, t.r0 + e) for s, e in block_spans(t.r1 - t.r0, side)]
-    return max(s for s, _ in spans if s <= a), min(e for _, e in spans if e >= b)
-
-
-def pairs_in(t: Tile, span: tuple[int, int] | None) -> int:
-    a, b = clip_to_span(t, span)
-    if b <= a:
-        return 0
-    if not t.diagonal:
-        return (b - a) * (t.c1 - t.c0)
-    return sum(t.c1 - i - 1 for i in range(a, b))
-
-
-def ranges(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, width: int) -> np.ndarray:
-    """Flat indices `r * width + c` for c in [lo_r, hi_r) of each row r, row by row."""
-    lens = np.maximum(hi - lo, 0)
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    first = np.repeat(rows.astype(np.int64) * width + lo - np.cumsum(lens) + lens, lens)
-    return first + np.arange(total, dtype=np.int64)
-
-
-def same_label_flat(labels: np.ndarray, a: int, b: int, t: Tile, a2: int, w: int) -> np.ndarray:
-    """Flat indices into tile `t`'s product (rows from a2, width w) of its same-person pairs whose row lies in
-    [a, b): the tile's columns sorted by label once, each row's matches found by binary search. Labels may be
-    in any order; on a diagonal tile only columns j > i count."""
-    cols = labels[t.c0 : t.c1]
-    order = np.argsort(cols, kind="stable")
-    by_label = cols[order]
-    lo = np.searchsorted(by_label, labels[a:b], "left")
-    lens = np.searchsorted(by_label, labels[a:b], "right") - lo
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    i = np.repeat(np.arange(a, b, dtype=np.int64), lens)
-    j = order[np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(total)].astype(np.int64) + t.c0
-    if t.diagonal:
-        keep = j > i
-        i, j = i[keep], j[keep]
-    return (i - a2) * w + (j - t.c0)
-
-
-# ---------------------------------------------------------------------------------------------------- the loop
-
-
-def _runs(groups: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) of the runs of equal values of a sorted array."""
-    cuts = [0, *(np.flatnonzero(np.diff(groups)) + 1).tolist(), len(groups)]
-    return list(zip(cuts[:-1], cuts[1:], strict=True))
-
-
-def _pair_ids(flat: np.ndarray, width: int, first_row: int, gr: np.ndarray, gc: np.ndarray) -> np.ndarray:
-    """Group-pair ids of the values at block positions `flat` (rows counted from `first_row`)."""
-    r = flat // width
-    return gr[r - first_row] * GROUPS + gc[flat - r * width]
 
 
 _NONE = np.zeros(0, dtype=np.int64)
@@ -336,11 +233,11 @@ class TileLoop:
             if gr is None:
                 cnt.all.add(vals)
             elif flat is None:  # rows are sorted by label, so groups are runs: one id per rectangle of runs
-                for rs, re_ in _runs(gr):
-                    for cs, ce in _runs(gc):
+                for rs, re_ in runs(gr):
+                    for cs, ce in runs(gc):
                         cnt.all.add(vals[rs:re_, cs:ce], int(gr[rs]) * GROUPS + int(gc[cs]))
             else:
-                cnt.all.add(vals, _pair_ids(flat, width, lo - r0, gr, gc))
+                cnt.all.add(vals, pair_ids(flat, width, lo - r0, gr, gc))
             s0, s1 = np.searchsorted(pos_r, [lo, hi])
             pflat, pvals, pids = _NONE, _NO_VALUES, None
             if s1 > s0:
@@ -361,7 +258,7 @@ class TileLoop:
                 if near.size:
                     at = near + (lo - r0) * width if flat is None else flat[near]
                     negative = ~np.isin(at, pflat)
-                    nids = None if gr is None else _pair_ids(at[negative], width, lo - r0, gr, gc)
+                    nids = None if gr is None else pair_ids(at[negative], width, lo - r0, gr, gc)
                     at = at[negative]
                     nv = self.ties(vals.reshape(-1)[near][negative], a2 + r0 + at // width, t.c0 + c0 + at % width)
                     cnt.tail.add(nv, pvals[pk], nids, pk_ids)
@@ -452,4 +349,4 @@ class TileLoop:
         res.extreme_tile = indices[k]
 
 
-__all__ = ["TilePass", "TileLoop", "Stager", "as_int64", "same_label_flat", "multiplied", "pairs_in", "ranges"]
+__all__ = ["TilePass", "TileLoop"]

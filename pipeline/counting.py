@@ -1,0 +1,124 @@
+"""Counting bin coordinates into histograms: on the CPU (`BinCounts`, NumPy, one per thread of the tile loop) and
+on a GPU (`Stager`, torch). Both put a value in the same bin: its coordinate clipped to [0, bins-1] (the GPU's
+histc over [0, bins] is the same for every coordinate below bins) and truncated."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+COUNT_CHUNK = 1 << 20  # values per bincount call (at least 4x the bins): one reused 8 MB index buffer
+
+
+class BinCounts:
+    """Histogram counts on the CPU: bin coordinates clipped to [0, bins-1], truncated to integers into one reused
+    intp buffer (bincount copies any other input to intp, and fresh buffers fault in new pages on every call),
+    `np.bincount`-ed when the buffer is full (`flush`) so that each call's cost of `bins` is spread over at
+    least 4 x bins values. One per thread: counts of several add up exactly.
+
+    With `ids` (values' group-pair ids, 0..n_ids-1) it also counts `coarse` bins per id (`group_counts`, the
+    jackknife's input, `pipeline.intervals`)."""
+
+    def __init__(self, bins: int, n_ids: int = 0, coarse: int = 1):
+        self.bins, self.n_ids, self.coarse = bins, n_ids, coarse
+        self.top = np.float32(bins - 1)
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.group_counts = np.zeros(n_ids * coarse, dtype=np.int64)
+        self.chunk = max(COUNT_CHUNK, 4 * bins)
+        self.ibuf = np.empty(0, dtype=np.intp)  # grown to what is staged, up to `chunk`, then reused
+        self.gbuf = np.empty(0, dtype=np.intp)  # the staged values' ids
+        self.fbuf = np.empty(0, dtype=np.float32)  # clipped values of one `add`
+        self.used = 0
+        ratio = bins // coarse  # a power-of-two ratio: coarse bin = fine bin >> shift
+        self.shift = ratio.bit_length() - 1 if bins % coarse == 0 and ratio & (ratio - 1) == 0 else None
+
+    def add(self, values: np.ndarray, ids: np.ndarray | int | None = None) -> None:
+        """Count `values` (any shape; bin coordinates, clipped here) and, with `ids` (one id for all of them, or
+        one per value, same shape), per id."""
+        if values.size > len(self.fbuf):
+            self.fbuf = np.empty(values.size, dtype=np.float32)
+        clipped = self.fbuf[: values.size].reshape(values.shape)
+        np.clip(values, 0, self.top, out=clipped)
+        flat = clipped.reshape(-1)
+        if self.n_ids and ids is None:
+            raise ValueError("group counts need the values' ids")
+        grouped = bool(self.n_ids)
+        flat_ids = ids.reshape(-1).astype(np.intp) if grouped and not np.isscalar(ids) else None
+        for s in range(0, flat.size, self.chunk):
+            part = flat[s : s + self.chunk]
+            if self.used + part.size > self.chunk:
+                self.flush()
+            if len(self.ibuf) < min(self.used + part.size, self.chunk):
+                size = min(max(2 * len(self.ibuf), self.used + part.size), self.chunk)
+                self.ibuf = _grown(self.ibuf, size, self.used)
+                if self.n_ids:
+                    self.gbuf = _grown(self.gbuf, size, self.used)
+            fine = self.ibuf[self.used : self.used + part.size]
+            np.copyto(fine, part, casting="unsafe")  # truncation = floor (>= 0)
+            if grouped:  # key = id * coarse + coarse bin, as the GPU computes it
+                key = self.gbuf[self.used : self.used + part.size]
+                if self.shift is not None:
+                    np.right_shift(fine, self.shift, out=key)
+                else:
+                    np.floor_divide(fine * self.coarse, self.bins, out=key)
+                if flat_ids is None:
+                    key += int(ids) * self.coarse
+                else:
+                    key += flat_ids[s : s + self.chunk] * self.coarse
+            self.used += part.size
+
+    def flush(self) -> np.ndarray:
+        if self.used:
+            self.counts += np.bincount(self.ibuf[: self.used], minlength=self.bins)
+            if self.n_ids:
+                self.group_counts += np.bincount(self.gbuf[: self.used], minlength=len(self.group_counts))
+            self.used = 0
+        return self.counts
+
+
+def _grown(buf: np.ndarray, size: int, keep: int) -> np.ndarray:
+    new = np.empty(size, dtype=buf.dtype)
+    new[:keep] = buf[:keep]
+    return new
+
+
+def as_int64(counts) -> np.ndarray:
+    if not isinstance(counts, np.ndarray):  # a torch tensor of float64 counts (GPU)
+        counts = counts.cpu().numpy().round()
+    return counts.astype(np.int64)
+
+
+class Stager:
+    """GPU counting: `torch.histc` over [0, bins] of clamped bin coordinates into float64 counts, batching small
+    inputs into one call (each call has a fixed cost); the bin of a value does not depend on its batch."""
+
+    def __init__(self, bins: int, device, size: int = 1 << 22):
+        import torch
+
+        self.torch = torch
+        self.bins = bins
+        self.counts = torch.zeros(bins, dtype=torch.float64, device=device)
+        self.buf = torch.empty(size, dtype=torch.float32, device=device)
+        self.used = 0
+
+    def add(self, values: torch.Tensor) -> None:
+        k = values.numel()
+        if k == 0:
+            return
+        if k >= len(self.buf) // 16:
+            self.counts += self.torch.histc(values, bins=self.bins, min=0, max=self.bins)
+            return
+        if self.used + k > len(self.buf):
+            self.flush()
+        self.buf[self.used : self.used + k] = values.reshape(-1)
+        self.used += k
+
+    def flush(self) -> torch.Tensor:
+        if self.used:
+            self.counts += self.torch.histc(self.buf[: self.used], bins=self.bins, min=0, max=self.bins)
+            self.used = 0
+        return self.counts

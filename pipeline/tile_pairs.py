@@ -1,0 +1,77 @@
+"""Which pairs of a tile a pass counts: the rows of a span, the upper triangle of a diagonal tile, the rows
+actually multiplied (whole canonical blocks), the same-person pairs found by matching labels, and the group-pair
+ids of the jackknife."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.blockmath import Tile, block_spans
+from pipeline.intervals import GROUPS
+
+
+def clip_to_span(t: Tile, span: tuple[int, int] | None) -> tuple[int, int]:
+    """The tile's rows [a, b) whose pairs belong to `span` (pairs i < j with A <= i < B)."""
+    return (t.r0, t.r1) if span is None else (max(t.r0, span[0]), min(t.r1, span[1]))
+
+
+def multiplied(t: Tile, a: int, b: int, side: int) -> tuple[int, int]:
+    """Rows of tile `t` actually multiplied for its rows [a, b): the whole canonical blocks of the tile
+    (`block_spans`, counted from its first row) that hold them, so that every entry comes from the same product
+    call as in a run over the whole tile (`pipeline.blockmath.fixed_matmul`)."""
+    spans = [(t.r0 + s, t.r0 + e) for s, e in block_spans(t.r1 - t.r0, side)]
+    return max(s for s, _ in spans if s <= a), min(e for _, e in spans if e >= b)
+
+
+def pairs_in(t: Tile, span: tuple[int, int] | None) -> int:
+    a, b = clip_to_span(t, span)
+    if b <= a:
+        return 0
+    if not t.diagonal:
+        return (b - a) * (t.c1 - t.c0)
+    return sum(t.c1 - i - 1 for i in range(a, b))
+
+
+def ranges(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, width: int) -> np.ndarray:
+    """Flat indices `r * width + c` for c in [lo_r, hi_r) of each row r, row by row."""
+    lens = np.maximum(hi - lo, 0)
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    first = np.repeat(rows.astype(np.int64) * width + lo - np.cumsum(lens) + lens, lens)
+    return first + np.arange(total, dtype=np.int64)
+
+
+def same_label_flat(labels: np.ndarray, a: int, b: int, t: Tile, a2: int, w: int) -> np.ndarray:
+    """Flat indices into tile `t`'s product (rows from a2, width w) of its same-person pairs whose row lies in
+    [a, b): the tile's columns sorted by label once, each row's matches found by binary search. Labels may be
+    in any order; on a diagonal tile only columns j > i count."""
+    cols = labels[t.c0 : t.c1]
+    order = np.argsort(cols, kind="stable")
+    by_label = cols[order]
+    lo = np.searchsorted(by_label, labels[a:b], "left")
+    lens = np.searchsorted(by_label, labels[a:b], "right") - lo
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    i = np.repeat(np.arange(a, b, dtype=np.int64), lens)
+    j = order[np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(total)].astype(np.int64) + t.c0
+    if t.diagonal:
+        keep = j > i
+        i, j = i[keep], j[keep]
+    return (i - a2) * w + (j - t.c0)
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+def runs(groups: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of the runs of equal values of a sorted array."""
+    cuts = [0, *(np.flatnonzero(np.diff(groups)) + 1).tolist(), len(groups)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def pair_ids(flat: np.ndarray, width: int, first_row: int, gr: np.ndarray, gc: np.ndarray) -> np.ndarray:
+    """Group-pair ids of the values at block positions `flat` (rows counted from `first_row`)."""
+    r = flat // width
+    return gr[r - first_row] * GROUPS + gc[flat - r * width]
