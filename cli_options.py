@@ -11,14 +11,12 @@ IMAGE_SETS = click.Choice(["original", "funneled", "deepfunneled"])
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 
 
-def data_root_option(f):
+LFW_ROOT_HELP = "Folder with LFW: lfw-py/<image dir> and the protocol .txt files, or those directly (env LFW_ROOT)."
+
+
+def data_root_option(f, help: str = LFW_ROOT_HELP):
     return click.option(
-        "--data-root",
-        type=click.Path(path_type=Path),
-        envvar="LFW_ROOT",
-        default="data",
-        show_default=True,
-        help="Folder with LFW: lfw-py/<image dir> and the protocol .txt files, or those directly (env LFW_ROOT).",
+        "--data-root", type=click.Path(path_type=Path), envvar="LFW_ROOT", default="data", show_default=True, help=help
     )(f)
 
 
@@ -38,6 +36,86 @@ device_option = click.option(
 workers_option = click.option(
     "--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes."
 )
+
+
+embed_model_option = click.option(
+    "--model",
+    default="squeezenet1_0",
+    show_default=True,
+    help="Any torchvision classification model by name (torchvision.models.list_models(); alexnet, vgg16, "
+    "squeezenet1_0, resnet18, resnet50, mobilenet_v3_small, ...) or module:function, a function on the Python "
+    "path (PYTHONPATH) returning a torch.nn.Module that maps a normalised image batch to embeddings.",
+)
+
+
+def _three_floats(ctx, param, value: str) -> tuple[float, float, float]:
+    """`0.5,0.5,0.5` (or one value for all three channels) -> (R, G, B)."""
+    try:
+        values = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected three numbers R,G,B (e.g. 0.5,0.5,0.5), got {value!r}") from None
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3:
+        raise click.BadParameter(f"expected three numbers R,G,B (e.g. 0.5,0.5,0.5), got {value!r}")
+    return values
+
+
+def faceset_options(f):
+    """`embed`'s choice of face set: LFW protocol files, a folder per identity, or an insightface `.bin`."""
+    for option in reversed(
+        [
+            click.option(
+                "--dataset",
+                type=click.Choice(["lfw", "folder", "bin"]),
+                default="lfw",
+                show_default=True,
+                help="lfw: LFW protocol files (--image-set, --protocol, --split); folder: --data-root DIR/<identity>/"
+                "<image>, every image; bin: --data-root FILE.bin, an insightface verification set (score --pairs).",
+            ),
+            click.option(
+                "--pairs-file",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="folder: CSV of pairs path_a,path_b,same[,fold] (paths relative to --data-root) for score --pairs.",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def network_input_options(f):
+    """`embed`'s preprocessing: crop size, resize, normalisation (defaults: torchvision's ImageNet ones)."""
+    for option in reversed(
+        [
+            click.option(
+                "--input-size",
+                type=int,
+                default=224,
+                show_default=True,
+                help="Side of the centre crop fed to the network.",
+            ),
+            click.option(
+                "--resize",
+                type=int,
+                default=None,
+                help="Shorter side before the crop [input size x 256/224]; = --input-size keeps a square image whole.",
+            ),
+            click.option(
+                "--mean",
+                default="0.485,0.456,0.406",
+                show_default=True,
+                callback=_three_floats,
+                help="Per-channel mean R,G,B of images in [0, 1] (0.5,0.5,0.5 with --std 0.5,0.5,0.5: inputs in [-1, 1]).",
+            ),
+            click.option(
+                "--std", default="0.229,0.224,0.225", show_default=True, callback=_three_floats, help="Per-channel std."
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
 
 
 def finetune_options(f):
@@ -67,6 +145,90 @@ def finetune_options(f):
                 help="Quick runs: the first N/2 same and N/2 different training pairs (best: N images).",
             ),
             click.option("--seed", type=int, default=0, show_default=True, help="Seed."),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def embed_options(f):
+    """All options of `embed`."""
+    for option in reversed(
+        [
+            lambda f: data_root_option(
+                f, LFW_ROOT_HELP[:-1] + "; --dataset folder: DIR/<identity>/<image>; --dataset bin: the .bin file."
+            ),
+            faceset_options,
+            image_set_option,
+            click.option(
+                "--protocol",
+                type=click.Choice(["people", "pairs", "10fold"]),
+                default="people",
+                show_default=True,
+                help="people: View 1 people (all-pairs); pairs: View 1 pairs; 10fold: View 2 pairs.txt with folds.",
+            ),
+            click.option(
+                "--split",
+                type=click.Choice(["train", "test"]),
+                default="test",
+                show_default=True,
+                help="View 1 split (ignored by 10fold).",
+            ),
+            embed_model_option,
+            click.option(
+                "--weights",
+                default=None,
+                help="imagenet (torchvision download; the default), none (random init; the default and the function's own "
+                "weights for module:function), or PATH to a state_dict / finetune checkpoint.",
+            ),
+            network_input_options,
+            click.option(
+                "--layer",
+                type=click.Choice(["output", "penultimate"]),
+                default="output",
+                show_default=True,
+                help="output: the network output (1000-d for ImageNet classifiers; the study's); penultimate: "
+                "features before the last classifier layer (AlexNet, VGG, SqueezeNet, ResNet networks).",
+            ),
+            click.option("--out", type=click.Path(path_type=Path), required=True, help="Output HDF5 store."),
+            click.option(
+                "--batch-size",
+                type=int,
+                default=32,
+                show_default=True,
+                help="Images per forward pass (a resumed run must use the same).",
+            ),
+            workers_option,
+            device_option,
+            click.option(
+                "--limit", type=int, default=None, help="Only the first N images (people) or pairs (pair protocols)."
+            ),
+            click.option(
+                "--resume", is_flag=True, help="Continue OUT.partial of an interrupted run with the same settings."
+            ),
+            click.option("--overwrite", is_flag=True, help="Replace an existing OUT (only a store that embed wrote)."),
+            click.option(
+                "--skip-bad",
+                is_flag=True,
+                help="Leave out unreadable images (recorded in the store) instead of stopping.",
+            ),
+            click.option(
+                "--skip-missing", is_flag=True, help="Leave out listed images that are missing instead of stopping."
+            ),
+            click.option(
+                "--dtype",
+                type=click.Choice(["float32", "float16"]),
+                default="float32",
+                show_default=True,
+                help="Storage type of /embeddings.",
+            ),
+            click.option("--seed", type=int, default=0, show_default=True, help="Seed (matters with --weights none)."),
+            click.option("--download", is_flag=True, help="Try torchvision's LFW download into the data root first."),
+            click.option(
+                "--deterministic",
+                is_flag=True,
+                help="Rows independent of thread count and number of ranks (bit-identical under torchrun); 1.5-2.5x slower on CPU.",
+            ),
         ]
     ):
         f = option(f)

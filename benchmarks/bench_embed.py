@@ -15,7 +15,7 @@ import click
 import torch
 
 from cli_options import data_root_option
-from pipeline import data, models
+from pipeline import data, images, models
 from pipeline.embed import EmbedConfig, embed, forward, prepare
 from pipeline.runtime import resolve_device
 
@@ -66,11 +66,11 @@ def model_only_rate(
 def run_bench(cfg: BenchEmbedConfig) -> list[dict]:
     device = resolve_device(cfg.device)
     proto = data.load_protocol(cfg.data_root, "deepfunneled", "people", "test").limit(cfg.limit)
-    tf = data.imagenet_crop()
-    images = torch.stack([tf(data.load_image(proto.absolute(i % len(proto)))) for i in range(cfg.decoded)])
+    tf = images.imagenet_crop()
+    decoded = torch.stack([tf(images.load_image(proto.absolute(i % len(proto)))) for i in range(cfg.decoded)])
     rows = []
     for name in cfg.models:
-        before = model_only_rate(name, images, cfg.batch_size, device, cfg.deterministic)
+        before = model_only_rate(name, decoded, cfg.batch_size, device, cfg.deterministic)
         with tempfile.TemporaryDirectory() as tmp:
             ecfg = EmbedConfig(
                 out=Path(tmp) / "bench.h5",
@@ -86,7 +86,7 @@ def run_bench(cfg: BenchEmbedConfig) -> list[dict]:
             start = time.perf_counter()
             embed(ecfg)
             seconds = time.perf_counter() - start
-        after = model_only_rate(name, images, cfg.batch_size, device, cfg.deterministic)
+        after = model_only_rate(name, decoded, cfg.batch_size, device, cfg.deterministic)
         model_rate = (before + after) / 2  # the machine drifts: average the two sides of the embed run
         stage_rate = len(proto) / seconds
         rows.append(

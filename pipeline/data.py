@@ -1,4 +1,6 @@
-"""LFW on disk: layouts, protocol files (View 1 people/pairs, View 2 10-fold), images and transforms.
+"""LFW on disk: layouts and protocol files (View 1 people/pairs, View 2 10-fold), read into an `LFWProtocol`:
+the images (and pairs) an embedding store is made of. Other face sets (folder trees, `.bin` files) are read
+into the same class by `pipeline.facesets`; images and transforms are `pipeline.images`.
 
 A data root holds either torchvision's layout (`root/lfw-py/<image dir>` + protocol `.txt` files) or the
 image folder and the `.txt` files directly. The `.tgz` archives are never needed.
@@ -9,15 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import Dataset
-from torchvision import transforms
 
 from pipeline.errors import PipelineError
 
@@ -36,8 +33,6 @@ CHECKSUMS = {
     "peopleDevTrain.txt": "54eaac34beb6d042ed3a7d883e247a21",
     "lfw-names.txt": "a6d0a479bd074669f656265a6e693f6d",
 }
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 GET_LFW_HELP = (
     "Get LFW from https://vis-www.cs.umass.edu/lfw/ (or a mirror), extract the image archive and put the "
     "protocol .txt files beside it: DIR/lfw-py/lfw-deepfunneled/<Name>/<Name>_0001.jpg and "
@@ -184,12 +179,18 @@ class LFWProtocol:
     """int8 [P]: View 2 fold (0 for View 1)."""
     skipped: list[str] = field(default_factory=list)
     """Listed images that were missing and skipped (with `skip_missing`)."""
+    encoded: list[bytes] | None = None
+    """Encoded images held in memory (a `.bin` set), one per path; None: the files `data_root / path`."""
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def absolute(self, i: int) -> Path:
         return self.data_root / self.paths[i]
+
+    def source(self, i: int) -> Path | bytes:
+        """What `images.load_image` decodes for image i: its file, or its encoded bytes."""
+        return self.absolute(i) if self.encoded is None else self.encoded[i]
 
     def limit(self, n: int | None) -> LFWProtocol:
         """The first n images (people protocol) or the first n pairs and their images (pair protocols)."""
@@ -203,8 +204,9 @@ class LFWProtocol:
     def subset(self, rows: np.ndarray) -> LFWProtocol:
         """Keep image rows `rows` (people protocols; pairs are dropped and re-indexed when present)."""
         rows = np.asarray(rows, dtype=np.int64)
+        encoded = None if self.encoded is None else [self.encoded[i] for i in rows]
         if self.pairs is None:
-            return replace(self, paths=[self.paths[i] for i in rows], labels=self.labels[rows])
+            return replace(self, paths=[self.paths[i] for i in rows], labels=self.labels[rows], encoded=encoded)
         new_index = np.full(len(self.paths), -1, dtype=np.int64)
         new_index[rows] = np.arange(len(rows))
         mapped = new_index[self.pairs]
@@ -213,6 +215,7 @@ class LFWProtocol:
             self,
             paths=[self.paths[i] for i in rows],
             labels=self.labels[rows],
+            encoded=encoded,
             pairs=mapped[keep],
             pair_labels=self.pair_labels[keep],
             pair_folds=self.pair_folds[keep],
@@ -228,7 +231,8 @@ class LFWProtocol:
         ).subset(rows)
 
 
-def _labels_for(names: list[str]) -> tuple[np.ndarray, list[str]]:
+def labels_for(names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Identity index of each name into the sorted distinct names, and those names."""
     identities = sorted(set(names))
     index = {n: i for i, n in enumerate(identities)}
     return np.array([index[n] for n in names], dtype=np.int64), identities
@@ -257,7 +261,7 @@ def load_protocol(
         pairs = np.array([[index[a], index[b]] for a, b, _, _ in listed], dtype=np.int64).reshape(-1, 2)
         pair_labels = np.array([s for _, _, s, _ in listed], dtype=np.int8)
         pair_folds = np.array([f for _, _, _, f in listed], dtype=np.int8)
-    labels, identities = _labels_for([p.split("/")[0] for p in rel])
+    labels, identities = labels_for([p.split("/")[0] for p in rel])
     proto = LFWProtocol(
         data_root,
         image_set,
@@ -294,69 +298,3 @@ def download_lfw(data_root: Path | str, image_set: str) -> None:
         LFWPairs(str(data_root), split="10fold", image_set=image_set, download=True)
     except Exception as e:  # network errors come in many types; all mean the same to the user
         raise PipelineError(f"downloading LFW failed ({type(e).__name__}: {e}). {GET_LFW_HELP}") from e
-
-
-def imagenet_transform(resize: int = 256, crop: int = 224) -> transforms.Compose:
-    """The preprocessing of torchvision's ImageNet weights (and the study): resize, centre crop, normalise."""
-    return transforms.Compose(
-        [
-            transforms.Resize(resize),
-            transforms.CenterCrop(crop),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-
-
-def imagenet_crop(resize: int = 256, crop: int = 224) -> transforms.Compose:
-    """`imagenet_transform` up to the crop, as uint8: 4x less to pass from decoding workers; `normalize`
-    finishes it per batch with the same arithmetic (bit-identical)."""
-    return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop), transforms.PILToTensor()])
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images [B, 3, H, W] (any device) -> float32 as ToTensor + Normalize compute them."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x.float().div(255) - mean) / std
-
-
-def load_image(path: Path | str) -> Image.Image:
-    """Decode an image as RGB; a missing or corrupt file is a PipelineError naming it."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise PipelineError(f"cannot read image {path}: {e}") from e
-
-
-def batches(loader) -> Iterator:
-    """The batches of a DataLoader; a worker process that fails (shared memory full, a file size limit, killed)
-    is one PipelineError instead of torch's nested traceback."""
-    try:
-        yield from loader
-    except RuntimeError as e:
-        if "DataLoader worker" not in str(e):
-            raise
-        cause = str(e).strip().splitlines()[-1]
-        raise PipelineError(
-            f"an image-decoding worker process failed ({cause}); pass --workers 0 to decode in the main process, "
-            f"or make room in /dev/shm (and lift any file size limit)"
-        ) from None
-
-
-class ImageFiles(Dataset):
-    """Images by path -> (tensor, index, error). A bad image yields a zero tensor and its error message,
-    so that the main process (not a worker) decides whether to stop or skip."""
-
-    def __init__(self, paths: list[Path], transform, shape: tuple[int, int, int] = (3, 224, 224), dtype=torch.uint8):
-        self.paths, self.transform, self.shape, self.dtype = paths, transform, shape, dtype
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
-        try:
-            return self.transform(load_image(self.paths[i])), i, ""
-        except PipelineError as e:
-            return torch.zeros(self.shape, dtype=self.dtype), i, str(e)

@@ -1,4 +1,5 @@
-"""The `embed` stage: every image of an LFW protocol split, once, through a backbone, into an HDF5 store."""
+"""The `embed` stage: every image of a face set (an LFW protocol split, a folder tree, a `.bin` file), once,
+through a network, into an HDF5 store."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from pipeline import data, models, outputs
+from pipeline import data, facesets, images, models, outputs
 from pipeline.distributed import init_world, split_range
 from pipeline.errors import PipelineError
 from pipeline.runtime import autocast, reproducible_kernels, resolve_device, seed_everything
@@ -36,17 +37,30 @@ class EmbedConfig:
     out: Path
     """Output store (.h5); written as OUT.partial and renamed when complete."""
     data_root: Path = field(default_factory=default_data_root)
-    """Folder with LFW (`lfw-py/` or the image folder and protocol files directly)."""
+    """lfw: folder with LFW (`lfw-py/` or the image folder and protocol files); folder: DIR/<identity>/<image>;
+    bin: the .bin file."""
     image_set: str = "deepfunneled"
-    """original | funneled | deepfunneled."""
+    """original | funneled | deepfunneled (lfw only)."""
     protocol: str = "people"
-    """people (View 1 people) | pairs (View 1 pairs) | 10fold (View 2 pairs.txt)."""
+    """people (View 1 people) | pairs (View 1 pairs) | 10fold (View 2 pairs.txt); lfw only."""
     split: str = "test"
-    """train | test (ignored by 10fold, which is one list)."""
+    """train | test (lfw only; ignored by 10fold, which is one list)."""
+    dataset: str = "lfw"
+    """lfw (protocol files) | folder (a folder per identity) | bin (insightface verification .bin)."""
+    pairs_file: Path | None = None
+    """folder only: CSV `path_a,path_b,same[,fold]` (paths relative to data_root) of pairs to store."""
     model: str = "squeezenet1_0"
-    """A backbone of `pipeline.models.BACKBONES`."""
+    """A torchvision classification model (`torchvision.models.list_models`) or `module:function`."""
     weights: str = "imagenet"
-    """imagenet | none | PATH (state_dict or finetune checkpoint)."""
+    """imagenet | none | PATH (state_dict or finetune checkpoint); module:function takes none or PATH."""
+    input_size: int = 224
+    """Side of the centre crop the network sees."""
+    resize: int | None = None
+    """Shorter side before the crop (None: input_size * 256 / 224)."""
+    mean: tuple[float, float, float] = images.IMAGENET_MEAN
+    """Per-channel mean subtracted from images in [0, 1]."""
+    std: tuple[float, float, float] = images.IMAGENET_STD
+    """Per-channel std dividing them."""
     layer: str = "output"
     """output (1000-d network output, the study's) | penultimate."""
     batch_size: int = 32
@@ -83,14 +97,29 @@ class EmbedConfig:
             raise ValueError(f"split must be one of {data.SPLITS}, got {self.split!r}")
         if self.layer not in models.LAYERS:
             raise ValueError(f"layer must be one of {models.LAYERS}, got {self.layer!r}")
-        if self.model not in models.BACKBONES:
-            raise ValueError(f"model must be one of {sorted(models.BACKBONES)}, got {self.model!r}")
+        models.check_model_name(self.model)
+        if models.is_factory(self.model) and self.weights == "imagenet":
+            raise ValueError(f"--model {self.model} has no ImageNet weights: pass --weights none or --weights PATH")
+        if self.dataset not in facesets.DATASETS:
+            raise ValueError(f"dataset must be one of {facesets.DATASETS}, got {self.dataset!r}")
+        if self.dataset != "lfw" and (self.protocol != "people" or self.download):
+            raise ValueError(
+                f"--protocol and --download apply to --dataset lfw; a {self.dataset} set brings its own pairs"
+                + (" (--pairs-file)" if self.dataset == "folder" else "")
+            )
+        if self.pairs_file is not None and self.dataset != "folder":
+            raise ValueError("--pairs-file applies to --dataset folder")
+        _ = self.preprocess  # checks sizes, mean and std
         if self.batch_size < 1 or self.workers < 0:
             raise ValueError("batch_size must be >= 1 and workers >= 0")
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be a positive number of images or pairs")
         if self.dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be float32 or float16, got {self.dtype!r}")
+
+    @property
+    def preprocess(self) -> images.Preprocess:
+        return images.Preprocess(self.input_size, self.resize, tuple(self.mean), tuple(self.std))
 
 
 def store_arrays(proto: data.LFWProtocol) -> dict:
@@ -104,32 +133,32 @@ def store_arrays(proto: data.LFWProtocol) -> dict:
     }
 
 
-def embedding_dim(name: str, layer: str) -> int:
-    b = models.backbone(name)
-    return b.output_dim if layer == "output" else b.penultimate_dim
-
-
 def prepare(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Inference set-up: eval mode, on the device, channels-last (about 2x faster convolutions on CPU)."""
     return module.eval().to(device, memory_format=torch.channels_last)
 
 
 def forward(
-    embedder: torch.nn.Module, x: torch.Tensor, device: torch.device, deterministic: bool = False
+    embedder: torch.nn.Module,
+    x: torch.Tensor,
+    device: torch.device,
+    deterministic: bool = False,
+    preprocess: images.Preprocess = images.IMAGENET,
 ) -> np.ndarray:
-    """One inference batch of uint8 crops (`data.imagenet_crop`) -> float32 numpy rows."""
-    x = data.normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+    """One inference batch of uint8 crops (`Preprocess.crop`) -> float32 numpy rows."""
+    x = preprocess.normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(device), reproducible_kernels(device, deterministic):
         return embedder(x).float().cpu().numpy()
 
 
 def embed(cfg: EmbedConfig) -> Path:
-    """Embed one protocol split into `cfg.out`; returns the path of the complete store.
+    """Embed one face set (LFW protocol split, folder tree, .bin) into `cfg.out`; returns the complete store.
 
     Under torchrun each rank embeds a contiguous shard of whole batches into `OUT.partK` (resumable on its
     own); rank 0 then assembles the parts in order into OUT, identical to a single-process store."""
     out = Path(cfg.out)
     inputs = [Path(cfg.weights)] if cfg.weights not in ("imagenet", "none") else []
+    inputs += [Path(p) for p in (cfg.pairs_file, cfg.data_root if cfg.dataset == "bin" else None) if p is not None]
 
     def check() -> None:
         outputs.check_file_out(out, inputs=inputs)
@@ -146,23 +175,27 @@ def embed(cfg: EmbedConfig) -> Path:
 def _embed(cfg: EmbedConfig, out: Path) -> Path:
     if cfg.download:
         data.download_lfw(cfg.data_root, cfg.image_set)
-    proto = data.load_protocol(cfg.data_root, cfg.image_set, cfg.protocol, cfg.split, cfg.skip_missing).limit(cfg.limit)
+    proto = facesets.load_faceset(
+        cfg.dataset, cfg.data_root, cfg.image_set, cfg.protocol, cfg.split, cfg.pairs_file, cfg.skip_missing
+    ).limit(cfg.limit)
     if len(proto) == 0:
         raise PipelineError("no images to embed (empty protocol or --limit 0)")
     identity = {
         "model": cfg.model,
         **models.weights_provenance(cfg.weights),
         "layer": cfg.layer,
-        "image_set": cfg.image_set,
-        "protocol": cfg.protocol,
-        "split": "all" if cfg.protocol == "10fold" else cfg.split,
+        "dataset": cfg.dataset,
+        "image_set": proto.image_set,
+        "protocol": proto.protocol,
+        "split": "all" if proto.protocol == "10fold" else proto.split,
+        "pairs_sha256": facesets.pairs_sha256(proto),
         "limit": cfg.limit or 0,
         "n_images": len(proto),
         "batch_size": cfg.batch_size,
         "dtype": cfg.dtype,
         "seed": cfg.seed,
         "deterministic": cfg.deterministic,
-        "transform": repr(data.imagenet_transform()),
+        "transform": cfg.preprocess.describe(cfg.model),
     }
     if cfg.resume and out.exists():  # a requeued run whose store was finished already
         if _complete_part(out, identity):
@@ -173,14 +206,14 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
     world, device = init_world(resolve_device(cfg.device))
     seed_everything(cfg.seed)
     embedder = prepare(models.Embedder(models.build_model(cfg.model, cfg.weights), cfg.layer), device)
-    transform = data.imagenet_crop()
+    dim = models.embedding_size(embedder, cfg.preprocess.shape, device)
     extra = {
         "data_root": str(Path(cfg.data_root).resolve()),
         "n_skipped_missing": len(proto.skipped),
         "device": str(device),
         "world_size": world.size,
     }
-    job = _Job(cfg, proto, embedder, transform, device, identity)
+    job = _Job(cfg, proto, embedder, dim, device, identity)
     if world.size == 1:
         return job.run(out, range(len(proto)), store_arrays(proto), extra, final=True)
     # Shards of whole batches: every batch holds the same images as in a single-process run.
@@ -193,7 +226,7 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
             job.run(parts[world.rank], rows, {}, {}, final=False)
     world.barrier()
     if world.is_main:
-        _assemble(out, parts, len(proto), identity, store_arrays(proto), extra, cfg)
+        _assemble(out, parts, len(proto), dim, identity, store_arrays(proto), extra, cfg)
     world.barrier()
     return out
 
@@ -209,7 +242,7 @@ class _Job:
     cfg: EmbedConfig
     proto: data.LFWProtocol
     embedder: torch.nn.Module
-    transform: object
+    dim: int
     device: torch.device
     identity: dict
 
@@ -221,16 +254,15 @@ class _Job:
         them listed in its `bad_rows` attribute for the assembly."""
         cfg = self.cfg
         identity = self.part_identity(rows)
-        dim = embedding_dim(cfg.model, cfg.layer)
         partial = partial_path(target)
         if not (cfg.resume and partial.exists()) and os.path.lexists(partial):
             reason = recognise_partial(partial)
             if reason is not None:
                 raise PipelineError(f"refusing to replace {partial}: {reason}. Move it away or choose another --out.")
             log.info("starting over: replacing %s (pass --resume to continue it)", partial)
-        writer = StoreWriter(target, len(rows), dim, identity, arrays, cfg.dtype, cfg.resume)
+        writer = StoreWriter(target, len(rows), self.dim, identity, arrays, cfg.dtype, cfg.resume)
         try:
-            bad = sorted(set(_fill(writer, self.embedder, self.proto, self.transform, cfg, self.device, rows)))
+            bad = sorted(set(_fill(writer, self.embedder, self.proto, cfg, self.device, rows)))
             path = writer.finish({**extra, "bad_rows": bad}, drop_rows=bad if final else None)
         except BaseException as e:
             done = writer.rows_done
@@ -245,10 +277,10 @@ class _Job:
 
 
 def _assemble(
-    out: Path, parts: list[Path], n: int, identity: dict, arrays: dict, extra: dict, cfg: EmbedConfig
+    out: Path, parts: list[Path], n: int, dim: int, identity: dict, arrays: dict, extra: dict, cfg: EmbedConfig
 ) -> None:
     """Rank 0: copy the ranks' parts, in order, into one store; the parts are removed afterwards."""
-    writer = StoreWriter(out, n, embedding_dim(cfg.model, cfg.layer), {**identity, "rows": f"0:{n}"}, arrays, cfg.dtype)
+    writer = StoreWriter(out, n, dim, {**identity, "rows": f"0:{n}"}, arrays, cfg.dtype)
     try:
         bad: list[int] = []
         for part in parts:
@@ -276,12 +308,13 @@ def _complete_part(path: Path, identity: dict) -> bool:
         return False
 
 
-def _fill(writer: StoreWriter, embedder, proto, transform, cfg: EmbedConfig, device, rows: range) -> list[int]:
+def _fill(writer: StoreWriter, embedder, proto, cfg: EmbedConfig, device, rows: range) -> list[int]:
     """Embed `rows` from `writer.rows_done` on (writer row 0 = rows.start); returns the (global) rows of
     unreadable images (with skip_bad)."""
     start = rows.start + writer.rows_done
     bad = [int(r) for r in writer.file.attrs.get("bad_rows", [])]
-    files = data.ImageFiles([proto.absolute(i) for i in range(len(proto))], transform)
+    pre = cfg.preprocess
+    files = images.ImageFiles([proto.source(i) for i in range(len(proto))], pre.crop(), pre.shape, names=proto.paths)
     loader = DataLoader(
         Subset(files, range(start, rows.stop)),
         batch_size=cfg.batch_size,
@@ -289,13 +322,13 @@ def _fill(writer: StoreWriter, embedder, proto, transform, cfg: EmbedConfig, dev
         pin_memory=device.type == "cuda",
     )
     with tqdm(total=len(rows), initial=start - rows.start, unit="img", desc="embed", dynamic_ncols=True) as bar:
-        for x, idx, errors in data.batches(loader):
+        for x, idx, errors in images.batches(loader):
             failed = [i for i, e in zip(idx.tolist(), errors, strict=True) if e]
             if failed and not cfg.skip_bad:
                 raise PipelineError(
                     f"{errors[idx.tolist().index(failed[0])]} (pass --skip-bad to leave unreadable images out)"
                 )
-            y = forward(embedder, x, device, cfg.deterministic)
+            y = forward(embedder, x, device, cfg.deterministic, pre)
             ok = np.isfinite(y).all(axis=1)
             ok[[idx.tolist().index(i) for i in failed]] = True
             if not ok.all():

@@ -1,8 +1,16 @@
-"""Backbone registry: torchvision ImageNet CNNs, their weights, and the embedding layer taken from them."""
+"""Backbone registry: torchvision's classification networks by name (with their ImageNet weights), the user's own
+networks (`module:function`), weights files, and the embedding layer taken from them.
+
+The five backbones of `BACKBONES` (the study's and the project's) have registered embedding sizes and a
+`penultimate` layer; any other model of `torchvision.models.list_models(module=torchvision.models)` is built with
+`get_model` and embeds with its output (penultimate where its type is one of the four known families)."""
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import hashlib
+import importlib
 import logging
 import re
 from collections.abc import Callable
@@ -40,10 +48,52 @@ BACKBONES: dict[str, Backbone] = {
 LAYERS = ("output", "penultimate")
 
 
+def registry_models() -> list[str]:
+    """torchvision's classification models (`list_models(module=torchvision.models)`)."""
+    return tvm.list_models(module=tvm)
+
+
+def is_factory(name: str) -> bool:
+    """`module:function`: the user's own network."""
+    return ":" in name
+
+
+def unknown_model(name: str) -> str:
+    close = difflib.get_close_matches(name, registry_models(), n=3)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return (
+        f"unknown model {name!r}: use a torchvision classification model (one of {len(registry_models())}: "
+        f"{', '.join(sorted(BACKBONES))}, mobilenet_v3_small, ...; see torchvision.models.list_models()) or "
+        f"module:function for your own network.{hint}"
+    )
+
+
+def check_model_name(name: str) -> None:
+    """ValueError (a configuration error) unless `name` is a torchvision model or a `module:function` spec."""
+    if is_factory(name):
+        module, _, func = name.partition(":")
+        if not (all(p.isidentifier() for p in module.split(".")) and func.isidentifier()):
+            raise ValueError(
+                f"--model {name!r} is not module:function (e.g. mynets.faces:build: a module on the Python path "
+                f"and a function in it that returns a torch.nn.Module)"
+            )
+    elif name not in BACKBONES and name not in registry_models():
+        raise ValueError(unknown_model(name))
+
+
 def backbone(name: str) -> Backbone:
     if name not in BACKBONES:
         raise PipelineError(f"unknown model {name!r}: choose one of {sorted(BACKBONES)}")
     return BACKBONES[name]
+
+
+def imagenet_weights(name: str):
+    """torchvision's default ImageNet weights enum member of a registry model."""
+    if name in BACKBONES:
+        return BACKBONES[name].imagenet
+    if is_factory(name) or name not in registry_models():
+        raise PipelineError(f"{name} has no ImageNet weights in torchvision: pass --weights none or --weights PATH")
+    return tvm.get_model_weights(name).DEFAULT
 
 
 def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +112,10 @@ def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise PipelineError(f"no penultimate layer known for {type(model).__name__}")
 
 
+def has_penultimate(model: nn.Module) -> bool:
+    return isinstance(model, (tvm.AlexNet, tvm.VGG, tvm.SqueezeNet, tvm.ResNet))
+
+
 class Embedder(nn.Module):
     """A backbone seen through one layer: `output` (the 1000-d logits, the study's) or `penultimate`."""
 
@@ -69,6 +123,11 @@ class Embedder(nn.Module):
         super().__init__()
         if layer not in LAYERS:
             raise PipelineError(f"unknown layer {layer!r}: use one of {LAYERS}")
+        if layer == "penultimate" and not has_penultimate(model):
+            raise PipelineError(
+                f"--layer penultimate is known for AlexNet, VGG, SqueezeNet and ResNet networks, not "
+                f"{type(model).__name__}: use --layer output (the network's output)"
+            )
         self.model, self.layer = model, layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +146,7 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights, downloaded into the torch cache on first use. The file is checked against
     the sha256 prefix in its published name and read with `weights_only=True`: a file planted in the cache
     runs no code."""
-    weights = backbone(name).imagenet
+    weights = imagenet_weights(name)
     filename = Path(weights.url).name
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if not cached.exists():
@@ -142,20 +201,107 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, sour
     model.load_state_dict(state)
 
 
-def build_model(name: str, weights: str = "imagenet") -> nn.Module:
-    """Build `name` with `weights`: `imagenet`, `none` (random init) or a path to a state_dict/checkpoint."""
-    model = backbone(name).build(weights=None)
-    if weights == "none":
-        return model
-    if weights == "imagenet":
-        load_state(model, imagenet_state_dict(name), name, "imagenet")
-        return model
+def _load_file(model: nn.Module, name: str, weights: str) -> nn.Module:
     state, meta = read_weights_file(weights)
     trained = meta.get("config", {}).get("model")
     if trained is not None and trained != name:
         raise PipelineError(f"checkpoint {weights} was trained for model {trained}, not {name}; pass --model {trained}")
     load_state(model, state, name, str(weights))
     return model
+
+
+@contextlib.contextmanager
+def _builder_reads(weights, state: dict[str, torch.Tensor]):
+    """torchvision's builder loads `weights` itself (adapting the model to them: auxiliary heads, input
+    transform); here it is handed `state`, read safely, instead of loading the cached file without
+    `weights_only`."""
+    cls = type(weights)
+    own = cls.__dict__.get("get_state_dict")
+    cls.get_state_dict = lambda self, *args, **kwargs: state
+    try:
+        yield
+    finally:
+        if own is None:
+            del cls.get_state_dict
+        else:
+            cls.get_state_dict = own
+
+
+def build_factory(spec: str) -> nn.Module:
+    """The user's network: `module:function` imported from the Python path, called without arguments."""
+    module_name, _, func_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module_name + ".").startswith(e.name + "."):
+            raise PipelineError(
+                f"--model {spec}: no module {module_name!r} on the Python path; put its folder on PYTHONPATH"
+            ) from None
+        raise PipelineError(f"--model {spec}: importing {module_name} failed: {e}") from e
+    except Exception as e:  # the user's module failed while it was imported
+        raise PipelineError(f"--model {spec}: importing {module_name} failed ({type(e).__name__}: {e})") from e
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise PipelineError(
+            f"--model {spec}: module {module_name} ({getattr(module, '__file__', '?')}) has no function {func_name!r}"
+        )
+    try:
+        model = factory()
+    except Exception as e:
+        raise PipelineError(f"--model {spec}: {func_name}() failed ({type(e).__name__}: {e})") from e
+    if not isinstance(model, nn.Module):
+        raise PipelineError(
+            f"--model {spec}: {func_name}() returned a {type(model).__name__}, not a torch.nn.Module that maps an "
+            f"image batch to embeddings"
+        )
+    return model
+
+
+def build_model(name: str, weights: str = "imagenet") -> nn.Module:
+    """Build `name` with `weights`: `imagenet`, `none` (random init; for `module:function`, the network as the
+    function returns it) or a path to a state_dict/checkpoint."""
+    if is_factory(name):
+        if weights == "imagenet":
+            raise PipelineError(
+                f"--model {name} has no ImageNet weights: pass --weights none (the network as it is returned) or "
+                f"--weights PATH (a state_dict for it)"
+            )
+        model = build_factory(name)
+        return model if weights == "none" else _load_file(model, name, weights)
+    if name not in BACKBONES:
+        if name not in registry_models():
+            raise PipelineError(unknown_model(name))
+        if weights != "imagenet":
+            model = tvm.get_model(name, weights=None)
+            return model if weights == "none" else _load_file(model, name, weights)
+        default = imagenet_weights(name)
+        state = imagenet_state_dict(name)
+        with _builder_reads(default, state):
+            return tvm.get_model(name, weights=default)
+    model = backbone(name).build(weights=None)
+    if weights == "none":
+        return model
+    if weights == "imagenet":
+        load_state(model, imagenet_state_dict(name), name, "imagenet")
+        return model
+    return _load_file(model, name, weights)
+
+
+def embedding_size(embedder: nn.Module, shape: tuple[int, int, int], device: torch.device) -> int:
+    """Size of the embeddings, measured on a batch of two blank images before any is embedded (which also checks
+    that the network takes this input size and returns [batch, dim])."""
+    try:
+        with torch.inference_mode():
+            y = embedder(torch.zeros((2, *shape), device=device).contiguous(memory_format=torch.channels_last))
+    except Exception as e:
+        raise PipelineError(
+            f"the network fails on a batch of 2 x {shape[0]} x {shape[1]} x {shape[2]} images ({type(e).__name__}: "
+            f"{e}); check --input-size (and --resize) against what the network expects"
+        ) from e
+    if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != 2:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise PipelineError(f"the network returns {got} for a batch of 2 images: embeddings must be [batch, dim]")
+    return int(y.shape[1])
 
 
 def weights_provenance(weights: str) -> dict[str, str]:

@@ -112,7 +112,8 @@ class Store:
         if "pairs" not in self.file:
             raise PipelineError(
                 f"{self.path} holds no pairs: it was embedded with --protocol {self.attrs.get('protocol', '?')}. "
-                f"Embed with --protocol pairs or 10fold, or score it with --all-pairs."
+                f"Embed with --protocol pairs or 10fold (--dataset folder with --pairs-file, or --dataset bin), or score it "
+                f"with --all-pairs."
             )
         f = self.file
         folds = f["pair_folds"][...] if "pair_folds" in f else np.zeros(len(f["pairs"]), dtype=np.int8)

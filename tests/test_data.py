@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import TEST_PEOPLE, TRAIN_PEOPLE, make_tiny_lfw
+from PIL import Image
 
-from pipeline import data
+from pipeline import data, images
 from pipeline.errors import PipelineError
 
 
@@ -104,10 +107,32 @@ def test_image_files_reports_corrupt_image(tiny_lfw):
     proto = data.load_protocol(tiny_lfw, "deepfunneled", "people", "test")
     bad = proto.absolute(1)
     bad.write_bytes(bad.read_bytes()[:100])
-    files = data.ImageFiles([proto.absolute(i) for i in range(3)], data.imagenet_transform())
+    files = images.ImageFiles([proto.absolute(i) for i in range(3)], images.imagenet_transform())
     x, i, err = files[1]
     assert err and str(bad) in err and x.shape == (3, 224, 224)
     assert files[0][2] == ""
+    encoded = images.ImageFiles([bad.read_bytes()], images.imagenet_crop(), (3, 112, 112), names=["set.bin#7"])
+    x, _, err = encoded[0]
+    assert "cannot read image set.bin#7" in err and x.shape == (3, 112, 112) and x.dtype == torch.uint8
+
+
+def test_preprocess_matches_torchvision_and_checks_values():
+    pre = images.Preprocess(112, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert pre.resize_to == 128 and images.Preprocess().resize_to == 256 and pre.shape == (3, 112, 112)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 70, 3), dtype=np.uint8))
+    expected = pre.transform()(img)
+    assert torch.equal(pre.normalize(pre.crop()(img)[None])[0], expected)
+    assert expected.min() >= -1 and expected.max() <= 1
+    assert json.loads(pre.describe("m")) == {
+        "model": "m",
+        "resize": 128,
+        "input_size": 112,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    }
+    for bad in (dict(input_size=0), dict(resize=100), dict(std=(1.0, 0.0, 1.0)), dict(mean=(0.5,))):
+        with pytest.raises(ValueError):
+            images.Preprocess(**{"input_size": 112, **bad})
 
 
 def test_real_protocols(shared_data):

@@ -3,6 +3,7 @@ bad images, NaN outputs, the CLI."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 from conftest import TEST_PEOPLE
 
 from cli import main
-from pipeline import data, models
+from pipeline import data, images, models
 from pipeline.embed import EmbedConfig, embed
 from pipeline.errors import PipelineError
 from pipeline.store import open_store, partial_path
@@ -38,7 +39,7 @@ def reference_rows(model: torch.nn.Module, files: list[Path]) -> np.ndarray:
     )
     model.eval()
     with torch.no_grad():
-        return np.stack([model(tf(data.load_image(f).convert("RGB"))[None])[0].numpy() for f in files])
+        return np.stack([model(tf(images.load_image(f).convert("RGB"))[None])[0].numpy() for f in files])
 
 
 def read(path: Path) -> dict[str, np.ndarray]:
@@ -61,11 +62,21 @@ def test_people_store_layout_and_rows(tiny_lfw, tmp_path):
             "split",
             "protocol",
             "transform",
+            "dataset",
+            "pairs_sha256",
             "torch_version",
             "created",
         ):
             assert key in store.attrs, key
         assert store.attrs["protocol"] == "people" and store.embeddings.chunks[1] == 1000
+        assert store.attrs["dataset"] == "lfw" and store.attrs["pairs_sha256"] == ""
+        assert json.loads(store.attrs["transform"]) == {
+            "model": "squeezenet1_0",
+            "resize": 256,
+            "input_size": 224,
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+        }
         torch.manual_seed(0)  # the seed embed uses for --weights none
         model = models.build_model("squeezenet1_0", "none")
         expected = reference_rows(model, [tiny_lfw / p for p in paths])
@@ -81,6 +92,7 @@ def test_pairs_store_and_penultimate_float16(tiny_lfw, tmp_path):
         assert pairs.shape == (12, 2) and labels.sum() == 6
         same = store.labels[pairs[:, 0]] == store.labels[pairs[:, 1]]
         assert (same == labels.astype(bool)).all()
+        assert len(store.attrs["pairs_sha256"]) == 64
 
 
 def test_existing_output_needs_overwrite(tiny_lfw, tmp_path):

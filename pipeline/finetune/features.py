@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from torchvision import models as tvm
 from tqdm import tqdm
 
-from pipeline import data
+from pipeline import data, images
 from pipeline.errors import PipelineError
 from pipeline.runtime import autocast
 
@@ -50,10 +50,10 @@ class ImageBank:
     """Decoded images (resize 256, centre crop 224) kept as uint8 in memory; normalised per batch."""
 
     def __init__(self, proto: data.LFWProtocol, workers: int):
-        files = data.ImageFiles([proto.absolute(i) for i in range(len(proto))], data.imagenet_crop())
+        files = images.ImageFiles([proto.absolute(i) for i in range(len(proto))], images.imagenet_crop())
         self.images = torch.empty((len(proto), 3, 224, 224), dtype=torch.uint8)
         loader = DataLoader(files, batch_size=64, num_workers=workers)
-        for x, idx, errors in tqdm(data.batches(loader), total=len(loader), desc="decode", unit="batch"):
+        for x, idx, errors in tqdm(images.batches(loader), total=len(loader), desc="decode", unit="batch"):
             bad = [e for e in errors if e]
             if bad:
                 raise PipelineError(bad[0])
@@ -64,7 +64,7 @@ class ImageBank:
 
     def batch(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised float images `idx`; rows where `flip` is true are mirrored left-right."""
-        x = data.normalize(self.images[idx])
+        x = images.normalize(self.images[idx])
         if flip is not None and flip.any():
             x[flip] = x[flip].flip(-1)
         return x.contiguous(memory_format=torch.channels_last)
