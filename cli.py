@@ -14,6 +14,7 @@ from benchmarks import BenchmarkGroup
 from cli_options import (
     data_root_option,
     device_option,
+    embed_options,
     finetune_options,
     image_set_option,
     model_option,
@@ -70,73 +71,14 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@data_root_option
-@image_set_option
-@click.option(
-    "--protocol",
-    type=click.Choice(["people", "pairs", "10fold"]),
-    default="people",
-    show_default=True,
-    help="people: View 1 people (all-pairs); pairs: View 1 pairs; 10fold: View 2 pairs.txt with folds.",
-)
-@click.option(
-    "--split",
-    type=click.Choice(["train", "test"]),
-    default="test",
-    show_default=True,
-    help="View 1 split (ignored by 10fold).",
-)
-@model_option
-@click.option(
-    "--weights",
-    default="imagenet",
-    show_default=True,
-    help="imagenet (torchvision download), none (random init), or PATH to a state_dict / finetune checkpoint.",
-)
-@click.option(
-    "--layer",
-    type=click.Choice(["output", "penultimate"]),
-    default="output",
-    show_default=True,
-    help="output: the 1000-d network output (the study's); penultimate: features before the classifier.",
-)
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output HDF5 store.")
-@click.option(
-    "--batch-size",
-    type=int,
-    default=32,
-    show_default=True,
-    help="Images per forward pass (a resumed run must use the same).",
-)
-@workers_option
-@device_option
-@click.option("--limit", type=int, default=None, help="Only the first N images (people) or pairs (pair protocols).")
-@click.option("--resume", is_flag=True, help="Continue OUT.partial of an interrupted run with the same settings.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing OUT (only a store that embed wrote).")
-@click.option(
-    "--skip-bad", is_flag=True, help="Leave out unreadable images (recorded in the store) instead of stopping."
-)
-@click.option("--skip-missing", is_flag=True, help="Leave out listed images that are missing instead of stopping.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16"]),
-    default="float32",
-    show_default=True,
-    help="Storage type of /embeddings.",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed (matters with --weights none).")
-@click.option("--download", is_flag=True, help="Try torchvision's LFW download into the data root first.")
-@click.option(
-    "--deterministic",
-    is_flag=True,
-    help="Rows independent of thread count and number of ranks (bit-identical under torchrun); 1.5-2.5x slower on CPU.",
-)
+@embed_options
 def embed(**options) -> None:
-    """Embed every image of an LFW protocol split once into an HDF5 store."""
+    """Embed every image of a face set (LFW protocol split, folder tree, .bin) once into an HDF5 store."""
     from pipeline.embed import EmbedConfig
     from pipeline.embed import embed as run_embed
     from pipeline.runtime import sigterm_as_interrupt
 
+    options["weights"] = options["weights"] or ("none" if ":" in options["model"] else "imagenet")
     with sigterm_as_interrupt():
         path = run_embed(EmbedConfig(**options))
     click.echo(str(path))
@@ -196,8 +138,9 @@ def embed(**options) -> None:
     "--rows",
     default=None,
     metavar="A:B",
-    help="Only the pairs i < j with A <= i < B, read from the store in blocks (out of core); "
-    "add the parts with `merge`.",
+    help="Only the pairs i < j with A <= i < B, rows counted in label order (the order of stores `embed` "
+    "writes), read in blocks (out of core; an unsorted store is first copied sorted into TMPDIR); add the parts "
+    "with `merge`.",
 )
 def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
     """Score pairs of an embedding store: ROC, AUC, EER, TAR@FAR, accuracy into a results folder."""
@@ -281,20 +224,16 @@ def merge(parts: tuple[Path, ...], out: Path, overwrite: bool, log_fpr: bool) ->
 
 @main.command()
 @click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default="report",
-    show_default=True,
-    help="Folder for roc.png (all curves) and table.md.",
-)
+@click.option("--out", type=click.Path(path_type=Path), default="report", show_default=True, help="Report folder.")
 @click.option("--log-fpr", is_flag=True, help="Logarithmic false-positive-rate axis.")
-@click.option("--overwrite", is_flag=True, help="Replace table.md and roc.png of an earlier report in OUT.")
-def report(folders: tuple[Path, ...], out: Path, log_fpr: bool, overwrite: bool) -> None:
-    """One ROC figure and the study's table (pretrained, fine-tuned, improvement) from results folders."""
+@click.option("--html", is_flag=True, help="Also OUT/report.html: one self-contained page with every figure.")
+@click.option("--overwrite", is_flag=True, help="Replace the files of an earlier report in OUT (ours only).")
+def report(folders: tuple[Path, ...], out: Path, log_fpr: bool, html: bool, overwrite: bool) -> None:
+    """The study's table (table.md), one ROC figure (roc.png) and the training curves (training.png, when found)
+    from results folders or run folders (a run folder stands for its four results)."""
     from pipeline.report import report as run_report
 
-    click.echo(run_report(list(folders), out, log_fpr=log_fpr, overwrite=overwrite), nl=False)
+    click.echo(run_report(list(folders), out, log_fpr=log_fpr, overwrite=overwrite, html=html), nl=False)
 
 
 @main.group(cls=BenchmarkGroup)

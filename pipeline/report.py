@@ -1,22 +1,33 @@
-"""Results on paper: the ROC figure of one result, and `report` of several results folders (one ROC figure,
-the study's table)."""
+"""`report` of several results folders (or `run` folders, which stand for their four results): one ROC figure,
+the study's table, the training curves when a result comes from a fine-tuning that drew them, and with `html`
+one self-contained page (`pipeline.html_report`). Figures are drawn by `pipeline.figures`."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import outputs
+from pipeline import figures, outputs
 from pipeline.errors import PipelineError
+from pipeline.figures import draw_roc  # noqa: F401 (the ROC figure's old home)
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_NAMES = {"pairs": "LFWPairs", "people": "LFWPeople", "10fold": "LFW View 2"}
+PROTOCOL_NAMES = {"pairs": "LFWPairs", "people": "LFWPeople", "10fold": "LFW View 2", "folder": "folder (all pairs)",
+                  "pairs-file": "folder (listed pairs)", "bin": ".bin pairs"}  # fmt: skip
 VARIANTS = ("pretrained", "finetuned")
 REPORT_FILES = ("table.md", "roc.png")
+"""What every report writes."""
+TRAINING_FILE = "training.png"
+"""Written when the results come from one fine-tuning whose training figure exists."""
+HTML_FILE = "report.html"
+"""Written with `html`."""
+RUN_RESULTS = tuple(f"{v}-{p}" for p in ("pairs", "people") for v in VARIANTS)
+"""The results folders of a `run` folder (OUT/results/NAME), in table order."""
 
 
 def protocol_name(metrics: dict) -> str:
@@ -35,37 +46,6 @@ def title_of(metrics: dict) -> str:
     return " ".join(parts)
 
 
-def draw_roc(curves: list[tuple[np.ndarray, np.ndarray, str]], path: Path, title: str, log_fpr: bool = False) -> None:
-    """The study's ROC figure: TPR over FPR, chance diagonal, one legend entry per curve with its AUC."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5.5))
-    for fpr, tpr, label in curves:
-        ax.plot(fpr, tpr, lw=1.5, label=label)
-    if log_fpr:
-        positive = [f[f > 0].min() for f, _, _ in curves if (f > 0).any()]
-        lo = max(min(positive, default=1e-6), 1e-9)
-        grid = np.logspace(np.log10(lo), 0, 100)
-        ax.plot(grid, grid, "k--", lw=0.8, label="chance")
-        ax.set_xscale("log")
-        ax.set_xlim(lo, 1)
-    else:
-        ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
-        ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("False positive rate" + (" (log)" if log_fpr else ""))
-    ax.set_ylabel("True positive rate")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
-
-
 def read_result(folder: Path) -> tuple[dict, np.ndarray, np.ndarray]:
     """(metrics, fpr, tpr) of a results folder."""
     folder = Path(folder)
@@ -77,8 +57,8 @@ def read_result(folder: Path) -> tuple[dict, np.ndarray, np.ndarray]:
     return metrics, data[:, 0], data[:, 1]
 
 
-def study_table(results: list[dict]) -> str:
-    """Markdown in the study's layout: one row per model, per protocol pretrained / fine-tuned / improvement."""
+def study_cells(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The study's layout: header and rows (one per model; per protocol pretrained / fine-tuned / improvement)."""
     protocols: list[str] = []
     rows: dict[str, dict[tuple[str, str], float]] = {}
     for m in results:
@@ -95,19 +75,27 @@ def study_table(results: list[dict]) -> str:
     header = ["model"]
     for p in protocols:
         header += [f"{p} pretrained", f"{p} fine-tuned", f"{p} improvement"]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    body = []
     for row, cells in rows.items():
         vals = [row]
         for p in protocols:
             pre, fine = cells.get((p, "pretrained")), cells.get((p, "finetuned"))
             vals += [f"{pre:.4f}" if pre is not None else "-", f"{fine:.4f}" if fine is not None else "-"]
             vals.append(f"{fine - pre:+.4f}" if pre is not None and fine is not None else "-")
-        lines.append("| " + " | ".join(vals) + " |")
+        body.append(vals)
+    return header, body
+
+
+def study_table(results: list[dict]) -> str:
+    """Markdown in the study's layout: one row per model, per protocol pretrained / fine-tuned / improvement."""
+    header, body = study_cells(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(vals) + " |" for vals in body]
     return "\n".join(lines) + "\n"
 
 
 def recognise_report_file(path: Path) -> str | None:
-    """None when `path` is a table.md or a PNG figure that this tool wrote; else what it is."""
+    """None when `path` is a table.md, figure or report.html that this tool wrote; else what it is."""
     path = Path(path)
     if path.is_symlink() or not path.is_file():
         return "it is not a regular file"
@@ -115,32 +103,136 @@ def recognise_report_file(path: Path) -> str | None:
         head = f.read(4096)
     if path.suffix == ".md":
         return None if head.startswith(b"| model |") else "it is not a table written by report"
-    if head.startswith(b"\x89PNG") and b"matplotlib" in head.lower():
+    if path.suffix == ".html":
+        from pipeline.html_report import GENERATOR
+
+        return None if GENERATOR.encode() in head else "it is not a page written by report"
+    if path.name == TRAINING_FILE:
+        return figures.recognise_figure(path, "training")
+    return figures.recognise_figure(path, legacy=True)  # roc.png of versions that did not mark their figures
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+def run_folder_results(folder: Path) -> list[Path] | None:
+    """The results folders of a `run` folder (one holding summary.json and results/), None for other folders."""
+    folder = Path(folder)
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
         return None
-    return "it is not a figure written by this tool"
+    if not (isinstance(summary, dict) and {"pairs", "people", "recipe"} <= set(summary)):
+        return None
+    found = [
+        folder / "results" / name for name in RUN_RESULTS if (folder / "results" / name / "metrics.json").is_file()
+    ]
+    if not found:
+        raise PipelineError(f"{folder} is a run folder without results (no results/*/metrics.json): rerun `run`")
+    return found
 
 
-def report(folders: list[Path], out: Path, log_fpr: bool = False, overwrite: bool = False) -> str:
-    """One ROC figure (out/roc.png) and the study's table (out/table.md) from several results folders; an
-    existing table or figure is replaced only with `overwrite`, and only when this tool wrote it."""
+def expand_folders(folders: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(results folders, run folders): each run folder stands for its results folders."""
+    results, runs = [], []
+    for folder in map(Path, folders):
+        inside = run_folder_results(folder) if not (folder / "metrics.json").is_file() else None
+        if inside is None:
+            results.append(folder)
+        else:
+            runs.append(folder)
+            results += inside
+    return results, runs
+
+
+def training_figures(runs: list[Path], results: list[dict]) -> list[tuple[str, bytes]]:
+    """(source, PNG) of the training figures behind the results, each once: per run folder its training.png,
+    else its checkpoint's, else one drawn now from its summary.json's history (runs of older versions); per
+    fine-tuned result the one of the run folder its store lies in, else the one beside its checkpoint."""
+    choices = [[run / TRAINING_FILE, figures.training_figure_path(run / "finetune" / "model.pt")] for run in runs]
+    for m in results:
+        weights = str(m.get("weights") or "")
+        if weights in ("", "imagenet", "none"):
+            continue
+        store = Path(str(m.get("store") or ""))
+        alternatives = [store.parent.parent / TRAINING_FILE] if store.parent.name == "embeddings" else []
+        choices.append([*alternatives, figures.training_figure_path(Path(weights))])
+    found: dict[Path, tuple[str, bytes]] = {}
+    for k, alternatives in enumerate(choices):
+        path = next((p for p in alternatives if figures.recognise_figure(p, "training") is None), None)
+        if path is not None:
+            found.setdefault(path.resolve(), (str(path), path.read_bytes()))
+        elif k < len(runs) and (drawn := draw_run_history(runs[k])) is not None:
+            found.setdefault((runs[k] / TRAINING_FILE).resolve(), drawn)
+    return list(found.values())
+
+
+def draw_run_history(run: Path) -> tuple[str, bytes] | None:
+    """The training figure of a run folder drawn from its summary.json (fine-tuning history), if it has one."""
+    try:
+        ft = json.loads((Path(run) / "summary.json").read_text())["finetune"]
+        history, config = list(ft["history"]), dict(ft["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    buf = io.BytesIO()
+    figures.draw_training(history, buf, figures.training_title(config), ft.get("best_epoch"))
+    return f"{run / 'summary.json'} (history drawn by report)", buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def report(
+    folders: list[Path],
+    out: Path,
+    log_fpr: bool = False,
+    overwrite: bool = False,
+    html: bool = False,
+    training: bool = True,
+) -> str:
+    """One ROC figure (out/roc.png) and the study's table (out/table.md) from results or run folders; with
+    `training`, the training figure (out/training.png) when the results come from one fine-tuning that drew
+    it; with `html`, out/report.html (tables, every result's figures and provenance, training curves, all in
+    one file). An existing output is replaced only with `overwrite`, and only when this tool wrote it."""
     if not folders:
         raise PipelineError("report needs at least one results folder")
     out = Path(out)
-    outputs.check_folder_out(out, inputs=folders, holds_inputs=False)
+    result_dirs, runs = expand_folders(folders)
+    outputs.check_folder_out(out, inputs=list(folders) + result_dirs, holds_inputs=False)
     results, curves = [], []
-    for folder in folders:
+    for folder in result_dirs:
         metrics, fpr, tpr = read_result(folder)
         results.append(metrics)
         curves.append((fpr, tpr, f"{title_of(metrics)}: AUC = {metrics['auc']:.4f}"))
-    for name in REPORT_FILES:
-        outputs.check_replaceable(out / name, overwrite, recognise_report_file, "report file")
+    found = training_figures(runs, results) if training or html else []
+    names = list(REPORT_FILES)
+    if training and len(found) == 1:
+        names.append(TRAINING_FILE)
+    elif training and len(found) > 1:
+        log.info("%d training figures found: report.html (--html) shows them all", len(found))
+    if html:
+        names.append(HTML_FILE)
+
+    def check() -> None:
+        for name in names:
+            outputs.check_replaceable(out / name, overwrite, recognise_report_file, "report file")
+
+    check()
     out.mkdir(parents=True, exist_ok=True)
     table = study_table(results)
     title = "ROC of " + ", ".join(sorted({protocol_name(m) for m in results}))
     with outputs.output_lock(out / "table.md"):
-        for name in REPORT_FILES:  # checked again under the lock: another run may have written them since
-            outputs.check_replaceable(out / name, overwrite, recognise_report_file, "report file")
+        check()  # again under the lock: another run may have written them since
+        for name in names[1:]:
+            outputs.recover_leftovers(out / name, ())  # temporaries of killed runs
         outputs.replace_file(lambda p: p.write_text(table), out / "table.md")
         outputs.replace_file(lambda p: draw_roc(curves, p, title, log_fpr), out / "roc.png")
-    log.info("wrote %s and %s", out / "table.md", out / "roc.png")
+        if TRAINING_FILE in names:
+            outputs.replace_file(lambda p: p.write_bytes(found[0][1]), out / TRAINING_FILE)
+        if html:
+            from pipeline.html_report import write_page
+
+            roc_png = (out / "roc.png").read_bytes()
+            outputs.replace_file(lambda p: write_page(p, result_dirs, results, roc_png, found), out / HTML_FILE)
+    log.info("wrote %s", ", ".join(str(out / n) for n in names))
     return table

@@ -1,6 +1,6 @@
-"""The results folder of `score` and `merge` (metrics.json, roc.csv, roc.png, histogram.npz, and part.json for
-`--rows` parts): where it may go, when an existing one may be replaced, and its one writer (a temporary folder
-beside it, renamed into place)."""
+"""The results folder of `score` and `merge` (metrics.json, roc.csv, roc.png, det.png, scores.png,
+histogram.npz, and part.json for `--rows` parts): where it may go, when an existing one may be replaced, and its
+one writer (a temporary folder beside it, renamed into place)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ from pipeline.roc import HistogramROC, thin_roc
 log = logging.getLogger(__name__)
 
 PART_FILE = "part.json"
-RESULT_FILES = ("metrics.json", "roc.csv", "roc.png", "histogram.npz", PART_FILE)
-"""Everything a results or part folder holds; a folder holding anything else is not replaced."""
+FIGURE_FILES = ("roc.png", "det.png", "scores.png")
+"""The figures of a results folder (`pipeline.figures`); folders of older versions hold only roc.png."""
+RESULT_FILES = ("metrics.json", "roc.csv", *FIGURE_FILES, "histogram.npz", PART_FILE)
+"""Everything a results or part folder holds (some may be missing); a folder holding anything else is not
+replaced."""
 
 
 def plain(v):
@@ -145,8 +148,10 @@ def write_folder(out: Path, files: dict[str, Callable[[Path], None]], acc: Histo
 def write_results(
     out: Path, metrics: dict, roc: dict, acc: HistogramROC, log_fpr: bool = False, part: dict | None = None
 ) -> Path:
-    """The full results folder: metrics.json, roc.csv, roc.png, histogram.npz (and part.json for merged parts)."""
-    from pipeline.report import draw_roc, title_of
+    """The full results folder: metrics.json, roc.csv, histogram.npz, the figures roc.png, det.png (FNMR over
+    FMR) and scores.png (the two score distributions), and part.json for merged parts."""
+    from pipeline import figures
+    from pipeline.report import title_of
 
     fpr, tpr, thr = roc["fpr"], roc["tpr"], roc["threshold"]
     keep = thin_roc(fpr, tpr)
@@ -159,10 +164,24 @@ def write_results(
             for k in keep:
                 w.writerow([f"{fpr[k]:.9g}", f"{tpr[k]:.9g}", f"{thr[k]:.9g}", f"{thr[k] / scale:.9g}"])
 
-    def roc_png(path: Path) -> None:
-        draw_roc([(fpr[keep], tpr[keep], f"AUC = {metrics['auc']:.4f}")], path, title_of(metrics), log_fpr)
+    title = title_of(metrics)
 
-    files = {"metrics.json": json_writer(metrics), "roc.csv": roc_csv, "roc.png": roc_png}
+    def roc_png(path: Path) -> None:
+        figures.draw_roc([(fpr[keep], tpr[keep], f"AUC = {metrics['auc']:.4f}")], path, title, log_fpr)
+
+    def det_png(path: Path) -> None:
+        figures.draw_det([(fpr[keep], tpr[keep], f"EER = {metrics['eer']:.4f}")], path, title)
+
+    def scores_png(path: Path) -> None:
+        figures.draw_scores(acc, path, title, figures.operating_thresholds(metrics, roc), metrics)
+
+    files = {
+        "metrics.json": json_writer(metrics),
+        "roc.csv": roc_csv,
+        "roc.png": roc_png,
+        "det.png": det_png,
+        "scores.png": scores_png,
+    }
     if part is not None:
         files[PART_FILE] = json_writer(part, null_nan=False)
     return write_folder(out, files, acc)
@@ -180,6 +199,7 @@ def read_json(path: Path, what: str) -> dict:
 
 
 __all__ = [
+    "FIGURE_FILES",
     "PART_FILE",
     "RESULT_FILES",
     "plain",

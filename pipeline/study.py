@@ -1,14 +1,14 @@
 """The `run` stage: the whole study in one command, reusing the steps a previous run finished.
 
 Pretrained model -> embed LFWPairs test and LFWPeople test -> score (listed pairs; all 6.87 M pairs);
-fine-tune -> embed and score the same way; then `summary.json`, `table.md` (the study's layout) and the ROC
-figures. Layout of OUT:
+fine-tune -> embed and score the same way; then `summary.json`, `table.md` (the study's layout), the ROC
+figures and the training curves. Layout of OUT:
 
 ```
-finetune/model.pt (+ model.log, model.best.pt)       the fine-tuning checkpoint and its validation log
+finetune/model.pt (+ model.log, model.best.pt, model.training.png)  the checkpoint, its validation log, figure
 embeddings/{pretrained,finetuned}-{pairs,people}.h5  the stores
-results/{pretrained,finetuned}-{pairs,people}/       score's results folders (metrics.json, roc.png, ...)
-pairs/roc.png, people/roc.png, roc.png, table.md, summary.json
+results/{pretrained,finetuned}-{pairs,people}/       score's results folders (metrics.json, roc.png, det.png, ...)
+pairs/roc.png, people/roc.png, roc.png, training.png, table.md, summary.json
 ```
 """
 
@@ -24,8 +24,8 @@ import torch
 
 from pipeline import models, outputs
 from pipeline.embed import EmbedConfig, default_data_root, embed
-from pipeline.finetune import FinetuneConfig, finetune
-from pipeline.report import report
+from pipeline.finetune import FinetuneConfig, finetune, recognise_training_figure, write_training_figure
+from pipeline.report import TRAINING_FILE, report
 from pipeline.results import read_json
 from pipeline.score import score_store
 from pipeline.store import open_store
@@ -173,7 +173,12 @@ def run(cfg: RunConfig) -> dict:
     or replaces only what this tool wrote (each checks its own output) and refuses anything else."""
     out = Path(cfg.out)
     inputs = [Path(cfg.weights)] if cfg.weights not in ("imagenet", "none") else []
-    with outputs.claim(out, lambda: outputs.check_folder_out(out, inputs=inputs, data_root=cfg.data_root)):
+
+    def check() -> None:  # before anything is created; the figure is replaced at the end only when it is ours
+        outputs.check_folder_out(out, inputs=inputs, data_root=cfg.data_root)
+        outputs.check_replaceable(out / TRAINING_FILE, True, recognise_training_figure, "training figure")
+
+    with outputs.claim(out, check):
         return _run(cfg, out)
 
 
@@ -214,9 +219,12 @@ def _run(cfg: RunConfig, out: Path) -> dict:
 
     folders = {p: [out / "results" / f"{v}-{p}" for v in ("pretrained", "finetuned")] for p in PROTOCOLS}
     for protocol, dirs in folders.items():
-        report(dirs, out / protocol, overwrite=True)
-    table = report([d for dirs in folders.values() for d in dirs], out, overwrite=True)
+        report(dirs, out / protocol, overwrite=True, training=False)
+    table = report([d for dirs in folders.values() for d in dirs], out, overwrite=True, training=False)
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    outputs.check_replaceable(out / TRAINING_FILE, True, recognise_training_figure, "training figure")
+    outputs.recover_leftovers(out / TRAINING_FILE, ())  # a killed run's temporary figure
+    write_training_figure(out / TRAINING_FILE, ckpt["history"], ckpt["config"], ckpt.get("best_epoch"))
     summary = {
         **{p: {v: results[p][v]["auc"] for v in ("pretrained", "finetuned")} for p in PROTOCOLS},
         "model": cfg.model,

@@ -1,8 +1,10 @@
 """Fine-tuning on a tiny generated LFW with random-init SqueezeNet: the study's step, the phase-1 cache,
-checkpoints, interrupt + resume, refusals, the NaN guard and the best recipe."""
+checkpoints, interrupt + resume (history and training figure included), refusals, the NaN guard, validation
+(AUC and TAR at FAR 1e-3) and the best recipe."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -237,3 +239,81 @@ def test_best_batches_hold_k_images_of_several_people(tiny_lfw, tmp_path):
         counts = torch.bincount(tr.train_labels[b])
         assert (counts[counts > 0] == 2).all() and (counts > 0).sum() >= 2
     assert [b.tolist() for b in tr.batches(0)] == [b.tolist() for b in batches]
+
+
+def test_validation_auc_and_tar_match_brute_force():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 12, 70)
+    emb = torch.as_tensor(rng.standard_normal((70, 5)) + 1.2 * rng.standard_normal((12, 5))[labels])
+    i, j = np.triu_indices(70, 1)
+    same = labels[i] == labels[j]
+    for metric in ("l2", "cosine"):
+        m = ft.all_pairs_metrics(emb, labels, metric)
+        e = emb.double().numpy()
+        if metric == "l2":
+            sim = -np.linalg.norm(e[i] - e[j], axis=1)
+        else:
+            e = e / np.linalg.norm(e, axis=1, keepdims=True)
+            sim = (e[i] * e[j]).sum(1)
+        assert m["auc"] == pytest.approx(roc_auc_score(same, sim), abs=1e-9)
+        assert ft.all_pairs_auc(emb, labels, metric) == m["auc"]
+        # brute force: the best TAR over thresholds accepting at most 0.1% of the different-person pairs
+        best = max([0.0] + [(sim[same] >= t).mean() for t in np.unique(sim) if (sim[~same] >= t).mean() <= 1e-3])
+        assert m["tar_at_far"] == pytest.approx(best, abs=1e-6) and 0 < best < 1
+    assert ft.all_pairs_metrics(emb[:3], np.array([0, 1, 2]), "l2") is None
+
+
+def test_history_and_training_figure_survive_resume(tiny_lfw, tmp_path, monkeypatch):
+    from pipeline.figures import recognise_figure
+
+    kw = dict(recipe="best", loss="cosface", phase1_epochs=1, phase2_epochs=1, batch_size=2, val_fraction=0.4)
+    whole = ft.finetune(config(tiny_lfw, tmp_path / "whole.pt", val_images=600, **kw))
+    step = ft.Trainer.train_step
+
+    def interrupted_step(self, idx, phase):
+        loss = step(self, idx, phase)
+        if self.step == self.steps_per_epoch() + 1:  # epoch 2, batch 1: after the figure of epoch 1 was drawn
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(ft.Trainer, "train_step", interrupted_step)
+    out = tmp_path / "part.pt"
+    with pytest.raises(ft.TrainingInterrupted):
+        ft.finetune(config(tiny_lfw, out, val_images=600, **kw))
+    saved = torch.load(out, weights_only=True)
+    assert saved["batch_in_epoch"] == 1 and saved["epoch_loss"][1] == 2 and len(saved["history"]) == 2
+    assert recognise_figure(tmp_path / "part.training.png", "training") is None
+    monkeypatch.setattr(ft.Trainer, "train_step", step)
+    ft.finetune(config(tiny_lfw, out, resume=True, val_images=600, **kw))
+
+    def curves(path):
+        keys = ("epoch", "phase", "loss", "val_auc", "val_tar_at_far_0.001")
+        return [{k: r.get(k) for k in keys} for r in torch.load(path, weights_only=True)["history"]]
+
+    assert curves(out) == curves(whole) and len(curves(out)) == 3
+    assert all(r["val_auc"] is not None and r["val_tar_at_far_0.001"] is not None for r in curves(out))
+    assert [r["phase"] for r in curves(out)] == [0, 1, 2]
+    assert recognise_figure(tmp_path / "part.training.png", "training") is None
+    log = [json.loads(line) for line in (tmp_path / "part.log").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2] and "val_tar_at_far_0.001" in log[-1]
+
+
+def test_finetune_keeps_a_training_figure_it_did_not_write(tiny_lfw, tmp_path):
+    from cli import main
+
+    figure = tmp_path / "x.training.png"
+    figure.write_bytes(b"\x89PNG\r\n\x1a\n my own figure")
+    args = ["finetune", "--data-root", str(tiny_lfw), "--weights", "none", "--workers", "0", "--max-pairs", "4"]
+    args += ["--phase1-epochs", "1", "--phase2-epochs", "0", "--out", str(tmp_path / "x.pt")]
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        res = CliRunner().invoke(main, [*args, *extra])
+        assert res.exit_code == 2 and "x.training.png" in res.output, res.output
+    assert figure.read_bytes() == b"\x89PNG\r\n\x1a\n my own figure" and not (tmp_path / "x.pt").exists()
+    figure.unlink()
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert ft.recognise_training_figure(figure) is None
+    figure.unlink()  # a checkpoint of a version that did not draw it: --resume of the complete run draws it
+    assert CliRunner().invoke(main, [*args, "--resume"]).exit_code == 0 and figure.is_file()
+    assert CliRunner().invoke(main, [*args, "--overwrite"]).exit_code == 0  # ours: replaced

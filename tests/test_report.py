@@ -1,17 +1,25 @@
-"""Results folders and `report`: files, atomic replacement, the combined figure and the study's table."""
+"""Results folders and `report`: files, atomic replacement, the figures (ROC, DET, score distributions, training
+curves), the study's table and the self-contained HTML page."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from cli import main
+from pipeline import figures
 from pipeline.errors import PipelineError
 from pipeline.report import read_result, report, study_table
+from pipeline.results import RESULT_FILES, recognise_results_folder
 from pipeline.roc import HistogramROC
 from pipeline.score import ScoreConfig, score
 from tests.stores import random_store, write_store
@@ -88,3 +96,199 @@ def test_listed_pairs_folder(tmp_path):
     score(ScoreConfig(store=path, all_pairs=False, out=out, progress=False))
     metrics, _, _ = read_result(out)
     assert metrics["mode"] == "pairs" and metrics["n_pairs"] == 6 and metrics["protocol"] == "pairs"
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+
+
+def test_results_folder_has_det_and_score_figures(tmp_path):
+    out = _result(tmp_path, "pre", 0.8, "pretrained")
+    for name, kind in (("roc.png", "roc"), ("det.png", "det"), ("scores.png", "scores")):
+        assert name in RESULT_FILES
+        assert figures.recognise_figure(out / name, kind) is None, name
+    assert figures.recognise_figure(out / "det.png", "scores") is not None  # the kind is checked
+    (tmp_path / "user.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
+    assert figures.recognise_figure(tmp_path / "user.png") is not None
+
+
+def test_a_results_folder_of_an_older_version_is_still_ours(tmp_path):
+    out = _result(tmp_path, "pre", 0.5, "pretrained")
+    for name in ("det.png", "scores.png"):
+        (out / name).unlink()  # as written before these figures existed
+    assert recognise_results_folder(out) is None
+    r = CliRunner().invoke(main, ["score", str(tmp_path / "pre.h5"), "--all-pairs", "--out", str(out), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert {"det.png", "scores.png"} <= {p.name for p in out.iterdir()}
+    (out / "notes.txt").write_text("mine")
+    assert "notes.txt" in recognise_results_folder(out)
+
+
+def test_operating_thresholds_match_the_pairs(tmp_path):
+    path, x, labels = random_store(tmp_path / "s.h5", n=150, d=6, n_ids=20, seed=3, signal=1.5)
+    out = tmp_path / "res"
+    metrics = score(ScoreConfig(store=path, out=out, progress=False))
+    acc = HistogramROC.load(out / "histogram.npz")
+    thr = figures.operating_thresholds(metrics, acc.compute()["roc"])
+    i, j = np.triu_indices(len(x), 1)
+    d = np.linalg.norm(x[i].astype(np.float64) - x[j], axis=1)
+    same = labels[i] == labels[j]
+    n_pos, n_neg = same.sum(), (~same).sum()
+    tar = (d[same] <= thr["far"] * (1 + 1e-6)).sum() / n_pos
+    far = (d[~same] <= thr["far"] * (1 - 1e-6)).sum() / n_neg
+    assert abs(tar - metrics["tar_at_far"]["0.001"]) <= 1 / n_pos and far <= 1e-3
+    frr, far_eer = (d[same] > thr["eer"]).mean(), (d[~same] <= thr["eer"]).mean()
+    assert abs(frr - metrics["eer"]) < 0.02 and abs(far_eer - metrics["eer"]) < 0.02
+    given = figures.operating_thresholds({"eer_threshold": 1.5, "threshold_at_far": {"0.001": 0.5}}, None)
+    assert given == {"eer": 1.5, "far": 0.5}
+    grid, pos, neg, _ = figures.score_densities(acc)
+    width = grid[1] - grid[0]
+    assert pos.sum() * width == pytest.approx(1) and neg.sum() * width == pytest.approx(1)
+
+
+def test_training_figure_marks_the_phases(tmp_path):
+    history = [
+        {"epoch": 0, "phase": 0, "val_auc": 0.7, "val_tar_at_far_0.001": 0.01},
+        {"epoch": 1, "phase": 1, "loss": 0.7, "val_auc": 0.72, "val_tar_at_far_0.001": 0.02},
+        {"epoch": 2, "phase": 2, "loss": 0.6, "val_auc": 0.75, "val_tar_at_far_0.001": None},
+    ]
+    assert figures.phase_boundary(history) == 1 and figures.phase_boundary(history[:2]) is None
+    figures.draw_training(history, tmp_path / "t.png", "t", best_epoch=2)
+    figures.draw_training([], tmp_path / "empty.png", "nothing yet")
+    assert figures.recognise_figure(tmp_path / "t.png", "training") is None
+    assert figures.recognise_figure(tmp_path / "empty.png", "training") is None
+
+
+# ---------------------------------------------------------------------------------------------------- HTML
+
+
+class PageParser(HTMLParser):
+    """Collects the tags, the attributes that reference something, and the text of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags: list[str] = []
+        self.refs: list[tuple[str, str, str]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.refs += [(tag, k, v or "") for k, v in attrs if k in ("src", "href", "srcset", "data", "action", "style")]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _check_self_contained(page: str) -> PageParser:
+    parser = PageParser()
+    parser.feed(page)
+    assert not re.search(r"https?://", page, re.IGNORECASE)
+    assert not re.search(r"@import|url\(", page)
+    assert {"script", "link", "iframe", "object", "embed"}.isdisjoint(parser.tags)
+    for tag, attr, value in parser.refs:
+        if attr == "src":
+            assert tag == "img" and value.startswith("data:image/png;base64,"), value[:60]
+            assert base64.b64decode(value.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
+        else:
+            assert attr == "style" or value.startswith("#"), (tag, attr, value[:60])
+    return parser
+
+
+def test_html_report_is_self_contained(tmp_path):
+    dirs = [
+        _result(tmp_path, "pre", 0.3, "pretrained"),
+        _result(tmp_path, "fine", 1.0, "finetuned"),
+        _result(tmp_path, "pairs_pre", 0.3, "pretrained", protocol="pairs"),
+    ]
+    (dirs[2] / "scores.png").unlink()  # an older folder: the page draws it from histogram.npz
+    m = json.loads((dirs[1] / "metrics.json").read_text())
+    m.update(auc_ci95=[0.81234, 0.85678], tar_at_far_ci95={"0.001": [0.01, 0.02]}, rank1_ci95=[0.4, 0.5])
+    (dirs[1] / "metrics.json").write_text(json.dumps(m))
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(main, ["report", *map(str, dirs), "--out", str(out), "--html"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "roc.png", "table.md"]
+    page = (out / "report.html").read_text()
+    parser = _check_self_contained(page)
+    assert parser.tags.count("img") == 1 + 3 * len(dirs)  # all results' ROC, and each result's ROC, DET, scores
+    text = " ".join(parser.text)
+    assert "LFWPeople pretrained" in text and "LFWPairs improvement" in text  # the study's table
+    assert f"{m['auc']:.4f}" in text and "[0.8123, 0.8568]" in text and "[0.0100, 0.0200]" in text
+    assert "rank1 [0.4000, 0.5000]" in text  # other intervals are listed too
+    assert "drawn by report" in text and str(tmp_path / "fine.h5") in text and "alexnet" in text
+    assert "commit" in text and "TAR at FAR 0.001" in text and "EER" in text
+
+
+def test_html_report_replaces_only_its_own_page(tmp_path):
+    d = _result(tmp_path, "pre", 0.5, "pretrained")
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "report.html").write_text("<html>my page</html>")
+    for extra in ([], ["--overwrite"]):
+        r = CliRunner().invoke(main, ["report", str(d), "--out", str(out), "--html", *extra])
+        assert r.exit_code == 2 and "report.html" in r.output, r.output
+    assert (out / "report.html").read_text() == "<html>my page</html>" and not (out / "table.md").exists()
+    (out / "report.html").unlink()
+    assert CliRunner().invoke(main, ["report", str(d), "--out", str(out), "--html"]).exit_code == 0
+    r = CliRunner().invoke(main, ["report", str(d), "--out", str(out), "--html"])
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert CliRunner().invoke(main, ["report", str(d), "--out", str(out), "--html", "--overwrite"]).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "roc.png", "table.md"]
+
+
+def _fake_run_folder(tmp_path, with_figure: bool):
+    """A run folder's layout (summary.json, results/...) around results folders made by score."""
+    run = tmp_path / "run"
+    (run / "results").mkdir(parents=True)
+    for variant, signal in (("pretrained", 0.3), ("finetuned", 1.0)):
+        folder = _result(tmp_path, f"{variant}-people", signal, variant)
+        folder.rename(run / "results" / f"{variant}-people")
+    history = [{"epoch": 0, "phase": 0, "val_auc": 0.7}, {"epoch": 1, "phase": 1, "loss": 0.6, "val_auc": 0.8}]
+    summary = {"pairs": {}, "people": {}, "recipe": "study", "finetune": {"config": {"model": "m"}, "history": history}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    if with_figure:
+        figures.draw_training(history, run / "training.png", "a run")
+    return run
+
+
+def test_report_of_a_run_folder_includes_its_training_figure(tmp_path):
+    run = _fake_run_folder(tmp_path, with_figure=True)
+    out = tmp_path / "rep"
+    table = report([run], out, html=True)
+    assert "alexnet (deepfunneled) |" in table and table.count("\n") == 3
+    assert (out / "training.png").read_bytes() == (run / "training.png").read_bytes()
+    parser = _check_self_contained((out / "report.html").read_text())
+    assert "Training" in parser.text and parser.tags.count("img") == 1 + 1 + 3 * 2
+    (out / "training.png").write_bytes((tmp_path / "run" / "results" / "pretrained-people" / "roc.png").read_bytes())
+    with pytest.raises(PipelineError, match="training.png"):  # a figure, but not a training figure of ours
+        report([run], out, overwrite=True)
+
+
+def test_report_draws_the_history_of_an_older_run(tmp_path):
+    run = _fake_run_folder(tmp_path, with_figure=False)
+    report([run], tmp_path / "rep")
+    assert figures.recognise_figure(tmp_path / "rep" / "training.png", "training") is None
+    (tmp_path / "lone").mkdir()
+    with pytest.raises(PipelineError, match="not a results folder"):
+        report([tmp_path / "lone"], tmp_path / "rep2")
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium binary (apt-get install chromium)")
+def test_html_report_renders_in_a_headless_browser(tmp_path):
+    from PIL import Image
+
+    dirs = [_result(tmp_path, "pre", 0.3, "pretrained"), _result(tmp_path, "fine", 1.0, "finetuned")]
+    out = tmp_path / "rep"
+    report(dirs, out, html=True)
+    url = (out / "report.html").resolve().as_uri()
+    base = ["chromium", "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count("<table") >= 2 + len(dirs) and dom.stdout.count("<img") == 1 + 3 * len(dirs)
+    shot = tmp_path / "shot.png"
+    res = subprocess.run(
+        [*base, "--window-size=1200,2400", f"--screenshot={shot}", url], capture_output=True, timeout=180
+    )
+    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    image = Image.open(shot).convert("L")
+    lo, hi = image.getextrema()
+    assert hi - lo > 100 and len(image.getcolors(1 << 16) or range(1 << 16)) > 50  # text and figures, not blank

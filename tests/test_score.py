@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from cli import main
 from pipeline.errors import PipelineError
+from pipeline.results import FIGURE_FILES
 from pipeline.score import (
     ScoreConfig,
     TileScorer,
@@ -232,7 +233,7 @@ def test_score_store_api_and_results_folder(tmp_path):
     path, x, labels = random_store(tmp_path / "s.h5", n=60, d=6, seed=7)
     m = score_store(path, tmp_path / "res", all_pairs=True, metric="cosine", progress=False)
     out = tmp_path / "res"
-    assert {p.name for p in out.iterdir()} == {"metrics.json", "roc.csv", "roc.png", "histogram.npz"}
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "roc.csv", "histogram.npz", *FIGURE_FILES}
     saved = json.loads((out / "metrics.json").read_text())
     for key in [
         "auc",
@@ -257,7 +258,7 @@ def test_score_store_api_and_results_folder(tmp_path):
         "provenance",
     ]:
         assert key in saved, key
-    assert saved["auc"] == m["auc"] and set(saved["tar_at_far"]) == {"0.0001", "0.001", "0.01"}
+    assert saved["auc"] == m["auc"] and set(saved["tar_at_far"]) == {"1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"}
 
 
 def test_config_checks():

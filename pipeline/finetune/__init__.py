@@ -10,8 +10,10 @@ Two recipes:
   validation), a large-margin cosine loss on the penultimate features, horizontal flips, cosine learning
   rate, the last block trained on cached early features, the checkpoint of best validation AUC kept.
 
-A checkpoint (model, optimizer, epoch, step, running state, RNG states, config) is written atomically after
-every epoch and on SIGINT/SIGTERM; `resume` continues it and ends with the weights of an uninterrupted run.
+A checkpoint (model, optimizer, epoch, step, running state, RNG states, config, the history of training loss,
+validation AUC and TAR at FAR 1e-3) is written atomically after every epoch and on SIGINT/SIGTERM; `resume`
+continues it and ends with the weights of an uninterrupted run. After every epoch the history is also drawn
+beside the checkpoint (NAME.training.png).
 
 Modules: `config` (options and presets as data), `checkpoint` (the files a run writes, RNG states,
 signals), `features` (frozen part / tail, image bank, feature cache), `validation` (held-out people, AUC),
@@ -32,11 +34,13 @@ from pipeline.finetune.checkpoint import (
     load_checkpoint,
     recognise_checkpoint,
     recognise_log,
+    recognise_training_figure,
     rng_state,
     save_atomic,
     set_rng_state,
     side_files,
     stop_on_signals,
+    write_training_figure,
 )
 from pipeline.finetune.config import (
     BEST_PRESET,
@@ -50,7 +54,13 @@ from pipeline.finetune.config import (
 from pipeline.finetune.features import ImageBank, cached_rows, compute_features, set_phase, split_model
 from pipeline.finetune.loop import Trainer
 from pipeline.finetune.recipes import BestTrainer, StudyTrainer, cosine_lr, identity_batches, study_pairs
-from pipeline.finetune.validation import all_pairs_auc, random_people, unpaired_people, validation_rows
+from pipeline.finetune.validation import (
+    all_pairs_auc,
+    all_pairs_metrics,
+    random_people,
+    unpaired_people,
+    validation_rows,
+)
 from pipeline.losses import BatchPairLoss, CosFaceLoss, StudyLoss
 from pipeline.runtime import resolve_device, seed_everything
 
@@ -75,6 +85,7 @@ __all__ = [
     "Trainer",
     "TrainingInterrupted",
     "all_pairs_auc",
+    "all_pairs_metrics",
     "append_log",
     "cached_rows",
     "check_outputs",
@@ -88,6 +99,7 @@ __all__ = [
     "random_people",
     "recognise_checkpoint",
     "recognise_log",
+    "recognise_training_figure",
     "rng_state",
     "save_atomic",
     "set_phase",
@@ -98,28 +110,33 @@ __all__ = [
     "study_pairs",
     "unpaired_people",
     "validation_rows",
+    "write_training_figure",
 ]
 
 
 def check_outputs(cfg: FinetuneConfig) -> None:
     """Refuse what would replace or delete a file this command did not write: the checkpoint is replaced only
-    with --overwrite (and when it is ours); its log and best-epoch file only when the checkpoint is replaced
-    or, with --resume, when a killed run left them without a checkpoint."""
+    with --overwrite (and when it is ours); its log, best-epoch file and training figure only when the
+    checkpoint is replaced or, with --resume, when a killed run left them without a checkpoint."""
     out = Path(cfg.out)
     weights = [Path(cfg.weights)] if cfg.weights not in ("imagenet", "none") else []
     outputs.check_file_out(out, inputs=weights)
     if out in side_files(out):
-        raise PipelineError(f"--out {out} would be its own log or best-epoch file: pass a name ending in .pt")
-    if cfg.resume and out.exists():
-        return  # load_checkpoint checks it; the log and best file go on
+        raise PipelineError(f"--out {out} would be its own log, best-epoch file or figure: pass a name ending in .pt")
+    figure = side_files(out)[2]
+    if cfg.resume and out.exists():  # load_checkpoint checks it; the log and best file go on, the figure is redrawn
+        if os.path.lexists(figure):
+            outputs.check_replaceable(figure, True, recognise_training_figure, "training figure of finetune")
+        return
     if out.exists():
         outputs.check_replaceable(out, cfg.overwrite, recognise_checkpoint, "finetune checkpoint")
     fresh_ok = cfg.overwrite or cfg.resume  # starting over on purpose, or after a run killed before its checkpoint
-    for path, recognise in zip(side_files(out), (recognise_log, recognise_checkpoint), strict=True):
+    recognisers = (recognise_log, recognise_checkpoint, recognise_training_figure)
+    for path, recognise in zip(side_files(out), recognisers, strict=True):
         if os.path.lexists(path) and not fresh_ok:
             raise PipelineError(
-                f"{path} exists beside --out {out} (finetune writes its validation log and best epoch there): "
-                f"move it away, or pass --overwrite to start over if an earlier finetune run wrote it"
+                f"{path} exists beside --out {out} (finetune writes its validation log, best epoch and training "
+                f"figure there): move it away, or pass --overwrite to start over if an earlier finetune run wrote it"
             )
         if os.path.lexists(path):
             outputs.check_replaceable(path, True, recognise, "file of an earlier finetune run")
@@ -135,9 +152,13 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
 def _finetune(cfg: FinetuneConfig, out: Path) -> Path:
     ckpt = None
+    figure = side_files(out)[2]
+    outputs.recover_leftovers(figure, ())  # a killed run's temporary figure
     if out.exists() and cfg.resume:
         ckpt = load_checkpoint(out, cfg)
         if ckpt.get("complete"):
+            if not os.path.lexists(figure):  # a checkpoint of a version that did not draw it
+                write_training_figure(figure, ckpt["history"], ckpt["config"], ckpt.get("best_epoch"))
             log.info("%s is already complete; nothing to do", out)
             return out
     elif cfg.resume:

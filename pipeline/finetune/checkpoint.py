@@ -1,5 +1,5 @@
-"""Everything about the files a run writes: the checkpoint (atomic, with the RNG states), the validation log
-and best-epoch file beside it, recognising them, and SIGINT/SIGTERM turned into "save and stop"."""
+"""Everything about the files a run writes: the checkpoint (atomic, with the RNG states), the validation log,
+best-epoch file and training figure beside it, recognising them, and SIGINT/SIGTERM turned into "save and stop"."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import outputs
+from pipeline import figures, outputs
 from pipeline.errors import PipelineError
 from pipeline.finetune.config import FinetuneConfig
 
@@ -91,9 +91,10 @@ def load_checkpoint(path: Path, cfg: FinetuneConfig) -> dict:
     return ckpt
 
 
-def side_files(out: Path) -> tuple[Path, Path]:
-    """(validation log, best-epoch checkpoint) written beside the checkpoint `out`."""
-    return out.with_suffix(".log"), out.with_name(out.stem + ".best.pt")
+def side_files(out: Path) -> tuple[Path, Path, Path]:
+    """(validation log, best-epoch checkpoint, training figure) written beside the checkpoint `out`:
+    NAME.log, NAME.best.pt, NAME.training.png."""
+    return out.with_suffix(".log"), out.with_name(out.stem + ".best.pt"), figures.training_figure_path(out)
 
 
 def append_log(path: Path, record: dict) -> None:
@@ -126,6 +127,17 @@ def recognise_log(path: Path) -> str | None:
     except (OSError, UnicodeDecodeError, ValueError):
         return "it is not a finetune log"
     return None if all(isinstance(r, dict) and "epoch" in r for r in records) else "it is not a finetune log"
+
+
+def recognise_training_figure(path: Path) -> str | None:
+    """None when `path` is a training figure that this tool drew; else what it is."""
+    return figures.recognise_figure(path, "training")
+
+
+def write_training_figure(path: Path, history: list[dict], config: dict, best_epoch: int | None = None) -> None:
+    """Draw the training curves of `history` into `path` (atomically: temporary file, then rename)."""
+    title = figures.training_title(config)
+    outputs.replace_file(lambda p: figures.draw_training(history, p, title, best_epoch), Path(path))
 
 
 @contextlib.contextmanager

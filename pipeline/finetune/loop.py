@@ -1,5 +1,6 @@
 """The one training loop (`Trainer`): two phases of epochs, atomic checkpoints and resumption, signals,
-the NaN guard, validation after every epoch with its log, and the best epoch kept. Recipes subclass it and
+the NaN guard, validation after every epoch (AUC, TAR at FAR 1e-3) with its log and figure, and the best epoch
+kept. Recipes subclass it and
 answer a few hooks (`pipeline.finetune.recipes`)."""
 
 from __future__ import annotations
@@ -17,10 +18,18 @@ from tqdm import tqdm
 
 from pipeline import data, models
 from pipeline.errors import PipelineError
-from pipeline.finetune.checkpoint import append_log, rng_state, save_atomic, set_rng_state, side_files, stop_on_signals
+from pipeline.finetune.checkpoint import (
+    append_log,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+    side_files,
+    stop_on_signals,
+    write_training_figure,
+)
 from pipeline.finetune.config import FinetuneConfig, TrainingInterrupted
 from pipeline.finetune.features import ImageBank, cached_rows, compute_features, set_phase, split_model
-from pipeline.finetune.validation import all_pairs_auc, validation_rows
+from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics, validation_rows
 from pipeline.runtime import autocast
 
 log = logging.getLogger(__name__)
@@ -39,14 +48,18 @@ class Trainer:
     def __init__(self, cfg: FinetuneConfig, device: torch.device):
         self.cfg, self.device = cfg, device
         self.out = Path(cfg.out)
-        self.log_path, self.best_path = side_files(self.out)
+        self.log_path, self.best_path, self.figure_path = side_files(self.out)
         # channels_last: two to three times faster convolutions on CPU (and on GPU with mixed precision)
         self.model = models.build_model(cfg.model, cfg.weights).to(device, memory_format=torch.channels_last)
         self.frozen, self.tail = split_model(self.model, cfg.layer)
         self.metric = "l2" if cfg.layer == "output" else "cosine"
         self.epoch = self.batch_in_epoch = self.step = 0
+        self.epoch_loss: tuple[float, int] = (0.0, 0)
+        """(sum of loss x items, items) of the epoch so far: saved, so a resumed epoch reports its whole loss."""
         self.history: list[dict] = []
         self.best_auc = -math.inf
+        self.drawn = -1
+        """The epoch the training figure was last drawn at."""
         self.flag = {"stop": False}
         self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
         self.cache: torch.Tensor | None = None
@@ -146,6 +159,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            "epoch_loss": list(self.epoch_loss),
             "step": self.step,
             "rng": rng_state(),
             "history": self.history,
@@ -161,6 +175,8 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.batch_in_epoch, self.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
+        total, n = ckpt.get("epoch_loss", (0.0, 0))  # checkpoints of older versions: the rest of the epoch only
+        self.epoch_loss = (float(total), int(n))
         self.history, self.best_auc = list(ckpt["history"]), ckpt["best_auc"]
         self.load_extra_state(ckpt)
         set_rng_state(ckpt["rng"])
@@ -179,21 +195,22 @@ class Trainer:
             if self.epoch < self.total_epochs:
                 self.prepare_phase(self.phase(self.epoch))
             if ckpt is None:
-                self.log_epoch({"epoch": 0, "phase": 0, "val_auc": self.validate()})
+                self.log_epoch({"epoch": 0, "phase": 0, **self.validation()})
             self.save()
             while self.epoch < self.total_epochs:
                 phase = self.phase(self.epoch)
                 self.prepare_phase(phase)
                 t0, loss = time.perf_counter(), self.train_epoch(phase)
                 seconds = time.perf_counter() - t0
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                auc = self.validate()
+                self.epoch, self.batch_in_epoch, self.epoch_loss = self.epoch + 1, 0, (0.0, 0)
+                val = self.validation()
+                auc = val["val_auc"]
                 self.log_epoch(
                     {
                         "epoch": self.epoch,
                         "phase": phase,
                         "loss": loss,
-                        "val_auc": auc,
+                        **val,
                         "seconds": round(seconds, 2),
                         f"{self.unit}s_per_s": round(self.n_items() / max(seconds, 1e-9), 1),
                         "lr": self.lr_at(self.step - 1),
@@ -203,6 +220,7 @@ class Trainer:
                     self.best_auc = auc
                     best = {"model": self.model.state_dict(), "config": self.cfg.identity(), "epoch": self.epoch}
                     save_atomic({**best, "val_auc": auc}, self.best_path)
+                self.draw()  # before the checkpoint, which stays the last write of an epoch
                 self.save()
                 self.check_stop()
         return self.finish()
@@ -216,7 +234,7 @@ class Trainer:
 
     def train_epoch(self, phase: int) -> float:
         batches = self.batches(self.epoch)
-        total_loss, n = 0.0, 0
+        total_loss, n = self.epoch_loss if self.batch_in_epoch else (0.0, 0)
         bar = tqdm(
             total=self.n_items(),
             desc=f"epoch {self.epoch + 1}/{self.total_epochs} (phase {phase})",
@@ -228,6 +246,7 @@ class Trainer:
             for idx in batches[self.batch_in_epoch :]:
                 loss = self.train_step(idx, phase)
                 total_loss, n = total_loss + loss * len(idx), n + len(idx)
+                self.epoch_loss = (total_loss, n)
                 bar.update(len(idx))
                 bar.set_postfix(loss=f"{total_loss / n:.4f}")
                 if self.flag["stop"]:
@@ -266,13 +285,31 @@ class Trainer:
             log.info("no validation images: validation AUC is not measured")
         append_log(self.log_path, record)
 
-    def validate(self) -> float | None:
-        """AUC over all pairs of the validation images (None without two of them)."""
+    def validation(self) -> dict:
+        """{"val_auc": AUC, TAR_KEY: TAR at FAR 1e-3} over all pairs of the validation images (`pipeline.roc`,
+        exact); None values without two of them, or without a same-person or a different-person pair."""
         if len(self.val_rows) < 2:
-            return None
+            return {"val_auc": None, TAR_KEY: None}
         with torch.no_grad():
             emb = self.embed_rows(torch.as_tensor(self.val_rows))
-        return all_pairs_auc(emb, self.val_labels, self.metric)
+        m = all_pairs_metrics(emb, self.val_labels, self.metric)
+        return {"val_auc": None if m is None else m["auc"], TAR_KEY: None if m is None else m["tar_at_far"]}
+
+    def validate(self) -> float | None:
+        """The validation AUC (None without two validation images)."""
+        return self.validation()["val_auc"]
+
+    def best_epoch(self) -> int | None:
+        """Under `keep_best`, the trained epoch of highest validation AUC so far (the first of equals)."""
+        scored = [r for r in self.history if r.get("loss") is not None and r.get("val_auc") is not None]
+        if not self.cfg.keep_best or not scored:
+            return None
+        return max(scored, key=lambda r: r["val_auc"])["epoch"]
+
+    def draw(self) -> None:
+        """The training figure beside the checkpoint (NAME.training.png), from the history so far."""
+        write_training_figure(self.figure_path, self.history, self.cfg.identity(), self.best_epoch())
+        self.drawn = self.epoch
 
     def embed_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Network (eval mode) output at the recipe's layer for bank rows; from the cache in phase 1."""
@@ -293,5 +330,7 @@ class Trainer:
             ckpt["model"], ckpt["best_epoch"] = best["model"], best["epoch"]
             log.info("keeping epoch %d (validation AUC %.4f)", best["epoch"], best["val_auc"])
         save_atomic(ckpt, self.out)
+        if self.drawn != self.epoch or not self.figure_path.exists():  # no epoch trained here, or killed before
+            self.draw()
         log.info("wrote %s", self.out)
         return self.out

@@ -1,4 +1,5 @@
-"""Validation: which held-out people's images it uses and its measure, the AUC over all their pairs."""
+"""Validation: which held-out people's images it uses and its measures over all their pairs: the AUC and the
+true accept rate at a false accept rate of 1e-3 (the project's ROC code, `pipeline.roc`, exact)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import torch
 from torch.nn import functional as F
 
 from pipeline import data, roc
+
+VAL_FAR = 1e-3
+"""The false accept rate of the validation TAR."""
+TAR_KEY = f"val_tar_at_far_{VAL_FAR:g}"
+"""The name of the validation TAR in the training history (beside `val_auc`)."""
 
 
 def unpaired_people(people: data.LFWProtocol, pairs: data.LFWProtocol) -> np.ndarray:
@@ -30,10 +36,11 @@ def validation_rows(labels: np.ndarray, people: np.ndarray, cap: int) -> np.ndar
     return np.sort(np.concatenate([multi, single])[:cap])
 
 
-def all_pairs_auc(emb: torch.Tensor, labels: np.ndarray, metric: str) -> float | None:
-    """AUC over every pair i < j (similarity: cosine, or minus the Euclidean distance); None when it is
-    undefined (fewer than two images, or no same-person or no different-person pair). Exact, ties one half:
-    `pipeline.roc.exact_auc`."""
+def all_pairs_metrics(emb: torch.Tensor, labels: np.ndarray, metric: str) -> dict[str, float] | None:
+    """{"auc", "tar_at_far"} over every pair i < j (similarity: cosine, or minus the Euclidean distance): the AUC
+    (ties one half) and the true accept rate at FAR `VAL_FAR`, both exact, from `pipeline.roc.exact_counts` and
+    `roc_metrics`, as `score` computes them. None when undefined (fewer than two images, or no same-person or
+    no different-person pair)."""
     if len(labels) < 2:
         return None
     emb = emb.float()
@@ -46,4 +53,12 @@ def all_pairs_auc(emb: torch.Tensor, labels: np.ndarray, metric: str) -> float |
     same = labels[i] == labels[j]
     if same.all() or not same.any():
         return None
-    return roc.exact_auc(values.numpy()[i, j], same, metric)
+    pos, neg, thr = roc.exact_counts(values.numpy()[i, j], same, metric)
+    m = roc.roc_metrics(pos, neg, thr, float("nan"), exact=True)
+    return {"auc": m["auc"], "tar_at_far": m["tar_at_far"][f"{VAL_FAR:g}"]}
+
+
+def all_pairs_auc(emb: torch.Tensor, labels: np.ndarray, metric: str) -> float | None:
+    """The AUC of `all_pairs_metrics` (None when undefined)."""
+    m = all_pairs_metrics(emb, labels, metric)
+    return None if m is None else m["auc"]

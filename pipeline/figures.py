@@ -1,0 +1,295 @@
+"""Every figure the tool draws, in one place: ROC, DET and score distributions of a result (`score`, `merge`,
+`report`), and the training curves of `finetune` and `run`. Each is a PNG written by matplotlib (Agg) with a
+`Description` text chunk naming this tool and the kind of figure, so a later run can tell its own figures from
+a user's (`recognise_figure`). A target is a path or a binary file object (the HTML report renders to memory).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.roc import HistogramROC, value_to_distance
+
+MARK = "lfw-verify"
+"""The PNG `Description` chunk of every figure starts with this, then the figure's kind."""
+DPI = 110
+VAL_FAR = 1e-3
+"""The false accept rate of the marked operating point (scores figure, training curves)."""
+
+Curve = tuple[np.ndarray, np.ndarray, str]
+"""(false positive rate, true positive rate, legend label), ROC points ordered most similar first."""
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, target, kind: str) -> None:
+    """Write `fig` as a PNG marked as this tool's figure of `kind`, and free it."""
+    plt = _pyplot()
+    try:
+        fig.savefig(target, dpi=DPI, format="png", metadata={"Description": f"{MARK} {kind}"})
+    finally:
+        plt.close(fig)
+
+
+def recognise_figure(path: Path | str, kind: str | None = None, legacy: bool = False) -> str | None:
+    """None when `path` is a PNG this tool drew (of `kind`, when given); else what it is. `legacy` also accepts
+    any matplotlib PNG (figures written before they were marked)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return "it is not a regular file"
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head.startswith(b"\x89PNG"):
+        return "it is not a PNG image"
+    mark = f"{MARK} {kind}" if kind else MARK
+    if b"Description\x00" + mark.encode() in head:
+        return None
+    if legacy and b"matplotlib" in head.lower():
+        return None
+    return f"it is not a {kind + ' ' if kind else ''}figure written by this tool"
+
+
+# ---------------------------------------------------------------------------------------------------- results
+
+
+def draw_roc(curves: Sequence[Curve], target, title: str, log_fpr: bool = False) -> None:
+    """The study's ROC figure: TPR over FPR, chance diagonal, one legend entry per curve with its AUC."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    for fpr, tpr, label in curves:
+        ax.plot(fpr, tpr, lw=1.5, label=label)
+    if log_fpr:
+        positive = [f[f > 0].min() for f, _, _ in curves if (f > 0).any()]
+        lo = max(min(positive, default=1e-6), 1e-9)
+        grid = np.logspace(np.log10(lo), 0, 100)
+        ax.plot(grid, grid, "k--", lw=0.8, label="chance")
+        ax.set_xscale("log")
+        ax.set_xlim(lo, 1)
+    else:
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
+        ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("False positive rate" + (" (log)" if log_fpr else ""))
+    ax.set_ylabel("True positive rate")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save(fig, target, "roc")
+
+
+def draw_det(curves: Sequence[Curve], target, title: str) -> None:
+    """Detection error trade-off (NIST style): false non-match rate (1 - TPR) over false match rate (FPR), both
+    axes logarithmic, lower left is better; the dashed diagonal FMR = FNMR crosses each curve at its EER."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    lo = 1.0
+    for fpr, tpr, label in curves:
+        fpr, fnmr = np.asarray(fpr, dtype=np.float64), 1.0 - np.asarray(tpr, dtype=np.float64)
+        keep = (fpr > 0) & (fnmr > 0)
+        if keep.any():
+            lo = min(lo, fpr[keep].min(), fnmr[keep].min())
+        ax.plot(fpr[keep], fnmr[keep], lw=1.5, label=label)
+    lo = 10 ** math.floor(math.log10(max(lo, 1e-9)))
+    if lo >= 1:
+        lo = 1e-3
+    ax.plot([lo, 1], [lo, 1], "k--", lw=0.8, label="FMR = FNMR (EER)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, 1)
+    ax.set_ylim(lo, 1)
+    ax.set_xlabel("False match rate (FMR, log)")
+    ax.set_ylabel("False non-match rate (FNMR, log)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(which="major", alpha=0.4)
+    ax.grid(which="minor", alpha=0.12)
+    fig.tight_layout()
+    save(fig, target, "det")
+
+
+def operating_thresholds(metrics: dict, roc: dict | None) -> dict[str, float]:
+    """Distance thresholds (the metric's unit: Euclidean distance, or 1 - cosine) of the EER and of TAR at FAR
+    1e-3: `eer_threshold` / `threshold_at_far["0.001"]` when metrics.json holds them, else read off the ROC
+    points (`fpr`, `tpr`, `threshold`, most similar first). A point that accepts nothing is left out."""
+    out: dict[str, float] = {}
+    far_key = f"{VAL_FAR:g}"
+    given_far = (metrics.get("threshold_at_far") or {}).get(far_key) if isinstance(metrics, dict) else None
+    if metrics.get("eer_threshold") is not None:
+        out["eer"] = float(metrics["eer_threshold"])
+    if given_far is not None:
+        out["far"] = float(given_far)
+    if roc is None or ("eer" in out and "far" in out):
+        return out
+    fpr, tpr, thr = (np.asarray(roc[k], dtype=np.float64) for k in ("fpr", "tpr", "threshold"))
+    if len(fpr) < 2:
+        return out
+    diff = fpr - (1.0 - tpr)
+    if "eer" not in out and (diff >= 0).any():
+        k = int(np.argmax(diff >= 0))
+        if k > 0:
+            out["eer"] = float(thr[k])
+    if "far" not in out:
+        k = int(np.flatnonzero(fpr <= VAL_FAR)[-1])
+        if k > 0 and tpr[k] > 0:
+            out["far"] = float(thr[k])
+    return out
+
+
+def score_densities(acc: HistogramROC, n_bins: int = 120) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(edges, same-person density, different-person density, x label) from the two histograms, re-binned
+    into `n_bins` equal bins over the occupied range, in the metric's unit: Euclidean distance (l2) or cosine."""
+    b = acc.binning
+    edges = b.edges()
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    if b.metric == "l2":
+        x, label = value_to_distance(centres, "l2"), "Euclidean distance (small = same person)"
+    else:
+        x, label = centres, "cosine similarity (large = same person)"
+    occupied = (acc.pos + acc.neg) > 0
+    lo, hi = (float(x[occupied].min()), float(x[occupied].max())) if occupied.any() else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    pad = 0.02 * (hi - lo)
+    grid = np.linspace(lo - pad, hi + pad, n_bins + 1)
+    width = grid[1] - grid[0]
+    dens = []
+    for counts in (acc.pos, acc.neg):
+        h, _ = np.histogram(x, bins=grid, weights=counts.astype(np.float64))
+        dens.append(h / (h.sum() * width) if h.sum() > 0 else h)
+    return grid, dens[0], dens[1], label
+
+
+def draw_scores(acc: HistogramROC, target, title: str, thresholds: dict[str, float], metrics: dict) -> None:
+    """Same-person and different-person score distributions (each density-normalised) from the result's two
+    histograms, with the EER threshold and the threshold of TAR at FAR 1e-3 as vertical lines."""
+    plt = _pyplot()
+    grid, pos, neg, xlabel = score_densities(acc)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.stairs(neg, grid, fill=True, alpha=0.35, color="tab:red", label=f"different person (n = {acc.n_negative:,})")
+    ax.stairs(pos, grid, fill=True, alpha=0.35, color="tab:blue", label=f"same person (n = {acc.n_positive:,})")
+    ax.stairs(neg, grid, color="tab:red", lw=1)
+    ax.stairs(pos, grid, color="tab:blue", lw=1)
+    cosine = acc.binning.metric == "cosine"
+    tar = (metrics.get("tar_at_far") or {}).get(f"{VAL_FAR:g}")
+    marks = {
+        "eer": (
+            "k",
+            "--",
+            "EER threshold" + (f" (EER {metrics['eer']:.3f})" if metrics.get("eer") is not None else ""),
+        ),
+        "far": ("tab:green", ":", f"threshold at FAR {VAL_FAR:g}" + (f" (TAR {tar:.3f})" if tar is not None else "")),
+    }
+    for key, (colour, style, label) in marks.items():
+        if key in thresholds and math.isfinite(thresholds[key]):
+            ax.axvline(
+                1.0 - thresholds[key] if cosine else thresholds[key], color=colour, ls=style, lw=1.2, label=label
+            )
+    ax.set_xlim(grid[0], grid[-1])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper right" if not cosine else "upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save(fig, target, "scores")
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def phase_boundary(history: Sequence[dict]) -> float | None:
+    """The epoch at which phase 2 starts (the last phase-1 epoch), when the history has epochs of both."""
+    p1 = [r["epoch"] for r in history if r.get("phase") == 1]
+    p2 = [r["epoch"] for r in history if r.get("phase") == 2]
+    if p2:
+        return float(max(p1)) if p1 else float(min(p2) - 1)
+    return None
+
+
+def draw_training(history: Sequence[dict], target, title: str, best_epoch: int | None = None) -> None:
+    """Training curves per epoch: the training loss (top), validation AUC and validation TAR at FAR 1e-3
+    (bottom; epoch 0 is the network before training), the start of phase 2 and the kept epoch marked."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    trained = [r for r in history if r.get("loss") is not None]
+    top.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], "o-", color="tab:purple", ms=3)
+    top.set_ylabel("training loss")
+    validated = False
+    for key, label, colour in (
+        ("val_auc", "validation AUC", "tab:blue"),
+        (f"val_tar_at_far_{VAL_FAR:g}", f"validation TAR at FAR {VAL_FAR:g}", "tab:green"),
+    ):
+        pts = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+        if pts:
+            bottom.plot(*zip(*pts, strict=True), "o-", ms=3, color=colour, label=label)
+            validated = True
+    bottom.set_ylabel("validation")
+    bottom.set_xlabel("epoch (0: before training)")
+    boundary = phase_boundary(history)
+    last = max((r["epoch"] for r in history), default=1)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(-0.3, max(last, 1) + 0.3)
+        if boundary is not None:
+            ax.axvline(boundary, color="grey", ls="--", lw=1, label="end of phase 1" if ax is bottom else None)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="tab:orange", ls=":", lw=1.2, label="kept epoch" if ax is bottom else None)
+    if not trained:
+        top.text(0.5, 0.5, "no epoch trained yet", ha="center", va="center", transform=top.transAxes)
+    if not validated:
+        bottom.text(
+            0.5, 0.5, "not validated (no validation images)", ha="center", va="center", transform=bottom.transAxes
+        )
+    if bottom.get_legend_handles_labels()[0]:
+        bottom.legend(fontsize=8, loc="best")
+    top.set_title(title, fontsize=10)
+    fig.tight_layout()
+    save(fig, target, "training")
+
+
+def training_figure_path(checkpoint: Path | str) -> Path:
+    """The training figure `finetune` writes beside its checkpoint: NAME.pt -> NAME.training.png."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + ".training.png")
+
+
+def training_title(config: dict) -> str:
+    """The title of a training figure from a checkpoint's config dict."""
+    title = f"{config.get('model', 'model')}, {config.get('recipe', '?')} recipe"
+    if config.get("phase1_epochs") is not None:
+        title += f", {config['phase1_epochs']} + {config.get('phase2_epochs', 0)} epochs"
+    if config.get("image_set"):
+        title += f" [{config['image_set']}]"
+    return title
+
+
+__all__ = [
+    "MARK",
+    "VAL_FAR",
+    "draw_det",
+    "draw_roc",
+    "draw_scores",
+    "draw_training",
+    "operating_thresholds",
+    "phase_boundary",
+    "recognise_figure",
+    "save",
+    "score_densities",
+    "training_figure_path",
+    "training_title",
+]

@@ -1,0 +1,257 @@
+"""`report --html`: one self-contained HTML page (no scripts, no external files: CSS inline, figures as base64 PNG
+data URIs) with the study's table, the operating points (with 95% intervals where metrics.json has them), the
+ROC of all results, the training curves, and each result's figures and provenance."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+import logging
+from pathlib import Path
+
+from pipeline import figures
+from pipeline.errors import PipelineError
+from pipeline.results import FIGURE_FILES
+from pipeline.roc import HistogramROC
+
+log = logging.getLogger(__name__)
+
+GENERATOR = '<meta name="generator" content="lfw-verify report">'
+"""In the head of every page `report` writes (how `--overwrite` recognises one)."""
+FIGURE_CAPTIONS = {"roc.png": "ROC", "det.png": "DET (FNMR over FMR)", "scores.png": "score distributions"}
+PROVENANCE_KEYS = (
+    ("model", "model"),
+    ("layer", "layer"),
+    ("weights", "weights"),
+    ("weights_sha256", "weights sha256"),
+    ("image_set", "image set"),
+    ("protocol", "protocol"),
+    ("split", "split"),
+    ("limit", "limit"),
+    ("created", "store created"),
+    ("device", "embedded on"),
+)
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
+h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; } h3 { margin-bottom: 0.3em; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
+.ci { color: #666; font-size: 0.85em; white-space: nowrap; }
+.figs { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; }
+figure img { max-width: 560px; width: 100%; border: 1px solid #eee; } figcaption { font-size: 0.85em; color: #555; }
+code { font-size: 0.9em; } .note { color: #666; font-size: 0.9em; }
+"""
+
+
+def esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def img(png: bytes, alt: str) -> str:
+    return f'<img src="{data_uri(png)}" alt="{esc(alt)}">'
+
+
+def figure(png: bytes, caption: str) -> str:
+    return f"<figure>{img(png, caption)}<figcaption>{esc(caption)}</figcaption></figure>"
+
+
+def table(header: list[str], rows: list[list[str]], raw: bool = False) -> str:
+    """An HTML table; cells are escaped unless `raw` (already HTML)."""
+    cell = (lambda c: c) if raw else esc
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+
+
+def render(draw, *args) -> bytes:
+    buf = io.BytesIO()
+    draw(*args[:1], buf, *args[1:])
+    return buf.getvalue()
+
+
+def result_figures(folder: Path, metrics: dict) -> list[tuple[str, bytes]]:
+    """(caption, PNG) of each figure of a results folder: the folder's own file, or, for a folder written before
+    that figure existed, one drawn now from its roc.csv and histogram.npz."""
+    from pipeline.report import read_result, title_of
+
+    out, acc = [], None
+    for name in FIGURE_FILES:
+        caption = FIGURE_CAPTIONS[name]
+        path = Path(folder) / name
+        if figures.recognise_figure(path, legacy=True) is None:
+            out.append((caption, path.read_bytes()))
+            continue
+        try:
+            if name == "det.png":
+                _, fpr, tpr = read_result(folder)
+                png = render(figures.draw_det, [(fpr, tpr, f"EER = {metrics['eer']:.4f}")], title_of(metrics))
+            elif name == "scores.png":
+                acc = acc or HistogramROC.load(Path(folder) / "histogram.npz")
+                thresholds = figures.operating_thresholds(metrics, acc.compute()["roc"])
+                png = render(figures.draw_scores, acc, title_of(metrics), thresholds, metrics)
+            else:
+                continue
+        except (PipelineError, OSError, KeyError, ValueError) as e:
+            log.warning("no %s for %s: %s", name, folder, e)
+            continue
+        out.append((caption + " (drawn by report)", png))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+
+
+def interval(value) -> tuple[float, float] | None:
+    """A 95% interval as (lo, hi) from [lo, hi] or {"lo"/"low": .., "hi"/"high": ..}; None otherwise."""
+    if isinstance(value, dict):
+        value = [value.get("lo", value.get("low")), value.get("hi", value.get("high"))]
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+        return float(value[0]), float(value[1])
+    return None
+
+
+def with_ci(value, ci) -> str:
+    if value is None:
+        return "-"
+    text = f"{float(value):.4f}"
+    bounds = interval(ci)
+    if bounds is not None:
+        text += f' <span class="ci">[{bounds[0]:.4f}, {bounds[1]:.4f}]</span>'
+    return text
+
+
+def far_levels(results: list[dict]) -> list[str]:
+    levels = {k for m in results for k in (m.get("tar_at_far") or {})}
+    return sorted(levels, key=float)
+
+
+ACCURACIES = (
+    ("best_accuracy", "best accuracy"),
+    ("best_balanced_accuracy", "best balanced accuracy"),
+    ("best_unbalanced_accuracy", "best accuracy (pairs' mix)"),
+    ("accuracy_10fold_mean", "10-fold accuracy"),
+)
+"""Accuracy keys of metrics.json shown when some result has them."""
+
+
+def operating_points(folders: list[Path], results: list[dict]) -> str:
+    """One row per result: pairs, AUC, EER, TAR at each FAR, best accuracy (95% intervals where recorded)."""
+    levels = far_levels(results)
+    accuracies = [(k, label) for k, label in ACCURACIES if any(m.get(k) is not None for m in results)]
+    shown = {"auc_ci95", "eer_ci95", "tar_at_far_ci95", *(f"{k}_ci95" for k, _ in accuracies)}
+    extra = any(k.endswith("_ci95") and k not in shown for m in results for k in m)
+    header = ["result", "pairs (same)", "AUC", "EER", *[f"TAR at FAR {f}" for f in levels]]
+    header += [label for _, label in accuracies] + (["other 95% intervals"] if extra else [])
+    rows = []
+    for folder, m in zip(folders, results, strict=True):
+        tar, tar_ci = m.get("tar_at_far") or {}, m.get("tar_at_far_ci95") or {}
+        row = [
+            f"{esc(m.get('label') or m.get('model') or folder.name)}<br><code>{esc(folder)}</code>",
+            f"{m.get('n_pairs', 0):,} ({m.get('n_positive', 0):,})",
+            with_ci(m.get("auc"), m.get("auc_ci95")),
+            with_ci(m.get("eer"), m.get("eer_ci95")),
+            *[with_ci(tar.get(f), tar_ci.get(f) if isinstance(tar_ci, dict) else None) for f in levels],
+            *[with_ci(m.get(k), m.get(f"{k}_ci95")) for k, _ in accuracies],
+        ]
+        if extra:
+            others = [
+                f"{esc(k[:-5])} [{b[0]:.4f}, {b[1]:.4f}]"
+                for k, v in m.items()
+                if k.endswith("_ci95") and k not in shown and (b := interval(v)) is not None
+            ]
+            row.append("<br>".join(others) or "-")
+        rows.append(row)
+    return table(header, rows, raw=True)
+
+
+def provenance(folder: Path, m: dict) -> str:
+    """Where a result comes from: folder, store, model and weights, image set, commit and dates if recorded."""
+    attrs = m.get("provenance") or {}
+    rows = [["results folder", str(folder)], ["store", str(m.get("store", "not recorded"))]]
+    rows += [[label, str(attrs.get(k, m.get(k)))] for k, label in PROVENANCE_KEYS if attrs.get(k, m.get(k)) is not None]
+    rows.append(["variant", str(m.get("variant", "-"))])
+    rows.append(
+        ["scored", f"metric {m.get('metric')}, {m.get('bins')} bins, {m.get('backend', '-')} on {m.get('device', '-')}"]
+    )
+    commit = next((src[k] for src in (m, attrs) for k in ("commit", "git_commit", "git_rev") if src.get(k)), None)
+    rows.append(["commit", str(commit) if commit else "not recorded"])
+    when = next((src[k] for src in (m, attrs) for k in ("scored", "date") if src.get(k)), None)
+    if when is None and (Path(folder) / "metrics.json").is_file():
+        stamp = dt.datetime.fromtimestamp((Path(folder) / "metrics.json").stat().st_mtime, dt.timezone.utc)
+        when = f"{stamp.isoformat(timespec='seconds')} (time of metrics.json)"
+    rows.append(["results written", str(when or "not recorded")])
+    versions = ", ".join(f"{k[:-8]} {v}" for k, v in sorted(attrs.items()) if k.endswith("_version"))
+    if versions:
+        rows.append(["libraries (embedding)", versions])
+    everything = json.dumps(attrs, indent=1, sort_keys=True, default=str)
+    details = f"<details><summary>all store attributes</summary><pre>{esc(everything)}</pre></details>"
+    return table(["", ""], rows) + details
+
+
+# ---------------------------------------------------------------------------------------------------- page
+
+
+def page(folders: list[Path], results: list[dict], roc_png: bytes, training: list[tuple[str, bytes]]) -> str:
+    """The HTML text of the report."""
+    from pipeline.report import protocol_name, study_cells, title_of
+
+    header, body = study_cells(results)
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        GENERATOR,
+        "<title>Face-verification report</title>",
+        f"<style>{STYLE}</style></head><body>",
+        "<h1>Face-verification report</h1>",
+        f'<p class="note">{len(results)} results, written {esc(now)} by <code>cli.py report --html</code>.</p>',
+        "<h2>AUC in the study's layout</h2>",
+        table(header, body),
+        "<h2>Operating points</h2>",
+        '<p class="note">TAR: same-person pairs accepted at a false accept rate (FAR); EER: equal error rate; '
+        "best accuracy over all thresholds. Grey: 95% intervals, where metrics.json records them.</p>",
+        operating_points(folders, results),
+        "<h2>ROC of all results</h2>",
+        f'<div class="figs">{figure(roc_png, "ROC of " + ", ".join(sorted({protocol_name(m) for m in results})))}</div>',
+    ]
+    if training:
+        parts.append("<h2>Training</h2>")
+        parts.append('<p class="note">Training loss, validation AUC and TAR at FAR 1e-3 per epoch.</p>')
+        parts.append('<div class="figs">' + "".join(figure(png, source) for source, png in training) + "</div>")
+    parts.append("<h2>Results</h2>")
+    for k, (folder, m) in enumerate(zip(folders, results, strict=True)):
+        parts.append(f'<section id="result-{k}"><h3>{esc(title_of(m))}: AUC {float(m["auc"]):.4f}</h3>')
+        figs = result_figures(folder, m)
+        parts.append('<div class="figs">' + "".join(figure(png, cap) for cap, png in figs) + "</div>")
+        parts.append(provenance(folder, m) + "</section>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write_page(
+    path: Path, folders: list[Path], results: list[dict], roc_png: bytes, training: list[tuple[str, bytes]]
+) -> None:
+    Path(path).write_text(page(folders, results, roc_png, training), encoding="utf-8")
+
+
+__all__ = [
+    "GENERATOR",
+    "data_uri",
+    "interval",
+    "operating_points",
+    "page",
+    "provenance",
+    "result_figures",
+    "write_page",
+]
