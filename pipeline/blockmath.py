@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -245,11 +246,12 @@ def sample_rows(n: int, seed: int, sample_pairs: int) -> np.ndarray:
 
 
 class SampleRange:
-    """The 10th smallest and largest value of the sample rows against every other row, fed column block by
-    column block (`add`) in any grouping: only the extremes of each block are kept."""
+    """The 10th smallest and largest value of the sample rows against every other row, and its `keep`-th
+    smallest and largest (where the exact tail starts, `pipeline.tail.start_rank`), fed column block by column
+    block (`add`) in any grouping: only the `keep` extremes of each side are kept."""
 
-    def __init__(self, rows: np.ndarray, n: int):
-        self.rows, self.n = rows, n
+    def __init__(self, rows: np.ndarray, n: int, keep: int = 0):
+        self.rows, self.n, self.keep = rows, n, max(SAMPLE_RANK + 1, keep)
         self.low: list[np.ndarray] = []
         self.high: list[np.ndarray] = []
 
@@ -262,16 +264,28 @@ class SampleRange:
             own = np.flatnonzero((self.rows >= c0 + s) & (self.rows < c0 + s + len(blk)))
             v[own, self.rows[own] - c0 - s] = np.nan  # a row with itself is no pair
             flat = v[~np.isnan(v)]
-            k = min(SAMPLE_RANK + 1, len(flat))
-            if k:
-                self.low.append(np.partition(flat, k - 1)[:k].copy())  # copies: no view keeps the block alive
-                self.high.append(np.partition(flat, len(flat) - k)[len(flat) - k :].copy())
+            self.low, self.high = (
+                [_smallest(np.concatenate([*self.low, flat]), self.keep)],
+                [-_smallest(-np.concatenate([*self.high, flat]), self.keep)],
+            )
+
+    def near(self, metric: str) -> float:
+        """The `keep`-th most similar sample value (l2: smallest; cosine: largest)."""
+        side = np.sort(self.low[0]) if metric == "l2" else -np.sort(-self.high[0])
+        return float(side[min(self.keep, len(side)) - 1]) if len(side) else math.nan
 
     def extremes(self) -> tuple[float, float]:
         total = len(self.rows) * (self.n - 1)
         k = min(SAMPLE_RANK, (total - 1) // 2)
         low, high = np.concatenate(self.low).astype(np.float64), np.concatenate(self.high).astype(np.float64)
         return float(np.partition(low, k)[k]), float(np.partition(high, len(high) - 1 - k)[len(high) - 1 - k])
+
+
+def _smallest(values: np.ndarray, k: int) -> np.ndarray:
+    """The k smallest values (all when fewer), as a new array (no view keeps a block alive)."""
+    if len(values) <= k:
+        return values.copy()
+    return np.partition(values, k - 1)[:k].copy()
 
 
 def bin_range(vmin: float, vmax: float, metric: str, max_norm: float) -> tuple[float, float]:

@@ -4,6 +4,7 @@ histc over [0, bins] is the same for every coordinate below bins) and truncated.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,10 +22,10 @@ class BinCounts:
     least 4 x bins values. One per thread: counts of several add up exactly.
 
     With `ids` (values' group-pair ids, 0..n_ids-1) it also counts `coarse` bins per id (`group_counts`, the
-    jackknife's input, `pipeline.intervals`)."""
+    jackknife's input, `pipeline.intervals`); `fine=False` counts only those."""
 
-    def __init__(self, bins: int, n_ids: int = 0, coarse: int = 1):
-        self.bins, self.n_ids, self.coarse = bins, n_ids, coarse
+    def __init__(self, bins: int, n_ids: int = 0, coarse: int = 1, fine: bool = True):
+        self.bins, self.n_ids, self.coarse, self.fine = bins, n_ids, coarse, fine
         self.top = np.float32(bins - 1)
         self.counts = np.zeros(bins, dtype=np.int64)
         self.group_counts = np.zeros(n_ids * coarse, dtype=np.int64)
@@ -36,9 +37,9 @@ class BinCounts:
         ratio = bins // coarse  # a power-of-two ratio: coarse bin = fine bin >> shift
         self.shift = ratio.bit_length() - 1 if bins % coarse == 0 and ratio & (ratio - 1) == 0 else None
 
-    def add(self, values: np.ndarray, ids: np.ndarray | int | None = None) -> None:
-        """Count `values` (any shape; bin coordinates, clipped here) and, with `ids` (one id for all of them, or
-        one per value, same shape), per id."""
+    def add(self, values: np.ndarray, ids=None) -> None:
+        """Count `values` (any shape; bin coordinates, clipped here) and, with group counts, per id: `ids` is one
+        id for all, one per value (same shape), or for 2-D values a list of rectangles (r0, r1, c0, c1, id)."""
         if values.size > len(self.fbuf):
             self.fbuf = np.empty(values.size, dtype=np.float32)
         clipped = self.fbuf[: values.size].reshape(values.shape)
@@ -46,8 +47,12 @@ class BinCounts:
         flat = clipped.reshape(-1)
         if self.n_ids and ids is None:
             raise ValueError("group counts need the values' ids")
-        grouped = bool(self.n_ids)
-        flat_ids = ids.reshape(-1).astype(np.intp) if grouped and not np.isscalar(ids) else None
+        if isinstance(ids, list) and values.size > self.chunk:  # rectangles of a large input: one id per value
+            per = np.empty(values.shape, dtype=np.intp)
+            for r0, r1, c0, c1, i in ids:
+                per[r0:r1, c0:c1] = i
+            ids = per
+        flat_ids = ids.reshape(-1).astype(np.intp) if isinstance(ids, np.ndarray) else None
         for s in range(0, flat.size, self.chunk):
             part = flat[s : s + self.chunk]
             if self.used + part.size > self.chunk:
@@ -59,25 +64,39 @@ class BinCounts:
                     self.gbuf = _grown(self.gbuf, size, self.used)
             fine = self.ibuf[self.used : self.used + part.size]
             np.copyto(fine, part, casting="unsafe")  # truncation = floor (>= 0)
-            if grouped:  # key = id * coarse + coarse bin, as the GPU computes it
+            if self.n_ids:  # key = id * coarse + coarse bin, as the GPU computes it
                 key = self.gbuf[self.used : self.used + part.size]
                 if self.shift is not None:
                     np.right_shift(fine, self.shift, out=key)
                 else:
                     np.floor_divide(fine * self.coarse, self.bins, out=key)
-                if flat_ids is None:
-                    key += int(ids) * self.coarse
-                else:
+                if flat_ids is not None:
                     key += flat_ids[s : s + self.chunk] * self.coarse
+                elif isinstance(ids, list):  # the whole input is this part
+                    key2d = key.reshape(values.shape)
+                    for r0, r1, c0, c1, i in ids:
+                        key2d[r0:r1, c0:c1] += i * self.coarse
+                else:
+                    key += int(ids) * self.coarse
             self.used += part.size
 
     def flush(self) -> np.ndarray:
         if self.used:
-            self.counts += np.bincount(self.ibuf[: self.used], minlength=self.bins)
+            if self.fine:
+                self.counts += _bincount(self.ibuf[: self.used], self.bins)
             if self.n_ids:
-                self.group_counts += np.bincount(self.gbuf[: self.used], minlength=len(self.group_counts))
+                self.group_counts += _bincount(self.gbuf[: self.used], len(self.group_counts))
             self.used = 0
         return self.counts
+
+
+def _bincount(idx: np.ndarray, minlength: int) -> np.ndarray:
+    """`np.bincount`; torch's where torch is loaded already (the in-memory path): the same counts, and it lets
+    the other product thread run meanwhile (NumPy's holds the GIL). Out-of-core scoring does not load torch."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return np.bincount(idx, minlength=minlength)
+    return torch.bincount(torch.from_numpy(idx), minlength=minlength).numpy()
 
 
 def _grown(buf: np.ndarray, size: int, keep: int) -> np.ndarray:

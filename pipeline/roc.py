@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
 METRICS = ("l2", "cosine")
+GROUP_ARRAYS = ("group_sample", "group_pos", "group_pos_sample", "group_rows")  # histogram.npz names
 FAR_LEVELS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -49,6 +50,8 @@ class Binning:
     hi: float
     bins: int
     metric: str
+    near: float = field(default=math.nan, compare=False)
+    """The sample's value where the exact tail starts (`pipeline.tail.start_rank`); not part of the bins."""
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -91,8 +94,9 @@ class HistogramROC:
         self.max_distance: float = float("nan")
         self.tail: Tail | None = None
         """The exact tail of all-pairs scoring (`pipeline.tail`): exact TAR at low FAR."""
-        self.groups: tuple[np.ndarray, np.ndarray] | None = None
-        """Coarse counts per pair of identity groups (all pairs, same-person), for `pipeline.intervals`."""
+        self.groups: tuple | None = None
+        """The jackknife's coarse counts per pair of identity groups (sampled pairs, same-person pairs, sampled
+        same-person pairs) and rows per group (`pipeline.intervals`)."""
 
     @property
     def n_positive(self) -> int:
@@ -141,7 +145,9 @@ class HistogramROC:
         if (self.groups is None) != (other.groups is None):
             raise ValueError("cannot merge histograms with and without group counts")
         if self.groups is not None:
-            self.groups = (self.groups[0] + other.groups[0], self.groups[1] + other.groups[1])
+            if not np.array_equal(self.groups[3], other.groups[3]):
+                raise ValueError("cannot merge histograms of stores whose identity groups differ")
+            self.groups = (*(a + b for a, b in zip(self.groups[:3], other.groups[:3], strict=True)), self.groups[3])
         known = [d for d in (self.max_distance, other.max_distance) if math.isfinite(d)]
         self.max_distance = max(known) if known else float("nan")
         return self
@@ -177,7 +183,7 @@ class HistogramROC:
             t = self.tail
             arrays.update(tail_k=t.k, tail_neg=t.neg, tail_pos=t.pos, tail_neg_ids=t.neg_ids, tail_pos_ids=t.pos_ids)
         if self.groups is not None:
-            arrays.update(group_all=self.groups[0], group_pos=self.groups[1])
+            arrays.update(zip(GROUP_ARRAYS, self.groups, strict=True))
         np.savez_compressed(path, **arrays, **extra)
 
     @classmethod
@@ -193,8 +199,8 @@ class HistogramROC:
                     acc.tail = Tail(int(z["tail_k"]), acc.binning.metric)
                     acc.tail.add(z["tail_neg"], z["tail_pos"], z["tail_neg_ids"], z["tail_pos_ids"])
                     acc.tail.finish()
-                if "group_all" in z.files:
-                    acc.groups = (z["group_all"].astype(np.int64), z["group_pos"].astype(np.int64))
+                if GROUP_ARRAYS[0] in z.files:
+                    acc.groups = tuple(z[k].astype(np.int64) for k in GROUP_ARRAYS)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise PipelineError(f"cannot read histograms {path} (truncated or not written by score?): {e}") from None
         return acc

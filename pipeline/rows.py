@@ -49,7 +49,7 @@ from pipeline.results import (
 from pipeline.roc import Binning, HistogramROC
 from pipeline.sorted_rows import LabelOrder
 from pipeline.store import Store, bad_rows_error, open_store, recorded_data_root
-from pipeline.tail import ExactTies, duplicate_ids, tail_size, zero_coordinate
+from pipeline.tail import ExactTies, duplicate_ids, start_rank, tail_size, zero_coordinate
 from pipeline.tiles import TileLoop
 
 log = logging.getLogger(__name__)
@@ -193,20 +193,28 @@ def row_stats(src: LabelOrder, metric: str) -> tuple[np.ndarray | None, float, n
     return mean, math.sqrt(float(sq.max())) if metric == "l2" else 1.0, dups
 
 
+def positives(sorted_labels: np.ndarray) -> int:
+    """Same-person pairs of labels sorted by label."""
+    sizes = np.diff(np.flatnonzero(np.r_[True, np.diff(sorted_labels) != 0, True]))
+    return int((sizes * (sizes - 1) // 2).sum())
+
+
 def stream_binning(src: LabelOrder, mean, metric: str, max_norm: float, cfg: RowsConfig) -> Binning:
     """`pipeline.scoring.memory.choose_binning` over streamed column blocks (the same sample, products and
     range)."""
     rows = sample_rows(src.n, cfg.seed, cfg.sample_pairs)
+    n_pairs = src.n * (src.n - 1) // 2
+    keep = start_rank(tail_size(n_pairs, positives(src.labels)), n_pairs, len(rows) * (src.n - 1))
     reader = BlockRows(src, mean, metric, None, STAT_ROWS)
     sample_left = np.empty((len(rows), reader.width), dtype=np.float32)
     augment(src.take(rows), mean, metric, sample_left, np.empty_like(sample_left))
-    rng = SampleRange(rows, src.n)
+    rng = SampleRange(rows, src.n, keep)
     for s in range(0, src.n, STAT_ROWS):
         _, right = reader.rows(s, min(s + STAT_ROWS, src.n))
         rng.add(sample_left, right, s)
     vmin, vmax = rng.extremes()
     lo, hi = bin_range(vmin, vmax, metric, max_norm)
-    return Binning(lo, hi, cfg.bins, metric)
+    return Binning(lo, hi, cfg.bins, metric, rng.near(metric))
 
 
 @dataclass
@@ -235,8 +243,7 @@ def score_part(src: LabelOrder, cfg: RowsConfig, binning: Binning, mean, rows: t
         right = reader.block(kc)[1][t.c0 - kc * side : t.c1 - kc * side]
         return fixed_matmul(left, right, None, side=unit, below=a2 - t.r0 if t.diagonal else None, on_block=on_block)
 
-    sizes = np.diff(np.flatnonzero(np.r_[True, np.diff(src.labels) != 0, True]))
-    k = tail_size(n * (n - 1) // 2, int((sizes * (sizes - 1) // 2).sum()))
+    k = tail_size(n * (n - 1) // 2, positives(src.labels))
     res = TileLoop(
         binning,
         product,

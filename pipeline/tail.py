@@ -20,8 +20,22 @@ from collections.abc import Callable
 
 import numpy as np
 
-TAIL_MAX = 1 << 20  # at most this many negatives (4 MB per thread): exact down to FAR 1e-2 up to 10^8 pairs
-TAIL_FAR = 1e-2  # the tail aims to make every FAR level up to this exact
+TAIL_MAX = 1 << 20  # at most this many negatives (4 MB per thread): FAR up to 1e-3 exact below 5 x 10^8 pairs
+TAIL_FAR = 2e-3  # the tail aims to make every FAR level up to 1e-3 exact, in every jackknife replicate too
+
+
+def start_rank(k: int, n_pairs: int, sample_pairs: int) -> int:
+    """Rank, in the bin-range sample, of the value the tail starts from: the sample's share of 3 K pairs, so
+    that about 3 K pairs of the whole pass the tail's first bound (the tail needs K; were fewer to pass, it would
+    hold all that did and be exact to a lower FAR, which `exact_far` says)."""
+    return int(math.ceil(3 * k / max(1, n_pairs) * sample_pairs)) + 10
+
+
+def start_bound(near: float, lo: float, hi: float, bins: int, metric: str) -> float:
+    """The tail's first bound, in bin coordinates, from the sample's value `near` (no bound when unknown)."""
+    if not math.isfinite(near):
+        return math.inf if metric == "l2" else -math.inf
+    return float(np.float32((near - lo) * bins / (hi - lo)))
 
 
 def tail_size(n_pairs: int, n_positive: int) -> int:
@@ -43,13 +57,14 @@ class Tail:
     float32 bin coordinates, each with the id of its pair of identity groups (`neg_ids`, `pos_ids`, for the
     jackknife of `pipeline.intervals`). Feed it blocks in any order and grouping (`add`), combine tails (`merge`)."""
 
-    def __init__(self, k: int, metric: str):
+    def __init__(self, k: int, metric: str, bound: float | None = None):
         self.k, self.metric = k, metric
         self.neg, self.pos = np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
         self.neg_ids, self.pos_ids = np.zeros(0, dtype=np.int16), np.zeros(0, dtype=np.int16)
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self._held = 0
-        self.bound = np.float32(np.inf if metric == "l2" else -np.inf)  # the K-th most similar seen so far
+        # the K-th most similar seen so far; at first the sample's estimate of a value about 3 K pairs pass
+        self.bound = np.float32((np.inf if metric == "l2" else -np.inf) if bound is None else bound)
 
     def candidates(self, values: np.ndarray) -> np.ndarray:
         """Mask of `values` at least as similar as the current bound (only these can enter the tail)."""
@@ -74,8 +89,8 @@ class Tail:
         pos = np.concatenate([self.pos, *(p[2] for p in self._parts)])
         pos_ids = np.concatenate([self.pos_ids, *(p[3] for p in self._parts)])
         self._parts = []
-        if len(neg) > self.k:  # ties at the K-th value go by id: every path keeps the same pairs
-            keep = np.argpartition(_key(neg, neg_ids, self.metric), self.k - 1)[: self.k]
+        if len(neg) > self.k:
+            keep = self._k_most_similar(neg, neg_ids)
             neg, neg_ids = neg[keep], neg_ids[keep]
         if len(neg) >= self.k:  # a full tail: nothing less similar than its last value can matter
             self.bound = neg.max() if self.metric == "l2" else neg.min()
@@ -83,10 +98,20 @@ class Tail:
             pos, pos_ids = pos[keep], pos_ids[keep]
         self.neg, self.neg_ids, self.pos, self.pos_ids, self._held = neg, neg_ids, pos, pos_ids, len(neg)
 
+    def _k_most_similar(self, neg: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Indices of the K most similar values; ties at the K-th value go by id (then position), so every path
+        keeps the same pairs."""
+        key = neg if self.metric == "l2" else -neg
+        edge = np.partition(key, self.k - 1)[self.k - 1]
+        inside = np.flatnonzero(key < edge)
+        tied = np.flatnonzero(key == edge)
+        tied = tied[np.argsort(ids[tied], kind="stable")][: self.k - len(inside)]
+        return np.concatenate([inside, tied])
+
     def merge(self, other: Tail) -> Tail:
         if other.k != self.k or other.metric != self.metric:
             raise ValueError(f"cannot merge tails of K {other.k} ({other.metric}) and {self.k} ({self.metric})")
-        other.finish()
+        other._shrink()
         self.add(other.neg, other.pos, other.neg_ids, other.pos_ids)
         return self
 
@@ -99,12 +124,22 @@ class Tail:
         self.pos, self.pos_ids = self.pos[o], self.pos_ids[o]
         return self
 
-    def without(self, keep_ids: np.ndarray) -> Tail:
-        """The tail restricted to the group pairs `keep_ids` marks (a jackknife replicate); not shrunk."""
-        t = Tail(self.k, self.metric)
-        kn, kp = keep_ids[self.neg_ids], keep_ids[self.pos_ids]
-        t.neg, t.neg_ids, t.pos, t.pos_ids = self.neg[kn], self.neg_ids[kn], self.pos[kp], self.pos_ids[kp]
-        return t
+    def tar_without(self, levels: list[float], keep_ids: np.ndarray, n_negative: int, n_positive: int,
+                    complete: bool) -> list[float | None]:  # fmt: skip
+        """`tar_at` for each level over only the pairs whose group pair `keep_ids` marks (a jackknife replicate;
+        the tail is sorted by `finish`)."""
+        neg_at = np.flatnonzero(keep_ids[self.neg_ids])
+        pos_cum = np.r_[0, np.cumsum(keep_ids[self.pos_ids])]
+        out: list[float | None] = []
+        for far in levels:
+            m = math.floor(far * n_negative + 1e-9)
+            if n_positive == 0 or m >= len(neg_at):
+                out.append(1.0 if complete and n_positive else None)
+                continue
+            edge = self.neg[neg_at[m]]
+            j = np.searchsorted(self.pos, edge) if self.metric == "l2" else np.searchsorted(-self.pos, -edge)
+            out.append(int(pos_cum[j]) / n_positive)  # positives strictly more similar than the edge
+        return out
 
     def tar_at(self, far: float, n_negative: int, n_positive: int, complete: bool | None = None) -> float | None:
         """Exact TAR at FAR `far`, or None when the tail does not reach it (then the bins answer). `complete`:

@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from pipeline.blockmath import Tile, better_extreme
 from pipeline.counting import BinCounts, Stager, as_int64
-from pipeline.intervals import COARSE, GROUPS, identity_groups
+from pipeline.intervals import COARSE, GROUP_EVERY, GROUPS, identity_groups
 from pipeline.roc import Binning, HistogramROC
-from pipeline.tail import ExactTies, Tail, zero_coordinate
+from pipeline.tail import ExactTies, Tail, start_bound, zero_coordinate
 from pipeline.tile_pairs import clip_to_span, multiplied, pair_ids, pairs_in, ranges, runs, same_label_flat
 
 if TYPE_CHECKING:
@@ -57,16 +57,16 @@ class TilePass:
     n_pairs: int = 0
     tail: Tail | None = None
     """The exact tail (`pipeline.tail`), when the loop keeps one."""
-    group_all: np.ndarray | None = None
-    """With the tail: coarse counts per pair of identity groups, all pairs and same-person ones (the jackknife's)."""
-    group_pos: np.ndarray | None = None
+    groups: tuple | None = None
+    """With the tail: the jackknife's coarse counts per pair of identity groups (`pipeline.intervals`): of the
+    sampled pairs, of every same-person pair, of the sampled same-person pairs; and the rows per group."""
 
     def roc(self) -> HistogramROC:
         acc = HistogramROC(self.binning)
         acc.add_counts(as_int64(self.all_counts), as_int64(self.pos_counts))
         acc.tail = self.tail
-        if self.group_all is not None:
-            acc.groups = (as_int64(self.group_all), as_int64(self.group_pos))
+        if self.groups is not None:
+            acc.groups = tuple(as_int64(c) for c in self.groups)
         return acc
 
 
@@ -74,14 +74,26 @@ _NONE = np.zeros(0, dtype=np.int64)
 _NO_VALUES = np.zeros(0, dtype=np.float32)
 
 
+def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """`np.isin` for a small sorted second array, by binary search."""
+    if not len(sorted_set):
+        return np.zeros(len(values), dtype=bool)
+    i = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[i] == values
+
+
 class _Counting:
     """One thread's share of a CPU pass: its histograms and its extreme candidate (value, tile, i, j) with
     i, j in the source's row order."""
 
-    def __init__(self, bins: int, tail_k: int, metric: str, n_ids: int = 0):
-        self.all, self.pos = BinCounts(bins, n_ids, COARSE), BinCounts(bins, n_ids, COARSE)
+    def __init__(self, bins: int, tail_k: int, metric: str, n_ids: int = 0, bound: float | None = None):
+        fused = GROUP_EVERY == 1  # every pair in the jackknife's counts: one pass counts both
+        self.all = BinCounts(bins, n_ids if fused else 0, COARSE)
+        self.sub = self.all if fused else BinCounts(bins, n_ids, COARSE, fine=False)
+        self.pos = BinCounts(bins, n_ids, COARSE)
+        self.pos_sub = self.pos if fused else BinCounts(bins, n_ids, COARSE, fine=False)
         self.best: tuple = (float("nan"), -1, -1, -1)
-        self.tail = Tail(tail_k, metric) if tail_k else None
+        self.tail = Tail(tail_k, metric, bound) if tail_k else None
 
 
 class TileLoop:
@@ -168,13 +180,19 @@ class TileLoop:
             res.tail.finish()
         if self.groups is not None:
             size = GROUPS * GROUPS * COARSE
+            names = ("sub", "pos", "pos_sub")
             if self.numpy:
-                res.group_all = sum((c.all.group_counts for c in self._threads.values()), np.zeros(size, np.int64))
-                res.group_pos = sum((c.pos.group_counts for c in self._threads.values()), np.zeros(size, np.int64))
+                counts = []
+                for k in names:
+                    total = np.zeros(size, np.int64)
+                    for c in self._threads.values():
+                        getattr(c, k).flush()  # (the same counter twice when GROUP_EVERY is 1: flushing is idempotent)
+                        total += getattr(c, k).group_counts
+                    counts.append(total)
             else:
-                zero = np.zeros(size, dtype=np.int64)
-                res.group_all, res.group_pos = (as_int64(self._group_dev[k]) if k in self._group_dev else zero
-                                                for k in ("all", "pos"))  # fmt: skip
+                counts = [as_int64(self._group_dev[k]) if k in self._group_dev else np.zeros(size, np.int64)
+                          for k in names]  # fmt: skip
+            res.groups = (*counts, np.bincount(self.groups, minlength=GROUPS))
         self._threads = {}
         return res
 
@@ -194,7 +212,9 @@ class TileLoop:
         c = self._threads.get(threading.get_ident())
         if c is None:
             n_ids = 0 if self.groups is None else GROUPS * GROUPS
-            c = self._threads[threading.get_ident()] = _Counting(self.binning.bins, self.tail_k, self.metric, n_ids)
+            b = self.binning
+            bound = start_bound(b.near, b.lo, b.hi, b.bins, self.metric)
+            c = self._threads[threading.get_ident()] = _Counting(b.bins, self.tail_k, self.metric, n_ids, bound)
         return c
 
     def _tile_numpy(self, k: int, t: Tile, a: int, b: int) -> None:
@@ -232,12 +252,22 @@ class TileLoop:
                                                  t.c0 + c0 + f % width), self.metric)  # fmt: skip
             if gr is None:
                 cnt.all.add(vals)
-            elif flat is None:  # rows are sorted by label, so groups are runs: one id per rectangle of runs
-                for rs, re_ in runs(gr):
-                    for cs, ce in runs(gc):
-                        cnt.all.add(vals[rs:re_, cs:ce], int(gr[rs]) * GROUPS + int(gc[cs]))
-            else:
-                cnt.all.add(vals, pair_ids(flat, width, lo - r0, gr, gc))
+            elif GROUP_EVERY == 1:  # rows sorted by label: groups in runs, one id per rectangle of runs
+                ids = [
+                    (rs, re_, cs, ce, int(gr[rs]) * GROUPS + int(gc[cs])) for rs, re_ in runs(gr) for cs, ce in runs(gc)
+                ]
+                cnt.all.add(vals, ids if flat is None else pair_ids(flat, width, lo - r0, gr, gc))
+            else:  # the jackknife's sample: pairs whose first row is a multiple of GROUP_EVERY
+                cnt.all.add(vals)
+                first = lo + (-(a2 + lo)) % GROUP_EVERY
+                if flat is None and first < hi:  # rows sorted by label: groups in runs, one id per rectangle
+                    gs = self.groups[a2 + first : a2 + hi : GROUP_EVERY]
+                    rects = [(rs, re_, cs, ce, int(gs[rs]) * GROUPS + int(gc[cs])) for rs, re_ in runs(gs)
+                             for cs, ce in runs(gc)]  # fmt: skip
+                    cnt.sub.add(v[first - r0 : hi - r0 : GROUP_EVERY], rects)
+                elif flat is not None:
+                    sf = flat[(a2 + r0 + flat // width) % GROUP_EVERY == 0]
+                    cnt.sub.add(v.reshape(-1)[sf], pair_ids(sf, width, lo - r0, gr, gc))
             s0, s1 = np.searchsorted(pos_r, [lo, hi])
             pflat, pvals, pids = _NONE, _NO_VALUES, None
             if s1 > s0:
@@ -248,6 +278,9 @@ class TileLoop:
                     pvals = v.reshape(-1)[pflat]
                     if self.groups is not None:
                         pids = self.groups[a2 + pr[keep]] * (GROUPS + 1)  # a same-person pair: one group
+                        if cnt.pos_sub is not cnt.pos:
+                            sampled = (a2 + pr[keep]) % GROUP_EVERY == 0
+                            cnt.pos_sub.add(pvals[sampled], pids[sampled])
                     cnt.pos.add(pvals, pids)
             if cnt.tail is not None:  # the exact tail: values at least as similar as its bound, positives apart
                 if pvals.size:
@@ -257,7 +290,7 @@ class TileLoop:
                 pk_ids = None if pids is None else pids[pk]
                 if near.size:
                     at = near + (lo - r0) * width if flat is None else flat[near]
-                    negative = ~np.isin(at, pflat)
+                    negative = ~_in_sorted(at, pflat)
                     nids = None if gr is None else pair_ids(at[negative], width, lo - r0, gr, gc)
                     at = at[negative]
                     nv = self.ties(vals.reshape(-1)[near][negative], a2 + r0 + at // width, t.c0 + c0 + at % width)
@@ -290,15 +323,20 @@ class TileLoop:
             self._tail_torch(t, tv, vals, pf, ids)
         vals.clamp_(0, self.binning.bins)  # in the tile itself for off-diagonal tiles
         all_c.add(vals)
-        if ids is not None:
-            self._group_torch("all", vals, ids)
+        w = t.c1 - t.c0
+        if ids is not None:  # the jackknife's sample: pairs whose first row is a multiple of GROUP_EVERY
+            rows = self.triu(w)[0] if t.diagonal else np.repeat(np.arange(t.r1 - t.r0), w)
+            sampled = torch.from_numpy(np.flatnonzero((t.r0 + rows) % GROUP_EVERY == 0)).to(tv.device)
+            self._group_torch("sub", vals.index_select(0, sampled), ids.index_select(0, sampled))
         if pf.size:
             pv = tv.reshape(-1).index_select(0, torch.from_numpy(pf).to(tv.device)).clamp(0, self.binning.bins)
             pos_c.add(pv)
             if ids is not None:
-                self._group_torch(
-                    "pos", pv, torch.from_numpy(self.groups[t.r0 + pf // (t.c1 - t.c0)] * (GROUPS + 1)).to(tv.device)
-                )
+                pr = t.r0 + pf // w
+                self._group_torch("pos", pv, torch.from_numpy(self.groups[pr] * (GROUPS + 1)).to(tv.device))
+                s = torch.from_numpy(np.flatnonzero(pr % GROUP_EVERY == 0)).to(tv.device)
+                self._group_torch("pos_sub", pv.index_select(0, s),
+                                  torch.from_numpy(self.groups[pr] * (GROUPS + 1)).to(tv.device).index_select(0, s))  # fmt: skip
         return ext
 
     def _group_torch(self, which: str, vals: torch.Tensor, ids: torch.Tensor) -> None:

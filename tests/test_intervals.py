@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from pipeline.intervals import COARSE, GROUPS, bootstrap_listed, identity_groups, jackknife
+from pipeline.intervals import COARSE, GROUP_EVERY, GROUPS, bootstrap_listed, identity_groups, jackknife
 from pipeline.roc import FAR_LEVELS
 from tests.stores import random_store
 from tests.torchrun import torchrun
@@ -40,26 +40,30 @@ def test_group_counts_equal_brute_force_on_every_path(tmp_path, metric):
     assert cli("merge", tmp_path / "p0", tmp_path / "p1", "--out", tmp_path / "merged").exit_code == 0
     r = torchrun(2, "score", str(store), *common, "--out", str(tmp_path / "tr"))
     assert r.returncode == 0, r.stderr
-    g = identity_groups(labels)
+    order = np.argsort(labels, kind="stable")  # label order: the rows the engine counts in
+    ls = labels[order]
+    g = identity_groups(ls)
     iu = np.triu_indices(n, 1)
     ids = (g[:, None] * GROUPS + g[None, :])[iu]
-    same = (labels[:, None] == labels[None, :])[iu]
-    want_all = np.bincount(ids, minlength=GROUPS * GROUPS)
-    want_pos = np.bincount(ids[same], minlength=GROUPS * GROUPS)
+    same = (ls[:, None] == ls[None, :])[iu]
+    sampled = iu[0] % GROUP_EVERY == 0  # the jackknife's sample: first row a multiple of GROUP_EVERY
+    want = [np.bincount(ids[m], minlength=GROUPS * GROUPS) for m in (sampled, same, same & sampled)]
     first = np.load(tmp_path / "mem" / "histogram.npz")
     for run in ("mem", "merged", "tr"):
         h = np.load(tmp_path / run / "histogram.npz")
-        got_all = h["group_all"].reshape(GROUPS * GROUPS, COARSE).sum(1)
-        got_pos = h["group_pos"].reshape(GROUPS * GROUPS, COARSE).sum(1)
-
-        # a pair (i, j) is counted under (group of i, group of j) with i < j in label order
-        def sym(c):
-            m = c.reshape(GROUPS, GROUPS)
-            return m + m.T - np.diag(np.diag(m))
-
-        np.testing.assert_array_equal(sym(got_all), sym(want_all))
-        np.testing.assert_array_equal(sym(got_pos), sym(want_pos))
-        for k in ("group_all", "group_pos", "tail_neg", "tail_pos", "tail_neg_ids", "tail_pos_ids"):
+        for name, w in zip(("group_sample", "group_pos", "group_pos_sample"), want, strict=True):
+            got = h[name].reshape(GROUPS * GROUPS, COARSE).sum(1)
+            np.testing.assert_array_equal(got, w, err_msg=f"{run} {name}")
+        np.testing.assert_array_equal(h["group_rows"], np.bincount(g, minlength=GROUPS))
+        for k in (
+            "group_sample",
+            "group_pos",
+            "group_pos_sample",
+            "tail_neg",
+            "tail_pos",
+            "tail_neg_ids",
+            "tail_pos_ids",
+        ):
             np.testing.assert_array_equal(h[k], first[k], err_msg=f"{run} {k}")
         m = json.loads((tmp_path / run / "metrics.json").read_text())
         lo, hi = m["auc_ci95"]

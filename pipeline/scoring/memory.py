@@ -28,7 +28,7 @@ from pipeline.roc import (
     Binning,
 )
 from pipeline.store import Store, bad_rows_error
-from pipeline.tail import ExactTies, duplicate_ids, zero_coordinate
+from pipeline.tail import ExactTies, duplicate_ids, start_rank, tail_size, zero_coordinate
 from pipeline.tiles import TileLoop
 
 log = logging.getLogger(__name__)
@@ -248,10 +248,13 @@ def choose_binning(prep: Prepared, bins: int, seed: int = 0, sample_pairs: int =
     `auc_error_bound` accounts for them."""
     n = prep.n
     rows = sample_rows(n, seed, sample_pairs)
+    n_pairs = n * (n - 1) // 2
+    keep = start_rank(tail_size(n_pairs, prep.n_positive), n_pairs, len(rows) * (n - 1))
     if prep.left.device.type == "cpu":  # NumPy's BLAS in fixed blocks, as out-of-core scoring does
-        rng_ = SampleRange(rows, n)
+        rng_ = SampleRange(rows, n, keep)
         rng_.add(prep.left.numpy()[rows], prep.right.numpy(), 0)
         vmin, vmax = rng_.extremes()
+        near = rng_.near(prep.metric)
     else:
         it = torch.from_numpy(rows).to(prep.left.device)
         every = []
@@ -263,8 +266,10 @@ def choose_binning(prep: Prepared, bins: int, seed: int = 0, sample_pairs: int =
         k = min(9, (len(allv) - 1) // 2)
         vmin = float(np.partition(allv, k)[k])
         vmax = float(np.partition(allv, len(allv) - 1 - k)[len(allv) - 1 - k])
+        r = min(keep, len(allv)) - 1
+        near = float(np.partition(allv, r)[r] if prep.metric == "l2" else -np.partition(-allv, r)[r])
     lo, hi = bin_range(vmin, vmax, prep.metric, prep.max_norm)
-    return Binning(float(lo), float(hi), bins, prep.metric)
+    return Binning(float(lo), float(hi), bins, prep.metric, near)
 
 
 # ---------------------------------------------------------------------------------------------------- tile pass
