@@ -89,3 +89,41 @@ def test_bootstrap_listed_holds_the_estimate():
     auc = roc_auc_score(positive, values)
     assert r["auc_ci95"][0] < auc < r["auc_ci95"][1] and r["auc_ci95"][1] - r["auc_ci95"][0] < 0.1
     assert set(r["tar_at_far_ci95"]) == {f"{f:g}" for f in FAR_LEVELS}
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_gpu_counting_keeps_the_same_tail_and_group_counts(tmp_path, metric):
+    """The GPU's counting branch (run here on the CPU) keeps the same exact tail and jackknife counts as the
+    CPU's, for the whole plan and for subsets of tiles merged."""
+    import torch
+
+    from pipeline.blockmath import tile_plan
+    from pipeline.scoring.memory import TileScorer, TorchTiles, choose_binning, prepare
+    from pipeline.store import open_store
+    from pipeline.tail import tail_size
+
+    path, _, _ = random_store(tmp_path / "s.h5", 301, 12, seed=4, duplicates=6)
+    with open_store(path) as st_:
+        prep = prepare(st_, metric, torch.device("cpu"))
+    binning = choose_binning(prep, 1 << 12)
+    prep.scale_to_bins(binning)
+    plan = tile_plan(prep.n, 64, leaf=16)
+    k = tail_size(prep.n * (prep.n - 1) // 2, prep.n_positive)
+    results = {}
+    for counting in ("numpy", "torch"):
+        scorer = TileScorer(prep, binning, TorchTiles(prep, 64), counting=counting, tail_k=k)
+        whole = scorer.run(plan, progress=False).roc()
+        parts = [scorer.run(plan, select=range(r, len(plan), 3), progress=False).roc() for r in range(3)]
+        merged = parts[0]
+        for p in parts[1:]:
+            merged.merge(p)
+        for acc in (whole, merged):
+            assert acc.tail is not None and acc.groups is not None
+        results[counting] = (whole, merged)
+    ref = results["numpy"][0]
+    for acc in (*results["numpy"], *results["torch"]):
+        for a, b in zip(acc.groups, ref.groups, strict=True):
+            np.testing.assert_array_equal(a, b)
+        for name in ("neg", "pos", "neg_ids", "pos_ids"):
+            np.testing.assert_array_equal(getattr(acc.tail, name), getattr(ref.tail, name), err_msg=name)
+        assert acc.compute()["tar_at_far"] == ref.compute()["tar_at_far"]
