@@ -12,12 +12,10 @@ import click
 
 from benchmarks import BenchmarkGroup
 from cli_options import (
-    data_root_option,
     device_option,
     embed_options,
     finetune_options,
-    image_set_option,
-    model_option,
+    network_source_options,
     workers_option,
 )
 from pipeline.errors import PipelineError
@@ -242,15 +240,7 @@ def bench() -> None:
 
 
 @main.command()
-@data_root_option
-@image_set_option
-@model_option
-@click.option(
-    "--weights",
-    default="imagenet",
-    show_default=True,
-    help="Starting weights: imagenet, none, or PATH to a state_dict / checkpoint.",
-)
+@network_source_options("Starting weights: imagenet, none, or PATH to a state_dict / checkpoint.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint file (.pt).")
 @finetune_options
 @device_option
@@ -282,15 +272,7 @@ def finetune(**options) -> None:
 
 
 @main.command()
-@data_root_option
-@image_set_option
-@model_option
-@click.option(
-    "--weights",
-    default="imagenet",
-    show_default=True,
-    help="Pretrained weights: imagenet, none, or PATH to a state_dict.",
-)
+@network_source_options("Pretrained weights: imagenet, none, or PATH to a state_dict.")
 @click.option(
     "--out",
     type=click.Path(path_type=Path),

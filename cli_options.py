@@ -118,6 +118,16 @@ def network_input_options(f):
     return f
 
 
+def network_source_options(weights_help: str):
+    """`--data-root`, `--image-set`, `--model` and `--weights` of `finetune` and `run` (LFW, a named network)."""
+
+    def apply(f):
+        f = click.option("--weights", default="imagenet", show_default=True, help=weights_help)(f)
+        return data_root_option(image_set_option(model_option(f)))
+
+    return apply
+
+
 def finetune_options(f):
     """Options shared by `finetune` and `run` (recipe values; unset ones take the recipe's preset)."""
     for option in reversed(
