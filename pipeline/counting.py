@@ -1,13 +1,19 @@
-"""Counting bin coordinates into histograms: on the CPU (`BinCounts`, NumPy, one per thread of the tile loop) and
-on a GPU (`Stager`, torch). Both put a value in the same bin: its coordinate clipped to [0, bins-1] (the GPU's
-histc over [0, bins] is the same for every coordinate below bins) and truncated."""
+"""Counting bin coordinates into histograms, and what a pass of the tile loop leaves (`TilePass`): on the CPU
+(`BinCounts`, NumPy, one `ThreadCounts` per product thread, with the thread's extreme pair, exact tail and the
+jackknife's group counts) and on a GPU (`Stager`, torch). Both put a value in the same bin: its coordinate
+clipped to [0, bins-1] (the GPU's histc over [0, bins] is the same for every coordinate below bins) and truncated.
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from pipeline.roc import Binning, HistogramROC
+from pipeline.tail import Tail
 
 if TYPE_CHECKING:
     import torch
@@ -141,3 +147,63 @@ class Stager:
             self.counts += self.torch.histc(self.buf[: self.used], bins=self.bins, min=0, max=self.bins)
             self.used = 0
         return self.counts
+
+
+class ThreadCounts:
+    """One thread's share of a CPU pass of the tile loop: its histograms, its extreme candidate (value, tile, i, j)
+    with i, j in the source's row order, its exact tail, and the jackknife's counts per pair of identity groups
+    (`pipeline.intervals`; in the same counters as the bins when every pair is counted)."""
+
+    def __init__(self, bins: int, tail_k: int, metric: str, n_ids: int = 0, bound: float | None = None):
+        from pipeline.intervals import COARSE, GROUP_EVERY
+        from pipeline.tail import Tail
+
+        fused = GROUP_EVERY == 1  # every pair in the jackknife's counts: one pass counts both
+        self.all = BinCounts(bins, n_ids if fused else 0, COARSE)
+        self.sub = self.all if fused else BinCounts(bins, n_ids, COARSE, fine=False)
+        self.pos = BinCounts(bins, n_ids, COARSE)
+        self.pos_sub = self.pos if fused else BinCounts(bins, n_ids, COARSE, fine=False)
+        self.best: tuple = (float("nan"), -1, -1, -1)
+        self.tail = Tail(tail_k, metric, bound) if tail_k else None
+
+
+def group_totals(threads: list[ThreadCounts], size: int) -> list[np.ndarray]:
+    """The threads' jackknife counts added up: sampled pairs, same-person pairs, sampled same-person pairs."""
+    out = []
+    for name in ("sub", "pos", "pos_sub"):
+        total = np.zeros(size, np.int64)
+        for c in threads:
+            getattr(c, name).flush()  # the same counter twice when every pair is counted: flushing is idempotent
+            total += getattr(c, name).group_counts
+        out.append(total)
+    return out
+
+
+@dataclass
+class TilePass:
+    """What a pass over tiles leaves: the counts (per bin) and the extreme pair. Values are bin coordinates:
+    bin k holds [k, k+1)."""
+
+    binning: Binning
+    all_counts: Any
+    pos_counts: Any
+    extreme: float = float("nan")
+    """Largest squared distance (l2) or smallest cosine (cosine) seen, as a bin coordinate."""
+    extreme_rows: tuple[int, int] = (-1, -1)
+    """Store rows of the pair with the extreme value."""
+    extreme_tile: int = -1
+    """Plan index of the tile holding the extreme pair (ties go to the earliest tile, then the first pair)."""
+    n_pairs: int = 0
+    tail: Tail | None = None
+    """The exact tail (`pipeline.tail`), when the loop keeps one."""
+    groups: tuple | None = None
+    """With the tail: the jackknife's coarse counts per pair of identity groups (`pipeline.intervals`): of the
+    sampled pairs, of every same-person pair, of the sampled same-person pairs; and the rows per group."""
+
+    def roc(self) -> HistogramROC:
+        acc = HistogramROC(self.binning)
+        acc.add_counts(as_int64(self.all_counts), as_int64(self.pos_counts))
+        acc.tail = self.tail
+        if self.groups is not None:
+            acc.groups = tuple(as_int64(c) for c in self.groups)
+        return acc

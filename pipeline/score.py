@@ -28,6 +28,7 @@ from pipeline.blockmath import (
     pair_distance,
     tile_plan,
 )
+from pipeline.counting import TilePass, as_int64
 from pipeline.distributed import World, all_gather_objects, all_gather_rows, all_reduce_sum, init_world
 from pipeline.outputs import claim
 from pipeline.results import RESULT_FILES, check_results_out, json_attrs, write_results
@@ -43,7 +44,6 @@ from pipeline.scoring.memory import FaissTiles, TileScorer, TorchTiles, choose_b
 from pipeline.scoring.rank1 import rank1_accuracy
 from pipeline.store import Store, open_store, recorded_data_root
 from pipeline.tail import Tail, tail_size
-from pipeline.tiles import TilePass, as_int64
 
 log = logging.getLogger(__name__)
 

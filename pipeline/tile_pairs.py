@@ -75,3 +75,11 @@ def pair_ids(flat: np.ndarray, width: int, first_row: int, gr: np.ndarray, gc: n
     """Group-pair ids of the values at block positions `flat` (rows counted from `first_row`)."""
     r = flat // width
     return gr[r - first_row] * GROUPS + gc[flat - r * width]
+
+
+def in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """`np.isin` for a small sorted second array, by binary search."""
+    if not len(sorted_set):
+        return np.zeros(len(values), dtype=bool)
+    i = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[i] == values

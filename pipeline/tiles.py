@@ -17,18 +17,17 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.blockmath import Tile, better_extreme
-from pipeline.counting import BinCounts, Stager, as_int64
+from pipeline.counting import Stager, ThreadCounts, TilePass, as_int64, group_totals
 from pipeline.intervals import COARSE, GROUP_EVERY, GROUPS, identity_groups
-from pipeline.roc import Binning, HistogramROC
+from pipeline.roc import Binning
 from pipeline.tail import ExactTies, Tail, start_bound, zero_coordinate
-from pipeline.tile_pairs import clip_to_span, multiplied, pair_ids, pairs_in, ranges, runs, same_label_flat
+from pipeline.tile_pairs import clip_to_span, in_sorted, multiplied, pair_ids, pairs_in, ranges, runs, same_label_flat
 
 if TYPE_CHECKING:
     import torch
@@ -40,60 +39,8 @@ hands each block to it (rows and columns relative to a2 and c0) and returns None
 whole product, a NumPy array or a torch tensor."""
 
 
-@dataclass
-class TilePass:
-    """What a pass over tiles leaves: the counts (per bin) and the extreme pair. Values are bin coordinates:
-    bin k holds [k, k+1)."""
-
-    binning: Binning
-    all_counts: Any
-    pos_counts: Any
-    extreme: float = float("nan")
-    """Largest squared distance (l2) or smallest cosine (cosine) seen, as a bin coordinate."""
-    extreme_rows: tuple[int, int] = (-1, -1)
-    """Store rows of the pair with the extreme value."""
-    extreme_tile: int = -1
-    """Plan index of the tile holding the extreme pair (ties go to the earliest tile, then the first pair)."""
-    n_pairs: int = 0
-    tail: Tail | None = None
-    """The exact tail (`pipeline.tail`), when the loop keeps one."""
-    groups: tuple | None = None
-    """With the tail: the jackknife's coarse counts per pair of identity groups (`pipeline.intervals`): of the
-    sampled pairs, of every same-person pair, of the sampled same-person pairs; and the rows per group."""
-
-    def roc(self) -> HistogramROC:
-        acc = HistogramROC(self.binning)
-        acc.add_counts(as_int64(self.all_counts), as_int64(self.pos_counts))
-        acc.tail = self.tail
-        if self.groups is not None:
-            acc.groups = tuple(as_int64(c) for c in self.groups)
-        return acc
-
-
 _NONE = np.zeros(0, dtype=np.int64)
 _NO_VALUES = np.zeros(0, dtype=np.float32)
-
-
-def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """`np.isin` for a small sorted second array, by binary search."""
-    if not len(sorted_set):
-        return np.zeros(len(values), dtype=bool)
-    i = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
-    return sorted_set[i] == values
-
-
-class _Counting:
-    """One thread's share of a CPU pass: its histograms and its extreme candidate (value, tile, i, j) with
-    i, j in the source's row order."""
-
-    def __init__(self, bins: int, tail_k: int, metric: str, n_ids: int = 0, bound: float | None = None):
-        fused = GROUP_EVERY == 1  # every pair in the jackknife's counts: one pass counts both
-        self.all = BinCounts(bins, n_ids if fused else 0, COARSE)
-        self.sub = self.all if fused else BinCounts(bins, n_ids, COARSE, fine=False)
-        self.pos = BinCounts(bins, n_ids, COARSE)
-        self.pos_sub = self.pos if fused else BinCounts(bins, n_ids, COARSE, fine=False)
-        self.best: tuple = (float("nan"), -1, -1, -1)
-        self.tail = Tail(tail_k, metric, bound) if tail_k else None
 
 
 class TileLoop:
@@ -140,7 +87,7 @@ class TileLoop:
             raise ValueError("a span of rows is scored with NumPy counting (out of core, on the CPU)")
         bins = self.binning.bins
         extremes = None
-        self._threads: dict[int, _Counting] = {}
+        self._threads: dict[int, ThreadCounts] = {}
         self._group_dev: dict[str, Any] = {}
         if self.numpy:
             res = TilePass(self.binning, None, None)
@@ -182,13 +129,7 @@ class TileLoop:
             size = GROUPS * GROUPS * COARSE
             names = ("sub", "pos", "pos_sub")
             if self.numpy:
-                counts = []
-                for k in names:
-                    total = np.zeros(size, np.int64)
-                    for c in self._threads.values():
-                        getattr(c, k).flush()  # (the same counter twice when GROUP_EVERY is 1: flushing is idempotent)
-                        total += getattr(c, k).group_counts
-                    counts.append(total)
+                counts = group_totals(list(self._threads.values()), size)
             else:
                 counts = [as_int64(self._group_dev[k]) if k in self._group_dev else np.zeros(size, np.int64)
                           for k in names]  # fmt: skip
@@ -208,13 +149,13 @@ class TileLoop:
         res.extreme, res.extreme_tile = best[0], best[1]
         res.extreme_rows = (self.store_row(best[2]), self.store_row(best[3])) if best[1] >= 0 else (-1, -1)
 
-    def _counting(self) -> _Counting:
+    def _counting(self) -> ThreadCounts:
         c = self._threads.get(threading.get_ident())
         if c is None:
             n_ids = 0 if self.groups is None else GROUPS * GROUPS
             b = self.binning
             bound = start_bound(b.near, b.lo, b.hi, b.bins, self.metric)
-            c = self._threads[threading.get_ident()] = _Counting(b.bins, self.tail_k, self.metric, n_ids, bound)
+            c = self._threads[threading.get_ident()] = ThreadCounts(b.bins, self.tail_k, self.metric, n_ids, bound)
         return c
 
     def _tile_numpy(self, k: int, t: Tile, a: int, b: int) -> None:
@@ -290,7 +231,7 @@ class TileLoop:
                 pk_ids = None if pids is None else pids[pk]
                 if near.size:
                     at = near + (lo - r0) * width if flat is None else flat[near]
-                    negative = ~_in_sorted(at, pflat)
+                    negative = ~in_sorted(at, pflat)
                     nids = None if gr is None else pair_ids(at[negative], width, lo - r0, gr, gc)
                     at = at[negative]
                     nv = self.ties(vals.reshape(-1)[near][negative], a2 + r0 + at // width, t.c0 + c0 + at % width)
