@@ -112,7 +112,7 @@ def jackknife_all_pairs(acc, metrics: dict) -> dict:
     tail = acc.tail
     complete = tail is not None and len(tail.neg) >= metrics["n_negative"]
     aucs, eers, tars = [], [], {k: [] for k in metrics["tar_at_far"]}
-    for g in range(GROUPS):
+    for g in np.flatnonzero(group_rows):  # fewer identities than groups: the empty groups are no replicates
         pos, neg = pos_g[g], neg_g[g]
         p, q_sub = int(round(pos.sum())), int(round(neg.sum()))
         if p == 0 or q_sub == 0:
@@ -132,7 +132,7 @@ def jackknife_all_pairs(acc, metrics: dict) -> dict:
     }
     if acc.tail is not None:
         out["tar_at_far_ci95"] = {
-            k: jackknife(metrics["tar_at_far"][k], v) if len(v) == GROUPS and None not in v else None
+            k: jackknife(metrics["tar_at_far"][k], v) if len(v) == len(aucs) and None not in v else None
             for k, v in tars.items()
         }
     return out

@@ -127,3 +127,15 @@ def test_gpu_counting_keeps_the_same_tail_and_group_counts(tmp_path, metric):
         for name in ("neg", "pos", "neg_ids", "pos_ids"):
             np.testing.assert_array_equal(getattr(acc.tail, name), getattr(ref.tail, name), err_msg=name)
         assert acc.compute()["tar_at_far"] == ref.compute()["tar_at_far"]
+
+
+def test_too_few_identities_give_no_interval(tmp_path):
+    """Two people: removing either leaves no different-person pair, so there is no replicate and no interval
+    (not an interval of width 0)."""
+    from tests.stores import write_store
+
+    x = np.random.default_rng(0).standard_normal((40, 3)).astype(np.float32)
+    store = write_store(tmp_path / "s.h5", x, np.array([0] * 20 + [1] * 20))
+    assert cli("score", store, "--all-pairs", "--no-progress", "--out", tmp_path / "r").exit_code == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["auc_ci95"] is None and m["eer_ci95"] is None
