@@ -188,8 +188,9 @@ def embed_options(f):
             click.option(
                 "--weights",
                 default=None,
-                help="imagenet (torchvision download; the default), none (random init; the default and the function's own "
-                "weights for module:function), or PATH to a state_dict / finetune checkpoint.",
+                help="imagenet (torchvision's weights; the default for a named model), none (random init, or for "
+                "module:function the network as the function returns it: its default), or PATH to a state_dict / "
+                "finetune checkpoint.",
             ),
             network_input_options,
             click.option(
