@@ -60,7 +60,7 @@ def jackknife(full: float, replicates: list[float]) -> list[float] | None:
         return None
     g = len(r)
     se = math.sqrt((g - 1) / g * float(((r - r.mean()) ** 2).sum()))
-    return [full - Z95 * se, full + Z95 * se]
+    return [max(0.0, full - Z95 * se), min(1.0, full + Z95 * se)]  # rates: the interval stays in [0, 1]
 
 
 def percentile(samples: list[float]) -> list[float] | None:
