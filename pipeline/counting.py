@@ -37,9 +37,9 @@ class BinCounts:
         self.group_counts = np.zeros(n_ids * coarse, dtype=np.int64)
         self.chunk = max(COUNT_CHUNK, 4 * bins)
         self.ibuf = np.empty(0, dtype=np.intp)  # grown to what is staged, up to `chunk`, then reused
-        self.gbuf = np.empty(0, dtype=np.intp)  # staged group keys (values given one id each)
+        self.gbuf = np.empty(0, dtype=np.intp)  # the staged values' ids
         self.fbuf = np.empty(0, dtype=np.float32)  # clipped values of one `add`
-        self.used = self.gused = 0
+        self.used = 0
         ratio = bins // coarse  # a power-of-two ratio: coarse bin = fine bin >> shift
         self.shift = ratio.bit_length() - 1 if bins % coarse == 0 and ratio & (ratio - 1) == 0 else None
 
@@ -64,50 +64,35 @@ class BinCounts:
             if self.used + part.size > self.chunk:
                 self.flush()
             if len(self.ibuf) < min(self.used + part.size, self.chunk):
-                self.ibuf = _grown(
-                    self.ibuf, min(max(2 * len(self.ibuf), self.used + part.size), self.chunk), self.used
-                )
+                size = min(max(2 * len(self.ibuf), self.used + part.size), self.chunk)
+                self.ibuf = _grown(self.ibuf, size, self.used)
+                if self.n_ids:
+                    self.gbuf = _grown(self.gbuf, size, self.used)
             fine = self.ibuf[self.used : self.used + part.size]
             np.copyto(fine, part, casting="unsafe")  # truncation = floor (>= 0)
+            if self.n_ids:  # key = id * coarse + coarse bin, as the GPU computes it
+                key = self.gbuf[self.used : self.used + part.size]
+                if self.shift is not None:
+                    np.right_shift(fine, self.shift, out=key)
+                else:
+                    np.floor_divide(fine * self.coarse, self.bins, out=key)
+                if flat_ids is not None:
+                    key += flat_ids[s : s + self.chunk] * self.coarse
+                elif isinstance(ids, list):  # the whole input is this part
+                    key2d = key.reshape(values.shape)
+                    for r0, r1, c0, c1, i in ids:
+                        key2d[r0:r1, c0:c1] += i * self.coarse
+                else:
+                    key += int(ids) * self.coarse
             self.used += part.size
-            if not self.n_ids:
-                continue
-            if isinstance(ids, list):  # the whole input is this part: each rectangle of one id counted at once
-                fine2d, c = fine.reshape(values.shape), self.coarse
-                for r0, r1, c0, c1, i in ids:
-                    self.group_counts[i * c : (i + 1) * c] += _bincount(self._coarse(fine2d[r0:r1, c0:c1]).ravel(), c)
-            else:
-                self._stage_keys(fine, flat_ids[s : s + self.chunk] if flat_ids is not None else int(ids))
-
-    def _coarse(self, fine: np.ndarray) -> np.ndarray:
-        """Coarse bins of fine bins, as the GPU computes them."""
-        return fine >> self.shift if self.shift is not None else fine * self.coarse // self.bins
-
-    def _stage_keys(self, fine: np.ndarray, ids) -> None:
-        """Stage `id * coarse + coarse bin` of each value for the next `flush`."""
-        if self.gused + fine.size > self.chunk:
-            self._flush_groups()
-        if len(self.gbuf) < self.gused + fine.size:
-            self.gbuf = _grown(self.gbuf, min(max(2 * len(self.gbuf), self.gused + fine.size), self.chunk), self.gused)
-        key = self.gbuf[self.gused : self.gused + fine.size]
-        if self.shift is not None:
-            np.right_shift(fine, self.shift, out=key)
-        else:
-            np.floor_divide(fine * self.coarse, self.bins, out=key)
-        key += ids * self.coarse
-        self.gused += fine.size
-
-    def _flush_groups(self) -> None:
-        if self.gused:
-            self.group_counts += _bincount(self.gbuf[: self.gused], len(self.group_counts))
-            self.gused = 0
 
     def flush(self) -> np.ndarray:
         if self.used:
             if self.fine:
                 self.counts += _bincount(self.ibuf[: self.used], self.bins)
+            if self.n_ids:
+                self.group_counts += _bincount(self.gbuf[: self.used], len(self.group_counts))
             self.used = 0
-        self._flush_groups()
         return self.counts
 
 
