@@ -28,10 +28,10 @@ class BinCounts:
     least 4 x bins values. One per thread: counts of several add up exactly.
 
     With `ids` (values' group-pair ids, 0..n_ids-1) it also counts `coarse` bins per id (`group_counts`, the
-    jackknife's input, `pipeline.intervals`); `fine=False` counts only those."""
+    jackknife's input, `pipeline.intervals`)."""
 
-    def __init__(self, bins: int, n_ids: int = 0, coarse: int = 1, fine: bool = True):
-        self.bins, self.n_ids, self.coarse, self.fine = bins, n_ids, coarse, fine
+    def __init__(self, bins: int, n_ids: int = 0, coarse: int = 1):
+        self.bins, self.n_ids, self.coarse = bins, n_ids, coarse
         self.top = np.float32(bins - 1)
         self.counts = np.zeros(bins, dtype=np.int64)
         self.group_counts = np.zeros(n_ids * coarse, dtype=np.int64)
@@ -88,8 +88,7 @@ class BinCounts:
 
     def flush(self) -> np.ndarray:
         if self.used:
-            if self.fine:
-                self.counts += _bincount(self.ibuf[: self.used], self.bins)
+            self.counts += _bincount(self.ibuf[: self.used], self.bins)
             if self.n_ids:
                 self.group_counts += _bincount(self.gbuf[: self.used], len(self.group_counts))
             self.used = 0
@@ -152,28 +151,24 @@ class Stager:
 class ThreadCounts:
     """One thread's share of a CPU pass of the tile loop: its histograms, its extreme candidate (value, tile, i, j)
     with i, j in the source's row order, its exact tail, and the jackknife's counts per pair of identity groups
-    (`pipeline.intervals`; in the same counters as the bins when every pair is counted)."""
+    (`pipeline.intervals`; in the same counters as the bins: one pass counts both)."""
 
     def __init__(self, bins: int, tail_k: int, metric: str, n_ids: int = 0, bound: float | None = None):
-        from pipeline.intervals import COARSE, GROUP_EVERY
+        from pipeline.intervals import COARSE
         from pipeline.tail import Tail
 
-        fused = GROUP_EVERY == 1  # every pair in the jackknife's counts: one pass counts both
-        self.all = BinCounts(bins, n_ids if fused else 0, COARSE)
-        self.sub = self.all if fused else BinCounts(bins, n_ids, COARSE, fine=False)
-        self.pos = BinCounts(bins, n_ids, COARSE)
-        self.pos_sub = self.pos if fused else BinCounts(bins, n_ids, COARSE, fine=False)
+        self.all, self.pos = BinCounts(bins, n_ids, COARSE), BinCounts(bins, n_ids, COARSE)
         self.best: tuple = (float("nan"), -1, -1, -1)
         self.tail = Tail(tail_k, metric, bound) if tail_k else None
 
 
 def group_totals(threads: list[ThreadCounts], size: int) -> list[np.ndarray]:
-    """The threads' jackknife counts added up: sampled pairs, same-person pairs, sampled same-person pairs."""
+    """The threads' jackknife counts added up: all pairs, same-person pairs."""
     out = []
-    for name in ("sub", "pos", "pos_sub"):
+    for name in ("all", "pos"):
         total = np.zeros(size, np.int64)
         for c in threads:
-            getattr(c, name).flush()  # the same counter twice when every pair is counted: flushing is idempotent
+            getattr(c, name).flush()
             total += getattr(c, name).group_counts
         out.append(total)
     return out

@@ -4,13 +4,11 @@
   seeded), the usual interval for a fixed list of pairs whose images are mostly distinct.
 - All pairs (`score --all-pairs`): pairs that share a person are not independent (a person's image takes part in
   thousands of pairs), so resampling pairs would give intervals far too narrow. The identities are dealt into
-  `GROUPS` groups (consecutive runs of labels, `identity_groups`) and the interval is a delete-a-group jackknife: the metric recomputed without
-  every pair that touches a group's identities, `se^2 = (G-1)/G sum (theta_g - mean)^2`, interval
-  `theta +- 1.96 se`. The engine counts, in the same pass, coarse histograms (`COARSE` bins) per pair of groups,
-  which is all the jackknife needs for AUC and EER (of the pairs whose first row, in label order, is a multiple
-  of `GROUP_EVERY`, and of the same-person pairs; 1 = every pair: sampling an eighth of LFWPeople's pairs widened
-  the AUC interval by 14% there and 45% on a random store, so it stays off). TAR at FAR uses the exact tail,
-  whose pairs carry their group pair.
+  `GROUPS` groups (consecutive runs of labels, `identity_groups`) and the interval is a delete-a-group
+  jackknife: the metric recomputed without every pair that touches a group's identities, `se^2 = (G-1)/G sum (theta_g - mean)^2`, interval
+  `theta +- 1.96 se`. The engine counts, in the same pass and the same counters as the bins, coarse histograms
+  (`COARSE` bins) of all pairs and of the same-person pairs per pair of groups, which is all the jackknife needs
+  for AUC and EER. TAR at FAR uses the exact tail, whose pairs carry their group pair.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import numpy as np
 ROUNDS = 1000
 GROUPS = 10
 COARSE = 1024
-GROUP_EVERY = 1  # the coarse counts of all pairs take the pairs whose first row (label order) is a multiple of this
 Z95 = 1.959963984540054
 
 
@@ -102,11 +99,11 @@ def jackknife_all_pairs(acc, metrics: dict) -> dict:
     (a level is left out where a replicate's tail does not reach it)."""
     from pipeline.roc import _auc, equal_error_rate
 
-    all_sub, pos_c, pos_sub = (c.reshape(GROUPS * GROUPS, COARSE).astype(np.float64) for c in acc.groups[:3])
-    group_rows = np.asarray(acc.groups[3], dtype=np.int64)
+    all_c, pos_c = (c.reshape(GROUPS * GROUPS, COARSE).astype(np.float64) for c in acc.groups[:2])  # exact
+    group_rows = np.asarray(acc.groups[2], dtype=np.int64)
     a, b = np.divmod(np.arange(GROUPS * GROUPS), GROUPS)
     keeps = np.array([(a != g) & (b != g) for g in range(GROUPS)])  # [G, pairs of groups]
-    pos_g, neg_g = keeps @ pos_c, keeps @ (all_sub - pos_sub)  # [G, COARSE]: the pairs not touching group g
+    pos_g, neg_g = keeps @ pos_c, keeps @ (all_c - pos_c)  # [G, COARSE]: the pairs not touching group g
     if acc.binning.metric != "l2":  # most similar first
         pos_g, neg_g = pos_g[:, ::-1], neg_g[:, ::-1]
     tail = acc.tail
@@ -114,13 +111,11 @@ def jackknife_all_pairs(acc, metrics: dict) -> dict:
     aucs, eers, tars = [], [], {k: [] for k in metrics["tar_at_far"]}
     for g in np.flatnonzero(group_rows):  # fewer identities than groups: the empty groups are no replicates
         pos, neg = pos_g[g], neg_g[g]
-        p, q_sub = int(round(pos.sum())), int(round(neg.sum()))
-        if p == 0 or q_sub == 0:
+        p, q = int(round(pos.sum())), int(round(neg.sum()))  # exact counts of the pairs without group g
+        if p == 0 or q == 0:
             continue
-        rest = int(group_rows.sum() - group_rows[g])
-        q = rest * (rest - 1) // 2 - p  # exact different-person pairs without group g (the tail needs them)
         aucs.append(_auc(pos, neg)[0])
-        eers.append(equal_error_rate(np.r_[0.0, np.cumsum(neg) / q_sub], np.r_[0.0, np.cumsum(pos) / p]))
+        eers.append(equal_error_rate(np.r_[0.0, np.cumsum(neg) / q], np.r_[0.0, np.cumsum(pos) / p]))
         if tail is not None:
             for k, tar in zip(tars, tail.tar_without([float(k) for k in tars], keeps[g], q, p, complete), strict=True):
                 tars[k].append(tar)

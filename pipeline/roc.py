@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
 
 METRICS = ("l2", "cosine")
-GROUP_ARRAYS = ("group_sample", "group_pos", "group_pos_sample", "group_rows")  # histogram.npz names
+GROUP_ARRAYS = ("group_all", "group_pos", "group_rows")  # histogram.npz names
 FAR_LEVELS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -95,8 +95,8 @@ class HistogramROC:
         self.tail: Tail | None = None
         """The exact tail of all-pairs scoring (`pipeline.tail`): exact TAR at low FAR."""
         self.groups: tuple | None = None
-        """The jackknife's coarse counts per pair of identity groups (sampled pairs, same-person pairs, sampled
-        same-person pairs) and rows per group (`pipeline.intervals`)."""
+        """The jackknife's coarse counts per pair of identity groups (all pairs, same-person pairs) and rows per
+        group (`pipeline.intervals`)."""
 
     @property
     def n_positive(self) -> int:
@@ -145,9 +145,9 @@ class HistogramROC:
         if (self.groups is None) != (other.groups is None):
             raise ValueError("cannot merge histograms with and without group counts")
         if self.groups is not None:
-            if not np.array_equal(self.groups[3], other.groups[3]):
+            if not np.array_equal(self.groups[2], other.groups[2]):
                 raise ValueError("cannot merge histograms of stores whose identity groups differ")
-            self.groups = (*(a + b for a, b in zip(self.groups[:3], other.groups[:3], strict=True)), self.groups[3])
+            self.groups = (self.groups[0] + other.groups[0], self.groups[1] + other.groups[1], self.groups[2])
         known = [d for d in (self.max_distance, other.max_distance) if math.isfinite(d)]
         self.max_distance = max(known) if known else float("nan")
         return self

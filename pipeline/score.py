@@ -159,7 +159,7 @@ def score_all_pairs(
         for part in all_gather_objects((res.tail.neg, res.tail.pos, res.tail.neg_ids, res.tail.pos_ids)):
             acc.tail.add(*part)
         acc.tail.finish()
-        acc.groups = (*(all_reduce_sum(as_int64(c)) for c in res.groups[:3]), res.groups[3])
+        acc.groups = (*(all_reduce_sum(as_int64(c)) for c in res.groups[:2]), res.groups[2])
         res.n_pairs = int(all_reduce_sum(np.array([res.n_pairs], dtype=np.int64))[0])
         best = (float("nan"), -1, -1, -1)
         for cand in all_gather_rows([res.extreme, res.extreme_tile, *res.extreme_rows]):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline.blockmath import Tile, better_extreme
 from pipeline.counting import Stager, ThreadCounts, TilePass, as_int64, group_totals
-from pipeline.intervals import COARSE, GROUP_EVERY, GROUPS, identity_groups
+from pipeline.intervals import COARSE, GROUPS, identity_groups
 from pipeline.roc import Binning
 from pipeline.tail import ExactTies, Tail, start_bound, zero_coordinate
 from pipeline.tile_pairs import clip_to_span, in_sorted, multiplied, pair_ids, pairs_in, ranges, runs, same_label_flat
@@ -127,7 +127,7 @@ class TileLoop:
             res.tail.finish()
         if self.groups is not None:
             size = GROUPS * GROUPS * COARSE
-            names = ("sub", "pos", "pos_sub")
+            names = ("all", "pos")
             if self.numpy:
                 counts = group_totals(list(self._threads.values()), size)
             else:
@@ -193,22 +193,11 @@ class TileLoop:
                                                  t.c0 + c0 + f % width), self.metric)  # fmt: skip
             if gr is None:
                 cnt.all.add(vals)
-            elif GROUP_EVERY == 1:  # rows sorted by label: groups in runs, one id per rectangle of runs
-                ids = [
-                    (rs, re_, cs, ce, int(gr[rs]) * GROUPS + int(gc[cs])) for rs, re_ in runs(gr) for cs, ce in runs(gc)
-                ]
-                cnt.all.add(vals, ids if flat is None else pair_ids(flat, width, lo - r0, gr, gc))
-            else:  # the jackknife's sample: pairs whose first row is a multiple of GROUP_EVERY
-                cnt.all.add(vals)
-                first = lo + (-(a2 + lo)) % GROUP_EVERY
-                if flat is None and first < hi:  # rows sorted by label: groups in runs, one id per rectangle
-                    gs = self.groups[a2 + first : a2 + hi : GROUP_EVERY]
-                    rects = [(rs, re_, cs, ce, int(gs[rs]) * GROUPS + int(gc[cs])) for rs, re_ in runs(gs)
-                             for cs, ce in runs(gc)]  # fmt: skip
-                    cnt.sub.add(v[first - r0 : hi - r0 : GROUP_EVERY], rects)
-                elif flat is not None:
-                    sf = flat[(a2 + r0 + flat // width) % GROUP_EVERY == 0]
-                    cnt.sub.add(v.reshape(-1)[sf], pair_ids(sf, width, lo - r0, gr, gc))
+            elif flat is None:  # rows sorted by label: groups in runs, one id per rectangle of runs
+                cnt.all.add(vals, [(rs, re_, cs, ce, int(gr[rs]) * GROUPS + int(gc[cs])) for rs, re_ in runs(gr)
+                                   for cs, ce in runs(gc)])  # fmt: skip
+            else:
+                cnt.all.add(vals, pair_ids(flat, width, lo - r0, gr, gc))
             s0, s1 = np.searchsorted(pos_r, [lo, hi])
             pflat, pvals, pids = _NONE, _NO_VALUES, None
             if s1 > s0:
@@ -219,9 +208,6 @@ class TileLoop:
                     pvals = v.reshape(-1)[pflat]
                     if self.groups is not None:
                         pids = self.groups[a2 + pr[keep]] * (GROUPS + 1)  # a same-person pair: one group
-                        if cnt.pos_sub is not cnt.pos:
-                            sampled = (a2 + pr[keep]) % GROUP_EVERY == 0
-                            cnt.pos_sub.add(pvals[sampled], pids[sampled])
                     cnt.pos.add(pvals, pids)
             if cnt.tail is not None:  # the exact tail: values at least as similar as its bound, positives apart
                 if pvals.size:
@@ -265,19 +251,14 @@ class TileLoop:
         vals.clamp_(0, self.binning.bins)  # in the tile itself for off-diagonal tiles
         all_c.add(vals)
         w = t.c1 - t.c0
-        if ids is not None:  # the jackknife's sample: pairs whose first row is a multiple of GROUP_EVERY
-            rows = self.triu(w)[0] if t.diagonal else np.repeat(np.arange(t.r1 - t.r0), w)
-            sampled = torch.from_numpy(np.flatnonzero((t.r0 + rows) % GROUP_EVERY == 0)).to(tv.device)
-            self._group_torch("sub", vals.index_select(0, sampled), ids.index_select(0, sampled))
+        if ids is not None:
+            self._group_torch("all", vals, ids)
         if pf.size:
             pv = tv.reshape(-1).index_select(0, torch.from_numpy(pf).to(tv.device)).clamp(0, self.binning.bins)
             pos_c.add(pv)
             if ids is not None:
                 pr = t.r0 + pf // w
                 self._group_torch("pos", pv, torch.from_numpy(self.groups[pr] * (GROUPS + 1)).to(tv.device))
-                s = torch.from_numpy(np.flatnonzero(pr % GROUP_EVERY == 0)).to(tv.device)
-                self._group_torch("pos_sub", pv.index_select(0, s),
-                                  torch.from_numpy(self.groups[pr] * (GROUPS + 1)).to(tv.device).index_select(0, s))  # fmt: skip
         return ext
 
     def _group_torch(self, which: str, vals: torch.Tensor, ids: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from pipeline.intervals import COARSE, GROUP_EVERY, GROUPS, bootstrap_listed, identity_groups, jackknife
+from pipeline.intervals import COARSE, GROUPS, bootstrap_listed, identity_groups, jackknife
 from pipeline.roc import FAR_LEVELS
 from tests.stores import random_store
 from tests.torchrun import torchrun
@@ -46,19 +46,17 @@ def test_group_counts_equal_brute_force_on_every_path(tmp_path, metric):
     iu = np.triu_indices(n, 1)
     ids = (g[:, None] * GROUPS + g[None, :])[iu]
     same = (ls[:, None] == ls[None, :])[iu]
-    sampled = iu[0] % GROUP_EVERY == 0  # the jackknife's sample: first row a multiple of GROUP_EVERY
-    want = [np.bincount(ids[m], minlength=GROUPS * GROUPS) for m in (sampled, same, same & sampled)]
+    want = [np.bincount(ids, minlength=GROUPS * GROUPS), np.bincount(ids[same], minlength=GROUPS * GROUPS)]
     first = np.load(tmp_path / "mem" / "histogram.npz")
     for run in ("mem", "merged", "tr"):
         h = np.load(tmp_path / run / "histogram.npz")
-        for name, w in zip(("group_sample", "group_pos", "group_pos_sample"), want, strict=True):
+        for name, w in zip(("group_all", "group_pos"), want, strict=True):
             got = h[name].reshape(GROUPS * GROUPS, COARSE).sum(1)
             np.testing.assert_array_equal(got, w, err_msg=f"{run} {name}")
         np.testing.assert_array_equal(h["group_rows"], np.bincount(g, minlength=GROUPS))
         for k in (
-            "group_sample",
+            "group_all",
             "group_pos",
-            "group_pos_sample",
             "tail_neg",
             "tail_pos",
             "tail_neg_ids",
