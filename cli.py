@@ -295,7 +295,7 @@ def run(**options) -> None:
     from pipeline.study import RunConfig
     from pipeline.study import run as run_study
 
-    names = ("phase1_epochs", "phase2_epochs", "batch_size", "lr", "momentum", "max_pairs")
+    names = ("phase1_epochs", "phase2_epochs", "batch_size", "lr", "momentum", "max_pairs", "train_blocks", "tta_flip")
     overrides = {k: options.pop(k) for k in names if options[k] is not None}
     for k in names:
         options.pop(k, None)

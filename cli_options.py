@@ -154,6 +154,18 @@ def finetune_options(f):
                 default=None,
                 help="Quick runs: the first N/2 same and N/2 different training pairs (best: N images).",
             ),
+            click.option(
+                "--train-blocks",
+                type=int,
+                default=None,
+                help="best: how many of the last blocks train (SqueezeNet Fire modules 1-8; ResNet layers 1-4) [preset].",
+            ),
+            click.option(
+                "--tta-flip/--no-tta-flip",
+                default=None,
+                help="best: embed an image as the mean of its own and its mirror image's features (validation and "
+                "run's stores) [preset].",
+            ),
             click.option("--seed", type=int, default=0, show_default=True, help="Seed."),
         ]
     ):
@@ -193,6 +205,12 @@ def embed_options(f):
                 "finetune checkpoint.",
             ),
             network_input_options,
+            click.option(
+                "--tta-flip",
+                is_flag=True,
+                help="Test-time flip: each row is the mean of the image's and its mirror image's outputs (what a "
+                "--recipe best model with --tta-flip was validated with).",
+            ),
             click.option(
                 "--layer",
                 type=click.Choice(["output", "penultimate"]),

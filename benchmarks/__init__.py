@@ -26,6 +26,8 @@ BENCHMARKS = {
     "gpu-check": "gpu_check",
     "lfw-slice": "lfw_slice",
     "exact-tail": "exact_tail",
+    "run-embed": "bench_run_embed",
+    "finetune-ablation": "finetune_ablation",
 }
 """`cli.py bench NAME` -> the module `benchmarks.MODULE`, whose `command` it runs (as `python -m benchmarks.MODULE`)."""
 

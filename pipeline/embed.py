@@ -63,6 +63,8 @@ class EmbedConfig:
     """Per-channel std dividing them."""
     layer: str = "output"
     """output (1000-d network output, the study's) | penultimate."""
+    tta_flip: bool = False
+    """Test-time flip: each row is the mean of the image's and its mirror image's outputs."""
     batch_size: int = 32
     """Images per forward pass; a resumed run must use the same value."""
     workers: int = 2
@@ -133,6 +135,38 @@ def store_arrays(proto: data.LFWProtocol) -> dict:
     }
 
 
+def store_identity(cfg: EmbedConfig, proto: data.LFWProtocol) -> dict:
+    """The attributes that define a store's content (a resumed or reused store must match them)."""
+    identity = {
+        "model": cfg.model,
+        **models.weights_provenance(cfg.weights),
+        "layer": cfg.layer,
+        "dataset": cfg.dataset,
+        "image_set": proto.image_set,
+        "protocol": proto.protocol,
+        "split": "all" if proto.protocol == "10fold" else proto.split,
+        "pairs_sha256": facesets.pairs_sha256(proto),
+        "limit": cfg.limit or 0,
+        "n_images": len(proto),
+        "batch_size": cfg.batch_size,
+        "dtype": cfg.dtype,
+        "seed": cfg.seed,
+        "deterministic": cfg.deterministic,
+        "transform": cfg.preprocess.describe(cfg.model),
+    }
+    return {**identity, "tta_flip": True} if cfg.tta_flip else identity  # stores of earlier versions stay valid
+
+
+def store_extra(cfg: EmbedConfig, proto: data.LFWProtocol, device: torch.device, world_size: int) -> dict:
+    """Attributes that describe how a store was made without changing its content."""
+    return {
+        "data_root": str(Path(cfg.data_root).resolve()),
+        "n_skipped_missing": len(proto.skipped),
+        "device": str(device),
+        "world_size": world_size,
+    }
+
+
 def prepare(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Inference set-up: eval mode, on the device, channels-last (about 2x faster convolutions on CPU)."""
     return module.eval().to(device, memory_format=torch.channels_last)
@@ -157,19 +191,31 @@ def embed(cfg: EmbedConfig) -> Path:
     Under torchrun each rank embeds a contiguous shard of whole batches into `OUT.partK` (resumable on its
     own); rank 0 then assembles the parts in order into OUT, identical to a single-process store."""
     out = Path(cfg.out)
-    inputs = [Path(cfg.weights)] if cfg.weights not in ("imagenet", "none") else []
-    inputs += [Path(p) for p in (cfg.pairs_file, cfg.data_root if cfg.dataset == "bin" else None) if p is not None]
-
-    def check() -> None:
-        outputs.check_file_out(out, inputs=inputs)
-        if not (cfg.resume and os.path.lexists(out) and recognise_store(out) is None):  # resume checks it below
-            outputs.check_replaceable(out, cfg.overwrite, recognise_store, "embedding store")
-
-    check()
+    check_out(cfg)
     # rank 0 (or the one process) holds OUT's lock; under torchrun every rank also locks its own part
     main = int(os.environ.get("RANK", "0")) == 0
-    with outputs.claim(out, check) if main else contextlib.nullcontext():
+    with outputs.claim(out, lambda: check_out(cfg)) if main else contextlib.nullcontext():
         return _embed(cfg, out)
+
+
+def check_out(cfg: EmbedConfig) -> None:
+    """OUT may be written: not one of the inputs, and absent or a store this tool wrote (with --overwrite)."""
+    out = Path(cfg.out)
+    inputs = [Path(cfg.weights)] if cfg.weights not in ("imagenet", "none") else []
+    inputs += [Path(p) for p in (cfg.pairs_file, cfg.data_root if cfg.dataset == "bin" else None) if p is not None]
+    outputs.check_file_out(out, inputs=inputs)
+    if not (cfg.resume and os.path.lexists(out) and recognise_store(out) is None):  # resume checks it later
+        outputs.check_replaceable(out, cfg.overwrite, recognise_store, "embedding store")
+
+
+def check_partial(target: Path, resume: bool) -> None:
+    """A leftover TARGET.partial is replaced only when this tool wrote it (and continued with `resume`)."""
+    partial = partial_path(target)
+    if not (resume and partial.exists()) and os.path.lexists(partial):
+        reason = recognise_partial(partial)
+        if reason is not None:
+            raise PipelineError(f"refusing to replace {partial}: {reason}. Move it away or choose another --out.")
+        log.info("starting over: replacing %s (pass --resume to continue it)", partial)
 
 
 def _embed(cfg: EmbedConfig, out: Path) -> Path:
@@ -180,23 +226,7 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
     ).limit(cfg.limit)
     if len(proto) == 0:
         raise PipelineError("no images to embed (empty protocol or --limit 0)")
-    identity = {
-        "model": cfg.model,
-        **models.weights_provenance(cfg.weights),
-        "layer": cfg.layer,
-        "dataset": cfg.dataset,
-        "image_set": proto.image_set,
-        "protocol": proto.protocol,
-        "split": "all" if proto.protocol == "10fold" else proto.split,
-        "pairs_sha256": facesets.pairs_sha256(proto),
-        "limit": cfg.limit or 0,
-        "n_images": len(proto),
-        "batch_size": cfg.batch_size,
-        "dtype": cfg.dtype,
-        "seed": cfg.seed,
-        "deterministic": cfg.deterministic,
-        "transform": cfg.preprocess.describe(cfg.model),
-    }
+    identity = store_identity(cfg, proto)
     if cfg.resume and out.exists():  # a requeued run whose store was finished already
         if _complete_part(out, identity):
             log.info("%s is already complete with these settings; nothing to do", out)
@@ -205,14 +235,9 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
             raise PipelineError(f"{out} exists and was made with other settings; pass --overwrite to replace it")
     world, device = init_world(resolve_device(cfg.device))
     seed_everything(cfg.seed)
-    embedder = prepare(models.Embedder(models.build_model(cfg.model, cfg.weights), cfg.layer), device)
+    embedder = prepare(models.Embedder(models.build_model(cfg.model, cfg.weights), cfg.layer, cfg.tta_flip), device)
     dim = models.embedding_size(embedder, cfg.preprocess.shape, device)
-    extra = {
-        "data_root": str(Path(cfg.data_root).resolve()),
-        "n_skipped_missing": len(proto.skipped),
-        "device": str(device),
-        "world_size": world.size,
-    }
+    extra = store_extra(cfg, proto, device, world.size)
     job = _Job(cfg, proto, embedder, dim, device, identity)
     if world.size == 1:
         return job.run(out, range(len(proto)), store_arrays(proto), extra, final=True)
@@ -255,11 +280,7 @@ class _Job:
         cfg = self.cfg
         identity = self.part_identity(rows)
         partial = partial_path(target)
-        if not (cfg.resume and partial.exists()) and os.path.lexists(partial):
-            reason = recognise_partial(partial)
-            if reason is not None:
-                raise PipelineError(f"refusing to replace {partial}: {reason}. Move it away or choose another --out.")
-            log.info("starting over: replacing %s (pass --resume to continue it)", partial)
+        check_partial(target, cfg.resume)
         writer = StoreWriter(target, len(rows), self.dim, identity, arrays, cfg.dtype, cfg.resume)
         try:
             bad = sorted(set(_fill(writer, self.embedder, self.proto, cfg, self.device, rows)))

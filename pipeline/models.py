@@ -117,9 +117,10 @@ def has_penultimate(model: nn.Module) -> bool:
 
 
 class Embedder(nn.Module):
-    """A backbone seen through one layer: `output` (the 1000-d logits, the study's) or `penultimate`."""
+    """A backbone seen through one layer: `output` (the 1000-d logits, the study's) or `penultimate`; with
+    `flip`, the mean of an image's and its mirror image's (test-time flip)."""
 
-    def __init__(self, model: nn.Module, layer: str = "output"):
+    def __init__(self, model: nn.Module, layer: str = "output", flip: bool = False):
         super().__init__()
         if layer not in LAYERS:
             raise PipelineError(f"unknown layer {layer!r}: use one of {LAYERS}")
@@ -128,9 +129,13 @@ class Embedder(nn.Module):
                 f"--layer penultimate is known for AlexNet, VGG, SqueezeNet and ResNet networks, not "
                 f"{type(model).__name__}: use --layer output (the network's output)"
             )
-        self.model, self.layer = model, layer
+        self.model, self.layer, self.flip = model, layer, flip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.one(x)
+        return (y + self.one(x.flip(-1))) / 2 if self.flip else y
+
+    def one(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x) if self.layer == "output" else penultimate(self.model, x)
 
 

@@ -1,8 +1,9 @@
 """The `run` stage: the whole study in one command, reusing the steps a previous run finished.
 
-Pretrained model -> embed LFWPairs test and LFWPeople test -> score (listed pairs; all 6.87 M pairs);
-fine-tune -> embed and score the same way; then `summary.json`, `table.md` (the study's layout), the ROC
-figures and the training curves. Layout of OUT:
+Fine-tune -> embed LFWPairs test and LFWPeople test with the pretrained and the fine-tuned network in one pass
+(`pipeline.shared_embed`: each image once, shared first layers once) -> score each store (listed pairs; all
+6.87 M pairs); then `summary.json`, `table.md` (the study's layout), the ROC figures and the training curves.
+Layout of OUT:
 
 ```
 finetune/model.pt (+ model.log, model.best.pt, model.training.png)  the checkpoint, its validation log, figure
@@ -23,11 +24,12 @@ from pathlib import Path
 import torch
 
 from pipeline import models, outputs
-from pipeline.embed import EmbedConfig, default_data_root, embed
+from pipeline.embed import EmbedConfig, default_data_root
 from pipeline.finetune import FinetuneConfig, finetune, recognise_training_figure, write_training_figure
 from pipeline.report import TRAINING_FILE, report
 from pipeline.results import read_json
 from pipeline.score import score_store
+from pipeline.shared_embed import embed_together
 from pipeline.store import open_store
 
 log = logging.getLogger(__name__)
@@ -99,36 +101,39 @@ class RunConfig:
         ).resolved()
 
 
-def _embed(cfg: RunConfig, weights: str, layer: str, protocol: str, out: Path) -> tuple[Path, bool]:
-    """Embed a test split unless a complete store made from the same weights file exists; (path, fresh)."""
-    if out.exists() and not cfg.overwrite:
-        with open_store(out, need_labels=False) as store:
-            same = store.attrs.get("weights_sha256", "") == models.weights_provenance(weights)["weights_sha256"]
-            same = same and store.attrs.get("layer") == layer and int(store.attrs.get("limit", 0)) == (cfg.limit or 0)
-        if same:
-            log.info("reusing %s", out)
-            return out, False
-        log.info("%s was made from other weights or options: embedding again", out)
-    path = embed(
-        EmbedConfig(
-            out=out,
-            data_root=cfg.data_root,
-            image_set=cfg.image_set,
-            protocol=protocol,
-            split="test",
-            model=cfg.model,
-            weights=weights,
-            layer=layer,
-            batch_size=cfg.embed_batch_size,
-            workers=cfg.workers,
-            device=cfg.device,
-            limit=cfg.limit,
-            resume=True,
-            overwrite=True,
-            seed=cfg.seed,
-        )
+def _store_config(cfg: RunConfig, weights: str, layer: str, flip: bool, protocol: str, out: Path) -> EmbedConfig:
+    """What `embed` would be given for one test store of the run."""
+    return EmbedConfig(
+        out=out,
+        data_root=cfg.data_root,
+        image_set=cfg.image_set,
+        protocol=protocol,
+        split="test",
+        model=cfg.model,
+        weights=weights,
+        layer=layer,
+        tta_flip=flip,
+        batch_size=cfg.embed_batch_size,
+        workers=cfg.workers,
+        device=cfg.device,
+        limit=cfg.limit,
+        overwrite=True,
+        seed=cfg.seed,
     )
-    return path, True
+
+
+def _reusable(cfg: RunConfig, store_cfg: EmbedConfig) -> bool:
+    """A complete store made from the same weights file, layer, test-time flip and limit."""
+    out = Path(store_cfg.out)
+    if cfg.overwrite or not out.exists():
+        return False
+    with open_store(out, need_labels=False) as store:
+        a = store.attrs
+        same = a.get("weights_sha256", "") == models.weights_provenance(store_cfg.weights)["weights_sha256"]
+        same = same and a.get("layer") == store_cfg.layer and int(a.get("limit", 0)) == (cfg.limit or 0)
+        same = same and bool(a.get("tta_flip", False)) == store_cfg.tta_flip
+    log.info("reusing %s" if same else "%s was made from other weights or options: embedding again", out)
+    return same
 
 
 def _previous_seconds(summary: Path) -> dict[str, float]:
@@ -190,32 +195,37 @@ def _run(cfg: RunConfig, out: Path) -> dict:
     seconds = _previous_seconds(out / "summary.json") if not cfg.overwrite else {}
     results: dict[str, dict[str, dict]] = {p: {} for p in PROTOCOLS}
 
-    def stage(name: str, weights: str, variant: str) -> None:
-        for protocol, all_pairs in PROTOCOLS.items():
-            t0 = time.perf_counter()
-            store, fresh = _embed(cfg, weights, layer, protocol, out / "embeddings" / f"{variant}-{protocol}.h5")
-            if fresh:
-                seconds[f"embed {variant} {protocol}"] = round(time.perf_counter() - t0, 1)
-            t0 = time.perf_counter()
-            results[protocol][variant], scored = _score(
-                store,
-                out / "results" / f"{variant}-{protocol}",
-                all_pairs,
-                metric,
-                variant,
-                f"{cfg.model} {name}",
-                fresh,
-                cfg.device,
-            )
-            if scored:
-                seconds[f"score {variant} {protocol}"] = round(time.perf_counter() - t0, 1)
-
-    stage("pretrained", cfg.weights, "pretrained")
     t0, before = time.perf_counter(), _mtime(ft_cfg.out)
     checkpoint = finetune(ft_cfg)
     if _mtime(checkpoint) != before:
         seconds["finetune"] = round(time.perf_counter() - t0, 1)
-    stage(f"fine-tuned ({cfg.recipe})", str(checkpoint), "finetuned")
+    # every test store, then: the images both protocols use, and the first layers both networks share, once
+    networks = {"pretrained": (cfg.weights, False), "finetuned": (str(checkpoint), ft_cfg.tta_flip)}
+    stores = {
+        (v, p): _store_config(cfg, w, layer, flip, p, out / "embeddings" / f"{v}-{p}.h5")
+        for v, (w, flip) in networks.items()
+        for p in PROTOCOLS
+    }
+    fresh = {k for k, c in stores.items() if not _reusable(cfg, c)}
+    if fresh:
+        t0 = time.perf_counter()
+        embed_together([stores[k] for k in sorted(fresh)], ft_cfg.train_blocks)
+        seconds["embed " + ", ".join(f"{v} {p}" for v, p in sorted(fresh))] = round(time.perf_counter() - t0, 1)
+    names = {"pretrained": "pretrained", "finetuned": f"fine-tuned ({cfg.recipe})"}
+    for (variant, protocol), store_cfg in stores.items():
+        t0 = time.perf_counter()
+        results[protocol][variant], scored = _score(
+            store_cfg.out,
+            out / "results" / f"{variant}-{protocol}",
+            PROTOCOLS[protocol],
+            metric,
+            variant,
+            f"{cfg.model} {names[variant]}",
+            (variant, protocol) in fresh,
+            cfg.device,
+        )
+        if scored:
+            seconds[f"score {variant} {protocol}"] = round(time.perf_counter() - t0, 1)
 
     folders = {p: [out / "results" / f"{v}-{p}" for v in ("pretrained", "finetuned")] for p in PROTOCOLS}
     for protocol, dirs in folders.items():

@@ -317,3 +317,52 @@ def test_finetune_keeps_a_training_figure_it_did_not_write(tiny_lfw, tmp_path):
     figure.unlink()  # a checkpoint of a version that did not draw it: --resume of the complete run draws it
     assert CliRunner().invoke(main, [*args, "--resume"]).exit_code == 0 and figure.is_file()
     assert CliRunner().invoke(main, [*args, "--overwrite"]).exit_code == 0  # ours: replaced
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 5, 8])
+def test_train_blocks_cut_squeezenet_where_asked(blocks):
+    from torchvision import models as tvm
+
+    from pipeline import models
+
+    model = models.build_model("squeezenet1_0", "none").eval()
+    frozen, tail = ft.split_model(model, "penultimate", blocks)
+    assert sum(isinstance(m, tvm.squeezenet.Fire) for m in tail.modules()) == blocks
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(tail(frozen(x)), models.penultimate(model, x), atol=1e-5)
+    with pytest.raises(PipelineError, match="between 1 and 8"):
+        ft.split_model(model, "penultimate", 9)
+
+
+def test_resnet_blocks_and_layerwise_learning_rates_of_fire_modules(tiny_lfw, tmp_path):
+    from pipeline import models
+
+    model = models.build_model("resnet18", "none").eval()
+    frozen, tail = ft.split_model(model, "penultimate", 2)
+    assert list(tail.children())[:2] == [model.layer3, model.layer4]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(tail(frozen(x)), models.penultimate(model, x), atol=1e-5)
+    cfg = config(tiny_lfw, tmp_path / "b.pt", recipe="best", train_blocks=3, lr_decay=0.5, lr=0.1).resolved()
+    trainer = ft.TRAINERS["best"](cfg, torch.device("cpu"))
+    fires = [m for m in trainer.tail.children() if any(True for _ in m.parameters())]
+    scales = {id(p): g["lr_scale"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert [scales[id(next(m.parameters()))] for m in fires] == [0.25, 0.5, 1.0]
+    trainer.train_step(trainer.batches(0)[0], 1)
+    lrs = {g["lr_scale"]: g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs[0.25] == pytest.approx(lrs[1.0] * 0.25) and lrs[1.0] > 0
+
+
+def test_tta_flip_validation_is_the_mean_of_both_orientations(tiny_lfw, tmp_path):
+    cfg = config(tiny_lfw, tmp_path / "t.pt", recipe="best", tta_flip=True, val_images=600, val_fraction=0.4)
+    trainer = ft.TRAINERS["best"](cfg.resolved(), torch.device("cpu"))
+    trainer.prepare_phase(1)
+    rows = torch.as_tensor(trainer.val_rows)
+    got = trainer.embed_rows(rows)
+    trainer.model.eval()
+    with torch.no_grad():
+        own = trainer.tail(trainer.frozen(trainer.bank.batch(rows)))
+        mirror = trainer.tail(trainer.frozen(trainer.bank.batch(rows, torch.ones(len(rows), dtype=torch.bool))))
+    assert torch.allclose(got, (own + mirror) / 2, rtol=1e-2, atol=1e-3)  # the cache is float16
+    assert not torch.allclose(own, mirror, atol=1e-3)

@@ -68,6 +68,10 @@ def save_atomic(obj: dict, path: Path) -> None:
         raise PipelineError(f"{e}: make room (or lift the limit) and rerun with --resume") from None
 
 
+LATER_FIELDS = {"train_blocks": None, "tta_flip": False, "lr_decay": 1.0}
+"""Configuration fields added after checkpoints were first written, with the value that trains as before."""
+
+
 def load_checkpoint(path: Path, cfg: FinetuneConfig) -> dict:
     """Read a checkpoint to resume `cfg`; another model or a changed configuration is refused."""
     try:
@@ -82,6 +86,7 @@ def load_checkpoint(path: Path, cfg: FinetuneConfig) -> dict:
             f"checkpoint {path} is for model {saved.get('model')}, not {cfg.model}; pass --model {saved.get('model')} or another --out"
         )
     now = cfg.identity()
+    saved = {**LATER_FIELDS, **saved}
     changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
     if changed:
         raise PipelineError(

@@ -16,7 +16,14 @@ STUDY_PRESETS = {
     "vgg16": dict(batch_size=4, lr=1e-4, momentum=0.9, phase1_epochs=3, phase2_epochs=2),
 }
 STUDY_DEFAULTS = dict(
-    weight_decay=0.0, cache_dtype="float32", flip=False, keep_best=False, layer="output", loss="study"
+    weight_decay=0.0,
+    cache_dtype="float32",
+    flip=False,
+    keep_best=False,
+    layer="output",
+    loss="study",
+    tta_flip=False,
+    lr_decay=1.0,
 )
 # The project's recipe, chosen by validation AUC on held-out training people (docs/finetuning.md).
 BEST_PRESET = dict(
@@ -31,6 +38,8 @@ BEST_PRESET = dict(
     keep_best=True,
     layer="penultimate",
     loss="pairs",
+    tta_flip=False,
+    lr_decay=1.0,
 )
 # Fields that may change between a run and its resumption.
 RUNTIME_FIELDS = ("out", "resume", "overwrite", "device", "workers")
@@ -107,6 +116,14 @@ class FinetuneConfig:
     """Best: CosFace margin."""
     scale: float = 20.0
     """Best: scale of the cosine logits (CosFace or pairs)."""
+    train_blocks: int | None = None
+    """Best: how many of the last blocks train (SqueezeNet Fire modules 1-8, default 2; ResNet layers 1-4,
+    default 1)."""
+    lr_decay: float | None = None
+    """Best: the k-th trained block below the last learns at lr x lr_decay^k (1: one rate for all)."""
+    tta_flip: bool | None = None
+    """Best: validation embeds an image as the mean of its own and its mirror image's features (test-time flip;
+    `embed --tta-flip`)."""
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -136,6 +153,8 @@ class FinetuneConfig:
             raise ValueError("eps and clip_norm must be > 0")
         if self.loss not in (None, "study", "pairs", "cosface"):
             raise ValueError(f"loss must be pairs or cosface, got {self.loss!r}")
+        if self.lr_decay is not None and not 0 < self.lr_decay <= 1:
+            raise ValueError("lr_decay must be in (0, 1]")
         if self.images_per_person < 2:
             raise ValueError("images_per_person must be >= 2")
         if self.resume and self.overwrite:

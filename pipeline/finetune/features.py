@@ -14,9 +14,10 @@ from pipeline.errors import PipelineError
 from pipeline.runtime import autocast
 
 
-def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
+def split_model(model: nn.Module, layer: str, blocks: int | None = None) -> tuple[nn.Module, nn.Module]:
     """(frozen, tail) with tail(frozen(x)) = model(x) for `output` (frozen = the convolutional features,
-    tail = the classifier) or = penultimate(model, x) for `penultimate` (frozen = all but the last block)."""
+    tail = the classifier) or = penultimate(model, x) for `penultimate` (tail = the last `blocks` blocks:
+    SqueezeNet's Fire modules, 1-8, default 2; ResNet's layers, 1-4, default 1; AlexNet and VGG: the fully connected layers)."""
     flat = nn.Flatten(1)
     if isinstance(model, (tvm.AlexNet, tvm.VGG)):
         frozen = nn.Sequential(model.features, model.avgpool, flat)
@@ -24,15 +25,23 @@ def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
     if isinstance(model, tvm.SqueezeNet):
         if layer == "output":
             return model.features, nn.Sequential(model.classifier, flat)
-        # the last two Fire modules train (27 x 27 and 13 x 13): one block alone adapted too little
-        return model.features[:10], nn.Sequential(*model.features[10:], nn.AdaptiveAvgPool2d(1), flat)
+        fires = [i for i, m in enumerate(model.features) if isinstance(m, tvm.squeezenet.Fire)]
+        start = fires[-check_blocks(blocks or 2, len(fires))]
+        return model.features[:start], nn.Sequential(*model.features[start:], nn.AdaptiveAvgPool2d(1), flat)
     if isinstance(model, tvm.ResNet):
         m = model
-        stem = [m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3]
+        stem, layers = [m.conv1, m.bn1, m.relu, m.maxpool], [m.layer1, m.layer2, m.layer3, m.layer4]
         if layer == "output":
-            return nn.Sequential(*stem, m.layer4, m.avgpool, flat), m.fc
-        return nn.Sequential(*stem), nn.Sequential(m.layer4, m.avgpool, flat)
+            return nn.Sequential(*stem, *layers, m.avgpool, flat), m.fc
+        cut = 4 - check_blocks(blocks or 1, 4)
+        return nn.Sequential(*stem, *layers[:cut]), nn.Sequential(*layers[cut:], m.avgpool, flat)
     raise PipelineError(f"no frozen/trainable split known for {type(model).__name__}")
+
+
+def check_blocks(blocks: int, n: int) -> int:
+    if not 1 <= blocks <= n:
+        raise PipelineError(f"train_blocks must be between 1 and {n} for this model, got {blocks}")
+    return blocks
 
 
 def set_phase(model: nn.Module, frozen: nn.Module, phase: int) -> None:

@@ -51,7 +51,7 @@ class Trainer:
         self.log_path, self.best_path, self.figure_path = side_files(self.out)
         # channels_last: two to three times faster convolutions on CPU (and on GPU with mixed precision)
         self.model = models.build_model(cfg.model, cfg.weights).to(device, memory_format=torch.channels_last)
-        self.frozen, self.tail = split_model(self.model, cfg.layer)
+        self.frozen, self.tail = split_model(self.model, cfg.layer, cfg.train_blocks)
         self.metric = "l2" if cfg.layer == "output" else "cosine"
         self.epoch = self.batch_in_epoch = self.step = 0
         self.epoch_loss: tuple[float, int] = (0.0, 0)
@@ -105,16 +105,21 @@ class Trainer:
         self.val_rows, self.val_labels = np.arange(len(train), len(paths)), val.labels
 
     def sgd(self, *heads: nn.Module) -> torch.optim.SGD:
-        """SGD over the model's parameters, and over each head's (a group of its own) when it has any."""
-        groups = [{"params": list(self.model.parameters())}]
-        groups += [{"params": params} for head in heads if (params := list(head.parameters()))]
+        """SGD over the model's parameters, and over each head's (a group of its own) when it has any. With
+        `lr_decay` d, the k-th trained block below the last learns at d^k times the rate (`lr_scale`)."""
+        blocks = [m for m in self.tail.children() if any(True for _ in m.parameters())][::-1]
+        decay = self.cfg.lr_decay or 1.0
+        groups = [{"params": list(b.parameters()), "lr_scale": decay**k} for k, b in enumerate(blocks)]
+        in_blocks = {id(p) for g in groups for p in g["params"]}
+        groups.append({"params": [p for p in self.model.parameters() if id(p) not in in_blocks], "lr_scale": 1.0})
+        groups += [{"params": params, "lr_scale": 1.0} for head in heads if (params := list(head.parameters()))]
         cfg = self.cfg
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def embed(self, rows: torch.Tensor, flip: torch.Tensor | None = None, train_frozen: bool = False) -> torch.Tensor:
         """Output at the recipe's layer for bank rows (mirrored where `flip`): the tail over the cached frozen
         features when there are any, else over the frozen part run now (with gradients if `train_frozen`)."""
-        if self.cache is not None:
+        if self.cache is not None and (flip is None or self.flips):  # a cache without mirror images: compute
             return self.tail(self.cached(rows, flip))
         x = self.bank.batch(rows, flip).to(self.device)
         with contextlib.nullcontext() if train_frozen else torch.no_grad():
@@ -257,7 +262,7 @@ class Trainer:
     def train_step(self, idx: torch.Tensor, phase: int) -> float:
         """One optimisation step on items `idx`; a non-finite loss stops training (nothing is saved)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = self.lr_at(self.step) * group.get("lr_scale", 1.0)
         with autocast(self.device):
             loss = self.loss_of(idx, phase)
         if not torch.isfinite(loss):
@@ -312,13 +317,17 @@ class Trainer:
         self.drawn = self.epoch
 
     def embed_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Network (eval mode) output at the recipe's layer for bank rows; from the cache in phase 1."""
+        """Network (eval mode) output at the recipe's layer for bank rows; from the cache in phase 1. With
+        `tta_flip`, the mean of the image's and its mirror image's outputs."""
         was = self.model.training
         self.model.eval()
         out = []
         for idx in rows.split(64):
             with autocast(self.device):
-                out.append(self.embed(idx).float().cpu())
+                y = self.embed(idx).float()
+                if self.cfg.tta_flip:
+                    y = (y + self.embed(idx, torch.ones(len(idx), dtype=torch.bool)).float()) / 2
+                out.append(y.cpu())
         self.model.train(was)
         return torch.cat(out)
 

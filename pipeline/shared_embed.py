@@ -1,0 +1,157 @@
+"""Several stores of one image set in one pass (`run`'s embedding step): each image decoded once, and the
+first layers that the networks share run once per image.
+
+`run` embeds LFWPairs test and LFWPeople test, with the pretrained and the fine-tuned network. The pairs' images
+are among the people's, and the best recipe trains only the last blocks, so the fine-tuned network's frozen
+part is the pretrained network's. Here every image that any of the stores lists is decoded once; the networks
+are split into a frozen part and a tail (`split_model`, the cut fine-tuning used), networks whose frozen parts
+hold equal weights share one run of it, and each tail runs on its output (and on the mirror image's, for a
+network embedded with test-time flip). Each store is then written as `embed` writes it, with the same
+attributes, from rows held in memory (images x dimension x networks: a few MB for LFW)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline import facesets, images, models, outputs
+from pipeline.embed import EmbedConfig, check_out, check_partial, prepare, store_arrays, store_extra, store_identity
+from pipeline.errors import PipelineError
+from pipeline.finetune.features import split_model
+from pipeline.runtime import autocast, resolve_device, seed_everything
+from pipeline.store_writer import StoreWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Network:
+    """One (weights, layer, flip) network: the frozen part it runs (maybe another network's) and its tail."""
+
+    key: tuple
+    frozen: torch.nn.Module
+    tail: torch.nn.Module
+    flip: bool
+    rows: np.ndarray | None = None
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Equal parameters and buffers (the same module, or a frozen part copied unchanged)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def build_networks(cfgs: list[EmbedConfig], blocks: int | None, device: torch.device) -> list[_Network]:
+    """The distinct networks of `cfgs`; a network whose frozen part equals an earlier one's runs that one."""
+    nets: list[_Network] = []
+    for cfg in cfgs:
+        key = (cfg.weights, cfg.layer, cfg.tta_flip)
+        if any(n.key == key for n in nets):
+            continue
+        model = prepare(models.build_model(cfg.model, cfg.weights), device)
+        frozen, tail = split_model(model, cfg.layer, blocks)
+        shared = next((n.frozen for n in nets if same_weights(n.frozen, frozen)), None)
+        if shared is not None:
+            log.info("%s shares its first layers with an earlier network: they run once per image", cfg.weights)
+        nets.append(_Network(key, shared or frozen, tail, cfg.tta_flip))
+    return nets
+
+
+def embed_together(cfgs: list[EmbedConfig], blocks: int | None = None) -> list[Path]:
+    """Write the store of every config (LFW protocol splits of one data root, one model and preprocessing; any
+    weights, layers and test-time flips), each image decoded once and shared first layers run once."""
+    base = cfgs[0]
+    if any(
+        (c.model, c.preprocess, c.data_root, c.image_set, c.dataset)
+        != (base.model, base.preprocess, base.data_root, base.image_set, base.dataset)
+        for c in cfgs
+    ):
+        raise ValueError("embed_together: the stores must share the model, preprocessing and image set")
+    for cfg in cfgs:
+        check_out(cfg)
+    with contextlib.ExitStack() as stack:
+        for cfg in cfgs:
+            stack.enter_context(outputs.claim(Path(cfg.out), lambda cfg=cfg: check_out(cfg)))
+        return _embed_together(cfgs, blocks)
+
+
+def _embed_together(cfgs: list[EmbedConfig], blocks: int | None) -> list[Path]:
+    base = cfgs[0]
+    protos = [
+        facesets.load_faceset(c.dataset, c.data_root, c.image_set, c.protocol, c.split, c.pairs_file).limit(c.limit)
+        for c in cfgs
+    ]
+    index: dict[str, int] = {}  # image file -> row of the union
+    names: list[str] = []
+    for proto in protos:
+        for i in range(len(proto)):
+            if index.setdefault(str(proto.absolute(i)), len(index)) == len(names):
+                names.append(proto.paths[i])
+    device = resolve_device(base.device)
+    seed_everything(base.seed)
+    nets = build_networks(cfgs, blocks, device)
+    pre = base.preprocess
+    files = images.ImageFiles(list(index), pre.crop(), pre.shape, names=names)
+    loader = DataLoader(files, batch_size=base.batch_size, num_workers=base.workers, pin_memory=device.type == "cuda")
+    log.info("embedding %d images once for %d stores (%d networks)", len(files), len(cfgs), len(nets))
+    with tqdm(total=len(files), unit="img", desc="embed (shared)", dynamic_ncols=True) as bar:
+        for x, idx, errors in images.batches(loader):
+            bad = [e for e in errors if e]
+            if bad:
+                raise PipelineError(bad[0])
+            _forward(nets, pre.normalize(x.to(device)).contiguous(memory_format=torch.channels_last), idx, len(files))
+            bar.update(len(idx))
+    for net in nets:
+        finite = np.isfinite(net.rows).all(axis=1)
+        if not finite.all():
+            bad_names = [names[i] for i in np.flatnonzero(~finite)[:3]]
+            raise PipelineError(f"the model produced NaN or infinite outputs for {bad_names}; check the weights")
+    by_key = {n.key: n for n in nets}
+    paths = []
+    for cfg, proto in zip(cfgs, protos, strict=True):
+        rows = by_key[(cfg.weights, cfg.layer, cfg.tta_flip)].rows
+        own = rows[[index[str(proto.absolute(i))] for i in range(len(proto))]]
+        paths.append(_write(cfg, proto, own, device))
+    return paths
+
+
+@torch.inference_mode()
+def _forward(nets: list[_Network], x: torch.Tensor, idx: torch.Tensor, n: int) -> None:
+    """Each network's rows of one batch: every distinct frozen part once (and on the mirror images once)."""
+    z: dict[int, torch.Tensor] = {}
+    with autocast(x.device):
+        for net in nets:
+            key = id(net.frozen)
+            if key not in z:
+                z[key] = net.frozen(x)
+            y = net.tail(z[key]).float()
+            if net.flip:
+                if -key not in z:
+                    z[-key] = net.frozen(x.flip(-1))
+                y = (y + net.tail(z[-key]).float()) / 2
+            if net.rows is None:
+                net.rows = np.empty((n, y.shape[1]), dtype=np.float32)
+            net.rows[idx.numpy()] = y.cpu().numpy()
+
+
+def _write(cfg: EmbedConfig, proto, rows: np.ndarray, device: torch.device) -> Path:
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_partial(out, resume=False)
+    writer = StoreWriter(out, len(rows), rows.shape[1], store_identity(cfg, proto), store_arrays(proto), cfg.dtype)
+    try:
+        writer.write(0, rows.astype(cfg.dtype))
+        path = writer.finish({**store_extra(cfg, proto, device, 1), "bad_rows": [], "shared_pass": True})
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.close()
+        raise
+    log.info("wrote %s (%d images)", path, len(rows))
+    return path
