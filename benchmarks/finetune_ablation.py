@@ -26,6 +26,7 @@ VARIANTS: dict[str, dict] = {
     "blocks3-decay0.3": dict(train_blocks=3, lr_decay=0.3),
     "blocks4-decay0.3": dict(train_blocks=4, lr_decay=0.3),
     "scale40": dict(scale=40.0),
+    "pool-learned": dict(pool="learned"),
     "epochs20": dict(phase1_epochs=20),
     "cosface": dict(loss="cosface", scale=30.0, margin=0.2),
     "k8": dict(images_per_person=8),

@@ -96,6 +96,41 @@ def imagenet_weights(name: str):
     return tvm.get_model_weights(name).DEFAULT
 
 
+POOL = "embedding_pool"
+"""The module name of a learned pooling (`add_learned_pool`) in a model and its state_dict."""
+
+
+def add_learned_pool(model: nn.Module, side: int) -> nn.Conv2d:
+    """Give a SqueezeNet or ResNet a learned global pooling for `penultimate`: a depthwise side x side
+    convolution (one weight per channel and position, so an aligned face's regions can weigh differently)
+    that starts as the average pooling it replaces."""
+    if not isinstance(model, (tvm.SqueezeNet, tvm.ResNet)):
+        raise PipelineError(
+            f"a learned pooling is known for SqueezeNet and ResNet networks, not {type(model).__name__}"
+        )
+    c = model.fc.in_features if isinstance(model, tvm.ResNet) else model.classifier[1].in_channels
+    pool = nn.Conv2d(c, c, side, groups=c, bias=False)
+    nn.init.constant_(pool.weight, 1.0 / side**2)
+    model.add_module(POOL, pool)
+    return pool
+
+
+@torch.no_grad()
+def feature_side(model: nn.Module, input_size: int = 224) -> int:
+    """Side of the last feature map (what the global pooling pools) for square inputs of `input_size`."""
+    x = torch.zeros(1, 3, input_size, input_size)
+    if isinstance(model, tvm.ResNet):
+        m = model
+        x = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
+        return x.shape[-1]
+    return model.features(x).shape[-1]
+
+
+def pooling(model: nn.Module) -> nn.Module:
+    """The global pooling of the penultimate features: the learned one when the model has it, else the average."""
+    return getattr(model, POOL, None) or nn.AdaptiveAvgPool2d(1)
+
+
 def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Features just before the last classifier layer: 4096-d (AlexNet/VGG, after the second ReLU),
     512-d pooled fire features (SqueezeNet), pooled features (ResNet)."""
@@ -103,12 +138,12 @@ def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(model.avgpool(model.features(x)), 1)
         return model.classifier[:-1](x)
     if isinstance(model, tvm.SqueezeNet):
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(model.features(x), 1), 1)
+        return torch.flatten(pooling(model)(model.features(x)), 1)
     if isinstance(model, tvm.ResNet):
         m = model
         x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
         x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
-        return torch.flatten(m.avgpool(x), 1)
+        return torch.flatten(getattr(m, POOL, m.avgpool)(x), 1)
     raise PipelineError(f"no penultimate layer known for {type(model).__name__}")
 
 
@@ -211,6 +246,8 @@ def _load_file(model: nn.Module, name: str, weights: str) -> nn.Module:
     trained = meta.get("config", {}).get("model")
     if trained is not None and trained != name:
         raise PipelineError(f"checkpoint {weights} was trained for model {trained}, not {name}; pass --model {trained}")
+    if f"{POOL}.weight" in state and not hasattr(model, POOL):  # fine-tuned with a learned pooling
+        add_learned_pool(model, state[f"{POOL}.weight"].shape[-1])
     load_state(model, state, name, str(weights))
     return model
 

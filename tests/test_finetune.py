@@ -366,3 +366,22 @@ def test_tta_flip_validation_is_the_mean_of_both_orientations(tiny_lfw, tmp_path
         mirror = trainer.tail(trainer.frozen(trainer.bank.batch(rows, torch.ones(len(rows), dtype=torch.bool))))
     assert torch.allclose(got, (own + mirror) / 2, rtol=1e-2, atol=1e-3)  # the cache is float16
     assert not torch.allclose(own, mirror, atol=1e-3)
+
+
+def test_learned_pool_starts_as_the_average_and_travels_with_the_checkpoint(tiny_lfw, tmp_path):
+    from pipeline import models
+
+    model = models.build_model("squeezenet1_0", "none").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = models.penultimate(model, x)
+        models.add_learned_pool(model, models.feature_side(model, 64))
+        assert torch.allclose(models.penultimate(model, x), before, atol=1e-5)
+    out = ft.finetune(
+        config(tiny_lfw, tmp_path / "p.pt", recipe="best", pool="learned", phase1_epochs=1, lr=0.05, val_images=0)
+    )
+    state = torch.load(out, weights_only=True)["model"]
+    assert state[f"{models.POOL}.weight"].shape == (512, 1, 13, 13)
+    assert not torch.allclose(state[f"{models.POOL}.weight"], torch.full((512, 1, 13, 13), 1 / 169))
+    loaded = models.build_model("squeezenet1_0", str(out))
+    assert torch.equal(getattr(loaded, models.POOL).weight, state[f"{models.POOL}.weight"])

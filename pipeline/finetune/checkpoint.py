@@ -68,7 +68,7 @@ def save_atomic(obj: dict, path: Path) -> None:
         raise PipelineError(f"{e}: make room (or lift the limit) and rerun with --resume") from None
 
 
-LATER_FIELDS = {"train_blocks": None, "tta_flip": False, "lr_decay": 1.0}
+LATER_FIELDS = {"train_blocks": None, "tta_flip": False, "lr_decay": 1.0, "pool": "avg"}
 """Configuration fields added after checkpoints were first written, with the value that trains as before."""
 
 

@@ -24,6 +24,7 @@ STUDY_DEFAULTS = dict(
     loss="study",
     tta_flip=False,
     lr_decay=1.0,
+    pool="avg",
 )
 # The project's recipe, chosen by validation AUC on held-out training people (docs/finetuning.md).
 BEST_PRESET = dict(
@@ -40,6 +41,7 @@ BEST_PRESET = dict(
     loss="pairs",
     tta_flip=False,
     lr_decay=1.0,
+    pool="avg",
 )
 # Fields that may change between a run and its resumption.
 RUNTIME_FIELDS = ("out", "resume", "overwrite", "device", "workers")
@@ -119,6 +121,9 @@ class FinetuneConfig:
     train_blocks: int | None = None
     """Best: how many of the last blocks train (SqueezeNet Fire modules 1-8, default 2; ResNet layers 1-4,
     default 1)."""
+    pool: str | None = None
+    """Best: the global pooling of the penultimate features: avg (the network's) | learned (a depthwise
+    convolution over the last feature map, starting as the average; SqueezeNet and ResNet)."""
     lr_decay: float | None = None
     """Best: the k-th trained block below the last learns at lr x lr_decay^k (1: one rate for all)."""
     tta_flip: bool | None = None
@@ -153,6 +158,8 @@ class FinetuneConfig:
             raise ValueError("eps and clip_norm must be > 0")
         if self.loss not in (None, "study", "pairs", "cosface"):
             raise ValueError(f"loss must be pairs or cosface, got {self.loss!r}")
+        if self.pool not in (None, "avg", "learned"):
+            raise ValueError(f"pool must be avg or learned, got {self.pool!r}")
         if self.lr_decay is not None and not 0 < self.lr_decay <= 1:
             raise ValueError("lr_decay must be in (0, 1]")
         if self.images_per_person < 2:

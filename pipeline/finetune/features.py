@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from torchvision import models as tvm
 from tqdm import tqdm
 
-from pipeline import data, images
+from pipeline import data, images, models
 from pipeline.errors import PipelineError
 from pipeline.runtime import autocast
 
@@ -27,14 +27,15 @@ def split_model(model: nn.Module, layer: str, blocks: int | None = None) -> tupl
             return model.features, nn.Sequential(model.classifier, flat)
         fires = [i for i, m in enumerate(model.features) if isinstance(m, tvm.squeezenet.Fire)]
         start = fires[-check_blocks(blocks or 2, len(fires))]
-        return model.features[:start], nn.Sequential(*model.features[start:], nn.AdaptiveAvgPool2d(1), flat)
+        return model.features[:start], nn.Sequential(*model.features[start:], models.pooling(model), flat)
     if isinstance(model, tvm.ResNet):
         m = model
         stem, layers = [m.conv1, m.bn1, m.relu, m.maxpool], [m.layer1, m.layer2, m.layer3, m.layer4]
         if layer == "output":
             return nn.Sequential(*stem, *layers, m.avgpool, flat), m.fc
         cut = 4 - check_blocks(blocks or 1, 4)
-        return nn.Sequential(*stem, *layers[:cut]), nn.Sequential(*layers[cut:], m.avgpool, flat)
+        pool = getattr(m, models.POOL, m.avgpool)
+        return nn.Sequential(*stem, *layers[:cut]), nn.Sequential(*layers[cut:], pool, flat)
     raise PipelineError(f"no frozen/trainable split known for {type(model).__name__}")
 
 

@@ -50,7 +50,10 @@ class Trainer:
         self.out = Path(cfg.out)
         self.log_path, self.best_path, self.figure_path = side_files(self.out)
         # channels_last: two to three times faster convolutions on CPU (and on GPU with mixed precision)
-        self.model = models.build_model(cfg.model, cfg.weights).to(device, memory_format=torch.channels_last)
+        model = models.build_model(cfg.model, cfg.weights)
+        if cfg.pool == "learned" and not hasattr(model, models.POOL):
+            models.add_learned_pool(model, models.feature_side(model))
+        self.model = model.to(device, memory_format=torch.channels_last)
         self.frozen, self.tail = split_model(self.model, cfg.layer, cfg.train_blocks)
         self.metric = "l2" if cfg.layer == "output" else "cosine"
         self.epoch = self.batch_in_epoch = self.step = 0
@@ -107,7 +110,8 @@ class Trainer:
     def sgd(self, *heads: nn.Module) -> torch.optim.SGD:
         """SGD over the model's parameters, and over each head's (a group of its own) when it has any. With
         `lr_decay` d, the k-th trained block below the last learns at d^k times the rate (`lr_scale`)."""
-        blocks = [m for m in self.tail.children() if any(True for _ in m.parameters())][::-1]
+        pool = getattr(self.model, models.POOL, None)  # a learned pooling learns at the full rate
+        blocks = [m for m in self.tail.children() if m is not pool and any(True for _ in m.parameters())][::-1]
         decay = self.cfg.lr_decay or 1.0
         groups = [{"params": list(b.parameters()), "lr_scale": decay**k} for k, b in enumerate(blocks)]
         in_blocks = {id(p) for g in groups for p in g["params"]}
