@@ -295,7 +295,18 @@ def run(**options) -> None:
     from pipeline.study import RunConfig
     from pipeline.study import run as run_study
 
-    names = ("phase1_epochs", "phase2_epochs", "batch_size", "lr", "momentum", "max_pairs", "train_blocks", "tta_flip")
+    names = (
+        "phase1_epochs",
+        "phase2_epochs",
+        "batch_size",
+        "lr",
+        "momentum",
+        "max_pairs",
+        "train_blocks",
+        "tta_flip",
+        "lr_decay",
+        "pool",
+    )
     overrides = {k: options.pop(k) for k in names if options[k] is not None}
     for k in names:
         options.pop(k, None)

@@ -161,6 +161,19 @@ def finetune_options(f):
                 help="best: how many of the last blocks train (SqueezeNet Fire modules 1-8; ResNet layers 1-4) [preset].",
             ),
             click.option(
+                "--lr-decay",
+                type=float,
+                default=None,
+                help="best: the k-th trained block below the last learns at lr x LR_DECAY^k [preset].",
+            ),
+            click.option(
+                "--pool",
+                type=click.Choice(["avg", "learned"]),
+                default=None,
+                help="best: global pooling of the embedding: the network's average, or learned per channel and "
+                "position (starts as the average; saved in the checkpoint) [preset].",
+            ),
+            click.option(
                 "--tta-flip/--no-tta-flip",
                 default=None,
                 help="best: embed an image as the mean of its own and its mirror image's features (validation and "

@@ -5,7 +5,7 @@ all pairs of up to 600 images). The test splits are never looked at.
     python -m benchmarks.finetune_ablation --data-root ../shared/data \
         --weights ../shared/weights/squeezenet1_0-imagenet-dc.pth --variant base --variant blocks4 --out runs/ablation
 
-Each variant writes OUT/NAME.pt (+ .log, .training.png); a finished variant is read back, not retrained.
+Each variant (a change of START) writes OUT/NAME.pt (+ .log, .training.png); a finished variant is read back, not retrained.
 Prints one table row per variant: its best validation epoch, AUC and TAR there, and its wall time."""
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from pathlib import Path
 
 import click
 
-# name -> FinetuneConfig values on top of --recipe best's preset (pipeline/finetune/config.py BEST_PRESET)
+# The recipe the ablation started from (the preset before 2026-11-28's ablation); each variant changes it.
+START = dict(phase1_epochs=10, lr_decay=1.0, pool="avg", tta_flip=False)
+# name -> FinetuneConfig values on top of START and --recipe best's preset (pipeline/finetune/config.py)
 VARIANTS: dict[str, dict] = {
     "base": {},
     "tta": dict(tta_flip=True),
@@ -30,6 +32,7 @@ VARIANTS: dict[str, dict] = {
     "epochs20": dict(phase1_epochs=20),
     "cosface": dict(loss="cosface", scale=30.0, margin=0.2),
     "k8": dict(images_per_person=8),
+    "final": dict(phase1_epochs=40, pool="learned", tta_flip=True),
 }
 
 
@@ -63,11 +66,19 @@ def command(data_root: Path, weights: str, model: str, variants, seed: int, extr
     rows = []
     for name in variants:
         values = {**VARIANTS[name], **common}
+        settings = {**START, **values}
         tag = name + "".join(f"-{k}{v}" for k, v in common.items()) + (f"-seed{seed}" if seed else "")
         path = out / f"{tag}.pt"
         t0 = time.perf_counter()
         cfg = FinetuneConfig(
-            out=path, data_root=data_root, model=model, weights=weights, recipe="best", seed=seed, resume=True, **values
+            out=path,
+            data_root=data_root,
+            model=model,
+            weights=weights,
+            recipe="best",
+            seed=seed,
+            resume=True,
+            **settings,
         )
         finetune(cfg)
         rows.append(

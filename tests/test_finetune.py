@@ -336,6 +336,8 @@ def test_train_blocks_cut_squeezenet_where_asked(blocks):
 
 
 def test_resnet_blocks_and_layerwise_learning_rates_of_fire_modules(tiny_lfw, tmp_path):
+    from torchvision import models as tvm
+
     from pipeline import models
 
     model = models.build_model("resnet18", "none").eval()
@@ -346,9 +348,10 @@ def test_resnet_blocks_and_layerwise_learning_rates_of_fire_modules(tiny_lfw, tm
         assert torch.allclose(tail(frozen(x)), models.penultimate(model, x), atol=1e-5)
     cfg = config(tiny_lfw, tmp_path / "b.pt", recipe="best", train_blocks=3, lr_decay=0.5, lr=0.1).resolved()
     trainer = ft.TRAINERS["best"](cfg, torch.device("cpu"))
-    fires = [m for m in trainer.tail.children() if any(True for _ in m.parameters())]
+    fires = [m for m in trainer.tail.children() if isinstance(m, tvm.squeezenet.Fire)]
     scales = {id(p): g["lr_scale"] for g in trainer.optimizer.param_groups for p in g["params"]}
     assert [scales[id(next(m.parameters()))] for m in fires] == [0.25, 0.5, 1.0]
+    assert scales[id(getattr(trainer.model, models.POOL).weight)] == 1.0  # the preset's learned pooling
     trainer.train_step(trainer.batches(0)[0], 1)
     lrs = {g["lr_scale"]: g["lr"] for g in trainer.optimizer.param_groups}
     assert lrs[0.25] == pytest.approx(lrs[1.0] * 0.25) and lrs[1.0] > 0

@@ -61,3 +61,21 @@ def test_run_end_to_end_and_reuse(tiny_lfw, tmp_path):
 
     changed = CliRunner().invoke(main, [*args, "--lr", "0.5"])
     assert changed.exit_code == 2 and "another configuration" in changed.output
+
+
+def test_run_best_recipe_embeds_with_its_pooling_and_flip(tiny_lfw, tmp_path):
+    import h5py
+
+    out = tmp_path / "best"
+    args = ["run", "--data-root", str(tiny_lfw), "--weights", "none", "--recipe", "best", "--out", str(out)]
+    args += ["--phase1-epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    for protocol in ("pairs", "people"):
+        with h5py.File(out / "embeddings" / f"finetuned-{protocol}.h5", "r") as f:
+            assert f.attrs["tta_flip"] and f.attrs["shared_pass"] and f.attrs["layer"] == "penultimate"
+        with h5py.File(out / "embeddings" / f"pretrained-{protocol}.h5", "r") as f:
+            assert "tta_flip" not in f.attrs
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finetune"]["config"]["pool"] == "learned" and summary["metric"] == "cosine"
+    assert any(k.startswith("embed ") for k in summary["seconds"])

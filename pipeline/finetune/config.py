@@ -31,7 +31,7 @@ BEST_PRESET = dict(
     batch_size=128,
     lr=0.01,
     momentum=0.9,
-    phase1_epochs=10,
+    phase1_epochs=40,
     phase2_epochs=0,
     weight_decay=5e-4,
     cache_dtype="float16",
@@ -39,9 +39,9 @@ BEST_PRESET = dict(
     keep_best=True,
     layer="penultimate",
     loss="pairs",
-    tta_flip=False,
+    tta_flip=True,
     lr_decay=1.0,
-    pool="avg",
+    pool="learned",
 )
 # Fields that may change between a run and its resumption.
 RUNTIME_FIELDS = ("out", "resume", "overwrite", "device", "workers")
