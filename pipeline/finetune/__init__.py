@@ -7,8 +7,9 @@ Two recipes:
   SGD with momentum, gradient norm clipped; phase 1 trains the classifier on frozen convolutional features
   (computed once and cached: same mathematics, dropout included), phase 2 the whole network.
 - `best`, the project's own: identities of `peopleDevTrain` (a tenth of the people held out for
-  validation), a large-margin cosine loss on the penultimate features, horizontal flips, cosine learning
-  rate, the last block trained on cached early features, the checkpoint of best validation AUC kept.
+  validation), a cosine pair loss over P x K batches on the penultimate features, horizontal flips, cosine
+  learning rate, the last blocks (`train_blocks`, per-block `lr_decay`) trained on cached early features, an
+  optional learned pooling and test-time flip, the checkpoint of best validation AUC kept.
 
 A checkpoint (model, optimizer, epoch, step, running state, RNG states, config, the history of training loss,
 validation AUC and TAR at FAR 1e-3) is written atomically after every epoch and on SIGINT/SIGTERM; `resume`

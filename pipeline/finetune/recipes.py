@@ -96,8 +96,8 @@ class StudyTrainer(Trainer):
 
 
 class BestTrainer(Trainer):
-    """The project's recipe: identities of peopleDevTrain, CosFace on the penultimate features, flips,
-    cosine learning rate, the last block trained on cached early features."""
+    """The project's recipe: identities of peopleDevTrain, a cosine pair loss (or CosFace) on the penultimate
+    features, flips, cosine learning rate, the last `train_blocks` blocks trained on cached early features."""
 
     unit = "img"
 
