@@ -115,15 +115,19 @@ def add_learned_pool(model: nn.Module, side: int) -> nn.Conv2d:
     return pool
 
 
-@torch.no_grad()
-def feature_side(model: nn.Module, input_size: int = 224) -> int:
-    """Side of the last feature map (what the global pooling pools) for square inputs of `input_size`."""
-    x = torch.zeros(1, 3, input_size, input_size)
+def last_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The last feature map of a SqueezeNet or ResNet (what its global pooling pools)."""
     if isinstance(model, tvm.ResNet):
         m = model
-        x = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
-        return x.shape[-1]
-    return model.features(x).shape[-1]
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+    return model.features(x)
+
+
+@torch.no_grad()
+def feature_side(model: nn.Module, input_size: int = 224) -> int:
+    """Side of the last feature map for square inputs of `input_size`."""
+    return last_features(model, torch.zeros(1, 3, input_size, input_size)).shape[-1]
 
 
 def pooling(model: nn.Module) -> nn.Module:
@@ -137,13 +141,8 @@ def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(model, (tvm.AlexNet, tvm.VGG)):
         x = torch.flatten(model.avgpool(model.features(x)), 1)
         return model.classifier[:-1](x)
-    if isinstance(model, tvm.SqueezeNet):
-        return torch.flatten(pooling(model)(model.features(x)), 1)
-    if isinstance(model, tvm.ResNet):
-        m = model
-        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-        x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
-        return torch.flatten(getattr(m, POOL, m.avgpool)(x), 1)
+    if isinstance(model, (tvm.SqueezeNet, tvm.ResNet)):
+        return torch.flatten(pooling(model)(last_features(model, x)), 1)
     raise PipelineError(f"no penultimate layer known for {type(model).__name__}")
 
 

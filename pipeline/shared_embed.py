@@ -92,7 +92,9 @@ def _embed_together(cfgs: list[EmbedConfig], blocks: int | None) -> list[Path]:
     names: list[str] = []
     for proto in protos:
         for i in range(len(proto)):
-            if index.setdefault(str(proto.absolute(i)), len(index)) == len(names):
+            file = str(proto.absolute(i))
+            if file not in index:
+                index[file] = len(names)
                 names.append(proto.paths[i])
     device = resolve_device(base.device)
     seed_everything(base.seed)
@@ -125,17 +127,19 @@ def _embed_together(cfgs: list[EmbedConfig], blocks: int | None) -> list[Path]:
 @torch.inference_mode()
 def _forward(nets: list[_Network], x: torch.Tensor, idx: torch.Tensor, n: int) -> None:
     """Each network's rows of one batch: every distinct frozen part once (and on the mirror images once)."""
-    z: dict[int, torch.Tensor] = {}
+    z: dict[tuple[int, bool], torch.Tensor] = {}  # (frozen part, mirrored) -> its output
+
+    def frozen(net: _Network, mirrored: bool) -> torch.Tensor:
+        key = (id(net.frozen), mirrored)
+        if key not in z:
+            z[key] = net.frozen(x.flip(-1) if mirrored else x)
+        return z[key]
+
     with autocast(x.device):
         for net in nets:
-            key = id(net.frozen)
-            if key not in z:
-                z[key] = net.frozen(x)
-            y = net.tail(z[key]).float()
+            y = net.tail(frozen(net, False)).float()
             if net.flip:
-                if -key not in z:
-                    z[-key] = net.frozen(x.flip(-1))
-                y = (y + net.tail(z[-key]).float()) / 2
+                y = (y + net.tail(frozen(net, True)).float()) / 2
             if net.rows is None:
                 net.rows = np.empty((n, y.shape[1]), dtype=np.float32)
             net.rows[idx.numpy()] = y.cpu().numpy()

@@ -17,7 +17,8 @@ from pipeline.runtime import autocast
 def split_model(model: nn.Module, layer: str, blocks: int | None = None) -> tuple[nn.Module, nn.Module]:
     """(frozen, tail) with tail(frozen(x)) = model(x) for `output` (frozen = the convolutional features,
     tail = the classifier) or = penultimate(model, x) for `penultimate` (tail = the last `blocks` blocks:
-    SqueezeNet's Fire modules, 1-8, default 2; ResNet's layers, 1-4, default 1; AlexNet and VGG: the fully connected layers)."""
+    SqueezeNet's Fire modules, 1-8, default 2; ResNet's layers, 1-4, default 1; AlexNet and VGG: the fully
+    connected layers)."""
     flat = nn.Flatten(1)
     if isinstance(model, (tvm.AlexNet, tvm.VGG)):
         frozen = nn.Sequential(model.features, model.avgpool, flat)
@@ -34,8 +35,7 @@ def split_model(model: nn.Module, layer: str, blocks: int | None = None) -> tupl
         if layer == "output":
             return nn.Sequential(*stem, *layers, m.avgpool, flat), m.fc
         cut = 4 - check_blocks(blocks or 1, 4)
-        pool = getattr(m, models.POOL, m.avgpool)
-        return nn.Sequential(*stem, *layers[:cut]), nn.Sequential(*layers[cut:], pool, flat)
+        return nn.Sequential(*stem, *layers[:cut]), nn.Sequential(*layers[cut:], models.pooling(m), flat)
     raise PipelineError(f"no frozen/trainable split known for {type(model).__name__}")
 
 
