@@ -306,6 +306,8 @@ def run(**options) -> None:
         "tta_flip",
         "lr_decay",
         "pool",
+        "bf16",
+        "feature_shift",
     )
     overrides = {k: options.pop(k) for k in names if options[k] is not None}
     for k in names:

@@ -179,6 +179,19 @@ def finetune_options(f):
                 help="best: embed an image as the mean of its own and its mirror image's features (validation and "
                 "run's stores) [preset].",
             ),
+            click.option(
+                "--feature-shift",
+                type=int,
+                default=None,
+                help="best: augmentation: move each cached feature map by a random 0 to N cells on both axes "
+                "[preset].",
+            ),
+            click.option(
+                "--bf16/--no-bf16",
+                default=None,
+                help="On the CPU, train under bfloat16 autocast (weights, loss, validation and embedding stay "
+                "float32): faster on CPUs with AVX-512 BF16 or AMX, slower on others [preset].",
+            ),
             click.option("--seed", type=int, default=0, show_default=True, help="Seed."),
         ]
     ):

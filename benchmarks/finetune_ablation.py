@@ -27,12 +27,17 @@ VARIANTS: dict[str, dict] = {
     "blocks5": dict(train_blocks=5),
     "blocks3-decay0.3": dict(train_blocks=3, lr_decay=0.3),
     "blocks4-decay0.3": dict(train_blocks=4, lr_decay=0.3),
+    "blocks4-decay0.3-bf16": dict(train_blocks=4, lr_decay=0.3, bf16=True),
+    "bf16": dict(bf16=True),
     "scale40": dict(scale=40.0),
     "pool-learned": dict(pool="learned"),
     "epochs20": dict(phase1_epochs=20),
     "cosface": dict(loss="cosface", scale=30.0, margin=0.2),
     "k8": dict(images_per_person=8),
     "final": dict(phase1_epochs=40, pool="learned", tta_flip=True),
+    "final-bf16": dict(phase1_epochs=40, pool="learned", tta_flip=True, bf16=True),
+    "final-bf16-shift1": dict(phase1_epochs=40, pool="learned", tta_flip=True, bf16=True, feature_shift=1),
+    "final-blocks4": dict(phase1_epochs=40, pool="learned", tta_flip=True, train_blocks=4, lr_decay=0.3, bf16=True),
 }
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pipeline import data, facesets, images, models, outputs
 from pipeline.distributed import init_world, split_range
 from pipeline.errors import PipelineError
-from pipeline.runtime import autocast, reproducible_kernels, resolve_device, seed_everything
+from pipeline.runtime import autocast, keep_freed_memory, reproducible_kernels, resolve_device, seed_everything
 from pipeline.store import partial_path, recognise_partial, recognise_store
 from pipeline.store_writer import StoreWriter, differing_settings
 
@@ -192,6 +192,7 @@ def embed(cfg: EmbedConfig) -> Path:
     own); rank 0 then assembles the parts in order into OUT, identical to a single-process store."""
     out = Path(cfg.out)
     check_out(cfg)
+    keep_freed_memory()
     # rank 0 (or the one process) holds OUT's lock; under torchrun every rank also locks its own part
     main = int(os.environ.get("RANK", "0")) == 0
     with outputs.claim(out, lambda: check_out(cfg)) if main else contextlib.nullcontext():

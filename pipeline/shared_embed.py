@@ -25,7 +25,7 @@ from pipeline import facesets, images, models, outputs
 from pipeline.embed import EmbedConfig, check_out, check_partial, prepare, store_arrays, store_extra, store_identity
 from pipeline.errors import PipelineError
 from pipeline.finetune.features import split_model
-from pipeline.runtime import autocast, resolve_device, seed_everything
+from pipeline.runtime import autocast, keep_freed_memory, resolve_device, seed_everything
 from pipeline.store_writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def embed_together(cfgs: list[EmbedConfig], blocks: int | None = None) -> list[P
         for c in cfgs
     ):
         raise ValueError("embed_together: the stores must share the model, preprocessing and image set")
+    keep_freed_memory()
     for cfg in cfgs:
         check_out(cfg)
     with contextlib.ExitStack() as stack:

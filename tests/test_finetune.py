@@ -388,3 +388,42 @@ def test_learned_pool_starts_as_the_average_and_travels_with_the_checkpoint(tiny
     assert not torch.allclose(state[f"{models.POOL}.weight"], torch.full((512, 1, 13, 13), 1 / 169))
     loaded = models.build_model("squeezenet1_0", str(out))
     assert torch.equal(getattr(loaded, models.POOL).weight, state[f"{models.POOL}.weight"])
+
+
+def test_bf16_trains_the_network_in_bfloat16_and_the_loss_in_float32(tiny_lfw, tmp_path):
+    from pipeline.runtime import autocast
+
+    cfg = config(tiny_lfw, tmp_path / "h.pt", recipe="best", bf16=True, val_images=0).resolved()
+    trainer = ft.TRAINERS["best"](cfg, torch.device("cpu"))
+    trainer.prepare_phase(1)
+    idx = trainer.batches(0)[0]
+    seen = {}
+    trainer.tail.register_forward_hook(lambda m, i, o: seen.update(tail=seen.get("tail", o.dtype)))
+    losses = []
+    for bf16 in (True, False):
+        torch.manual_seed(0)  # the same flips
+        with torch.no_grad(), autocast(trainer.device, cpu_bf16=bf16):
+            losses.append(trainer.loss_of(idx, 1))
+    assert seen["tail"] == torch.bfloat16
+    assert losses[0].dtype == losses[1].dtype == torch.float32
+    assert losses[0].item() != losses[1].item()
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=0.05)
+    assert np.isfinite(trainer.train_step(idx, 1))
+
+
+def test_random_shift_moves_each_map_by_at_most_the_cells_asked():
+    x = torch.rand(6, 3, 5, 7) + 1  # no zeros of its own
+    torch.manual_seed(1)
+    y = ft.random_shift(x, 1)
+    assert y.shape == x.shape and torch.equal(ft.random_shift(x, 0), x)
+    moves = set()
+    for i in range(len(x)):
+        found = [
+            (dy, dx)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if torch.equal(y[i], F.pad(x[i], (1, 1, 1, 1))[:, 1 - dy : 6 - dy, 1 - dx : 8 - dx])
+        ]
+        assert len(found) == 1
+        moves |= set(found)
+    assert len(moves) > 1  # not one move for all

@@ -28,6 +28,8 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from pipeline import data, models, outputs
 from pipeline.errors import PipelineError
 from pipeline.finetune.checkpoint import (
@@ -52,7 +54,14 @@ from pipeline.finetune.config import (
     FinetuneConfig,
     TrainingInterrupted,
 )
-from pipeline.finetune.features import ImageBank, cached_rows, compute_features, set_phase, split_model
+from pipeline.finetune.features import (
+    ImageBank,
+    cached_rows,
+    compute_features,
+    random_shift,
+    set_phase,
+    split_model,
+)
 from pipeline.finetune.loop import Trainer
 from pipeline.finetune.recipes import BestTrainer, StudyTrainer, cosine_lr, identity_batches, study_pairs
 from pipeline.finetune.validation import (
@@ -63,7 +72,7 @@ from pipeline.finetune.validation import (
     validation_rows,
 )
 from pipeline.losses import BatchPairLoss, CosFaceLoss, StudyLoss
-from pipeline.runtime import resolve_device, seed_everything
+from pipeline.runtime import keep_freed_memory, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +100,7 @@ __all__ = [
     "cached_rows",
     "check_outputs",
     "compute_features",
+    "random_shift",
     "cosine_lr",
     "data",
     "finetune",
@@ -169,6 +179,9 @@ def _finetune(cfg: FinetuneConfig, out: Path) -> Path:
         for path in side_files(out):
             path.unlink(missing_ok=True)
     device = resolve_device(cfg.device)
+    keep_freed_memory()
+    if cfg.bf16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("this CPU has no native bfloat16 arithmetic: --bf16 will train slower; pass --no-bf16")
     seed_everything(cfg.seed)
     trainer = TRAINERS[cfg.recipe](cfg, device)
     log.info("config: %s", json.dumps(cfg.identity()))

@@ -68,7 +68,14 @@ def save_atomic(obj: dict, path: Path) -> None:
         raise PipelineError(f"{e}: make room (or lift the limit) and rerun with --resume") from None
 
 
-LATER_FIELDS = {"train_blocks": None, "tta_flip": False, "lr_decay": 1.0, "pool": "avg"}
+LATER_FIELDS = {
+    "train_blocks": None,
+    "tta_flip": False,
+    "lr_decay": 1.0,
+    "pool": "avg",
+    "bf16": False,
+    "feature_shift": 0,
+}
 """Configuration fields added after checkpoints were first written, with the value that trains as before."""
 
 

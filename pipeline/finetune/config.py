@@ -25,6 +25,8 @@ STUDY_DEFAULTS = dict(
     tta_flip=False,
     lr_decay=1.0,
     pool="avg",
+    bf16=False,
+    feature_shift=0,
 )
 # The project's recipe, chosen by validation AUC on held-out training people (docs/finetuning.md).
 BEST_PRESET = dict(
@@ -42,6 +44,8 @@ BEST_PRESET = dict(
     tta_flip=True,
     lr_decay=1.0,
     pool="learned",
+    bf16=False,
+    feature_shift=0,
 )
 # Fields that may change between a run and its resumption.
 RUNTIME_FIELDS = ("out", "resume", "overwrite", "device", "workers")
@@ -126,6 +130,12 @@ class FinetuneConfig:
     convolution over the last feature map, starting as the average; SqueezeNet and ResNet)."""
     lr_decay: float | None = None
     """Best: the k-th trained block below the last learns at lr x lr_decay^k (1: one rate for all)."""
+    feature_shift: int | None = None
+    """Best: augmentation of the cached frozen features: each training map moved by a random 0 to N cells on both
+    axes (SqueezeNet's last two Fire modules: 27 x 27 maps, about 8 pixels a cell), zeros moved in."""
+    bf16: bool | None = None
+    """On the CPU, train under bfloat16 autocast (weights, gradients, the loss, validation and `embed` stay
+    float32): faster where the CPU computes bfloat16 natively (AVX-512 BF16, AMX), slower where it does not."""
     tta_flip: bool | None = None
     """Best: validation embeds an image as the mean of its own and its mirror image's features (test-time flip;
     `embed --tta-flip`)."""
@@ -162,6 +172,8 @@ class FinetuneConfig:
             raise ValueError(f"pool must be avg or learned, got {self.pool!r}")
         if self.lr_decay is not None and not 0 < self.lr_decay <= 1:
             raise ValueError("lr_decay must be in (0, 1]")
+        if self.feature_shift is not None and self.feature_shift < 0:
+            raise ValueError("feature_shift must be >= 0")
         if self.images_per_person < 2:
             raise ValueError("images_per_person must be >= 2")
         if self.resume and self.overwrite:

@@ -114,3 +114,15 @@ def cached_rows(
     x = x.to(device).float()
     # the layout of the uncached path: dropout masks follow the memory layout
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def random_shift(x: torch.Tensor, cells: int) -> torch.Tensor:
+    """Each feature map [N, C, H, W] moved by a random whole number of cells in [-cells, cells] on both axes, zeros
+    moved in: a translation of the image by multiples of the map's stride, for features cached unshifted."""
+    if cells <= 0 or x.dim() != 4:
+        return x
+    n, _, h, w = x.shape
+    padded = nn.functional.pad(x, (cells, cells, cells, cells))
+    dy, dx = torch.randint(0, 2 * cells + 1, (2, n)).tolist()
+    moved = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    return moved.contiguous(memory_format=torch.channels_last)

@@ -28,7 +28,14 @@ from pipeline.finetune.checkpoint import (
     write_training_figure,
 )
 from pipeline.finetune.config import FinetuneConfig, TrainingInterrupted
-from pipeline.finetune.features import ImageBank, cached_rows, compute_features, set_phase, split_model
+from pipeline.finetune.features import (
+    ImageBank,
+    cached_rows,
+    compute_features,
+    random_shift,
+    set_phase,
+    split_model,
+)
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics, validation_rows
 from pipeline.runtime import autocast
 
@@ -120,15 +127,18 @@ class Trainer:
         cfg = self.cfg
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-    def embed(self, rows: torch.Tensor, flip: torch.Tensor | None = None, train_frozen: bool = False) -> torch.Tensor:
+    def embed(
+        self, rows: torch.Tensor, flip: torch.Tensor | None = None, train_frozen: bool = False, shift: int = 0
+    ) -> torch.Tensor:
         """Output at the recipe's layer for bank rows (mirrored where `flip`): the tail over the cached frozen
-        features when there are any, else over the frozen part run now (with gradients if `train_frozen`)."""
+        features when there are any, else over the frozen part run now (with gradients if `train_frozen`); the
+        frozen features moved by up to `shift` cells (`random_shift`)."""
         if self.cache is not None and (flip is None or self.flips):  # a cache without mirror images: compute
-            return self.tail(self.cached(rows, flip))
+            return self.tail(random_shift(self.cached(rows, flip), shift))
         x = self.bank.batch(rows, flip).to(self.device)
         with contextlib.nullcontext() if train_frozen else torch.no_grad():
             z = self.frozen(x)
-        return self.tail(z)
+        return self.tail(random_shift(z, shift))
 
     def cached(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
         """Cached frozen features of bank rows `idx` (the flipped variant where `flip`)."""
@@ -267,7 +277,7 @@ class Trainer:
         """One optimisation step on items `idx`; a non-finite loss stops training (nothing is saved)."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step) * group.get("lr_scale", 1.0)
-        with autocast(self.device):
+        with autocast(self.device, cpu_bf16=bool(self.cfg.bf16)):
             loss = self.loss_of(idx, phase)
         if not torch.isfinite(loss):
             raise PipelineError(

@@ -92,7 +92,8 @@ class StudyTrainer(Trainer):
         else:
             out = self.embed(rows, train_frozen=phase == 2)
         a, b = out.float().chunk(2)
-        return self.loss(a, b, self.different[idx].to(self.device))
+        with torch.autocast(self.device.type, enabled=False):  # the loss in float32 under any autocast
+            return self.loss(a, b, self.different[idx].to(self.device))
 
 
 class BestTrainer(Trainer):
@@ -159,5 +160,6 @@ class BestTrainer(Trainer):
 
     def loss_of(self, idx: torch.Tensor, phase: int) -> torch.Tensor:
         flip = torch.randint(0, 2, (len(idx),), dtype=torch.bool) if self.flips else None
-        emb = self.embed(idx, flip, train_frozen=phase == 2)
-        return self.head(emb, self.train_labels[idx].to(self.device))
+        emb = self.embed(idx, flip, train_frozen=phase == 2, shift=self.cfg.feature_shift or 0)
+        with torch.autocast(self.device.type, enabled=False):  # cosines in float32 under any autocast
+            return self.head(emb.float(), self.train_labels[idx].to(self.device))
