@@ -44,7 +44,7 @@ BEST_PRESET = dict(
     tta_flip=True,
     lr_decay=1.0,
     pool="learned",
-    bf16=False,
+    bf16=True,
     feature_shift=0,
 )
 # Fields that may change between a run and its resumption.
