@@ -183,8 +183,7 @@ def finetune_options(f):
                 "--feature-shift",
                 type=int,
                 default=None,
-                help="best: augmentation: move each cached feature map by a random 0 to N cells on both axes "
-                "[preset].",
+                help="best: augmentation: move each cached feature map by a random 0 to N cells on both axes [preset].",
             ),
             click.option(
                 "--bf16/--no-bf16",
