@@ -23,9 +23,9 @@ COUNT_CHUNK = 1 << 20  # values per bincount call (at least 4x the bins): one re
 
 class BinCounts:
     """Histogram counts on the CPU: bin coordinates clipped to [0, bins-1], truncated to integers into one reused
-    intp buffer (bincount copies any other input to intp, and fresh buffers fault in new pages on every call),
-    `np.bincount`-ed when the buffer is full (`flush`) so that each call's cost of `bins` is spread over at
-    least 4 x bins values. One per thread: counts of several add up exactly.
+    integer buffer (int32 for torch's bincount, intp for NumPy's, which copies any other input to intp; fresh
+    buffers fault in new pages on every call), `bincount`-ed when the buffer is full (`flush`) so that each call's
+    cost of `bins` is spread over at least 4 x bins values. One per thread: counts of several add up exactly.
 
     With `ids` (values' group-pair ids, 0..n_ids-1) it also counts `coarse` bins per id (`group_counts`, the
     jackknife's input, `pipeline.intervals`)."""
@@ -36,8 +36,11 @@ class BinCounts:
         self.counts = np.zeros(bins, dtype=np.int64)
         self.group_counts = np.zeros(n_ids * coarse, dtype=np.int64)
         self.chunk = max(COUNT_CHUNK, 4 * bins)
-        self.ibuf = np.empty(0, dtype=np.intp)  # grown to what is staged, up to `chunk`, then reused
-        self.gbuf = np.empty(0, dtype=np.intp)  # the staged values' ids
+        # torch's bincount takes int32 (half the memory traffic of staging and counting); NumPy's copies any
+        # input but intp to intp
+        itype = np.int32 if "torch" in sys.modules and max(bins, n_ids * coarse) < 2**31 else np.intp
+        self.ibuf = np.empty(0, dtype=itype)  # grown to what is staged, up to `chunk`, then reused
+        self.gbuf = np.empty(0, dtype=itype)  # the staged values' ids
         self.fbuf = np.empty(0, dtype=np.float32)  # clipped values of one `add`
         self.used = 0
         ratio = bins // coarse  # a power-of-two ratio: coarse bin = fine bin >> shift
@@ -54,11 +57,11 @@ class BinCounts:
         if self.n_ids and ids is None:
             raise ValueError("group counts need the values' ids")
         if isinstance(ids, list) and values.size > self.chunk:  # rectangles of a large input: one id per value
-            per = np.empty(values.shape, dtype=np.intp)
+            per = np.empty(values.shape, dtype=self.gbuf.dtype)
             for r0, r1, c0, c1, i in ids:
                 per[r0:r1, c0:c1] = i
             ids = per
-        flat_ids = ids.reshape(-1).astype(np.intp) if isinstance(ids, np.ndarray) else None
+        flat_ids = ids.reshape(-1).astype(self.gbuf.dtype) if isinstance(ids, np.ndarray) else None
         for s in range(0, flat.size, self.chunk):
             part = flat[s : s + self.chunk]
             if self.used + part.size > self.chunk:
@@ -75,7 +78,7 @@ class BinCounts:
                 if self.shift is not None:
                     np.right_shift(fine, self.shift, out=key)
                 else:
-                    np.floor_divide(fine * self.coarse, self.bins, out=key)
+                    np.floor_divide(fine.astype(np.int64) * self.coarse, self.bins, out=key, casting="unsafe")
                 if flat_ids is not None:
                     key += flat_ids[s : s + self.chunk] * self.coarse
                 elif isinstance(ids, list):  # the whole input is this part
