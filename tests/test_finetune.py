@@ -445,3 +445,18 @@ def test_keep_freed_memory_reuses_large_blocks_without_new_page_faults():
     faults_of_a_new_64mb_array()
     # mapped afresh, every array faults in its pages again: 16,384 (4 kB pages) or 32 huge pages and their tables
     assert faults_of_a_new_64mb_array() < 16
+
+
+def test_singletons_join_the_batches_once_per_epoch(tiny_lfw, tmp_path):
+    cfg = config(tiny_lfw, tmp_path / "s.pt", recipe="best", singletons=True, batch_size=8).resolved()
+    trainer = ft.TRAINERS["best"](cfg, torch.device("cpu"))
+    assert len(trainer.singles) > 0
+    counts = np.bincount(trainer.train_labels.numpy())
+    assert (counts[trainer.train_labels[trainer.singles]] == 1).all()
+    batches = trainer.batches(0)
+    seen = torch.cat(batches)
+    assert sorted(seen[np.isin(seen, trainer.singles)].tolist()) == sorted(trainer.singles.tolist())
+    assert len(seen) == trainer.n_items()
+    for b in batches:  # every batch still holds same-person pairs
+        assert counts[trainer.train_labels[b]].max() >= 2 and len(set(trainer.train_labels[b].tolist())) >= 2
+    assert np.isfinite(trainer.train_step(batches[0], 1))

@@ -27,6 +27,7 @@ STUDY_DEFAULTS = dict(
     pool="avg",
     bf16=False,
     feature_shift=0,
+    singletons=False,
 )
 # The project's recipe, chosen by validation AUC on held-out training people (docs/finetuning.md).
 BEST_PRESET = dict(
@@ -46,6 +47,7 @@ BEST_PRESET = dict(
     pool="learned",
     bf16=True,
     feature_shift=0,
+    singletons=False,
 )
 # Fields that may change between a run and its resumption.
 RUNTIME_FIELDS = ("out", "resume", "overwrite", "device", "workers")
@@ -130,6 +132,9 @@ class FinetuneConfig:
     convolution over the last feature map, starting as the average; SqueezeNet and ResNet)."""
     lr_decay: float | None = None
     """Best: the k-th trained block below the last learns at lr x lr_decay^k (1: one rate for all)."""
+    singletons: bool | None = None
+    """Best with the pairs loss: people of the training split with one image train too, only in different-person
+    pairs (each epoch spreads them over the P x K batches)."""
     feature_shift: int | None = None
     """Best: augmentation of the cached frozen features: each training map moved by a random 0 to N cells on both
     axes (SqueezeNet's last two Fire modules: 27 x 27 maps, about 8 pixels a cell), zeros moved in."""

@@ -108,7 +108,7 @@ class BestTrainer(Trainer):
         people = data.load_protocol(cfg.data_root, cfg.image_set, "people", "train")
         held = random_people(len(people.identities), cfg.val_fraction, cfg.seed)
         train = ~np.isin(people.labels, held)
-        if cfg.loss == "pairs":  # pairs need two images of a person
+        if cfg.loss == "pairs" and not cfg.singletons:  # pairs need two images of a person
             train &= np.bincount(people.labels)[people.labels] >= 2
         train_rows = np.flatnonzero(train)[: cfg.max_pairs]
         self.load_images(people.subset(train_rows), people, held)
@@ -116,6 +116,8 @@ class BestTrainer(Trainer):
         self.train_labels = torch.as_tensor(labels, dtype=torch.int64)
         by_person = torch.as_tensor(labels).argsort(stable=True).split(np.bincount(labels).tolist())
         self.groups = [g for g in by_person if len(g) >= 2]
+        self.singles = torch.cat([g for g in by_person if len(g) == 1] or [torch.zeros(0, dtype=torch.int64)])
+        """With `singletons`: images of people with one image, added to the batches as different-person pairs."""
         self.n_train = len(train_rows)
         b = models.backbone(cfg.model)
         dim = b.penultimate_dim if cfg.layer == "penultimate" else b.output_dim
@@ -138,12 +140,16 @@ class BestTrainer(Trainer):
         if self.cfg.loss == "cosface":
             return super().batches(epoch)
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        return identity_batches(self.groups, self.cfg.images_per_person, self.cfg.batch_size, g)
+        batches = identity_batches(self.groups, self.cfg.images_per_person, self.cfg.batch_size, g)
+        if not len(self.singles):
+            return batches
+        singles = self.singles[torch.randperm(len(self.singles), generator=g)].tensor_split(len(batches))
+        return [torch.cat([b, s]) for b, s in zip(batches, singles, strict=True)]
 
     def n_items(self) -> int:
         if self.cfg.loss == "cosface":
             return self.n_train
-        return sum(min(len(g), self.cfg.images_per_person) for g in self.groups)
+        return sum(min(len(g), self.cfg.images_per_person) for g in self.groups) + len(self.singles)
 
     def lr_at(self, step: int) -> float:
         return cosine_lr(step, self.total_epochs * self.steps_per_epoch(), self.cfg.lr)
