@@ -17,9 +17,9 @@ from pipeline.errors import PipelineError
 
 def keep_freed_memory() -> None:
     """glibc maps every allocation above 32 MB (a batch of convolution activations) fresh from the OS and unmaps it
-    when freed, so each batch faults in zeroed pages again: a third of training's CPU time in the kernel on this
-    project's virtual machines. Serve large blocks from the heap and keep freed memory for the next batch (glibc
-    only; elsewhere nothing changes). Peak memory stays that of the largest batch; it is not given back until exit."""
+    when freed, so each batch faults in zeroed pages again (measured: docs/finetuning.md#timings). Serve large
+    blocks from the heap and keep freed memory for the next batch (glibc only; elsewhere nothing changes). Freed
+    memory is not given back until exit."""
     if not sys.platform.startswith("linux"):
         return
     try:
