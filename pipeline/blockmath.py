@@ -21,10 +21,12 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.random import default_rng  # imported with the module, not at the first call (NumPy loads it lazily)
+from threadpoolctl import ThreadpoolController
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,6 @@ def chunk_side(block: int) -> int:
 def _blas_workers() -> ThreadPoolExecutor | None:
     """Threads for the canonical products: as many as NumPy's BLAS would use (1 under torchrun's default
     OMP_NUM_THREADS=1), each calling the BLAS single-threaded from now on."""
-    from threadpoolctl import ThreadpoolController
-
     blas = ThreadpoolController().select(user_api="blas")  # one scan of the loaded libraries
     n = max((i["num_threads"] for i in blas.info()), default=1)
     _blas_workers.limit = blas.limit(limits=1)  # kept: single-threaded BLAS from here on
@@ -78,8 +78,9 @@ OnBlock = Callable[[int, int, int, int, np.ndarray], None]
 """on_block(i0, i1, j0, j1, values): rows [i0, i1) of `a` against rows [j0, j1) of `b`, in a worker thread."""
 
 
-def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, tmp: np.ndarray | None = None,
-                 side: int = CHUNK, below: int | None = None, on_block: OnBlock | None = None) -> np.ndarray | None:  # fmt: skip
+def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, side: int = CHUNK,
+                 below: int | None = None, on_block: OnBlock | None = None,
+                 pending: list[Future] | None = None) -> np.ndarray | None:  # fmt: skip
     """`out = a @ b.T` (float32) as single-threaded BLAS calls on the `side` x `side` blocks of `a` and `b`
     counted from their first rows, run by a pool of threads. Callers pass operands that start at multiples of
     `side` of the whole plan, so an entry always comes from a call of the same shape, at the same place in it,
@@ -89,7 +90,9 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, tmp: np.n
     row's offset from the diagonal (`a2 - t.r0`): blocks wholly below the diagonal hold no pair and are left
     out (their part of `out` is not written). With `on_block`, each block is computed into a reused block of its
     thread instead (still in cache) and handed to `on_block` there; `out` is not used and None is returned.
-    `tmp` is unused (kept for callers)."""
+    With `on_block` and `pending` too, the blocks are queued on the pool and their futures appended to `pending`
+    instead of awaited (the caller waits for them, `wait_all`): a thread that finishes one tile's last block
+    goes on with the next tile's instead of waiting for the other threads."""
     jobs = [(i, j) for i in block_spans(a.shape[0], side) for j in block_spans(b.shape[0], side)
             if below is None or below + i[0] < j[1]]  # fmt: skip
     k = a.shape[1]
@@ -110,12 +113,21 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, tmp: np.n
             on_block(i0, i1, j0, j1, o)
 
     pool = _blas_workers()
-    if pool is None or len(jobs) == 1:
+    if pool is not None and pending is not None and on_block is not None:
+        pending.extend(pool.submit(one, ij) for ij in jobs)
+    elif pool is None or len(jobs) == 1:
         for ij in jobs:
             one(ij)
     else:
         list(pool.map(one, jobs))
     return out if on_block is None else None
+
+
+def wait_all(futures: list[Future]) -> None:
+    """Wait for every future; then raise the first one's exception, if any (no job is left running)."""
+    wait(futures)
+    for f in futures:
+        f.result()
 
 
 @dataclass(frozen=True)
@@ -179,8 +191,8 @@ def balance(costs: list[int], parts: int) -> list[list[int]]:
 def blocked_mean(blocks: Iterator[np.ndarray], n: int) -> np.ndarray:
     """Column mean (float64 sums of consecutive `STAT_ROWS`-row blocks, added in order) as float32."""
     total = None
-    for blk in blocks:
-        s = np.ascontiguousarray(blk, dtype=np.float32).sum(axis=0, dtype=np.float64)
+    for blk in blocks:  # strided or not, the sums are the same (column by column, row after row)
+        s = np.asarray(blk, dtype=np.float32).sum(axis=0, dtype=np.float64)
         total = s if total is None else total + s
     return (total / n).astype(np.float32)
 
@@ -188,13 +200,16 @@ def blocked_mean(blocks: Iterator[np.ndarray], n: int) -> np.ndarray:
 def augment(x: np.ndarray, mean: np.ndarray | None, metric: str, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """Rows `x` (float32) into `left`/`right` (views of the tile operands, [m, D+2] for l2, [m, D+1] for cosine):
     l2 `[x-mean, |x-mean|^2, 1]` and `[-2(x-mean), 1, |x-mean|^2]`; cosine `[x/|x|, 1]` and `[x/|x|, 0]`.
-    Returns the per-row float64 squared norms (of the centred rows, l2; of the raw rows, cosine)."""
+    Returns the per-row float64 squared norms (of the centred rows, l2; of the raw rows, cosine).
+    The rows are transformed in place in `left`'s first D columns (`x` may be those columns already): no copy,
+    whose fresh memory would cost page faults; the arithmetic is the same for strided and contiguous rows."""
     d = x.shape[1]
-    xc = np.array(x, dtype=np.float32, order="C", copy=True)
+    xc = left[:, :d]
+    if not np.may_share_memory(x, xc):
+        xc[...] = x  # float16 rows are widened here
     if metric == "l2":
         xc -= mean
         sq = np.einsum("ij,ij->i", xc, xc, dtype=np.float64)
-        left[:, :d] = xc
         left[:, d], left[:, d + 1] = sq, 1.0
         np.multiply(xc, np.float32(-2.0), out=right[:, :d])
         right[:, d], right[:, d + 1] = 1.0, sq
@@ -202,7 +217,7 @@ def augment(x: np.ndarray, mean: np.ndarray | None, metric: str, left: np.ndarra
     sq = np.einsum("ij,ij->i", xc, xc, dtype=np.float64)
     if (sq > 0).all():
         xc /= np.sqrt(sq)[:, None].astype(np.float32)
-    left[:, :d], right[:, :d] = xc, xc
+    right[:, :d] = xc
     left[:, d], right[:, d] = 1.0, 0.0
     return sq
 
@@ -241,7 +256,7 @@ SAMPLE_RANK = 9  # the range runs between the sample's 10th smallest and 10th la
 
 def sample_rows(n: int, seed: int, sample_pairs: int) -> np.ndarray:
     """Sorted store rows of the bin-range sample (each is scored against every other row)."""
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     return np.sort(rng.choice(n, size=min(n, max(SAMPLE_MIN_ROWS, sample_pairs // n)), replace=False))
 
 

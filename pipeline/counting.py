@@ -22,10 +22,11 @@ COUNT_CHUNK = 1 << 20  # values per bincount call (at least 4x the bins): one re
 
 
 class BinCounts:
-    """Histogram counts on the CPU: bin coordinates clipped to [0, bins-1], truncated to integers into one reused
-    integer buffer (int32 for torch's bincount, intp for NumPy's, which copies any other input to intp; fresh
-    buffers fault in new pages on every call), `bincount`-ed when the buffer is full (`flush`) so that each call's
-    cost of `bins` is spread over at least 4 x bins values. One per thread: counts of several add up exactly.
+    """Histogram counts on the CPU: bin coordinates clipped to [0, bins-1] (in float32) and truncated to integers
+    in one pass, straight into one reused integer buffer (int32 for torch's bincount, intp for NumPy's, which
+    copies any other input to intp; fresh buffers fault in new pages on every call), `bincount`-ed when the buffer
+    is full (`flush`) so that each call's cost of `bins` is spread over at least 4 x bins values. One per thread:
+    counts of several add up exactly.
 
     With `ids` (values' group-pair ids, 0..n_ids-1) it also counts `coarse` bins per id (`group_counts`, the
     jackknife's input, `pipeline.intervals`)."""
@@ -33,15 +34,14 @@ class BinCounts:
     def __init__(self, bins: int, n_ids: int = 0, coarse: int = 1):
         self.bins, self.n_ids, self.coarse = bins, n_ids, coarse
         self.top = np.float32(bins - 1)
-        self.counts = np.zeros(bins, dtype=np.int64)
-        self.group_counts = np.zeros(n_ids * coarse, dtype=np.int64)
+        self.counts: np.ndarray | None = None  # the first bincount's output, then added to (no fresh zeros)
+        self.group_counts: np.ndarray | None = None
         self.chunk = max(COUNT_CHUNK, 4 * bins)
         # torch's bincount takes int32 (half the memory traffic of staging and counting); NumPy's copies any
         # input but intp to intp
         itype = np.int32 if "torch" in sys.modules and max(bins, n_ids * coarse) < 2**31 else np.intp
         self.ibuf = np.empty(0, dtype=itype)  # grown to what is staged, up to `chunk`, then reused
         self.gbuf = np.empty(0, dtype=itype)  # the staged values' ids
-        self.fbuf = np.empty(0, dtype=np.float32)  # clipped values of one `add`
         self.used = 0
         ratio = bins // coarse  # a power-of-two ratio: coarse bin = fine bin >> shift
         self.shift = ratio.bit_length() - 1 if bins % coarse == 0 and ratio & (ratio - 1) == 0 else None
@@ -49,13 +49,9 @@ class BinCounts:
     def add(self, values: np.ndarray, ids=None) -> None:
         """Count `values` (any shape; bin coordinates, clipped here) and, with group counts, per id: `ids` is one
         id for all, one per value (same shape), or for 2-D values a list of rectangles (r0, r1, c0, c1, id)."""
-        if values.size > len(self.fbuf):
-            self.fbuf = np.empty(values.size, dtype=np.float32)
-        clipped = self.fbuf[: values.size].reshape(values.shape)
-        np.clip(values, 0, self.top, out=clipped)
-        flat = clipped.reshape(-1)
         if self.n_ids and ids is None:
             raise ValueError("group counts need the values' ids")
+        flat = values.reshape(-1)  # a view: the tile loop hands contiguous values
         if isinstance(ids, list) and values.size > self.chunk:  # rectangles of a large input: one id per value
             per = np.empty(values.shape, dtype=self.gbuf.dtype)
             for r0, r1, c0, c1, i in ids:
@@ -66,13 +62,9 @@ class BinCounts:
             part = flat[s : s + self.chunk]
             if self.used + part.size > self.chunk:
                 self.flush()
-            if len(self.ibuf) < min(self.used + part.size, self.chunk):
-                size = min(max(2 * len(self.ibuf), self.used + part.size), self.chunk)
-                self.ibuf = _grown(self.ibuf, size, self.used)
-                if self.n_ids:
-                    self.gbuf = _grown(self.gbuf, size, self.used)
+            self._reserve(self.used + part.size)
             fine = self.ibuf[self.used : self.used + part.size]
-            np.copyto(fine, part, casting="unsafe")  # truncation = floor (>= 0)
+            np.clip(part, 0, self.top, out=fine, casting="unsafe")  # clipped in float32, truncated = floor (>= 0)
             if self.n_ids:  # key = id * coarse + coarse bin, as the GPU computes it
                 key = self.gbuf[self.used : self.used + part.size]
                 if self.shift is not None:
@@ -89,12 +81,29 @@ class BinCounts:
                     key += int(ids) * self.coarse
             self.used += part.size
 
+    def _reserve(self, size: int) -> None:
+        """Buffers for `size` staged values (at most `chunk`): doubled while small, then `chunk` at once (each
+        growth copies, and fresh memory costs page faults)."""
+        if len(self.ibuf) >= min(size, self.chunk):
+            return
+        size = self.chunk if size > self.chunk // 8 else min(max(2 * len(self.ibuf), size), self.chunk)
+        self.ibuf = _grown(self.ibuf, size, self.used)
+        if self.n_ids:
+            self.gbuf = _grown(self.gbuf, size, self.used)
+
     def flush(self) -> np.ndarray:
+        """Count what is staged; returns the counts (int64, `bins`), and `group_counts` is set too."""
         if self.used:
-            self.counts += _bincount(self.ibuf[: self.used], self.bins)
+            self.counts = added(self.counts, _bincount(self.ibuf[: self.used], self.bins))
             if self.n_ids:
-                self.group_counts += _bincount(self.gbuf[: self.used], len(self.group_counts))
+                self.group_counts = added(
+                    self.group_counts, _bincount(self.gbuf[: self.used], self.n_ids * self.coarse)
+                )
             self.used = 0
+        if self.counts is None:
+            self.counts = np.zeros(self.bins, dtype=np.int64)
+        if self.group_counts is None:
+            self.group_counts = np.zeros(self.n_ids * self.coarse, dtype=np.int64)
         return self.counts
 
 
@@ -107,6 +116,11 @@ def _bincount(idx: np.ndarray, minlength: int) -> np.ndarray:
     return torch.bincount(torch.from_numpy(idx), minlength=minlength).numpy()
 
 
+def added(total: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
+    """`total + counts` in place (`counts` itself the first time)."""
+    return counts.astype(np.int64, copy=False) if total is None else np.add(total, counts, out=total)
+
+
 def _grown(buf: np.ndarray, size: int, keep: int) -> np.ndarray:
     new = np.empty(size, dtype=buf.dtype)
     new[:keep] = buf[:keep]
@@ -116,7 +130,7 @@ def _grown(buf: np.ndarray, size: int, keep: int) -> np.ndarray:
 def as_int64(counts) -> np.ndarray:
     if not isinstance(counts, np.ndarray):  # a torch tensor of float64 counts (GPU)
         counts = counts.cpu().numpy().round()
-    return counts.astype(np.int64)
+    return counts.astype(np.int64, copy=False)
 
 
 class Stager:
@@ -169,11 +183,11 @@ def group_totals(threads: list[ThreadCounts], size: int) -> list[np.ndarray]:
     """The threads' jackknife counts added up: all pairs, same-person pairs."""
     out = []
     for name in ("all", "pos"):
-        total = np.zeros(size, np.int64)
+        total = None
         for c in threads:
             getattr(c, name).flush()
-            total += getattr(c, name).group_counts
-        out.append(total)
+            total = added(total, getattr(c, name).group_counts)  # the threads' arrays are not used again
+        out.append(np.zeros(size, np.int64) if total is None else total)
     return out
 
 

@@ -237,11 +237,12 @@ def score_part(src: LabelOrder, cfg: RowsConfig, binning: Binning, mean, rows: t
     reader = BlockRows(src, mean, cfg.metric, binning, side)
     unit = chunk_side(cfg.block)
 
-    def product(t: Tile, a2: int, b2: int, on_block) -> None:
+    def product(t: Tile, a2: int, b2: int, on_block, pending=None) -> None:
         kr, kc = t.r0 // side, t.c0 // side
         left = reader.block(kr)[0][a2 - kr * side : b2 - kr * side]
         right = reader.block(kc)[1][t.c0 - kc * side : t.c1 - kc * side]
-        return fixed_matmul(left, right, None, side=unit, below=a2 - t.r0 if t.diagonal else None, on_block=on_block)
+        return fixed_matmul(left, right, None, side=unit, below=a2 - t.r0 if t.diagonal else None, on_block=on_block,
+                            pending=pending)  # fmt: skip
 
     k = tail_size(n * (n - 1) // 2, positives(src.labels))
     res = TileLoop(

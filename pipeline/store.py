@@ -102,6 +102,13 @@ class Store:
         """Rows [start, stop) as float32 (float16 stores are widened)."""
         return np.asarray(self.embeddings[start:stop], dtype=np.float32)
 
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Rows [start, stop) as float32 into rows [start, stop) of `out` (C-contiguous float32 [n, dim]), straight
+        from HDF5 (no intermediate array); returns those rows."""
+        if stop > start:
+            self.embeddings.read_direct(out, source_sel=np.s_[start:stop], dest_sel=np.s_[start:stop])
+        return out[start:stop]
+
     def strings(self, name: str) -> list[str]:
         return (
             [s.decode() if isinstance(s, bytes) else str(s) for s in self.file[name][...]] if name in self.file else []

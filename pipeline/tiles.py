@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, wait
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.blockmath import Tile, better_extreme
-from pipeline.counting import Stager, ThreadCounts, TilePass, as_int64, group_totals
+from pipeline.blockmath import Tile, better_extreme, wait_all
+from pipeline.counting import Stager, ThreadCounts, TilePass, added, as_int64, group_totals
 from pipeline.intervals import COARSE, GROUPS, identity_groups
 from pipeline.roc import Binning
 from pipeline.tail import ExactTies, Tail, start_bound, zero_coordinate
@@ -33,12 +35,14 @@ if TYPE_CHECKING:
     import torch
 
 Product = Callable[..., Any]
-"""product(t, a2, b2, on_block=None): rows [a2, b2) of tile t against its columns c0..c1 ([b2-a2, c1-c0],
-float32 bin coordinates). With `on_block` a source that computes blocks (`pipeline.blockmath.fixed_matmul`)
-hands each block to it (rows and columns relative to a2 and c0) and returns None; otherwise it returns the
-whole product, a NumPy array or a torch tensor."""
+"""product(t, a2, b2, on_block=None, pending=None): rows [a2, b2) of tile t against its columns c0..c1
+([b2-a2, c1-c0], float32 bin coordinates). With `on_block` a source that computes blocks
+(`pipeline.blockmath.fixed_matmul`) hands each block to it (rows and columns relative to a2 and c0) and returns
+None, its block jobs still queued where it appended them to `pending`; otherwise it returns the whole product, a
+NumPy array or a torch tensor."""
 
 
+TILES_IN_FLIGHT = 2  # CPU: tiles whose block jobs may be queued at once (their rows stay in memory meanwhile)
 _NONE = np.zeros(0, dtype=np.int64)
 _NO_VALUES = np.zeros(0, dtype=np.float32)
 
@@ -98,21 +102,27 @@ class TileLoop:
 
             extremes = torch.full((len(indices),), math.nan, device=self.device)
         total = sum(pairs_in(plan[i], span) for i in indices)
+        queued: deque[tuple[int, list]] = deque()  # CPU: (pairs, block jobs) of the tiles in flight
         with tqdm(total=total, unit="pair", unit_scale=True, disable=not progress, mininterval=1.0,
                   desc="scoring pairs") as bar:  # fmt: skip
-            for k, i in enumerate(indices):
-                t = plan[i]
-                a, b = clip_to_span(t, span)
-                if b <= a or not t.n_pairs:
-                    continue
-                if self.numpy:
-                    self._tile_numpy(i, t, a, b)
-                    done = pairs_in(t, span)
-                else:
-                    extremes[k] = self._tile_torch(t, *counts)
-                    done = t.n_pairs
-                res.n_pairs += done
-                bar.update(done)
+            try:
+                for k, i in enumerate(indices):
+                    t = plan[i]
+                    a, b = clip_to_span(t, span)
+                    if b <= a or not t.n_pairs:
+                        continue
+                    if self.numpy:
+                        queued.append((pairs_in(t, span), self._tile_numpy(i, t, a, b)))
+                        while len(queued) > TILES_IN_FLIGHT:
+                            res.n_pairs += self._finish(queued.popleft(), bar)
+                    else:
+                        extremes[k] = self._tile_torch(t, *counts)
+                        res.n_pairs += t.n_pairs
+                        bar.update(t.n_pairs)
+                while queued:
+                    res.n_pairs += self._finish(queued.popleft(), bar)
+            finally:  # on an error, no block job is left running
+                wait([f for _, jobs in queued for f in jobs])
         if self.numpy:
             self._gather(res)
         else:
@@ -137,15 +147,24 @@ class TileLoop:
         self._threads = {}
         return res
 
+    @staticmethod
+    def _finish(queued: tuple[int, list], bar: tqdm) -> int:
+        pairs, jobs = queued
+        wait_all(jobs)
+        bar.update(pairs)
+        return pairs
+
     def _gather(self, res: TilePass) -> None:
         """The threads' counts added up, their extreme candidates reduced (ties: the earliest tile, then pair)."""
         bins = self.binning.bins
-        res.all_counts, res.pos_counts = np.zeros(bins, dtype=np.int64), np.zeros(bins, dtype=np.int64)
+        res.all_counts = res.pos_counts = None
         best = (float("nan"), -1, -1, -1)
-        for c in self._threads.values():
-            res.all_counts += c.all.flush()
-            res.pos_counts += c.pos.flush()
+        for c in self._threads.values():  # added into the first thread's arrays (fresh memory costs page faults)
+            res.all_counts = added(res.all_counts, c.all.flush())
+            res.pos_counts = added(res.pos_counts, c.pos.flush())
             best = better_extreme(best, c.best, self.metric)
+        if res.all_counts is None:
+            res.all_counts, res.pos_counts = np.zeros(bins, dtype=np.int64), np.zeros(bins, dtype=np.int64)
         res.extreme, res.extreme_tile = best[0], best[1]
         res.extreme_rows = (self.store_row(best[2]), self.store_row(best[3])) if best[1] >= 0 else (-1, -1)
 
@@ -158,9 +177,10 @@ class TileLoop:
             c = self._threads[threading.get_ident()] = ThreadCounts(b.bins, self.tail_k, self.metric, n_ids, bound)
         return c
 
-    def _tile_numpy(self, k: int, t: Tile, a: int, b: int) -> None:
+    def _tile_numpy(self, k: int, t: Tile, a: int, b: int) -> list[Future]:
         """Count the pairs of tile `t` whose row lies in [a, b), block by block as the row source computes them
-        (in its worker threads, while each block is in cache), or from the whole product when it hands one."""
+        (in its worker threads, while each block is in cache), or from the whole product when it hands one.
+        Returns the jobs still queued (the caller waits for them)."""
         a2, b2 = multiplied(t, a, b, self.side)
         below = a2 - t.r0 if t.diagonal else None  # a pair (r, c) of the product needs c > r + below
         pf = same_label_flat(self.labels, a, b, t, a2, t.c1 - t.c0)
@@ -225,9 +245,11 @@ class TileLoop:
                 elif pvals.size:
                     cnt.tail.add(_NO_VALUES, pvals[pk], None, pk_ids)
 
-        u = self.product(t, a2, b2, on_block)
+        jobs: list[Future] = []
+        u = self.product(t, a2, b2, on_block, jobs)
         if u is not None:  # a source without blocks (FAISS): the whole product is one block
             on_block(0, b2 - a2, 0, w, u if isinstance(u, np.ndarray) else u.numpy())
+        return jobs
 
     def _upper_values(self, t: Tile, values: torch.Tensor) -> torch.Tensor:
         if not t.diagonal:

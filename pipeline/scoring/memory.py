@@ -33,6 +33,7 @@ from pipeline.tiles import TileLoop
 
 log = logging.getLogger(__name__)
 READ_ROWS_BYTES = 64 << 20  # rows read from the store at a time
+SORT_ROWS = 1024  # rows gathered into label order at a time
 
 
 @dataclass
@@ -74,23 +75,22 @@ class Prepared:
 
 
 def read_rows(store: Store, out: np.ndarray | None = None) -> np.ndarray:
-    """All rows as float32 (into `out` when given), read in blocks; NaN or infinite rows are an error that
-    names them."""
+    """All rows as float32 into `out` (C-contiguous [n, D] float32; new when None), read in blocks straight from
+    the store. NaN or infinite rows are an error that names them."""
     n, d = store.n, store.dim
-    x = np.empty((n, d), dtype=np.float32) if out is None else out
+    out = np.empty((n, d), dtype=np.float32) if out is None else out
     step = max(1, READ_ROWS_BYTES // max(1, d * 4))
     bad: list[int] = []
     for s in range(0, n, step):
-        blk = store.rows(s, min(s + step, n))
+        blk = store.read_into(s, min(s + step, n), out)
         ok = np.isfinite(blk.sum(axis=1))  # NaN and inf propagate; an overflowing sum is checked exactly
         if not ok.all():
             ok = np.isfinite(blk).all(axis=1)
         if not ok.all():
             bad.extend((np.flatnonzero(~ok) + s).tolist())
-        x[s : s + len(blk)] = blk
     if bad:
         raise bad_rows_error(store, bad)
-    return x
+    return out
 
 
 def normalise(x: np.ndarray, what: str, inplace: bool = False) -> np.ndarray:
@@ -116,9 +116,15 @@ def prepare(store: Store, metric: str, device: torch.device) -> Prepared:
     order = np.argsort(labels, kind="stable")
     d = store.dim
     left_np = np.empty((store.n, d + 2 if metric == "l2" else d + 1), dtype=np.float32)
-    read_rows(store, out=left_np[:, :d])
-    if (np.diff(labels) < 0).any():  # stores of `embed` are sorted by person already
-        left_np = left_np[order]
+    right_np = np.empty_like(left_np)
+    # read into `right`'s memory (contiguous rows read fastest), then copied in label order into `left`, whose
+    # first D columns are transformed there; `augment` then overwrites all of `right` (no third copy of the rows)
+    stored = read_rows(store, out=right_np.reshape(-1)[: store.n * d].reshape(store.n, d))
+    if (np.diff(labels) < 0).any():
+        for s in range(0, store.n, SORT_ROWS):
+            left_np[s : s + SORT_ROWS, :d] = stored[order[s : s + SORT_ROWS]]
+    else:  # stores of `embed` are sorted by person already
+        left_np[:, :d] = stored
     ls = labels[order]
     cuts = np.flatnonzero(np.diff(ls)) + 1
     starts, ends = np.r_[0, cuts], np.r_[cuts, len(ls)]
@@ -126,7 +132,6 @@ def prepare(store: Store, metric: str, device: torch.device) -> Prepared:
     n_positive = int((sizes * (sizes - 1) // 2).sum())
     gid = np.repeat(np.arange(len(starts)), sizes)
     x = left_np[:, :d]
-    right_np = np.empty_like(left_np)
     mean = None
     if metric == "l2":  # centred: distances unchanged, less cancellation
         mean = blocked_mean((x[s : s + STAT_ROWS] for s in range(0, store.n, STAT_ROWS)), store.n)
@@ -185,14 +190,15 @@ class TorchTiles:
             )
         return self._buf[:size]
 
-    def values(self, t: Tile, on_block: OnBlock | None = None) -> torch.Tensor | None:
-        """The tile's values; on the CPU with `on_block`, handed over block by block instead (None returned)."""
+    def values(self, t: Tile, on_block: OnBlock | None = None, pending: list | None = None) -> torch.Tensor | None:
+        """The tile's values; on the CPU with `on_block`, handed over block by block instead (None returned;
+        queued, with `pending`: `pipeline.blockmath.fixed_matmul`)."""
         m, k = t.r1 - t.r0, t.c1 - t.c0
         if self.numpy:
             below = 0 if t.diagonal else None
             a, b = self.np_left[t.r0 : t.r1], self.np_right[t.c0 : t.c1]
             if on_block is not None:
-                return fixed_matmul(a, b, None, side=self.side, below=below, on_block=on_block)
+                return fixed_matmul(a, b, None, side=self.side, below=below, on_block=on_block, pending=pending)
             buf = self.buffer(m * k)
             fixed_matmul(a, b, buf.numpy().reshape(m, k), side=self.side, below=below)
             return buf.view(m, k)
@@ -215,7 +221,7 @@ class FaissTiles:
         self.metric = faiss.METRIC_L2 if prep.metric == "l2" else faiss.METRIC_INNER_PRODUCT
         self.device = prep.left.device
 
-    def values(self, t: Tile, on_block: OnBlock | None = None) -> torch.Tensor:
+    def values(self, t: Tile, on_block: OnBlock | None = None, pending: list | None = None) -> torch.Tensor:
         x = self.x
         v = self.faiss.pairwise_distances(x[t.r0 : t.r1], x[t.c0 : t.c1], self.metric)
         v -= self.lo
@@ -282,6 +288,6 @@ class TileScorer(TileLoop):
     def __init__(self, prep: Prepared, binning: Binning, backend, counting: str = "auto", tail_k: int = 0):
         b = binning
         ties = ExactTies(prep.dups, zero_coordinate(b.lo, b.hi, b.bins, prep.metric), prep.metric)
-        super().__init__(binning, lambda t, a2, b2, on_block=None: backend.values(t, on_block), prep.labels.cpu().numpy(), prep.metric,
+        super().__init__(binning, lambda t, a2, b2, on_block=None, pending=None: backend.values(t, on_block, pending), prep.labels.cpu().numpy(), prep.metric,
                          prep.order, prep.left.device, counting, tail_k=tail_k, ties=ties)  # fmt: skip
         self.prep, self.backend = prep, backend
