@@ -53,6 +53,18 @@ def _blas_workers() -> ThreadPoolExecutor | None:
     return ThreadPoolExecutor(n, thread_name_prefix="blas") if n > 1 else None
 
 
+def in_row_pieces(fn: Callable[[int, int], object], n: int) -> None:
+    """`fn(a, b)` on consecutive row ranges covering [0, n), one per product thread, run by them (row-wise NumPy
+    work releases the GIL); in this thread when there is one."""
+    pool = _blas_workers()
+    k = 1 if pool is None or n < 2 * SMALL_SIDE else pool._max_workers
+    cuts = [n * i // k for i in range(k + 1)]
+    if k == 1:
+        fn(0, n)
+        return
+    wait_all([pool.submit(fn, a, b) for a, b in zip(cuts, cuts[1:], strict=False)])
+
+
 def block_spans(length: int, side: int) -> list[tuple[int, int]]:
     """The canonical blocks [s, e) of `length` rows counted from 0: `side` rows each, the last one taking a
     remainder of fewer than SMALL_SIDE rows (BLAS multiplies very thin products with other kernels)."""

@@ -80,6 +80,12 @@ class Binning:
         return torch.histc(values, bins=self.bins, min=self.lo, max=self.hi)
 
 
+def _negatives(neg: np.ndarray) -> np.ndarray:
+    if (neg < 0).any():
+        raise RuntimeError("same-person counts exceed all-pairs counts in some bin (inconsistent binning)")
+    return neg
+
+
 class HistogramROC:
     """Accumulates same-person (`pos`) and different-person (`neg`) counts per bin.
 
@@ -87,10 +93,12 @@ class HistogramROC:
     adds another accumulator of the same binning (multi-process scoring); `compute` gives the metrics.
     """
 
-    def __init__(self, binning: Binning):
+    def __init__(self, binning: Binning, counts: tuple[np.ndarray, np.ndarray] | None = None):
         self.binning = binning
-        self.pos = np.zeros(binning.bins, dtype=np.int64)
-        self.neg = np.zeros(binning.bins, dtype=np.int64)
+        if counts is None:
+            counts = (np.zeros(binning.bins, dtype=np.int64), np.zeros(binning.bins, dtype=np.int64))
+        self.pos, self.neg = counts
+        """Same-person and different-person counts per bin."""
         self.max_distance: float = float("nan")
         self.tail: Tail | None = None
         """The exact tail of all-pairs scoring (`pipeline.tail`): exact TAR at low FAR."""
@@ -126,11 +134,13 @@ class HistogramROC:
         """Add all-pairs and same-person counts of the same pairs; negatives = all - same."""
         all_counts = np.asarray(all_counts, dtype=np.int64)
         pos_counts = np.asarray(pos_counts, dtype=np.int64)
-        neg = all_counts - pos_counts
-        if (neg < 0).any():
-            raise RuntimeError("same-person counts exceed all-pairs counts in some bin (inconsistent binning)")
         self.pos += pos_counts
-        self.neg += neg
+        self.neg += _negatives(all_counts - pos_counts)
+
+    @classmethod
+    def from_counts(cls, binning: Binning, all_counts: np.ndarray, pos_counts: np.ndarray) -> HistogramROC:
+        """A histogram that takes over two int64 count arrays (`all_counts` becomes the negatives, in place)."""
+        return cls(binning, counts=(pos_counts, _negatives(np.subtract(all_counts, pos_counts, out=all_counts))))
 
     def merge(self, other: HistogramROC) -> HistogramROC:
         """Add `other`'s counts (same binning required); the maximum distance is the larger one."""

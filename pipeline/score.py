@@ -151,8 +151,9 @@ def score_all_pairs(
     t1 = time.perf_counter()
     mine = balance([t.n_pairs for t in plan], world.size)[world.rank]
     res = scorer.run(plan, select=mine, progress=cfg.progress and world.is_main)
-    acc = res.roc()
-    if world.size > 1:
+    if world.size == 1:
+        acc = res.roc()
+    else:
         acc = HistogramROC(binning)
         acc.add_counts(all_reduce_sum(as_int64(res.all_counts)), all_reduce_sum(as_int64(res.pos_counts)))
         acc.tail = Tail(res.tail.k, res.tail.metric)

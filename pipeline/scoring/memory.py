@@ -20,6 +20,7 @@ from pipeline.blockmath import (
     blocked_mean,
     chunk_side,
     fixed_matmul,
+    in_row_pieces,
     sample_rows,
     scale_right,
 )
@@ -136,9 +137,12 @@ def prepare(store: Store, metric: str, device: torch.device) -> Prepared:
     if metric == "l2":  # centred: distances unchanged, less cancellation
         mean = blocked_mean((x[s : s + STAT_ROWS] for s in range(0, store.n, STAT_ROWS)), store.n)
     sq = np.empty(store.n, dtype=np.float64)
-    for s in range(0, store.n, STAT_ROWS):  # per block, as out-of-core scoring does
-        e = min(s + STAT_ROWS, store.n)
-        sq[s:e] = augment(x[s:e], mean, metric, left_np[s:e], right_np[s:e])
+    for s in range(0, store.n, STAT_ROWS):  # per block, as out-of-core scoring does; row by row the same
+
+        def piece(a: int, b: int, s: int = s) -> None:
+            sq[s + a : s + b] = augment(x[s + a : s + b], mean, metric, left_np[s + a : s + b], right_np[s + a : s + b])
+
+        in_row_pieces(piece, min(STAT_ROWS, store.n - s))
     if metric == "cosine":
         zero = np.flatnonzero(sq == 0)
         if len(zero):
