@@ -18,7 +18,7 @@ from pipeline.tail import Tail
 if TYPE_CHECKING:
     import torch
 
-COUNT_CHUNK = 1 << 20  # values per bincount call (at least 4x the bins): one reused 8 MB index buffer
+COUNT_CHUNK = 1 << 20  # values per bincount call (at least 4x the bins): one reused 4-8 MB index buffer
 
 
 class BinCounts:
@@ -29,7 +29,7 @@ class BinCounts:
     counts of several add up exactly.
 
     With `ids` (values' group-pair ids, 0..n_ids-1) it also counts `coarse` bins per id (`group_counts`, the
-    jackknife's input, `pipeline.intervals`)."""
+    jackknife's input, `pipeline.intervals`): at `flush`, the counted fine bins become keys in place."""
 
     def __init__(self, bins: int, n_ids: int = 0, coarse: int = 1):
         self.bins, self.n_ids, self.coarse = bins, n_ids, coarse
@@ -41,7 +41,7 @@ class BinCounts:
         # input but intp to intp
         itype = np.int32 if "torch" in sys.modules and max(bins, n_ids * coarse) < 2**31 else np.intp
         self.ibuf = np.empty(0, dtype=itype)  # grown to what is staged, up to `chunk`, then reused
-        self.gbuf = np.empty(0, dtype=itype)  # the staged values' ids
+        self.segments: list[tuple[int, int, object]] = []  # with group counts: (start, stop, ids) of staged values
         self.used = 0
         ratio = bins // coarse  # a power-of-two ratio: coarse bin = fine bin >> shift
         self.shift = ratio.bit_length() - 1 if bins % coarse == 0 and ratio & (ratio - 1) == 0 else None
@@ -53,11 +53,11 @@ class BinCounts:
             raise ValueError("group counts need the values' ids")
         flat = values.reshape(-1)  # a view: the tile loop hands contiguous values
         if isinstance(ids, list) and values.size > self.chunk:  # rectangles of a large input: one id per value
-            per = np.empty(values.shape, dtype=self.gbuf.dtype)
+            per = np.empty(values.shape, dtype=self.ibuf.dtype)
             for r0, r1, c0, c1, i in ids:
                 per[r0:r1, c0:c1] = i
             ids = per
-        flat_ids = ids.reshape(-1).astype(self.gbuf.dtype) if isinstance(ids, np.ndarray) else None
+        flat_ids = ids.reshape(-1) if isinstance(ids, np.ndarray) else None
         for s in range(0, flat.size, self.chunk):
             part = flat[s : s + self.chunk]
             if self.used + part.size > self.chunk:
@@ -65,46 +65,60 @@ class BinCounts:
             self._reserve(self.used + part.size)
             fine = self.ibuf[self.used : self.used + part.size]
             np.clip(part, 0, self.top, out=fine, casting="unsafe")  # clipped in float32, truncated = floor (>= 0)
-            if self.n_ids:  # key = id * coarse + coarse bin, as the GPU computes it
-                key = self.gbuf[self.used : self.used + part.size]
-                if self.shift is not None:
-                    np.right_shift(fine, self.shift, out=key)
-                else:
-                    np.floor_divide(fine.astype(np.int64) * self.coarse, self.bins, out=key, casting="unsafe")
-                if flat_ids is not None:
-                    key += flat_ids[s : s + self.chunk] * self.coarse
-                elif isinstance(ids, list):  # the whole input is this part
-                    key2d = key.reshape(values.shape)
-                    for r0, r1, c0, c1, i in ids:
-                        key2d[r0:r1, c0:c1] += i * self.coarse
-                else:
-                    key += int(ids) * self.coarse
+            if self.n_ids:  # the ids of these values, applied at `flush`
+                spec = (
+                    flat_ids[s : s + self.chunk]
+                    if flat_ids is not None
+                    else (values.shape, ids)
+                    if isinstance(ids, list)
+                    else int(ids)
+                )
+                self.segments.append((self.used, self.used + part.size, spec))
             self.used += part.size
 
     def _reserve(self, size: int) -> None:
-        """Buffers for `size` staged values (at most `chunk`): doubled while small, then `chunk` at once (each
+        """A buffer for `size` staged values (at most `chunk`): doubled while small, then `chunk` at once (each
         growth copies, and fresh memory costs page faults)."""
         if len(self.ibuf) >= min(size, self.chunk):
             return
         size = self.chunk if size > self.chunk // 8 else min(max(2 * len(self.ibuf), size), self.chunk)
         self.ibuf = _grown(self.ibuf, size, self.used)
-        if self.n_ids:
-            self.gbuf = _grown(self.gbuf, size, self.used)
 
     def flush(self) -> np.ndarray:
         """Count what is staged; returns the counts (int64, `bins`), and `group_counts` is set too."""
         if self.used:
-            self.counts = added(self.counts, _bincount(self.ibuf[: self.used], self.bins))
+            staged = self.ibuf[: self.used]
+            self.counts = added(self.counts, _bincount(staged, self.bins))
             if self.n_ids:
-                self.group_counts = added(
-                    self.group_counts, _bincount(self.gbuf[: self.used], self.n_ids * self.coarse)
-                )
+                keys = self._keys(staged)
+                self.group_counts = added(self.group_counts, _bincount(keys, self.n_ids * self.coarse))
             self.used = 0
         if self.counts is None:
             self.counts = np.zeros(self.bins, dtype=np.int64)
         if self.group_counts is None:
             self.group_counts = np.zeros(self.n_ids * self.coarse, dtype=np.int64)
         return self.counts
+
+    def _keys(self, staged: np.ndarray) -> np.ndarray:
+        """The staged fine bins, counted already, turned in place into the jackknife's keys: id * coarse + coarse
+        bin, as the GPU computes them (no second staging buffer)."""
+        c = self.coarse
+        if self.shift is not None:
+            np.right_shift(staged, self.shift, out=staged)
+        else:
+            np.floor_divide(staged.astype(np.int64) * c, self.bins, out=staged, casting="unsafe")
+        for a, b, spec in self.segments:
+            key = staged[a:b]
+            if isinstance(spec, np.ndarray):
+                key += spec.astype(key.dtype, copy=False) * c  # widened first: ids may be int16
+            elif isinstance(spec, tuple):  # rectangles of a 2-D input
+                key2d = key.reshape(spec[0])
+                for r0, r1, c0, c1, i in spec[1]:
+                    key2d[r0:r1, c0:c1] += i * c
+            else:
+                key += spec * c
+        self.segments = []
+        return staged
 
 
 def _bincount(idx: np.ndarray, minlength: int) -> np.ndarray:

@@ -266,7 +266,8 @@ def roc_metrics(pos: np.ndarray, neg: np.ndarray, thresholds: np.ndarray, max_di
     balanced = 0.5 * (tp / n_pos + (n_neg - fp) / n_neg)
     best, best_b = int(np.argmax(acc)), int(np.argmax(balanced))
     scale = max_distance if (math.isfinite(max_distance) and max_distance > 0) else float("nan")
-    tar = {f"{f:g}": float(tpr[fpr <= f].max()) for f in FAR_LEVELS}
+    # the largest TPR with FPR <= f: both rise, so the last point with FPR <= f (fpr[0] = 0)
+    tar = {f"{f:g}": float(tpr[np.searchsorted(fpr, f, side="right") - 1]) for f in FAR_LEVELS}
     return {
         "auc": auc,
         "auc_error_bound": 0.0 if exact else bound,
