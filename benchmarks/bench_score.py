@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing as mp
+import os
 import resource
 import tempfile
 import time
@@ -105,6 +106,16 @@ def write_random_store(path: Path, n: int, d: int, seed: int = 0) -> Path:
     return path
 
 
+def blas_kernels() -> str:
+    """NumPy's BLAS and the kernels it chose (OpenBLAS picks them from the CPU unless OPENBLAS_CORETYPE says)."""
+    from threadpoolctl import threadpool_info
+
+    libs = [f"{i['internal_api']} {i['version']} {i.get('architecture', '')}".strip()
+            for i in threadpool_info() if i["user_api"] == "blas"]  # fmt: skip
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    return ", ".join(libs) + (f" (OPENBLAS_CORETYPE={forced})" if forced else "")
+
+
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -175,7 +186,8 @@ def run_method(method: str, path: str, n: int, d: int, device: str, bins: int, p
         )
         row["note"] = f"bound {m['auc_error_bound']:.1e}, {m['n_positive']} same"
         if repeats > 1:
-            row["note"] += f", median of {repeats} (first {times[0]:.3f} s)"
+            row["note"] += f", median of {repeats} (first (cold) {times[0]:.3f} s = {times[0] / floor:.2f}x floor)"
+        row["blas"] = blas_kernels()
         if m["n_pairs"] != n_pairs:
             raise RuntimeError(f"scored {m['n_pairs']} pairs of {n_pairs}")
     else:
@@ -321,6 +333,8 @@ def format_table(rows: list[dict]) -> str:
     )
     floors = sorted({(r["n"], r["d"], r["floor"]) for r in rows if r["method"] == "ours l2"})
     foot = "\n".join(f"\nfloor {n:,} x {d}: {f:.3f} s (measured in each method's own process)" for n, d, f in floors)
+    kernels = sorted({r["blas"] for r in rows if r.get("blas")})
+    foot += "".join(f"\nNumPy's BLAS (ours): {k}" for k in kernels)
     return "\n".join([head, *(format_row(r) for r in rows)]) + "\n" + foot + "\n"
 
 

@@ -96,8 +96,8 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, side: int
     """`out = a @ b.T` (float32) as single-threaded BLAS calls on the `side` x `side` blocks of `a` and `b`
     counted from their first rows, run by a pool of threads. Callers pass operands that start at multiples of
     `side` of the whole plan, so an entry always comes from a call of the same shape, at the same place in it,
-    whoever computes it: some OpenBLAS kernels (its Haswell ones, which it also picks for AMD Zen 5) give an
-    entry other bits when the call has other rows, columns or threads. Inner dimensions over `GEMM_K` are cut
+    whoever computes it: some OpenBLAS kernels (its Haswell ones, which this project's machines select with
+    OPENBLAS_CORETYPE) give an entry other bits when the call has other rows, columns or threads. Inner dimensions over `GEMM_K` are cut
     in equal chunks added in order, as products always were here. On a diagonal tile, `below` is the first
     row's offset from the diagonal (`a2 - t.r0`): blocks wholly below the diagonal hold no pair and are left
     out (their part of `out` is not written). With `on_block`, each block is computed into a reused block of its

@@ -121,11 +121,14 @@ def prepare(store: Store, metric: str, device: torch.device) -> Prepared:
     # read into `right`'s memory (contiguous rows read fastest), then copied in label order into `left`, whose
     # first D columns are transformed there; `augment` then overwrites all of `right` (no third copy of the rows)
     stored = read_rows(store, out=right_np.reshape(-1)[: store.n * d].reshape(store.n, d))
-    if (np.diff(labels) < 0).any():
-        for s in range(0, store.n, SORT_ROWS):
-            left_np[s : s + SORT_ROWS, :d] = stored[order[s : s + SORT_ROWS]]
-    else:  # stores of `embed` are sorted by person already
-        left_np[:, :d] = stored
+    unsorted = bool((np.diff(labels) < 0).any())  # stores of `embed` are sorted by person already
+
+    def copy(a: int, b: int) -> None:  # by the product threads: the first touch of `left` costs page faults
+        for s in range(a, b, SORT_ROWS):
+            e = min(s + SORT_ROWS, b)
+            left_np[s:e, :d] = stored[order[s:e]] if unsorted else stored[s:e]
+
+    in_row_pieces(copy, store.n)
     ls = labels[order]
     cuts = np.flatnonzero(np.diff(ls)) + 1
     starts, ends = np.r_[0, cuts], np.r_[cuts, len(ls)]
