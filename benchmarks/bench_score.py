@@ -107,7 +107,8 @@ def write_random_store(path: Path, n: int, d: int, seed: int = 0) -> Path:
 
 
 def blas_kernels() -> str:
-    """NumPy's BLAS and the kernels it chose (OpenBLAS picks them from the CPU unless OPENBLAS_CORETYPE says)."""
+    """The BLAS libraries loaded (NumPy's; FAISS's too once imported) and their kernels (OpenBLAS picks them from the
+    CPU unless OPENBLAS_CORETYPE says)."""
     from threadpoolctl import threadpool_info
 
     libs = [f"{i['internal_api']} {i['version']} {i.get('architecture', '')}".strip()
@@ -334,7 +335,7 @@ def format_table(rows: list[dict]) -> str:
     floors = sorted({(r["n"], r["d"], r["floor"]) for r in rows if r["method"] == "ours l2"})
     foot = "\n".join(f"\nfloor {n:,} x {d}: {f:.3f} s (measured in each method's own process)" for n, d, f in floors)
     kernels = sorted({r["blas"] for r in rows if r.get("blas")})
-    foot += "".join(f"\nNumPy's BLAS (ours): {k}" for k in kernels)
+    foot += "".join(f"\nBLAS libraries of a method process: {k}" for k in kernels)
     return "\n".join([head, *(format_row(r) for r in rows)]) + "\n" + foot + "\n"
 
 
