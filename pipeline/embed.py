@@ -9,7 +9,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -17,13 +16,13 @@ from tqdm import tqdm
 
 from pipeline import data, facesets, images, models, outputs
 from pipeline.distributed import init_world, split_range
+from pipeline.embed_parts import assemble, complete_part, part_path
 from pipeline.errors import PipelineError
 from pipeline.runtime import autocast, keep_freed_memory, reproducible_kernels, resolve_device, seed_everything
 from pipeline.store import partial_path, recognise_partial, recognise_store
-from pipeline.store_writer import StoreWriter, differing_settings
+from pipeline.store_writer import StoreWriter
 
 log = logging.getLogger(__name__)
-ASSEMBLY_ROWS = 65536  # rows copied at a time when rank 0 joins the parts (bounded memory)
 
 
 def default_data_root() -> Path:
@@ -229,7 +228,7 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
         raise PipelineError("no images to embed (empty protocol or --limit 0)")
     identity = store_identity(cfg, proto)
     if cfg.resume and out.exists():  # a requeued run whose store was finished already
-        if _complete_part(out, identity):
+        if complete_part(out, identity):
             log.info("%s is already complete with these settings; nothing to do", out)
             return out
         if not cfg.overwrite:
@@ -248,17 +247,13 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
     rows = range(batches.start * cfg.batch_size, min(batches.stop * cfg.batch_size, len(proto)))
     parts = [part_path(out, k, world.size) for k in range(world.size)]
     with outputs.output_lock(parts[world.rank]):
-        if not (cfg.resume and _complete_part(parts[world.rank], job.part_identity(rows))):
+        if not (cfg.resume and complete_part(parts[world.rank], job.part_identity(rows))):
             job.run(parts[world.rank], rows, {}, {}, final=False)
     world.barrier()
     if world.is_main:
-        _assemble(out, parts, len(proto), dim, identity, store_arrays(proto), extra, cfg)
+        assemble(out, parts, len(proto), dim, identity, store_arrays(proto), extra, cfg.dtype)
     world.barrier()
     return out
-
-
-def part_path(out: Path, rank: int, world_size: int) -> Path:
-    return out.with_name(f"{out.name}.part{rank}-of-{world_size}")
 
 
 @dataclass(frozen=True)
@@ -296,38 +291,6 @@ class _Job:
         if final:
             log.info("wrote %s (%d images, %d unreadable skipped)", path, len(rows) - len(bad), len(bad))
         return path
-
-
-def _assemble(
-    out: Path, parts: list[Path], n: int, dim: int, identity: dict, arrays: dict, extra: dict, cfg: EmbedConfig
-) -> None:
-    """Rank 0: copy the ranks' parts, in order, into one store; the parts are removed afterwards."""
-    writer = StoreWriter(out, n, dim, {**identity, "rows": f"0:{n}"}, arrays, cfg.dtype)
-    try:
-        bad: list[int] = []
-        for part in parts:
-            with h5py.File(part, "r") as f:
-                emb = f["embeddings"]
-                for a in range(0, len(emb), ASSEMBLY_ROWS):
-                    writer.write(writer.rows_done, emb[a : a + ASSEMBLY_ROWS])
-                bad += [int(r) for r in f.attrs.get("bad_rows", [])]
-        writer.finish({**extra, "bad_rows": bad}, drop_rows=bad)
-    except BaseException:
-        writer.close()
-        raise
-    for part in parts:
-        part.unlink()
-
-
-def _complete_part(path: Path, identity: dict) -> bool:
-    """A rank's finished part from an earlier run with the same settings (reused by --resume)."""
-    if not path.exists():
-        return False
-    try:
-        with h5py.File(path, "r") as f:
-            return not differing_settings(f, identity)
-    except OSError:
-        return False
 
 
 def _fill(writer: StoreWriter, embedder, proto, cfg: EmbedConfig, device, rows: range) -> list[int]:

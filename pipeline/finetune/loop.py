@@ -1,7 +1,6 @@
 """The one training loop (`Trainer`): two phases of epochs, atomic checkpoints and resumption, signals,
 the NaN guard, validation after every epoch (AUC, TAR at FAR 1e-3) with its log and figure, and the best epoch
-kept. Recipes subclass it and
-answer a few hooks (`pipeline.finetune.recipes`)."""
+kept. Recipes subclass it and answer a few hooks (`pipeline.finetune.hooks`, `pipeline.finetune.recipes`)."""
 
 from __future__ import annotations
 
@@ -36,16 +35,17 @@ from pipeline.finetune.features import (
     set_phase,
     split_model,
 )
+from pipeline.finetune.hooks import RecipeHooks
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics, validation_rows
 from pipeline.runtime import autocast
 
 log = logging.getLogger(__name__)
 
 
-class Trainer:
+class Trainer(RecipeHooks):
     """The epoch loop shared by the recipes. A recipe's constructor calls `load_images` and sets `optimizer`
-    (`sgd`); its hooks say which items an epoch goes over (`n_items`, `batches`), the loss of a batch
-    (`loss_of`), the learning rate of a step (`lr_at`) and its own running state (`extra_state`)."""
+    (`sgd`); its hooks (`RecipeHooks`) say which items an epoch goes over (`n_items`, `batches`), the loss of a
+    batch (`loss_of`), the learning rate of a step (`lr_at`) and its own running state (`extra_state`)."""
 
     unit = "pair"
     """What `n_items` counts (progress bar and the log's throughput)."""
@@ -76,32 +76,6 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer
         self.bank: ImageBank
         self.val_rows, self.val_labels = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-
-    # ---- recipe hooks
-    def n_items(self) -> int:
-        """Items (pairs or images) one epoch goes over."""
-        raise NotImplementedError
-
-    def loss_of(self, idx: torch.Tensor, phase: int) -> torch.Tensor:
-        """The loss of the batch of items `idx` (under autocast)."""
-        raise NotImplementedError
-
-    def batches(self, epoch: int) -> list[torch.Tensor]:
-        """The item indices of each step of `epoch`: a shuffle seeded by (seed, epoch), cut into batches."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(self.n_items(), generator=g)
-        return list(perm.split(self.cfg.batch_size))
-
-    def lr_at(self, step: int) -> float:
-        """The learning rate of optimisation step `step` (constant unless a recipe schedules it)."""
-        return self.cfg.lr
-
-    def extra_state(self) -> dict:
-        """The recipe's running state, saved in the checkpoint beside the loop's."""
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        """Restore what `extra_state` saved (from the whole checkpoint)."""
 
     # ---- what recipes build on
     def load_images(self, train: data.LFWProtocol, people: data.LFWProtocol, held: np.ndarray) -> None:
