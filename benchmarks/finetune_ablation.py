@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict] = {
     "final-bf16-e80": dict(phase1_epochs=80, pool="learned", tta_flip=True, bf16=True),
     "final-bf16-shift1-e80": dict(phase1_epochs=80, pool="learned", tta_flip=True, bf16=True, feature_shift=1),
     "final-bf16-singletons": dict(phase1_epochs=40, pool="learned", tta_flip=True, bf16=True, singletons=True),
+    "final-bf16-ema": dict(phase1_epochs=40, pool="learned", tta_flip=True, bf16=True, ema=0.995),
     "final-blocks4": dict(phase1_epochs=40, pool="learned", tta_flip=True, train_blocks=4, lr_decay=0.3, bf16=True),
 }
 

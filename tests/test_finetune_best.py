@@ -3,6 +3,9 @@ rates, test-time flip, learned pooling, bfloat16 training, feature-map shifts an
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +13,7 @@ from torch.nn import functional as F
 
 from pipeline import finetune as ft
 from pipeline.errors import PipelineError
+from pipeline.finetune.averaging import WeightAverage
 from tests.test_finetune import config
 
 
@@ -136,3 +140,58 @@ def test_singletons_join_the_batches_once_per_epoch(tiny_lfw, tmp_path):
     for b in batches:  # every batch still holds same-person pairs
         assert counts[trainer.train_labels[b]].max() >= 2 and len(set(trainer.train_labels[b].tolist())) >= 2
     assert np.isfinite(trainer.train_step(batches[0], 1))
+
+
+def test_weight_average_follows_its_formula_and_swaps_back():
+    net = torch.nn.Linear(2, 1, bias=False)
+    avg = WeightAverage(0.5)
+    with torch.no_grad():
+        net.weight.fill_(2.0)
+        avg.update(net)  # starts at the weights
+        net.weight.fill_(4.0)
+        avg.update(net)  # 0.5 * 2 + 0.5 * 4
+    assert torch.equal(avg.state["weight"], torch.full((1, 2), 3.0))
+    with avg.swapped_into(net):
+        assert torch.equal(net.weight, torch.full((1, 2), 3.0))
+    assert torch.equal(net.weight, torch.full((1, 2), 4.0))
+    unused = WeightAverage(0.0)
+    unused.update(net)
+    with unused.swapped_into(net):
+        assert unused.state is None and torch.equal(net.weight, torch.full((1, 2), 4.0))
+
+
+def test_ema_weights_are_validated_kept_and_resumed_exactly(tiny_lfw, tmp_path, monkeypatch):
+    kw = dict(recipe="best", phase1_epochs=2, batch_size=8, lr=0.05, val_images=600, val_fraction=0.4, ema=0.9,
+              keep_best=False)  # fmt: skip
+    seen = []
+    embed_rows = ft.Trainer.embed_rows
+
+    def checking(self, rows):  # validation: the model holds the average once there is one
+        if self.average.state:
+            params = dict(self.model.named_parameters())
+            seen.append(all(torch.equal(params[k], v) for k, v in self.average.state.items()))
+        return embed_rows(self, rows)
+
+    monkeypatch.setattr(ft.Trainer, "embed_rows", checking)
+    whole = ft.finetune(config(tiny_lfw, tmp_path / "whole.pt", **kw))
+    assert len(seen) == 2 and all(seen)
+    a = torch.load(whole, weights_only=True)
+    assert a["ema"] and all(torch.equal(a["model"][k], v) for k, v in a["ema"].items())  # the final weights
+    step = ft.Trainer.train_step
+
+    def interrupted_step(self, idx, phase):
+        loss = step(self, idx, phase)
+        if self.step == 1:  # after the first of two epochs' steps
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(ft.Trainer, "train_step", interrupted_step)
+    out = tmp_path / "part.pt"
+    with pytest.raises(ft.TrainingInterrupted):
+        ft.finetune(config(tiny_lfw, out, **kw))
+    monkeypatch.setattr(ft.Trainer, "train_step", step)
+    ft.finetune(config(tiny_lfw, out, resume=True, **kw))
+    b = torch.load(out, weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert [r.get("val_auc") for r in a["history"]] == [r.get("val_auc") for r in b["history"]]

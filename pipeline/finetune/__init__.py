@@ -18,8 +18,9 @@ beside the checkpoint (NAME.training.png).
 
 Modules: `config` (options and presets as data), `checkpoint` (the files a run writes, RNG states,
 signals), `features` (frozen part / tail, image bank, feature cache), `validation` (held-out people, AUC),
-`loop` (the one training loop, `Trainer`), `hooks` (what a recipe answers the loop, with defaults), `recipes`
-(`StudyTrainer`, `BestTrainer`: hooks of the loop).
+`loop` (the one training loop, `Trainer`), `hooks` (what a recipe answers the loop, with defaults), `averaging`
+(the optional moving average of the trained weights), `recipes` (`StudyTrainer`, `BestTrainer`: hooks of the
+loop).
 """
 
 from __future__ import annotations

@@ -75,6 +75,8 @@ LATER_FIELDS = {
     "pool": "avg",
     "bf16": False,
     "feature_shift": 0,
+    "singletons": False,
+    "ema": 0.0,
 }
 """Configuration fields added after checkpoints were first written, with the value that trains as before."""
 

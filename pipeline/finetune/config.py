@@ -28,6 +28,7 @@ STUDY_DEFAULTS = dict(
     bf16=False,
     feature_shift=0,
     singletons=False,
+    ema=0.0,
 )
 # The project's recipe, chosen by validation AUC on held-out training people (docs/finetuning.md).
 BEST_PRESET = dict(
@@ -48,6 +49,7 @@ BEST_PRESET = dict(
     bf16=True,
     feature_shift=0,
     singletons=False,
+    ema=0.0,
 )
 # Fields that may change between a run and its resumption.
 RUNTIME_FIELDS = ("out", "resume", "overwrite", "device", "workers")
@@ -138,6 +140,9 @@ class FinetuneConfig:
     feature_shift: int | None = None
     """Best: augmentation of the cached frozen features: each training map moved by a random 0 to N cells on both
     axes (SqueezeNet's last two Fire modules: 27 x 27 maps, about 8 pixels a cell), zeros moved in."""
+    ema: float | None = None
+    """Best: keep an exponential moving average of the trained weights (this decay per step; 0: none);
+    validation, the best epoch and the final weights are the average's."""
     bf16: bool | None = None
     """On the CPU, train under bfloat16 autocast (weights, gradients, the loss, validation and `embed` stay
     float32): faster where the CPU computes bfloat16 natively (AVX-512 BF16, AMX), slower where it does not."""
@@ -177,6 +182,8 @@ class FinetuneConfig:
             raise ValueError(f"pool must be avg or learned, got {self.pool!r}")
         if self.lr_decay is not None and not 0 < self.lr_decay <= 1:
             raise ValueError("lr_decay must be in (0, 1]")
+        if self.ema is not None and not 0 <= self.ema < 1:
+            raise ValueError("ema must be in [0, 1)")
         if self.feature_shift is not None and self.feature_shift < 0:
             raise ValueError("feature_shift must be >= 0")
         if self.images_per_person < 2:

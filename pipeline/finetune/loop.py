@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from pipeline import data, models
 from pipeline.errors import PipelineError
+from pipeline.finetune.averaging import WeightAverage
 from pipeline.finetune.checkpoint import (
     append_log,
     rng_state,
@@ -76,6 +77,7 @@ class Trainer(RecipeHooks):
         self.optimizer: torch.optim.Optimizer
         self.bank: ImageBank
         self.val_rows, self.val_labels = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        self.average = WeightAverage(cfg.ema or 0.0)
 
     # ---- what recipes build on
     def load_images(self, train: data.LFWProtocol, people: data.LFWProtocol, held: np.ndarray) -> None:
@@ -159,6 +161,7 @@ class Trainer(RecipeHooks):
             "best_auc": self.best_auc,
             "complete": complete,
             "config": self.cfg.identity(),
+            "ema": self.average.state,
             **self.extra_state(),
         }
 
@@ -171,6 +174,7 @@ class Trainer(RecipeHooks):
         total, n = ckpt.get("epoch_loss", (0.0, 0))  # checkpoints of older versions: the rest of the epoch only
         self.epoch_loss = (float(total), int(n))
         self.history, self.best_auc = list(ckpt["history"]), ckpt["best_auc"]
+        self.average.state = ckpt.get("ema")
         self.load_extra_state(ckpt)
         set_rng_state(ckpt["rng"])
         log.info(
@@ -211,8 +215,9 @@ class Trainer(RecipeHooks):
                 )
                 if self.cfg.keep_best and auc is not None and auc > self.best_auc:
                     self.best_auc = auc
-                    best = {"model": self.model.state_dict(), "config": self.cfg.identity(), "epoch": self.epoch}
-                    save_atomic({**best, "val_auc": auc}, self.best_path)
+                    with self.averaged():
+                        best = {"model": self.model.state_dict(), "config": self.cfg.identity(), "epoch": self.epoch}
+                        save_atomic({**best, "val_auc": auc}, self.best_path)
                 self.draw()  # before the checkpoint, which stays the last write of an epoch
                 self.save()
                 self.check_stop()
@@ -266,7 +271,12 @@ class Trainer(RecipeHooks):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
+        self.average.update(self.model)
         return loss.item()
+
+    def averaged(self):
+        """Inside, the model holds the moving average of its trained weights (with `cfg.ema`; else unchanged)."""
+        return self.average.swapped_into(self.model)
 
     def log_epoch(self, record: dict) -> None:
         self.history.append(record)
@@ -283,7 +293,7 @@ class Trainer(RecipeHooks):
         exact); None values without two of them, or without a same-person or a different-person pair."""
         if len(self.val_rows) < 2:
             return {"val_auc": None, TAR_KEY: None}
-        with torch.no_grad():
+        with torch.no_grad(), self.averaged():
             emb = self.embed_rows(torch.as_tensor(self.val_rows))
         m = all_pairs_metrics(emb, self.val_labels, self.metric)
         return {"val_auc": None if m is None else m["auc"], TAR_KEY: None if m is None else m["tar_at_far"]}
@@ -322,6 +332,8 @@ class Trainer(RecipeHooks):
     def finish(self) -> Path:
         """The final checkpoint, marked complete (with the best epoch's weights under `keep_best`)."""
         ckpt = self.checkpoint(complete=True)
+        with self.averaged():  # the final weights are the average's (with `cfg.ema`)
+            ckpt["model"] = {k: v.clone() for k, v in self.model.state_dict().items()}
         if self.cfg.keep_best and self.best_path.exists():
             best = torch.load(self.best_path, map_location="cpu", weights_only=True)
             ckpt["model"], ckpt["best_epoch"] = best["model"], best["epoch"]
