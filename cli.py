@@ -308,6 +308,7 @@ def run(**options) -> None:
         "pool",
         "bf16",
         "feature_shift",
+        "ema",
     )
     overrides = {k: options.pop(k) for k in names if options[k] is not None}
     for k in names:

@@ -186,6 +186,13 @@ def finetune_options(f):
                 help="best: augmentation: move each cached feature map by a random 0 to N cells on both axes [preset].",
             ),
             click.option(
+                "--ema",
+                type=float,
+                default=None,
+                help="best: keep a moving average of the trained weights with this decay per step (0: none); "
+                "validation, the kept epoch and the final weights are the average's [preset].",
+            ),
+            click.option(
                 "--bf16/--no-bf16",
                 default=None,
                 help="On the CPU, train under bfloat16 autocast (weights, loss, validation and embedding stay "
