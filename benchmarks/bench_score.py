@@ -178,16 +178,20 @@ def run_method(method: str, path: str, n: int, d: int, device: str, bins: int, p
         cfg = ScoreConfig(store=Path(path), metric=metric, backend=backend, device=device, bins=bins, progress=False)
         # Sub-second runs are noisy on a shared 2-core machine: the median of 3 (the floor averages 3 too).
         repeats = SMALL_REPEATS if n_pairs <= SMALL_PAIRS else 1
-        times = []
+        times, splits = [], []
         for _ in range(repeats):
             m = score(cfg)
             times.append(m["seconds"])
+            splits.append(f"{m['seconds_prepare'] * 1e3:.0f}+{m['seconds_tiles'] * 1e3:.0f}")
         row.update(
             seconds=float(np.median(times)), auc=m["auc"], bound=m["auc_error_bound"], n_positive=m["n_positive"]
         )
         row["note"] = f"bound {m['auc_error_bound']:.1e}, {m['n_positive']} same"
         if repeats > 1:
-            row["note"] += f", median of {repeats} (first (cold) {times[0]:.3f} s = {times[0] / floor:.2f}x floor)"
+            row["note"] += (
+                f", median of {repeats} (first (cold) {times[0]:.3f} s = {times[0] / floor:.2f}x floor); "
+                f"preparation + tiles, ms: {', '.join(splits)}"
+            )
         row["blas"] = blas_kernels()
         if m["n_pairs"] != n_pairs:
             raise RuntimeError(f"scored {m['n_pairs']} pairs of {n_pairs}")

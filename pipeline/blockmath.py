@@ -50,6 +50,7 @@ def _blas_workers() -> ThreadPoolExecutor | None:
     blas = ThreadpoolController().select(user_api="blas")  # one scan of the loaded libraries
     n = max((i["num_threads"] for i in blas.info()), default=1)
     _blas_workers.limit = blas.limit(limits=1)  # kept: single-threaded BLAS from here on
+    _blas_workers.threads = n
     return ThreadPoolExecutor(n, thread_name_prefix="blas") if n > 1 else None
 
 
@@ -57,7 +58,7 @@ def in_row_pieces(fn: Callable[[int, int], object], n: int) -> None:
     """`fn(a, b)` on consecutive row ranges covering [0, n), one per product thread, run by them (row-wise NumPy
     work releases the GIL); in this thread when there is one."""
     pool = _blas_workers()
-    k = 1 if pool is None or n < 2 * SMALL_SIDE else pool._max_workers
+    k = 1 if pool is None or n < 2 * SMALL_SIDE else _blas_workers.threads
     cuts = [n * i // k for i in range(k + 1)]
     if k == 1:
         fn(0, n)
@@ -97,8 +98,8 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, side: int
     counted from their first rows, run by a pool of threads. Callers pass operands that start at multiples of
     `side` of the whole plan, so an entry always comes from a call of the same shape, at the same place in it,
     whoever computes it: some OpenBLAS kernels (its Haswell ones, which this project's machines select with
-    OPENBLAS_CORETYPE) give an entry other bits when the call has other rows, columns or threads. Inner dimensions over `GEMM_K` are cut
-    in equal chunks added in order, as products always were here. On a diagonal tile, `below` is the first
+    OPENBLAS_CORETYPE) give an entry other bits when the call has other rows, columns or threads. Inner
+    dimensions over `GEMM_K` are cut in equal chunks added in order, as products always were here. On a diagonal tile, `below` is the first
     row's offset from the diagonal (`a2 - t.r0`): blocks wholly below the diagonal hold no pair and are left
     out (their part of `out` is not written). With `on_block`, each block is computed into a reused block of its
     thread instead (still in cache) and handed to `on_block` there; `out` is not used and None is returned.

@@ -66,13 +66,12 @@ class BinCounts:
             fine = self.ibuf[self.used : self.used + part.size]
             np.clip(part, 0, self.top, out=fine, casting="unsafe")  # clipped in float32, truncated = floor (>= 0)
             if self.n_ids:  # the ids of these values, applied at `flush`
-                spec = (
-                    flat_ids[s : s + self.chunk]
-                    if flat_ids is not None
-                    else (values.shape, ids)
-                    if isinstance(ids, list)
-                    else int(ids)
-                )
+                if flat_ids is not None:
+                    spec = flat_ids[s : s + self.chunk]
+                elif isinstance(ids, list):  # the whole input is this part
+                    spec = (values.shape, ids)
+                else:
+                    spec = int(ids)
                 self.segments.append((self.used, self.used + part.size, spec))
             self.used += part.size
 

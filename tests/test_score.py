@@ -375,5 +375,17 @@ def test_bench_score_rows_and_table(tmp_path):
     rows = [run_method(m, str(path), 300, 16, "cpu", 1 << 12, 10_000) for m in ("ours l2", "scikit-learn exact")]
     assert rows[0]["pairs"] == 300 * 299 // 2 and rows[0]["seconds"] > 0 and rows[0]["floor"] > 0
     assert rows[1]["note"].startswith("~")  # 44,850 pairs > 10,000: extrapolated from the first rows
+    split = rows[0]["note"].split("preparation + tiles, ms: ")[1].split(", ")  # each call's two parts
+    assert "first (cold)" in rows[0]["note"] and len(split) == 3 and all(len(c.split("+")) == 2 for c in split)
     table = format_table(rows)
     assert table.startswith("| store | method |") and "ours l2" in table
+    assert "BLAS libraries of a method process: " in table
+
+
+def test_bench_machine_names_the_kernels_and_rates():
+    from benchmarks.machine import command
+
+    r = CliRunner().invoke(command, ["--mb", "2"])
+    assert r.exit_code == 0, r.output
+    rate = float(r.output.split("float32 product | ")[1].split(" GFLOP/s")[0])
+    assert rate > 0 and "NumPy's BLAS" in r.output and "first touch of a new 2 MB array" in r.output

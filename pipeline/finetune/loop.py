@@ -332,12 +332,13 @@ class Trainer(RecipeHooks):
     def finish(self) -> Path:
         """The final checkpoint, marked complete (with the best epoch's weights under `keep_best`)."""
         ckpt = self.checkpoint(complete=True)
-        with self.averaged():  # the final weights are the average's (with `cfg.ema`)
-            ckpt["model"] = {k: v.clone() for k, v in self.model.state_dict().items()}
         if self.cfg.keep_best and self.best_path.exists():
             best = torch.load(self.best_path, map_location="cpu", weights_only=True)
             ckpt["model"], ckpt["best_epoch"] = best["model"], best["epoch"]
             log.info("keeping epoch %d (validation AUC %.4f)", best["epoch"], best["val_auc"])
+        elif self.average.state:  # the final weights are the average's (`cfg.ema`)
+            with self.averaged():
+                ckpt["model"] = {k: v.clone() for k, v in self.model.state_dict().items()}
         save_atomic(ckpt, self.out)
         if self.drawn != self.epoch or not self.figure_path.exists():  # no epoch trained here, or killed before
             self.draw()
