@@ -309,6 +309,7 @@ def run(**options) -> None:
         "bf16",
         "feature_shift",
         "ema",
+        "members",
     )
     overrides = {k: options.pop(k) for k in names if options[k] is not None}
     for k in names:

@@ -193,6 +193,13 @@ def finetune_options(f):
                 "validation, the kept epoch and the final weights are the average's [preset].",
             ),
             click.option(
+                "--members",
+                type=int,
+                default=None,
+                help="best: train N networks (seeds SEED + 1000 k, one validation split) and embed with all: the "
+                "concatenation of their unit-length embeddings (OUT.member<k>.pt each; OUT joins them) [preset].",
+            ),
+            click.option(
                 "--bf16/--no-bf16",
                 default=None,
                 help="On the CPU, train under bfloat16 autocast (weights, loss, validation and embedding stay "

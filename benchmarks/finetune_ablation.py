@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 # The recipe the ablation started from (the preset before 2026-11-28's ablation); each variant changes it.
-START = dict(phase1_epochs=10, lr_decay=1.0, pool="avg", tta_flip=False)
+START = dict(phase1_epochs=10, lr_decay=1.0, pool="avg", tta_flip=False, members=1)
 # name -> FinetuneConfig values on top of START and --recipe best's preset (pipeline/finetune/config.py)
 VARIANTS: dict[str, dict] = {
     "base": {},
@@ -41,13 +41,24 @@ VARIANTS: dict[str, dict] = {
     "final-bf16-shift1-e80": dict(phase1_epochs=80, pool="learned", tta_flip=True, bf16=True, feature_shift=1),
     "final-bf16-singletons": dict(phase1_epochs=40, pool="learned", tta_flip=True, bf16=True, singletons=True),
     "final-bf16-ema": dict(phase1_epochs=40, pool="learned", tta_flip=True, bf16=True, ema=0.995),
+    "final-bf16-members2": dict(phase1_epochs=40, pool="learned", tta_flip=True, bf16=True, members=2),
+    "final-bf16-members3": dict(phase1_epochs=40, pool="learned", tta_flip=True, bf16=True, members=3),
     "final-blocks4": dict(phase1_epochs=40, pool="learned", tta_flip=True, train_blocks=4, lr_decay=0.3, bf16=True),
 }
 
 
 def summary(log_path: Path) -> dict:
-    """Best validation epoch of a finished variant's log and the total seconds of its epochs."""
+    """Best validation epoch of a finished variant's log and the total seconds of its epochs (an ensemble's log:
+    its one record; each member's best epoch is in its own log)."""
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if records and records[-1].get("member") == "ensemble":
+        r = records[-1]
+        return {
+            "epochs": r["epoch"],
+            "best_epoch": "(members')",
+            "val_auc": r["val_auc"],
+            "val_tar": r["val_tar_at_far_0.001"],
+        }
     trained = [r for r in records if r.get("loss") is not None and r.get("val_auc") is not None]
     best = max(trained, key=lambda r: r["val_auc"])
     return {

@@ -225,18 +225,33 @@ def draw_training(history: Sequence[dict], target, title: str, best_epoch: int |
     from matplotlib.ticker import MaxNLocator
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    # an ensemble's history (finetune --members): each member's records tagged with its number, then the ensemble's
+    members = sorted({r["member"] for r in history if isinstance(r.get("member"), int)})
+    series = [(f"member {k}", [r for r in history if r.get("member") == k]) for k in members] or [("", history)]
+    joined = [r for r in history if r.get("member") == "ensemble"]
+    styles = ("o-", "s--", "^:", "d-.")
     trained = [r for r in history if r.get("loss") is not None]
-    top.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], "o-", color="tab:purple", ms=3)
+    for n, (name, records) in enumerate(series):
+        done = [r for r in records if r.get("loss") is not None]
+        style = styles[n % len(styles)]
+        top.plot([r["epoch"] for r in done], [r["loss"] for r in done], style, color="tab:purple", ms=3, label=name)
     top.set_ylabel("training loss")
     validated = False
     for key, label, colour in (
         ("val_auc", "validation AUC", "tab:blue"),
         (f"val_tar_at_far_{VAL_FAR:g}", f"validation TAR at FAR {VAL_FAR:g}", "tab:green"),
     ):
-        pts = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+        for n, (name, records) in enumerate(series):
+            pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+            if pts:
+                style = styles[n % len(styles)]
+                bottom.plot(*zip(*pts, strict=True), style, ms=3, color=colour, label=f"{label} {name}".strip())
+                validated = True
+        pts = [(r["epoch"], r[key]) for r in joined if r.get(key) is not None]
         if pts:
-            bottom.plot(*zip(*pts, strict=True), "o-", ms=3, color=colour, label=label)
-            validated = True
+            bottom.plot(*zip(*pts, strict=True), "*", ms=12, color=colour, label=f"{label}, ensemble")
+    if members:
+        top.legend(fontsize=8, loc="best")
     bottom.set_ylabel("validation")
     bottom.set_xlabel("epoch (0: before training)")
     boundary = phase_boundary(history)
@@ -273,6 +288,8 @@ def training_title(config: dict) -> str:
     title = f"{config.get('model', 'model')}, {config.get('recipe', '?')} recipe"
     if config.get("phase1_epochs") is not None:
         title += f", {config['phase1_epochs']} + {config.get('phase2_epochs', 0)} epochs"
+    if (config.get("members") or 1) > 1:
+        title += f", ensemble of {config['members']}"
     if config.get("image_set"):
         title += f" [{config['image_set']}]"
     return title

@@ -135,9 +135,16 @@ def pooling(model: nn.Module) -> nn.Module:
     return getattr(model, POOL, None) or nn.AdaptiveAvgPool2d(1)
 
 
+class EmbeddingNetwork(nn.Module):
+    """A network whose output is its embedding, its only layer (`penultimate` returns it; an ensemble of
+    fine-tuned members, `pipeline.finetune.features.Ensemble`)."""
+
+
 def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Features just before the last classifier layer: 4096-d (AlexNet/VGG, after the second ReLU),
-    512-d pooled fire features (SqueezeNet), pooled features (ResNet)."""
+    512-d pooled fire features (SqueezeNet), pooled features (ResNet); an `EmbeddingNetwork`'s output."""
+    if isinstance(model, EmbeddingNetwork):
+        return model(x)
     if isinstance(model, (tvm.AlexNet, tvm.VGG)):
         x = torch.flatten(model.avgpool(model.features(x)), 1)
         return model.classifier[:-1](x)
@@ -147,7 +154,7 @@ def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def has_penultimate(model: nn.Module) -> bool:
-    return isinstance(model, (tvm.AlexNet, tvm.VGG, tvm.SqueezeNet, tvm.ResNet))
+    return isinstance(model, (tvm.AlexNet, tvm.VGG, tvm.SqueezeNet, tvm.ResNet, EmbeddingNetwork))
 
 
 class Embedder(nn.Module):
@@ -162,6 +169,11 @@ class Embedder(nn.Module):
             raise PipelineError(
                 f"--layer penultimate is known for AlexNet, VGG, SqueezeNet and ResNet networks, not "
                 f"{type(model).__name__}: use --layer output (the network's output)"
+            )
+        if layer == "output" and isinstance(model, EmbeddingNetwork):
+            raise PipelineError(
+                "these weights are an ensemble of fine-tuned networks (finetune --members): its one layer is its "
+                "joined embedding; use --layer penultimate"
             )
         self.model, self.layer, self.flip = model, layer, flip
 
@@ -242,13 +254,23 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, sour
 
 def _load_file(model: nn.Module, name: str, weights: str) -> nn.Module:
     state, meta = read_weights_file(weights)
-    trained = meta.get("config", {}).get("model")
+    config = meta.get("config", {})
+    trained = config.get("model")
     if trained is not None and trained != name:
         raise PipelineError(f"checkpoint {weights} was trained for model {trained}, not {name}; pass --model {trained}")
-    if f"{POOL}.weight" in state and not hasattr(model, POOL):  # fine-tuned with a learned pooling
-        add_learned_pool(model, state[f"{POOL}.weight"].shape[-1])
-    load_state(model, state, name, str(weights))
+    if meta.get("members"):  # finetune --members: the ensemble of the checkpoint's networks
+        from pipeline.finetune.features import ensemble_model  # (it builds on this module)
+
+        return ensemble_model(name, [state, *meta["members"]], config.get("train_blocks"), str(weights))
+    load_into(model, state, name, str(weights))
     return model
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], name: str, source: str) -> None:
+    """`load_state`, adding the learned pooling first when the weights were fine-tuned with one."""
+    if f"{POOL}.weight" in state and not hasattr(model, POOL):
+        add_learned_pool(model, state[f"{POOL}.weight"].shape[-1])
+    load_state(model, state, name, source)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from pipeline import facesets, images, models, outputs
 from pipeline.embed import EmbedConfig, check_out, check_partial, prepare, store_arrays, store_extra, store_identity
 from pipeline.errors import PipelineError
-from pipeline.finetune.features import split_model
+from pipeline.finetune.features import same_state, split_model
 from pipeline.runtime import autocast, keep_freed_memory, resolve_device, seed_everything
 from pipeline.store_writer import StoreWriter
 
@@ -42,12 +42,6 @@ class _Network:
     rows: np.ndarray | None = None
 
 
-def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """Equal parameters and buffers (the same module, or a frozen part copied unchanged)."""
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
 def build_networks(cfgs: list[EmbedConfig], blocks: int | None, device: torch.device) -> list[_Network]:
     """The distinct networks of `cfgs`; a network whose frozen part equals an earlier one's runs that one."""
     nets: list[_Network] = []
@@ -57,7 +51,7 @@ def build_networks(cfgs: list[EmbedConfig], blocks: int | None, device: torch.de
             continue
         model = prepare(models.build_model(cfg.model, cfg.weights), device)
         frozen, tail = split_model(model, cfg.layer, blocks)
-        shared = next((n.frozen for n in nets if same_weights(n.frozen, frozen)), None)
+        shared = next((n.frozen for n in nets if same_state(n.frozen, frozen)), None)
         if shared is not None:
             log.info("%s shares its first layers with an earlier network: they run once per image", cfg.weights)
         nets.append(_Network(key, shared or frozen, tail, cfg.tta_flip))

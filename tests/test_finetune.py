@@ -35,6 +35,7 @@ def config(root: Path, out: Path, **kw) -> ft.FinetuneConfig:
         lr=1e-3,
         workers=0,
         val_images=0,
+        members=1,
     )
     return ft.FinetuneConfig(**{**base, **kw})
 

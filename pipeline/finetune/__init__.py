@@ -20,7 +20,7 @@ Modules: `config` (options and presets as data), `checkpoint` (the files a run w
 signals), `features` (frozen part / tail, image bank, feature cache), `validation` (held-out people, AUC),
 `loop` (the one training loop, `Trainer`), `hooks` (what a recipe answers the loop, with defaults), `averaging`
 (the optional moving average of the trained weights), `recipes` (`StudyTrainer`, `BestTrainer`: hooks of the
-loop).
+loop), `ensemble` (several members of one recipe and the checkpoint that joins them).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from pipeline.finetune.config import (
     FinetuneConfig,
     TrainingInterrupted,
 )
+from pipeline.finetune.ensemble import member_configs, member_path, train_ensemble
 from pipeline.finetune.features import (
     ImageBank,
     cached_rows,
@@ -108,6 +109,8 @@ __all__ = [
     "finetune",
     "identity_batches",
     "load_checkpoint",
+    "member_configs",
+    "member_path",
     "models",
     "random_people",
     "recognise_checkpoint",
@@ -156,14 +159,31 @@ def check_outputs(cfg: FinetuneConfig) -> None:
 
 
 def finetune(cfg: FinetuneConfig) -> Path:
-    """Fine-tune `cfg.model` with `cfg.recipe`; returns the final checkpoint (OUT)."""
+    """Fine-tune `cfg.model` with `cfg.recipe`; returns the final checkpoint (OUT). With `members` > 1, the
+    members one after the other, then OUT holding them all (`pipeline.finetune.ensemble`)."""
     cfg = cfg.resolved()
     out = Path(cfg.out)
-    with outputs.claim(out, lambda: check_outputs(cfg)):
-        return _finetune(cfg, out)
+    members = member_configs(cfg)
+
+    def check() -> None:
+        for c in (cfg, *members):
+            check_outputs(c)
+
+    with outputs.claim(out, check):
+        if not members:
+            return _finetune(cfg, out)
+        if cfg.resume and out.exists() and load_checkpoint(out, cfg).get("complete"):
+            log.info("%s is already complete; nothing to do", out)
+            return out
+        return train_ensemble(cfg, members, lambda c, shared: _finetune(c, Path(c.out), shared), _trainer)
 
 
-def _finetune(cfg: FinetuneConfig, out: Path) -> Path:
+def _trainer(cfg: FinetuneConfig, shared: dict | None = None) -> Trainer:
+    device = resolve_device(cfg.device)
+    return TRAINERS[cfg.recipe](cfg, device, shared)
+
+
+def _finetune(cfg: FinetuneConfig, out: Path, shared: dict | None = None) -> Path:
     ckpt = None
     figure = side_files(out)[2]
     outputs.recover_leftovers(figure, ())  # a killed run's temporary figure
@@ -185,6 +205,6 @@ def _finetune(cfg: FinetuneConfig, out: Path) -> Path:
     if cfg.bf16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         log.warning("this CPU has no native bfloat16 arithmetic: --bf16 will train slower; pass --no-bf16")
     seed_everything(cfg.seed)
-    trainer = TRAINERS[cfg.recipe](cfg, device)
+    trainer = TRAINERS[cfg.recipe](cfg, device, shared)
     log.info("config: %s", json.dumps(cfg.identity()))
     return trainer.fit(ckpt)

@@ -77,6 +77,8 @@ LATER_FIELDS = {
     "feature_shift": 0,
     "singletons": False,
     "ema": 0.0,
+    "split_seed": None,
+    "members": 1,
 }
 """Configuration fields added after checkpoints were first written, with the value that trains as before."""
 

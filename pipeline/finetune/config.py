@@ -29,6 +29,7 @@ STUDY_DEFAULTS = dict(
     feature_shift=0,
     singletons=False,
     ema=0.0,
+    members=1,
 )
 # The project's recipe, chosen by validation AUC on held-out training people (docs/finetuning.md).
 BEST_PRESET = dict(
@@ -50,6 +51,7 @@ BEST_PRESET = dict(
     feature_shift=0,
     singletons=False,
     ema=0.0,
+    members=3,
 )
 # Fields that may change between a run and its resumption.
 RUNTIME_FIELDS = ("out", "resume", "overwrite", "device", "workers")
@@ -91,7 +93,10 @@ class FinetuneConfig:
     """Quick runs: study trains on the first N/2 same and the first N/2 different pairs of pairsDevTrain
     (the file lists all same pairs first); best on the first N training images."""
     seed: int = 0
-    """Seed of initialisation, shuffling, dropout, flips and the validation split."""
+    """Seed of initialisation, shuffling, dropout, flips and (without `split_seed`) the validation split."""
+    split_seed: int | None = None
+    """Best: seed of the validation split alone (None: `seed`), so that runs of other seeds hold out the same
+    people (members of an ensemble are validated together)."""
     device: str = "auto"
     """auto | cpu | cuda (mixed precision on CUDA)."""
     workers: int = 2
@@ -143,6 +148,11 @@ class FinetuneConfig:
     ema: float | None = None
     """Best: keep an exponential moving average of the trained weights (this decay per step; 0: none);
     validation, the best epoch and the final weights are the average's."""
+    members: int | None = None
+    """Best: train this many networks (member k > 0 with seed `seed` + 1000 k, all on the validation split of
+    `seed`) and embed with all of them: an image's embedding is the concatenation of the members' unit-length
+    embeddings, so its cosine similarity is the mean of the members'. OUT holds them all; each member's own
+    checkpoint is OUT's name + `.member<k>.pt`."""
     bf16: bool | None = None
     """On the CPU, train under bfloat16 autocast (weights, gradients, the loss, validation and `embed` stay
     float32): faster where the CPU computes bfloat16 natively (AVX-512 BF16, AMX), slower where it does not."""
@@ -186,6 +196,8 @@ class FinetuneConfig:
             raise ValueError("ema must be in [0, 1)")
         if self.feature_shift is not None and self.feature_shift < 0:
             raise ValueError("feature_shift must be >= 0")
+        if self.members is not None and self.members < 1:
+            raise ValueError("members must be >= 1")
         if self.images_per_person < 2:
             raise ValueError("images_per_person must be >= 2")
         if self.resume and self.overwrite:

@@ -32,6 +32,7 @@ from pipeline.finetune.features import (
     ImageBank,
     cached_rows,
     compute_features,
+    fingerprint,
     random_shift,
     set_phase,
     split_model,
@@ -53,8 +54,10 @@ class Trainer(RecipeHooks):
     flips = False
     """Whether `loss_of` draws horizontal flips (the feature cache then holds mirrored images too)."""
 
-    def __init__(self, cfg: FinetuneConfig, device: torch.device):
+    def __init__(self, cfg: FinetuneConfig, device: torch.device, shared: dict | None = None):
         self.cfg, self.device = cfg, device
+        self.shared = {} if shared is None else shared
+        """Decoded images and cached features, handed from one member of an ensemble to the next (`reuse`)."""
         self.out = Path(cfg.out)
         self.log_path, self.best_path, self.figure_path = side_files(self.out)
         # channels_last: two to three times faster convolutions on CPU (and on GPU with mixed precision)
@@ -84,11 +87,22 @@ class Trainer(RecipeHooks):
         """Decode the training images, then up to `val_images` images of the `held` people (validation)."""
         val = people.subset(validation_rows(people.labels, held, self.cfg.val_images))
         paths, labels = train.paths + val.paths, np.concatenate([train.labels, val.labels])
-        self.bank = ImageBank(
-            data.LFWProtocol(train.data_root, train.image_set, train.protocol, train.split, paths, labels, []),
-            self.cfg.workers,
+        proto = data.LFWProtocol(train.data_root, train.image_set, train.protocol, train.split, paths, labels, [])
+        self.bank = self.reuse(
+            "bank", (str(train.data_root), train.image_set, tuple(paths)), lambda: ImageBank(proto, self.cfg.workers)
         )
         self.val_rows, self.val_labels = np.arange(len(train), len(paths)), val.labels
+
+    def reuse(self, name: str, key: tuple, make):
+        """`make()`, or what an earlier trainer sharing `shared` made under the same key: an ensemble's members
+        train on the same images and frozen features."""
+        held = self.shared.get(name)
+        if held is not None and held[0] == key:
+            log.info("reusing the %s of the previous member", name)
+            return held[1]
+        value = make()
+        self.shared[name] = (key, value)
+        return value
 
     def sgd(self, *heads: nn.Module) -> torch.optim.SGD:
         """SGD over the model's parameters, and over each head's (a group of its own) when it has any. With
@@ -126,8 +140,12 @@ class Trainer(RecipeHooks):
         if phase == 1 and self.cfg.cache_features and self.cache is None:
             t0 = time.perf_counter()
             cfg = self.cfg
-            self.cache = compute_features(
-                self.frozen, self.bank, self.device, cfg.cache_dtype, self.flips, "cache features"
+            self.cache = self.reuse(
+                "cache",
+                (id(self.bank), fingerprint(self.frozen), cfg.cache_dtype, self.flips),
+                lambda: compute_features(
+                    self.frozen, self.bank, self.device, cfg.cache_dtype, self.flips, "cache features"
+                ),
             )
             log.info("cached frozen features of %d images in %.1f s", len(self.bank), time.perf_counter() - t0)
             self.frozen.eval()
@@ -317,17 +335,21 @@ class Trainer(RecipeHooks):
     def embed_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Network (eval mode) output at the recipe's layer for bank rows; from the cache in phase 1. With
         `tta_flip`, the mean of the image's and its mirror image's outputs."""
+        views = self.embed_views(rows)
+        return views[0] if len(views) == 1 else (views[0] + views[1]) / 2
+
+    def embed_views(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """`embed_rows` before the mean: [outputs] or, with `tta_flip`, [outputs, mirror images' outputs]."""
         was = self.model.training
         self.model.eval()
-        out = []
+        out: list[list[torch.Tensor]] = [[] for _ in range(2 if self.cfg.tta_flip else 1)]
         for idx in rows.split(64):
             with autocast(self.device):
-                y = self.embed(idx).float()
-                if self.cfg.tta_flip:
-                    y = (y + self.embed(idx, torch.ones(len(idx), dtype=torch.bool)).float()) / 2
-                out.append(y.cpu())
+                for mirrored, views in enumerate(out):
+                    flip = torch.ones(len(idx), dtype=torch.bool) if mirrored else None
+                    views.append(self.embed(idx, flip).float().cpu())
         self.model.train(was)
-        return torch.cat(out)
+        return [torch.cat(v) for v in out]
 
     def finish(self) -> Path:
         """The final checkpoint, marked complete (with the best epoch's weights under `keep_best`)."""

@@ -55,8 +55,8 @@ class StudyTrainer(Trainer):
 
     unit = "pair"
 
-    def __init__(self, cfg: FinetuneConfig, device: torch.device):
-        super().__init__(cfg, device)
+    def __init__(self, cfg: FinetuneConfig, device: torch.device, shared: dict | None = None):
+        super().__init__(cfg, device, shared)
         all_pairs = data.load_protocol(cfg.data_root, cfg.image_set, "pairs", "train")
         pairs = study_pairs(all_pairs, cfg.max_pairs)
         people = data.load_protocol(cfg.data_root, cfg.image_set, "people", "train")
@@ -102,11 +102,13 @@ class BestTrainer(Trainer):
 
     unit = "img"
 
-    def __init__(self, cfg: FinetuneConfig, device: torch.device):
-        super().__init__(cfg, device)
+    def __init__(self, cfg: FinetuneConfig, device: torch.device, shared: dict | None = None):
+        super().__init__(cfg, device, shared)
         self.flips = cfg.flip
         people = data.load_protocol(cfg.data_root, cfg.image_set, "people", "train")
-        held = random_people(len(people.identities), cfg.val_fraction, cfg.seed)
+        held = random_people(
+            len(people.identities), cfg.val_fraction, cfg.seed if cfg.split_seed is None else cfg.split_seed
+        )
         train = ~np.isin(people.labels, held)
         if cfg.loss == "pairs" and not cfg.singletons:  # pairs need two images of a person
             train &= np.bincount(people.labels)[people.labels] >= 2
