@@ -28,6 +28,7 @@ BENCHMARKS = {
     "exact-tail": "exact_tail",
     "run-embed": "bench_run_embed",
     "finetune-ablation": "finetune_ablation",
+    "join-members": "join_members",
     "machine": "machine",
 }
 """`cli.py bench NAME` -> the module `benchmarks.MODULE`, whose `command` it runs (as `python -m benchmarks.MODULE`)."""

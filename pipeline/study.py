@@ -245,7 +245,12 @@ def _run(cfg: RunConfig, out: Path) -> dict:
         "metric": metric,
         "limit": cfg.limit,
         "checkpoint": str(checkpoint),
-        "finetune": {"config": ckpt["config"], "best_epoch": ckpt.get("best_epoch"), "history": ckpt["history"]},
+        "finetune": {
+            "config": ckpt["config"],
+            "best_epoch": ckpt.get("best_epoch"),
+            "member_best_epochs": ckpt.get("member_best_epochs"),
+            "history": ckpt["history"],
+        },
         "seconds": seconds,
         "study_original_images": {
             m: {p: dict(zip(("pretrained", "finetuned"), v, strict=True)) for p, v in t.items()}

@@ -4,6 +4,8 @@ refusals; on a tiny generated LFW with random-init networks."""
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from pipeline.shared_embed import embed_together
 from tests.test_finetune import config
 
 KW = dict(recipe="best", phase1_epochs=1, batch_size=8, lr=0.05, val_images=600, val_fraction=0.4, members=2)
+KW1 = {**KW, "members": 1}
 
 
 def store(root, out, weights, flip=False, protocol="people"):
@@ -129,8 +132,28 @@ def test_ensemble_resumes_reuses_and_refuses(tiny_lfw, tmp_path):
     assert member1.stat().st_mtime_ns == m1
     assert all(torch.equal(first["members"][0][k], v) for k, v in again["members"][0].items())
     assert again["history"][-1] == first["history"][-1]
+    with pytest.raises(PipelineError, match="ensemble"):  # a joined checkpoint is no starting point
+        ft.finetune(config(tiny_lfw, tmp_path / "x.pt", weights=str(out), **KW1))
     out.unlink()
     with pytest.raises(PipelineError, match="exists"):  # files of the earlier run are never replaced without asking
         ft.finetune(config(tiny_lfw, out, **KW))
     with pytest.raises(PipelineError, match="configuration"):
         ft.finetune(config(tiny_lfw, tmp_path / "r.pt", resume=True, **{**KW, "lr": 0.01}))
+
+
+def test_join_members_validates_finished_runs_as_finetune_joins_them(tiny_lfw, tmp_path):
+    from click.testing import CliRunner
+
+    from benchmarks.join_members import command
+
+    paths = [ft.finetune(config(tiny_lfw, tmp_path / f"s{s}.pt", seed=s, split_seed=0, **KW1)) for s in (0, 1000)]
+    joined = ft.finetune(config(tiny_lfw, tmp_path / "j.pt", **{**KW1, "members": 2}))
+    result = CliRunner().invoke(command, ["--data-root", str(tiny_lfw), *map(str, paths)], catch_exceptions=False)
+    start = '{"networks"'  # a row may follow a progress bar on its line
+    rows = [json.loads(line[line.index(start) :]) for line in result.output.splitlines() if start in line]
+    assert [r["networks"] for r in rows] == [["s0.pt"], ["s1000.pt"], ["s0.pt", "s1000.pt"]]
+    record = torch.load(joined, weights_only=True)["history"][-1]  # the same two networks, joined by finetune
+    assert rows[-1]["val_auc"] == pytest.approx(record["val_auc"], abs=2e-3)  # finetune's features are cached
+    other = ft.finetune(config(tiny_lfw, tmp_path / "o.pt", seed=7, **KW1))
+    with pytest.raises(PipelineError, match="one split"):
+        CliRunner().invoke(command, ["--data-root", str(tiny_lfw), str(paths[0]), str(other)], catch_exceptions=False)

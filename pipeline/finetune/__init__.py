@@ -58,6 +58,7 @@ from pipeline.finetune.config import (
 )
 from pipeline.finetune.ensemble import member_configs, member_path, train_ensemble
 from pipeline.finetune.features import (
+    Handover,
     ImageBank,
     cached_rows,
     compute_features,
@@ -178,12 +179,12 @@ def finetune(cfg: FinetuneConfig) -> Path:
         return train_ensemble(cfg, members, lambda c, shared: _finetune(c, Path(c.out), shared), _trainer)
 
 
-def _trainer(cfg: FinetuneConfig, shared: dict | None = None) -> Trainer:
+def _trainer(cfg: FinetuneConfig, shared: Handover | None = None) -> Trainer:
     device = resolve_device(cfg.device)
     return TRAINERS[cfg.recipe](cfg, device, shared)
 
 
-def _finetune(cfg: FinetuneConfig, out: Path, shared: dict | None = None) -> Path:
+def _finetune(cfg: FinetuneConfig, out: Path, shared: Handover | None = None) -> Path:
     ckpt = None
     figure = side_files(out)[2]
     outputs.recover_leftovers(figure, ())  # a killed run's temporary figure

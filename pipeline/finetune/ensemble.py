@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from pipeline.errors import PipelineError
 from pipeline.finetune.checkpoint import append_log, save_atomic, side_files, write_training_figure
 from pipeline.finetune.config import FinetuneConfig
+from pipeline.finetune.features import Handover
 from pipeline.finetune.loop import Trainer
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics
 
@@ -56,13 +57,13 @@ def member_configs(cfg: FinetuneConfig) -> list[FinetuneConfig]:
 def train_ensemble(
     cfg: FinetuneConfig,
     members: list[FinetuneConfig],
-    train_one: Callable[[FinetuneConfig, dict], Path],
-    make_trainer: Callable[[FinetuneConfig, dict], Trainer],
+    train_one: Callable[[FinetuneConfig, Handover], Path],
+    make_trainer: Callable[[FinetuneConfig, Handover], Trainer],
 ) -> Path:
     """Train (or resume, or reuse) each member with `train_one`, validate the ensemble on a trainer of member 0
     (`make_trainer`), and write OUT, its log and its training figure."""
     out = Path(cfg.out)
-    shared: dict = {}
+    shared = Handover()
     paths = [train_one(m, shared) for m in members]
     ckpts = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
     states = [c["model"] for c in ckpts]

@@ -3,7 +3,10 @@ images kept in memory, and the frozen part's features computed once for phase 1.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
+import time
 
 import torch
 from torch import nn
@@ -14,6 +17,8 @@ from tqdm import tqdm
 from pipeline import data, images, models
 from pipeline.errors import PipelineError
 from pipeline.runtime import autocast
+
+log = logging.getLogger(__name__)
 
 
 def split_model(model: nn.Module, layer: str, blocks: int | None = None) -> tuple[nn.Module, nn.Module]:
@@ -115,6 +120,35 @@ def set_phase(model: nn.Module, frozen: nn.Module, phase: int) -> None:
         frozen.eval()
         for p in frozen.parameters():
             p.requires_grad_(False)
+
+
+class Handover:
+    """What a trainer hands to the next member of an ensemble (the same images, the same frozen part): decoded
+    images and cached features, each kept under the key that made it."""
+
+    def __init__(self):
+        self.held: dict[str, tuple] = {}
+
+    def get(self, name: str, key: tuple, make):
+        """The `name` made under `key` before, or `make()` (then kept)."""
+        if name in self.held and self.held[name][0] == key:
+            log.info("reusing the %s of the previous member", name)
+            return self.held[name][1]
+        self.held[name] = (key, make())
+        return self.held[name][1]
+
+    def bank(self, proto: data.LFWProtocol, workers: int) -> ImageBank:
+        """The decoded images of `proto` (`ImageBank`)."""
+        key = (str(proto.data_root), proto.image_set, tuple(proto.paths))
+        return self.get("images", key, lambda: ImageBank(proto, workers))
+
+    def features(self, frozen: nn.Module, bank: ImageBank, device: torch.device, dtype: str, flip: bool):
+        """`compute_features` of `frozen` (the same weights) over `bank`."""
+        t0 = time.perf_counter()
+        make = functools.partial(compute_features, frozen, bank, device, dtype, flip, "cache features")
+        cache = self.get("features", (id(bank), fingerprint(frozen), dtype, flip), make)
+        log.info("cached frozen features of %d images in %.1f s", len(bank), time.perf_counter() - t0)
+        return cache
 
 
 class ImageBank:

@@ -29,10 +29,9 @@ from pipeline.finetune.checkpoint import (
 )
 from pipeline.finetune.config import FinetuneConfig, TrainingInterrupted
 from pipeline.finetune.features import (
+    Handover,
     ImageBank,
     cached_rows,
-    compute_features,
-    fingerprint,
     random_shift,
     set_phase,
     split_model,
@@ -54,14 +53,16 @@ class Trainer(RecipeHooks):
     flips = False
     """Whether `loss_of` draws horizontal flips (the feature cache then holds mirrored images too)."""
 
-    def __init__(self, cfg: FinetuneConfig, device: torch.device, shared: dict | None = None):
+    def __init__(self, cfg: FinetuneConfig, device: torch.device, shared: Handover | None = None):
         self.cfg, self.device = cfg, device
-        self.shared = {} if shared is None else shared
-        """Decoded images and cached features, handed from one member of an ensemble to the next (`reuse`)."""
+        self.shared = shared or Handover()
+        """Decoded images and cached features, handed from one member of an ensemble to the next."""
         self.out = Path(cfg.out)
         self.log_path, self.best_path, self.figure_path = side_files(self.out)
         # channels_last: two to three times faster convolutions on CPU (and on GPU with mixed precision)
         model = models.build_model(cfg.model, cfg.weights)
+        if isinstance(model, models.EmbeddingNetwork):
+            raise PipelineError(f"{cfg.weights} is an ensemble (finetune --members): start from one member's file")
         if cfg.pool == "learned" and not hasattr(model, models.POOL):
             models.add_learned_pool(model, models.feature_side(model))
         self.model = model.to(device, memory_format=torch.channels_last)
@@ -88,21 +89,8 @@ class Trainer(RecipeHooks):
         val = people.subset(validation_rows(people.labels, held, self.cfg.val_images))
         paths, labels = train.paths + val.paths, np.concatenate([train.labels, val.labels])
         proto = data.LFWProtocol(train.data_root, train.image_set, train.protocol, train.split, paths, labels, [])
-        self.bank = self.reuse(
-            "bank", (str(train.data_root), train.image_set, tuple(paths)), lambda: ImageBank(proto, self.cfg.workers)
-        )
+        self.bank = self.shared.bank(proto, self.cfg.workers)
         self.val_rows, self.val_labels = np.arange(len(train), len(paths)), val.labels
-
-    def reuse(self, name: str, key: tuple, make):
-        """`make()`, or what an earlier trainer sharing `shared` made under the same key: an ensemble's members
-        train on the same images and frozen features."""
-        held = self.shared.get(name)
-        if held is not None and held[0] == key:
-            log.info("reusing the %s of the previous member", name)
-            return held[1]
-        value = make()
-        self.shared[name] = (key, value)
-        return value
 
     def sgd(self, *heads: nn.Module) -> torch.optim.SGD:
         """SGD over the model's parameters, and over each head's (a group of its own) when it has any. With
@@ -138,16 +126,7 @@ class Trainer(RecipeHooks):
         """Train modes and gradients of `phase`; phase 1 computes the frozen part's features once (cache)."""
         set_phase(self.model, self.frozen, phase)
         if phase == 1 and self.cfg.cache_features and self.cache is None:
-            t0 = time.perf_counter()
-            cfg = self.cfg
-            self.cache = self.reuse(
-                "cache",
-                (id(self.bank), fingerprint(self.frozen), cfg.cache_dtype, self.flips),
-                lambda: compute_features(
-                    self.frozen, self.bank, self.device, cfg.cache_dtype, self.flips, "cache features"
-                ),
-            )
-            log.info("cached frozen features of %d images in %.1f s", len(self.bank), time.perf_counter() - t0)
+            self.cache = self.shared.features(self.frozen, self.bank, self.device, self.cfg.cache_dtype, self.flips)
             self.frozen.eval()
         if phase == 2:
             self.cache = None

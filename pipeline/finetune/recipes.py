@@ -16,6 +16,7 @@ import torch
 
 from pipeline import data, models
 from pipeline.finetune.config import FinetuneConfig
+from pipeline.finetune.features import Handover
 from pipeline.finetune.loop import Trainer
 from pipeline.finetune.validation import random_people, unpaired_people
 from pipeline.losses import BatchPairLoss, CosFaceLoss, StudyLoss
@@ -55,7 +56,7 @@ class StudyTrainer(Trainer):
 
     unit = "pair"
 
-    def __init__(self, cfg: FinetuneConfig, device: torch.device, shared: dict | None = None):
+    def __init__(self, cfg: FinetuneConfig, device: torch.device, shared: Handover | None = None):
         super().__init__(cfg, device, shared)
         all_pairs = data.load_protocol(cfg.data_root, cfg.image_set, "pairs", "train")
         pairs = study_pairs(all_pairs, cfg.max_pairs)
@@ -102,7 +103,7 @@ class BestTrainer(Trainer):
 
     unit = "img"
 
-    def __init__(self, cfg: FinetuneConfig, device: torch.device, shared: dict | None = None):
+    def __init__(self, cfg: FinetuneConfig, device: torch.device, shared: Handover | None = None):
         super().__init__(cfg, device, shared)
         self.flips = cfg.flip
         people = data.load_protocol(cfg.data_root, cfg.image_set, "people", "train")
