@@ -16,6 +16,7 @@ from pipeline import finetune as ft
 from pipeline import models
 from pipeline.embed import EmbedConfig, embed
 from pipeline.errors import PipelineError
+from pipeline.finetune.ensemble import joined_embedding
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics
 from pipeline.shared_embed import embed_together
 from tests.test_finetune import config
@@ -102,8 +103,11 @@ def test_ensemble_checkpoint_embeds_the_joined_unit_embeddings_of_its_members(ti
         embed(EmbedConfig(**{**store(tiny_lfw, tmp_path / "o.h5", out).__dict__, "layer": "output"}))
 
 
-def test_ensemble_validation_is_what_embed_computes(tiny_lfw, tmp_path):
-    cfg = config(tiny_lfw, tmp_path / "v.pt", **KW)
+@pytest.mark.parametrize("start", ["file", "none"])
+def test_ensemble_validation_is_what_embed_computes(tiny_lfw, tmp_path, start):
+    pre = tmp_path / "pre.pth"
+    torch.save(models.build_model("squeezenet1_0", "none").state_dict(), pre)
+    cfg = config(tiny_lfw, tmp_path / "v.pt", weights=str(pre) if start == "file" else "none", **KW)
     out = ft.finetune(cfg)
     ckpt = torch.load(out, weights_only=True)
     record = ckpt["history"][-1]
@@ -112,6 +116,9 @@ def test_ensemble_validation_is_what_embed_computes(tiny_lfw, tmp_path):
     ensemble = models.Embedder(models.build_model("squeezenet1_0", str(out)), "penultimate", True)
     with torch.no_grad():
         emb = ensemble.eval()(trainer.bank.batch(torch.as_tensor(trainer.val_rows)))
+    # each member's own frozen part (members from --weights none differ there), the cache in float16
+    got = joined_embedding(trainer, [ckpt["model"], *ckpt["members"]])
+    assert torch.allclose(got, emb, rtol=1e-2, atol=2e-3)
     m = all_pairs_metrics(emb, trainer.val_labels, "cosine")
     assert record["val_auc"] == pytest.approx(m["auc"], abs=2e-3)  # the cache is float16
     assert record[TAR_KEY] == pytest.approx(m["tar_at_far"], abs=0.05)

@@ -96,19 +96,26 @@ def train_ensemble(
     return out
 
 
-@torch.no_grad()
 def ensemble_validation(trainer: Trainer, states: list[dict]) -> dict:
-    """{"val_auc", TAR_KEY} of the members' joined embedding over the trainer's validation images, computed as
-    `features.Ensemble` under `embed` computes it: per orientation the concatenated unit-length embeddings of the
-    members, then (test-time flip) the mean of both orientations."""
+    """{"val_auc", TAR_KEY} of the members' joined embedding (`joined_embedding`) over the trainer's validation
+    images."""
     if len(trainer.val_rows) < 2:
         return {"val_auc": None, TAR_KEY: None}
-    trainer.prepare_phase(1)  # the cached features (of the last member, when it trained here)
+    m = all_pairs_metrics(joined_embedding(trainer, states), trainer.val_labels, "cosine")
+    return {"val_auc": None if m is None else m["auc"], TAR_KEY: None if m is None else m["tar_at_far"]}
+
+
+@torch.no_grad()
+def joined_embedding(trainer: Trainer, states: list[dict]) -> torch.Tensor:
+    """The validation images' embedding by the members `states`, as `features.Ensemble` under `embed` computes
+    it: per orientation the concatenated unit-length embeddings of the members, then (test-time flip) the mean of
+    both orientations."""
     rows = torch.as_tensor(trainer.val_rows)
     views: list[list[torch.Tensor]] = []  # [member][orientation]
     for state in states:
         trainer.model.load_state_dict(state)
+        trainer.cache = None  # the cached features of this member's frozen part (the last member's when the same)
+        trainer.prepare_phase(1)
         views.append(trainer.embed_views(rows))
     joined = [torch.cat([F.normalize(v[o], dim=1) for v in views], dim=1) for o in range(len(views[0]))]
-    m = all_pairs_metrics(sum(joined) / len(joined), trainer.val_labels, "cosine")
-    return {"val_auc": None if m is None else m["auc"], TAR_KEY: None if m is None else m["tar_at_far"]}
+    return sum(joined) / len(joined)

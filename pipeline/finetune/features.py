@@ -3,7 +3,6 @@ images kept in memory, and the frozen part's features computed once for phase 1.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import time
@@ -144,11 +143,14 @@ class Handover:
 
     def features(self, frozen: nn.Module, bank: ImageBank, device: torch.device, dtype: str, flip: bool):
         """`compute_features` of `frozen` (the same weights) over `bank`."""
-        t0 = time.perf_counter()
-        make = functools.partial(compute_features, frozen, bank, device, dtype, flip, "cache features")
-        cache = self.get("features", (id(bank), fingerprint(frozen), dtype, flip), make)
-        log.info("cached frozen features of %d images in %.1f s", len(bank), time.perf_counter() - t0)
-        return cache
+
+        def make() -> torch.Tensor:
+            t0 = time.perf_counter()
+            cache = compute_features(frozen, bank, device, dtype, flip, "cache features")
+            log.info("cached frozen features of %d images in %.1f s", len(bank), time.perf_counter() - t0)
+            return cache
+
+        return self.get("features", (id(bank), fingerprint(frozen), dtype, flip), make)
 
 
 class ImageBank:
