@@ -2,7 +2,7 @@
 
 Layout (DESIGN.md): /embeddings [N, D] float32|float16 chunked by rows, /labels int64 [N], /identities and
 /paths UTF-8 strings, /pairs int64 [P, 2], /pair_labels int8 [P], /pair_folds int8 [P] (pair protocols),
-provenance in the root attributes. A store is written to `OUT.partial` and renamed to `OUT` only when
+optional /score_offsets float32 [N] (cohort score normalisation), provenance in the root attributes. A store is written to `OUT.partial` and renamed to `OUT` only when
 complete, so a file at the output path is always whole.
 """
 
@@ -27,6 +27,12 @@ def partial_path(out: Path | str) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".partial")
 
+
+OFFSETS = "score_offsets"
+"""Optional dataset [N] float32: per-row score offsets (cohort score normalisation, `pipeline.cohort`). With it,
+the cosine score of rows i, j is cos(x_i, x_j) - o_i - o_j."""
+SCORE_NORM = "score_norm"
+"""The attribute that describes the offsets (which cohort, how many of its most similar images)."""
 
 OWN_ATTRS = ("rows_done", "complete", "model", "torch_version")
 """Attributes every store that `embed` writes carries: a file without them is not replaced by `--overwrite`."""
