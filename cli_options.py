@@ -200,6 +200,14 @@ def finetune_options(f):
                 "concatenation of their unit-length embeddings (OUT.member<k>.pt each; OUT joins them) [preset].",
             ),
             click.option(
+                "--cohort-top",
+                type=int,
+                default=None,
+                help="best: cohort score normalisation (0: none). The checkpoint keeps its training images' "
+                "embedding; embed writes each image's offset o (half the mean of its K largest cosines with them) "
+                "and score scores cos - o_i - o_j [preset].",
+            ),
+            click.option(
                 "--bf16/--no-bf16",
                 default=None,
                 help="On the CPU, train under bfloat16 autocast (weights, loss, validation and embedding stay "

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from pipeline import data, facesets, images, models, outputs
+from pipeline.cohort import Cohort, model_cohort
 from pipeline.distributed import init_world, split_range
 from pipeline.embed_parts import assemble, complete_part, part_path
 from pipeline.errors import PipelineError
@@ -238,7 +239,8 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
     embedder = prepare(models.Embedder(models.build_model(cfg.model, cfg.weights), cfg.layer, cfg.tta_flip), device)
     dim = models.embedding_size(embedder, cfg.preprocess.shape, device)
     extra = store_extra(cfg, proto, device, world.size)
-    job = _Job(cfg, proto, embedder, dim, device, identity)
+    cohort = model_cohort(cfg.weights, cfg.layer, cfg.tta_flip)
+    job = _Job(cfg, proto, embedder, dim, device, identity, cohort)
     if world.size == 1:
         return job.run(out, range(len(proto)), store_arrays(proto), extra, final=True)
     # Shards of whole batches: every batch holds the same images as in a single-process run.
@@ -251,7 +253,7 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
             job.run(parts[world.rank], rows, {}, {}, final=False)
     world.barrier()
     if world.is_main:
-        assemble(out, parts, len(proto), dim, identity, store_arrays(proto), extra, cfg.dtype)
+        assemble(out, parts, len(proto), dim, identity, store_arrays(proto), extra, cfg.dtype, cohort)
     world.barrier()
     return out
 
@@ -266,6 +268,8 @@ class _Job:
     dim: int
     device: torch.device
     identity: dict
+    cohort: Cohort | None = None
+    """The model's cohort: the final store gets its score offsets (parts get them when assembled)."""
 
     def part_identity(self, rows: range) -> dict:
         return {**self.identity, "rows": f"{rows.start}:{rows.stop}"}
@@ -280,7 +284,9 @@ class _Job:
         writer = StoreWriter(target, len(rows), self.dim, identity, arrays, cfg.dtype, cfg.resume)
         try:
             bad = sorted(set(_fill(writer, self.embedder, self.proto, cfg, self.device, rows)))
-            path = writer.finish({**extra, "bad_rows": bad}, drop_rows=bad if final else None)
+            path = writer.finish(
+                {**extra, "bad_rows": bad}, drop_rows=bad if final else None, cohort=self.cohort if final else None
+            )
         except BaseException as e:
             done = writer.rows_done
             with contextlib.suppress(Exception):  # after a failed write the file may not close: it is reported

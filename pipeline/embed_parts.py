@@ -6,6 +6,7 @@ from pathlib import Path
 
 import h5py
 
+from pipeline.cohort import Cohort
 from pipeline.store_writer import StoreWriter, differing_settings
 
 ASSEMBLY_ROWS = 65536  # rows copied at a time when rank 0 joins the parts (bounded memory)
@@ -16,9 +17,18 @@ def part_path(out: Path, rank: int, world_size: int) -> Path:
 
 
 def assemble(
-    out: Path, parts: list[Path], n: int, dim: int, identity: dict, arrays: dict, extra: dict, dtype: str
+    out: Path,
+    parts: list[Path],
+    n: int,
+    dim: int,
+    identity: dict,
+    arrays: dict,
+    extra: dict,
+    dtype: str,
+    cohort: Cohort | None = None,
 ) -> None:
-    """Rank 0: copy the ranks' parts, in order, into one store; the parts are removed afterwards."""
+    """Rank 0: copy the ranks' parts, in order, into one store (with the score offsets of `cohort`); the parts
+    are removed afterwards."""
     writer = StoreWriter(out, n, dim, {**identity, "rows": f"0:{n}"}, arrays, dtype)
     try:
         bad: list[int] = []
@@ -28,7 +38,7 @@ def assemble(
                 for a in range(0, len(emb), ASSEMBLY_ROWS):
                     writer.write(writer.rows_done, emb[a : a + ASSEMBLY_ROWS])
                 bad += [int(r) for r in f.attrs.get("bad_rows", [])]
-        writer.finish({**extra, "bad_rows": bad}, drop_rows=bad)
+        writer.finish({**extra, "bad_rows": bad}, drop_rows=bad, cohort=cohort)
     except BaseException:
         writer.close()
         raise

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import facesets, images, models, outputs
+from pipeline.cohort import model_cohort
 from pipeline.embed import EmbedConfig, check_out, check_partial, prepare, store_arrays, store_extra, store_identity
 from pipeline.errors import PipelineError
 from pipeline.finetune.features import same_state, split_model
@@ -147,7 +148,10 @@ def _write(cfg: EmbedConfig, proto, rows: np.ndarray, device: torch.device) -> P
     writer = StoreWriter(out, len(rows), rows.shape[1], store_identity(cfg, proto), store_arrays(proto), cfg.dtype)
     try:
         writer.write(0, rows.astype(cfg.dtype))
-        path = writer.finish({**store_extra(cfg, proto, device, 1), "bad_rows": [], "shared_pass": True})
+        path = writer.finish(
+            {**store_extra(cfg, proto, device, 1), "bad_rows": [], "shared_pass": True},
+            cohort=model_cohort(cfg.weights, cfg.layer, cfg.tta_flip),
+        )
     except BaseException:
         with contextlib.suppress(Exception):
             writer.close()

@@ -13,9 +13,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.cohort import OFFSET_ROWS, Cohort
 from pipeline.errors import PipelineError
 from pipeline.outputs import io_cause
-from pipeline.store import CHUNK_BYTES, STR, _attr, partial_path, recognise_partial
+from pipeline.store import CHUNK_BYTES, OFFSETS, STR, _attr, partial_path, recognise_partial
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +148,24 @@ class StoreWriter:
             self.file.attrs["rows_done"] = start + len(rows)
             self.file.flush()
 
-    def finish(self, extra_attrs: dict | None = None, drop_rows: list[int] | None = None) -> Path:
-        """Mark complete and rename to the output path; `drop_rows` (bad images) are removed first."""
+    def finish(
+        self, extra_attrs: dict | None = None, drop_rows: list[int] | None = None, cohort: Cohort | None = None
+    ) -> Path:
+        """Mark complete and rename to the output path; `drop_rows` (bad images) are removed first. With a
+        `cohort`, the rows' score offsets (`pipeline.cohort`) are computed from the stored rows and written."""
         if self.rows_done != self.n:
             raise RuntimeError(f"store has {self.rows_done} of {self.n} rows")
         f = self.file
         with self._writing():
+            if cohort is not None:
+                offsets = np.concatenate(
+                    [cohort.offsets(self.embeddings[s : s + OFFSET_ROWS]) for s in range(0, self.n, OFFSET_ROWS)]
+                    or [np.zeros(0, dtype=np.float32)]
+                )
+                if OFFSETS in f:  # a resumed file killed while finishing
+                    del f[OFFSETS]
+                f.create_dataset(OFFSETS, data=offsets)
+                f.attrs.update({k: _attr(v) for k, v in cohort.attrs().items()})
             del self.embeddings
             f.attrs.update({k: _attr(v) for k, v in (extra_attrs or {}).items()})
             f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -192,6 +205,8 @@ def _copy_without(path: Path, tmp: Path, drop: list[int]) -> None:
             "embeddings", data=emb[...][keep], chunks=(min(max(len(keep), 1), emb.chunks[0]), emb.shape[1])
         )
         dst.create_dataset("labels", data=src["labels"][...][keep])
+        if OFFSETS in src:
+            dst.create_dataset(OFFSETS, data=src[OFFSETS][...][keep])
         dst.create_dataset("identities", data=src["identities"][...], dtype=STR)
         paths = src["paths"][...]
         dst.create_dataset("paths", data=paths[keep], dtype=STR)

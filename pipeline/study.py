@@ -249,6 +249,8 @@ def _run(cfg: RunConfig, out: Path) -> dict:
             "config": ckpt["config"],
             "best_epoch": ckpt.get("best_epoch"),
             "member_best_epochs": ckpt.get("member_best_epochs"),
+            "cohort_top": ckpt.get("cohort_top"),
+            "cohort_validation": ckpt.get("cohort_validation"),
             "history": ckpt["history"],
         },
         "seconds": seconds,

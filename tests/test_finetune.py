@@ -36,6 +36,7 @@ def config(root: Path, out: Path, **kw) -> ft.FinetuneConfig:
         workers=0,
         val_images=0,
         members=1,
+        cohort_top=0,  # tests/test_cohort.py tests the cohort
     )
     return ft.FinetuneConfig(**{**base, **kw})
 

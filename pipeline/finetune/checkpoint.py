@@ -79,6 +79,7 @@ LATER_FIELDS = {
     "ema": 0.0,
     "split_seed": None,
     "members": 1,
+    "cohort_top": 0,
 }
 """Configuration fields added after checkpoints were first written, with the value that trains as before."""
 

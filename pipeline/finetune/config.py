@@ -30,6 +30,7 @@ STUDY_DEFAULTS = dict(
     singletons=False,
     ema=0.0,
     members=1,
+    cohort_top=0,
 )
 # The project's recipe, chosen by validation AUC on held-out training people (docs/finetuning.md).
 BEST_PRESET = dict(
@@ -52,6 +53,7 @@ BEST_PRESET = dict(
     singletons=False,
     ema=0.0,
     members=3,
+    cohort_top=100,
 )
 # Fields that may change between a run and its resumption.
 RUNTIME_FIELDS = ("out", "resume", "overwrite", "device", "workers")
@@ -153,6 +155,10 @@ class FinetuneConfig:
     `seed`) and embed with all of them: an image's embedding is the concatenation of the members' unit-length
     embeddings, so its cosine similarity is the mean of the members'. OUT holds them all; each member's own
     checkpoint is OUT's name + `.member<k>.pt`."""
+    cohort_top: int | None = None
+    """Best: cohort score normalisation (`pipeline.cohort`; 0: none). The checkpoint keeps the embedding of the
+    training images as a cohort; `embed` writes each image's offset, half the mean of its `cohort_top` largest
+    cosines with the cohort, and `score` scores cos - o_i - o_j."""
     bf16: bool | None = None
     """On the CPU, train under bfloat16 autocast (weights, gradients, the loss, validation and `embed` stay
     float32): faster where the CPU computes bfloat16 natively (AVX-512 BF16, AMX), slower where it does not."""
@@ -198,6 +204,8 @@ class FinetuneConfig:
             raise ValueError("feature_shift must be >= 0")
         if self.members is not None and self.members < 1:
             raise ValueError("members must be >= 1")
+        if self.cohort_top is not None and self.cohort_top < 0:
+            raise ValueError("cohort_top must be >= 0")
         if self.images_per_person < 2:
             raise ValueError("images_per_person must be >= 2")
         if self.resume and self.overwrite:

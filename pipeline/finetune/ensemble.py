@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -49,7 +50,9 @@ def member_configs(cfg: FinetuneConfig) -> list[FinetuneConfig]:
         )
     split = cfg.seed if cfg.split_seed is None else cfg.split_seed
     return [
-        replace(cfg, out=member_path(cfg.out, k), members=1, seed=cfg.seed + SEED_STEP * k, split_seed=split)
+        replace(
+            cfg, out=member_path(cfg.out, k), members=1, seed=cfg.seed + SEED_STEP * k, split_seed=split, cohort_top=0
+        )
         for k in range(cfg.members)
     ]
 
@@ -67,7 +70,8 @@ def train_ensemble(
     paths = [train_one(m, shared) for m in members]
     ckpts = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
     states = [c["model"] for c in ckpts]
-    val = ensemble_validation(make_trainer(members[0], shared), states)
+    trainer = make_trainer(members[0], shared)
+    val = ensemble_validation(trainer, states)
     log.info(
         "ensemble of %d: validation AUC %.4f, TAR at FAR 1e-3 %.4f (members: %s)",
         len(states),
@@ -91,6 +95,10 @@ def train_ensemble(
         "epoch": record["epoch"],
         "complete": True,
     }
+    if cfg.cohort_top:
+        from pipeline.finetune.cohort import cohort_fields  # (it builds on this module)
+
+        ckpt.update(cohort_fields(trainer, states, cfg.cohort_top))
     save_atomic(ckpt, out)
     log.info("wrote %s (%d members)", out, len(states))
     return out
@@ -106,11 +114,12 @@ def ensemble_validation(trainer: Trainer, states: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def joined_embedding(trainer: Trainer, states: list[dict]) -> torch.Tensor:
-    """The validation images' embedding by the members `states`, as `features.Ensemble` under `embed` computes
-    it: per orientation the concatenated unit-length embeddings of the members, then (test-time flip) the mean of
-    both orientations."""
-    rows = torch.as_tensor(trainer.val_rows)
+def joined_embedding(trainer: Trainer, states: list[dict], rows: np.ndarray | None = None) -> torch.Tensor:
+    """The embedding of bank rows `rows` (the validation images by default) by the members `states`, as
+    `features.Ensemble` under `embed` computes it: per orientation the concatenated unit-length embeddings of the
+    members, then (test-time flip) the mean of both orientations. One network's (one state) is its own
+    embedding, unit length per orientation."""
+    rows = torch.as_tensor(trainer.val_rows if rows is None else rows)
     views: list[list[torch.Tensor]] = []  # [member][orientation]
     for state in states:
         trainer.model.load_state_dict(state)

@@ -30,6 +30,10 @@ class RecipeHooks:
         """The learning rate of optimisation step `step` (constant unless a recipe schedules it)."""
         return self.cfg.lr
 
+    def final_fields(self, state: dict) -> dict:
+        """Fields the final checkpoint holds beside the weights `state` (a recipe's cohort, say)."""
+        return {}
+
     def extra_state(self) -> dict:
         """The recipe's running state, saved in the checkpoint beside the loop's."""
         return {}

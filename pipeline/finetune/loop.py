@@ -340,6 +340,7 @@ class Trainer(RecipeHooks):
         elif self.average.state:  # the final weights are the average's (`cfg.ema`)
             with self.averaged():
                 ckpt["model"] = {k: v.clone() for k, v in self.model.state_dict().items()}
+        ckpt.update(self.final_fields(ckpt["model"]))
         save_atomic(ckpt, self.out)
         if self.drawn != self.epoch or not self.figure_path.exists():  # no epoch trained here, or killed before
             self.draw()

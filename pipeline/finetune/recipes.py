@@ -157,6 +157,14 @@ class BestTrainer(Trainer):
     def lr_at(self, step: int) -> float:
         return cosine_lr(step, self.total_epochs * self.steps_per_epoch(), self.cfg.lr)
 
+    def final_fields(self, state: dict) -> dict:
+        """The cohort of a network trained on its own (`cohort_top`; members of an ensemble get theirs joined)."""
+        if not self.cfg.cohort_top or self.n_train == 0:
+            return {}
+        from pipeline.finetune.cohort import cohort_fields  # (it builds on the loop, like this module)
+
+        return cohort_fields(self, [state], self.cfg.cohort_top)
+
     def extra_state(self) -> dict:
         return {"head": self.head.state_dict()}
 

@@ -36,17 +36,21 @@ def validation_rows(labels: np.ndarray, people: np.ndarray, cap: int) -> np.ndar
     return np.sort(np.concatenate([multi, single])[:cap])
 
 
-def all_pairs_metrics(emb: torch.Tensor, labels: np.ndarray, metric: str) -> dict[str, float] | None:
-    """{"auc", "tar_at_far"} over every pair i < j (similarity: cosine, or minus the Euclidean distance): the AUC
-    (ties one half) and the true accept rate at FAR `VAL_FAR`, both exact, from `pipeline.roc.exact_counts` and
-    `roc_metrics`, as `score` computes them. None when undefined (fewer than two images, or no same-person or
-    no different-person pair)."""
+def all_pairs_metrics(
+    emb: torch.Tensor, labels: np.ndarray, metric: str, offsets: torch.Tensor | None = None
+) -> dict[str, float] | None:
+    """{"auc", "tar_at_far"} over every pair i < j (similarity: cosine, or minus the Euclidean distance; with
+    `offsets` o, cosine - o_i - o_j, `pipeline.cohort`): the AUC (ties one half) and the true accept rate at FAR
+    `VAL_FAR`, both exact, from `pipeline.roc.exact_counts` and `roc_metrics`, as `score` computes them. None when
+    undefined (fewer than two images, or no same-person or no different-person pair)."""
     if len(labels) < 2:
         return None
     emb = emb.float()
     if metric == "cosine":
         e = F.normalize(emb, dim=1)
         values = e @ e.T
+        if offsets is not None:
+            values = values - offsets.float()[:, None] - offsets.float()[None, :]
     else:
         values = torch.cdist(emb, emb)
     i, j = np.triu_indices(len(labels), 1)

@@ -1,0 +1,135 @@
+"""Cohort score normalisation: the offsets (`pipeline.cohort`) against brute force, the cohort `finetune` keeps
+(one network and an ensemble), the offsets `embed`, torchrun's assembly and `run`'s shared pass write, and the
+normalised validation; on a tiny generated LFW with random-init networks."""
+
+from __future__ import annotations
+
+import logging
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from pipeline import finetune as ft
+from pipeline import models
+from pipeline.cohort import Cohort, model_cohort
+from pipeline.embed import EmbedConfig, embed
+from pipeline.errors import PipelineError
+from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics
+from pipeline.shared_embed import embed_together
+from pipeline.store import OFFSETS, SCORE_NORM
+from pipeline.store_writer import StoreWriter
+from tests.test_finetune import config
+
+KW = dict(recipe="best", phase1_epochs=1, batch_size=8, lr=0.05, val_images=600, val_fraction=0.4, cohort_top=3)
+
+
+def brute_offsets(rows: np.ndarray, cohort: np.ndarray, k: int) -> np.ndarray:
+    x = rows.astype(np.float64)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
+    sims = x @ cohort.astype(np.float64).T
+    return 0.5 * np.sort(sims, axis=1)[:, ::-1][:, :k].mean(axis=1)
+
+
+@pytest.mark.parametrize("n,m,k", [(1, 1, 1), (5, 3, 3), (2049, 7, 2), (67, 200, 100)])
+def test_offsets_are_half_the_mean_of_the_top_k_cosines(n, m, k):
+    rng = np.random.default_rng(n + m + k)
+    cohort = F.normalize(torch.as_tensor(rng.normal(size=(m, 9)), dtype=torch.float32), dim=1).numpy()
+    rows = rng.normal(size=(n, 9)).astype(np.float32) * rng.uniform(0.1, 10, size=(n, 1)).astype(np.float32)
+    got = Cohort(cohort, k).offsets(rows)
+    assert got.dtype == np.float32 and got.shape == (n,)
+    np.testing.assert_allclose(got, brute_offsets(rows, cohort, k), atol=1e-6)
+    assert Cohort(cohort, k).offsets(np.zeros((2, 9), np.float32)).tolist() == [0.0, 0.0]
+
+
+def test_cohort_refuses_what_does_not_fit():
+    cohort = np.eye(3, dtype=np.float32)
+    with pytest.raises(PipelineError, match="cohort top"):
+        Cohort(cohort, 4)
+    with pytest.raises(PipelineError, match="do not match"):
+        Cohort(cohort, 1).offsets(np.ones((2, 4), np.float32))
+
+
+def test_dropped_rows_drop_their_offsets(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(6, 4)).astype(np.float32)
+    cohort = Cohort(F.normalize(torch.as_tensor(rng.normal(size=(5, 4))), dim=1).float().numpy(), 2, "test")
+    arrays = {"labels": np.arange(6), "identities": list("abcdef"), "paths": [f"{c}.jpg" for c in "abcdef"]}
+    writer = StoreWriter(tmp_path / "s.h5", 6, 4, {"model": "m"}, arrays)
+    writer.write(0, rows)
+    writer.finish(drop_rows=[1, 4], cohort=cohort)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        np.testing.assert_allclose(f[OFFSETS][:], brute_offsets(rows[[0, 2, 3, 5]], cohort.embedding, 2), atol=1e-6)
+        assert "2 largest cosines with 5 cohort images" in f.attrs[SCORE_NORM] and f.attrs["cohort_top"] == 2
+
+
+def store(root, out, weights, flip=True, layer="penultimate", protocol="people"):
+    return EmbedConfig(out=out, data_root=root, protocol=protocol, model="squeezenet1_0", weights=str(weights),
+                       layer=layer, tta_flip=flip, workers=0, device="cpu", batch_size=4)  # fmt: skip
+
+
+def read(path):
+    with h5py.File(path, "r") as f:
+        return f["embeddings"][:], (f[OFFSETS][:] if OFFSETS in f else None), dict(f.attrs)
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_finetune_keeps_the_cohort_and_embed_writes_its_offsets(tiny_lfw, tmp_path, members, caplog):
+    pre = tmp_path / "pre.pth"
+    torch.save(models.build_model("squeezenet1_0", "none").state_dict(), pre)
+    cfg = config(tiny_lfw, tmp_path / "c.pt", weights=str(pre), members=members, **KW)
+    out = ft.finetune(cfg)
+    ckpt = torch.load(out, weights_only=True)
+    trainer = ft.TRAINERS["best"](cfg.resolved() if members == 1 else ft.member_configs(cfg.resolved())[0],
+                                  torch.device("cpu"))  # fmt: skip
+    # the cohort: the training images as embed embeds them with the final network (test-time flip), unit rows
+    net = models.Embedder(models.build_model("squeezenet1_0", str(out)), "penultimate", True).eval()
+    with torch.no_grad():
+        train = net(trainer.bank.batch(torch.arange(trainer.n_train)))
+        val = net(trainer.bank.batch(torch.as_tensor(trainer.val_rows)))
+    assert ckpt["cohort"].dtype == torch.float16 and ckpt["cohort"].shape == (trainer.n_train, 512 * members)
+    assert ckpt["cohort_top"] == 3
+    torch.testing.assert_close(ckpt["cohort"].float(), F.normalize(train, dim=1), rtol=0, atol=5e-3)
+    # the normalised validation is what embed's rows and offsets give
+    o = torch.as_tensor(brute_offsets(val.numpy(), ckpt["cohort"].float().numpy(), 3))
+    m = all_pairs_metrics(val, trainer.val_labels, "cosine", o)
+    assert ckpt["cohort_validation"]["val_auc"] == pytest.approx(m["auc"], abs=3e-3)
+    assert ckpt["cohort_validation"][TAR_KEY] == pytest.approx(m["tar_at_far"], abs=0.05)
+    assert float(o.std()) > 1e-4  # offsets that differ between images: they change the scores
+    # embed writes the offsets of its rows; the members' own checkpoints carry no cohort
+    rows, offsets, attrs = read(embed(store(tiny_lfw, tmp_path / "s.h5", out)))
+    np.testing.assert_allclose(offsets, brute_offsets(rows, ckpt["cohort"].float().numpy(), 3), atol=1e-5)
+    assert attrs["cohort_top"] == 3 and attrs["cohort_size"] == trainer.n_train and "c.pt" in attrs[SCORE_NORM]
+    if members == 2:
+        assert "cohort" not in torch.load(tmp_path / "c.member0.pt", weights_only=True)
+    # run's shared pass writes the same offsets
+    together = [store(tiny_lfw, tmp_path / f"t{k}.h5", w) for k, w in enumerate((pre, out))]
+    embed_together(together, blocks=2)
+    assert read(together[0].out)[1] is None
+    np.testing.assert_allclose(read(together[1].out)[1], offsets, atol=1e-5)
+    # another layer or no test-time flip: no offsets, with a warning
+    if members == 1:
+        with caplog.at_level(logging.WARNING):
+            _, none, _ = read(embed(store(tiny_lfw, tmp_path / "n.h5", out, flip=False)))
+        assert none is None and "no score offsets" in caplog.text
+        assert model_cohort(str(pre), "penultimate", True) is None
+
+
+def test_torchrun_assembly_writes_the_offsets_of_the_whole_store(tiny_lfw, tmp_path, monkeypatch):
+    from pipeline import embed_parts
+
+    out = ft.finetune(config(tiny_lfw, tmp_path / "a.pt", **KW))
+    single = read(embed(store(tiny_lfw, tmp_path / "one.h5", out)))
+    cohort = model_cohort(str(out), "penultimate", True)
+    rows = single[0]
+    parts = []
+    for k, (a, b) in enumerate([(0, 5), (5, len(rows))]):
+        w = StoreWriter(tmp_path / f"p{k}", b - a, rows.shape[1], {"model": "m"}, {})
+        w.write(0, rows[a:b])
+        parts.append(w.finish())
+    arrays = {"labels": np.zeros(len(rows), np.int64)}
+    embed_parts.assemble(tmp_path / "all.h5", parts, len(rows), rows.shape[1], {"model": "m"}, arrays, {},
+                         "float32", cohort)  # fmt: skip
+    np.testing.assert_array_equal(read(tmp_path / "all.h5")[1], single[1])
