@@ -310,6 +310,7 @@ def run(**options) -> None:
         "feature_shift",
         "ema",
         "members",
+        "cohort_top",
     )
     overrides = {k: options.pop(k) for k in names if options[k] is not None}
     for k in names:
