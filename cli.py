@@ -133,6 +133,13 @@ def embed(**options) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample that sets the bin range.")
 @click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bar.")
 @click.option(
+    "--no-score-norm",
+    "score_norm",
+    flag_value=False,
+    default=True,
+    help="Ignore the store's score offsets (cohort normalisation, /score_offsets): score the plain cosine.",
+)
+@click.option(
     "--rows",
     default=None,
     metavar="A:B",
@@ -182,6 +189,7 @@ def _score_rows(store: Path, mode: str, rows: str | None, options: dict) -> None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--rows") from None
     keep = ("out", "metric", "bins", "block", "seed", "overwrite", "progress", "label", "variant", "log_fpr")
+    keep += ("score_norm",)  # --no-score-norm
     info = score_rows(RowsConfig(store=store, rows=span, **{k: options[k] for k in keep}))
     done = f"{info['n_pairs']} pairs ({info['n_positive']} same), {info['seconds']:.3f} s -> {options['out']}"
     metrics = Path(options["out"]) / "metrics.json" if options["out"] else None

@@ -210,9 +210,17 @@ def blocked_mean(blocks: Iterator[np.ndarray], n: int) -> np.ndarray:
     return (total / n).astype(np.float32)
 
 
-def augment(x: np.ndarray, mean: np.ndarray | None, metric: str, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Rows `x` (float32) into `left`/`right` (views of the tile operands, [m, D+2] for l2, [m, D+1] for cosine):
-    l2 `[x-mean, |x-mean|^2, 1]` and `[-2(x-mean), 1, |x-mean|^2]`; cosine `[x/|x|, 1]` and `[x/|x|, 0]`.
+def operand_width(d: int, metric: str, offsets: bool = False) -> int:
+    """Columns of the tile operands (`augment`): D+2 for l2 and for cosine with score offsets, D+1 for cosine."""
+    return d + 2 if metric == "l2" or offsets else d + 1
+
+
+def augment(x: np.ndarray, mean: np.ndarray | None, metric: str, left: np.ndarray, right: np.ndarray,
+            offsets: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """Rows `x` (float32) into `left`/`right` (views of the tile operands, [m, `operand_width`]), so that
+    `left_i . right_j` is the value of the pair: l2 `[x-mean, |x-mean|^2, 1]` and `[-2(x-mean), 1, |x-mean|^2]`
+    (squared distance); cosine `[x/|x|, 1]` and `[x/|x|, 0]`, or with the rows' score `offsets` o
+    `[x/|x|, -o, 1]` and `[x/|x|, 1, -o]` (cos - o_i - o_j). The last column of `left` is always its ones.
     Returns the per-row float64 squared norms (of the centred rows, l2; of the raw rows, cosine).
     The rows are transformed in place in `left`'s first D columns (`x` may be those columns already): no copy,
     whose fresh memory would cost page faults; the arithmetic is the same for strided and contiguous rows."""
@@ -231,24 +239,30 @@ def augment(x: np.ndarray, mean: np.ndarray | None, metric: str, left: np.ndarra
     if (sq > 0).all():
         xc /= np.sqrt(sq)[:, None].astype(np.float32)
     right[:, :d] = xc
-    left[:, d], right[:, d] = 1.0, 0.0
+    if offsets is None:
+        left[:, d], right[:, d] = 1.0, 0.0
+    else:
+        np.negative(offsets, out=left[:, d])
+        left[:, d + 1], right[:, d] = 1.0, 1.0
+        np.negative(offsets, out=right[:, d + 1])
     return sq
 
 
-def scale_right(right: np.ndarray, lo: float, hi: float, bins: int, d: int, metric: str) -> None:
+def scale_right(right: np.ndarray, lo: float, hi: float, bins: int) -> None:
     """Make `left @ right.T` the bin coordinate `(value - lo) * bins / (hi - lo)` (in place)."""
     s = bins / (hi - lo)
-    ones = d + (1 if metric == "l2" else 0)  # left's column of ones
+    ones = right.shape[1] - 1  # left's column of ones (`augment`)
     right *= np.float32(s)
     right[:, ones] -= np.float32(s * lo)
 
 
-def pair_distance(a: np.ndarray, b: np.ndarray, metric: str) -> float:
-    """Distance of two stored rows in float64: Euclidean, or 1 - cosine."""
+def pair_distance(a: np.ndarray, b: np.ndarray, metric: str, offsets: tuple[float, float] = (0.0, 0.0)) -> float:
+    """Distance of two stored rows in float64: Euclidean, or 1 - value (value = cosine minus the rows' score
+    `offsets`)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     if metric == "l2":
         return float(np.sqrt(((a - b) ** 2).sum()))
-    return float(1.0 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return float(1.0 - (a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) - float(offsets[0]) - float(offsets[1])))
 
 
 def better_extreme(a: tuple, b: tuple, metric: str) -> tuple:
@@ -316,13 +330,19 @@ def _smallest(values: np.ndarray, k: int) -> np.ndarray:
     return np.partition(values, k - 1)[:k].copy()
 
 
-def bin_range(vmin: float, vmax: float, metric: str, max_norm: float) -> tuple[float, float]:
-    """[lo, hi] of the bins: the sample's range widened by 5% each side, inside the provable range."""
+def bin_range(vmin: float, vmax: float, metric: str, max_norm: float,
+              offsets: tuple[float, float] | None = None) -> tuple[float, float]:  # fmt: skip
+    """[lo, hi] of the bins: the sample's range widened by 5% each side, inside the provable range (cosine with
+    score offsets in [omin, omax]: [-1 - 2 omax, 1 - 2 omin])."""
     margin = 0.05 * (vmax - vmin) or 1e-6 * max(1.0, abs(vmax))
     if metric == "l2":
         lo, hi = max(vmin - margin, 0.0), min(vmax + margin, 4.0 * max_norm**2 * (1 + 1e-4) + 1e-30)
-    else:
+    elif offsets is None:
         lo, hi = max(vmin - margin, -1.0 - 1e-4), min(vmax + margin, 1.0 + 1e-4)
+    else:
+        floor, ceil = -1.0 - 2.0 * offsets[1], 1.0 - 2.0 * offsets[0]
+        lo = max(vmin - margin, floor - 1e-4 * max(1.0, abs(floor)))
+        hi = min(vmax + margin, ceil + 1e-4 * max(1.0, abs(ceil)))
     if not hi > lo:
         hi = lo + max(1e-6, abs(lo) * 1e-6)
     return float(lo), float(hi)

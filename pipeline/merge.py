@@ -26,8 +26,8 @@ from pipeline.scoring.assemble import assemble_metrics, edge_bin_fraction
 
 log = logging.getLogger(__name__)
 
-SAME = ("store_n", "store_dim", "store_size", "metric", "bins", "bin_lo", "bin_hi", "block", "leaf", "seed",
-        "sample_pairs")  # fmt: skip
+SAME = ("store_n", "store_dim", "store_size", "metric", "score_norm", "bins", "bin_lo", "bin_hi", "block", "leaf",
+        "seed", "sample_pairs")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def _merge(cfg: MergeConfig) -> dict:
         if differ:
             raise PipelineError(
                 f"cannot merge {folder} with {cfg.parts[0]}: {'; '.join(differ)}. Score every part of one store "
-                f"with the same --metric, --bins, --block and --seed."
+                f"with the same --metric, --bins, --block and --seed (and --no-score-norm on all parts or none)."
             )
         if info["store"] != first["store"]:
             log.warning("%s scored %s, %s scored %s (same size: merging)", folder, info["store"], cfg.parts[0],
@@ -163,7 +163,7 @@ def full_metrics(info: dict, acc: HistogramROC) -> dict:
     config = dict(
         info.get("config", {}), rows=info["ranges"] if info["parts"] > 1 else info.get("config", {}).get("rows")
     )
-    return assemble_metrics(metrics, extra, metric=info["metric"], bins=info["bins"], device="cpu",
-                            seconds=info["seconds"], mode="all-pairs", world_size=1,
+    return assemble_metrics(metrics, extra, metric=info["metric"], score_norm=info.get("score_norm"),
+                            bins=info["bins"], device="cpu", seconds=info["seconds"], mode="all-pairs", world_size=1,
                             attrs=info.get("provenance", {}), store=info["store"], label=info.get("label"),
                             variant=info.get("variant"), config=config)  # fmt: skip

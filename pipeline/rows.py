@@ -32,6 +32,7 @@ from pipeline.blockmath import (
     blocked_mean,
     chunk_side,
     fixed_matmul,
+    operand_width,
     pair_distance,
     sample_rows,
     scale_right,
@@ -49,7 +50,7 @@ from pipeline.results import (
 from pipeline.roc import Binning, HistogramROC
 from pipeline.sorted_rows import LabelOrder
 from pipeline.store import Store, bad_rows_error, open_store, recorded_data_root
-from pipeline.tail import ExactTies, duplicate_ids, start_rank, tail_size, zero_coordinate
+from pipeline.tail import duplicate_ids, exact_ties, start_rank, tail_size
 from pipeline.tiles import TileLoop
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class RowsConfig:
     """pretrained or finetuned (default: guessed from the store's weights attribute)."""
     log_fpr: bool = False
     """Logarithmic false-positive-rate axis in roc.png (complete results)."""
+    score_norm: bool = True
+    """Subtract the store's score offsets (cohort normalisation), as `score` does; False: plain scores."""
 
     def __post_init__(self):
         if self.metric not in ("l2", "cosine"):
@@ -129,11 +132,14 @@ class RowsConfig:
 
 
 class BlockRows:
-    """Transformed row blocks `[k*T, (k+1)*T)` read from the store on demand (the last two kept)."""
+    """Transformed row blocks `[k*T, (k+1)*T)` read from the store on demand (the last two kept); `offsets`: the
+    score offsets in label order, or None."""
 
-    def __init__(self, src: LabelOrder, mean: np.ndarray | None, metric: str, binning: Binning | None, side: int):
+    def __init__(self, src: LabelOrder, mean: np.ndarray | None, metric: str, binning: Binning | None, side: int,
+                 offsets: np.ndarray | None = None):  # fmt: skip
         self.src, self.mean, self.metric, self.binning, self.side = src, mean, metric, binning, side
-        self.width = src.dim + (2 if metric == "l2" else 1)
+        self.offsets = offsets
+        self.width = operand_width(src.dim, metric, offsets is not None)
         self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def rows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,10 +149,11 @@ class BlockRows:
         right = np.empty_like(left)
         for s in range(a, b, STAT_ROWS):  # STAT_ROWS-aligned pieces, as prepare transforms them
             e = min(b, (s // STAT_ROWS + 1) * STAT_ROWS)
-            augment(self.src.rows(s, e), self.mean, self.metric, left[s - a : e - a], right[s - a : e - a])
+            o = None if self.offsets is None else self.offsets[s:e]
+            augment(self.src.rows(s, e), self.mean, self.metric, left[s - a : e - a], right[s - a : e - a], o)
         if self.binning is not None:
             b_ = self.binning
-            scale_right(right, b_.lo, b_.hi, b_.bins, self.src.dim, self.metric)
+            scale_right(right, b_.lo, b_.hi, b_.bins)
         return left, right
 
     def block(self, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +164,9 @@ class BlockRows:
         return self.cache[k]
 
 
-def row_stats(src: LabelOrder, metric: str) -> tuple[np.ndarray | None, float, np.ndarray | None]:
+def row_stats(
+    src: LabelOrder, metric: str, offsets: np.ndarray | None = None
+) -> tuple[np.ndarray | None, float, np.ndarray | None]:
     """(centring mean or None, largest centred norm, duplicate ids as `pipeline.tail.duplicate_ids`) by streaming
     the rows in label order; NaN/inf or (cosine) zero rows are an error naming them (by store row)."""
     n, store = src.n, src.store
@@ -177,12 +186,13 @@ def row_stats(src: LabelOrder, metric: str) -> tuple[np.ndarray | None, float, n
             pass
     if bad:
         raise bad_rows_error(store, sorted(src.store_rows(bad).tolist()))
-    reader = BlockRows(src, mean, metric, None, STAT_ROWS)
+    reader = BlockRows(src, mean, metric, None, STAT_ROWS, offsets)
     zero, sq = [], np.empty(n, dtype=np.float64)
     for s in range(0, n, STAT_ROWS):
         e = min(s + STAT_ROWS, n)
         left = np.empty((e - s, reader.width), dtype=np.float32)
-        sq[s:e] = augment(src.rows(s, e), mean, metric, left, np.empty_like(left))
+        o = None if offsets is None else offsets[s:e]
+        sq[s:e] = augment(src.rows(s, e), mean, metric, left, np.empty_like(left), o)
         zero.extend(src.store_rows(np.flatnonzero(sq[s:e] == 0) + s).tolist())
     if metric == "cosine" and zero:
         raise PipelineError(
@@ -199,21 +209,24 @@ def positives(sorted_labels: np.ndarray) -> int:
     return int((sizes * (sizes - 1) // 2).sum())
 
 
-def stream_binning(src: LabelOrder, mean, metric: str, max_norm: float, cfg: RowsConfig) -> Binning:
+def stream_binning(src: LabelOrder, mean, metric: str, max_norm: float, cfg: RowsConfig,
+                   offsets: np.ndarray | None = None) -> Binning:  # fmt: skip
     """`pipeline.scoring.memory.choose_binning` over streamed column blocks (the same sample, products and
     range)."""
     rows = sample_rows(src.n, cfg.seed, cfg.sample_pairs)
     n_pairs = src.n * (src.n - 1) // 2
     keep = start_rank(tail_size(n_pairs, positives(src.labels)), n_pairs, len(rows) * (src.n - 1))
-    reader = BlockRows(src, mean, metric, None, STAT_ROWS)
+    reader = BlockRows(src, mean, metric, None, STAT_ROWS, offsets)
     sample_left = np.empty((len(rows), reader.width), dtype=np.float32)
-    augment(src.take(rows), mean, metric, sample_left, np.empty_like(sample_left))
+    o = None if offsets is None else offsets[rows]
+    augment(src.take(rows), mean, metric, sample_left, np.empty_like(sample_left), o)
     rng = SampleRange(rows, src.n, keep)
     for s in range(0, src.n, STAT_ROWS):
         _, right = reader.rows(s, min(s + STAT_ROWS, src.n))
         rng.add(sample_left, right, s)
     vmin, vmax = rng.extremes()
-    lo, hi = bin_range(vmin, vmax, metric, max_norm)
+    span = None if offsets is None else (float(offsets.min()), float(offsets.max()))
+    lo, hi = bin_range(vmin, vmax, metric, max_norm, span)
     return Binning(lo, hi, cfg.bins, metric, rng.near(metric))
 
 
@@ -226,7 +239,7 @@ class PartResult:
 
 
 def score_part(src: LabelOrder, cfg: RowsConfig, binning: Binning, mean, rows: tuple[int, int],
-               dups: np.ndarray | None = None) -> PartResult:  # fmt: skip
+               dups: np.ndarray | None = None, offsets: np.ndarray | None = None) -> PartResult:  # fmt: skip
     """Count the pairs i < j (label order) with i in `rows` into a HistogramROC: the tile loop over row blocks
     read in label order."""
     t0 = time.perf_counter()
@@ -234,7 +247,7 @@ def score_part(src: LabelOrder, cfg: RowsConfig, binning: Binning, mean, rows: t
     plan = tile_plan(n, cfg.block, LEAF)
     mine = [k for k, t in enumerate(plan) if t.r0 < B and t.r1 > A and t.n_pairs]
     side = min(cfg.block, n)
-    reader = BlockRows(src, mean, cfg.metric, binning, side)
+    reader = BlockRows(src, mean, cfg.metric, binning, side, offsets)
     unit = chunk_side(cfg.block)
 
     def product(t: Tile, a2: int, b2: int, on_block, pending=None) -> None:
@@ -254,7 +267,7 @@ def score_part(src: LabelOrder, cfg: RowsConfig, binning: Binning, mean, rows: t
         counting="numpy",
         side=unit,
         tail_k=k,
-        ties=ExactTies(dups, zero_coordinate(binning.lo, binning.hi, binning.bins, cfg.metric), cfg.metric),
+        ties=exact_ties(binning, dups, offsets),
     ).run(plan, select=mine, span=(A, B), progress=cfg.progress)
     extreme = (res.extreme, res.extreme_tile, *res.extreme_rows)
     return PartResult(res.roc(), res.n_pairs, extreme, time.perf_counter() - t0)
@@ -274,6 +287,7 @@ def part_info(store: Store, cfg: RowsConfig, binning: Binning, rows: tuple[int, 
         "store_dim": store.dim,
         "store_size": os.path.getsize(cfg.store),
         "metric": cfg.metric,
+        "score_norm": None if store.score_offsets(cfg.metric, cfg.score_norm) is None else store.score_norm,
         "bins": cfg.bins,
         "bin_lo": binning.lo,
         "bin_hi": binning.hi,
@@ -313,14 +327,17 @@ def _score_rows(cfg: RowsConfig) -> dict:
         if rows[1] > n:
             raise PipelineError(f"--rows {rows[0]}:{rows[1]}: the store has {n} rows (B must be at most {n})")
         t0 = time.perf_counter()
+        offsets = store.score_offsets(cfg.metric, cfg.score_norm)  # by store row
         with LabelOrder(store, progress=cfg.progress) as src:
-            mean, max_norm, dups = row_stats(src, cfg.metric)
-            binning = stream_binning(src, mean, cfg.metric, max_norm, cfg)
+            ordered = offsets if offsets is None or src.order is None else offsets[src.order]  # label order
+            mean, max_norm, dups = row_stats(src, cfg.metric, ordered)
+            binning = stream_binning(src, mean, cfg.metric, max_norm, cfg, ordered)
             t1 = time.perf_counter()
-            res = score_part(src, cfg, binning, mean, rows, dups)
+            res = score_part(src, cfg, binning, mean, rows, dups, ordered)
         i, j = res.extreme[2], res.extreme[3]
         if i >= 0:
-            res.acc.max_distance = pair_distance(store.rows(i, i + 1)[0], store.rows(j, j + 1)[0], cfg.metric)
+            shift = (0.0, 0.0) if offsets is None else (offsets[i], offsets[j])
+            res.acc.max_distance = pair_distance(store.rows(i, i + 1)[0], store.rows(j, j + 1)[0], cfg.metric, shift)
         res.seconds = time.perf_counter() - t0
         info = part_info(store, cfg, binning, rows, res)
         info.update(seconds_prepare=t1 - t0, seconds_tiles=res.seconds - (t1 - t0))

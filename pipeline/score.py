@@ -3,10 +3,11 @@ it lists, into one `HistogramROC` and a results folder.
 
 All-pairs in short: the bins are chosen from a sample, then each tile is one matrix product of augmented rows
 whose entries are directly bin coordinates: `[x, |x|^2, 1] . s [-2y, 1, |y|^2 - lo]` = s (squared distance -
-lo) for l2 (rows centred first), and `[x, 1] . s [y, -lo]` for cosine (rows normalised). Each tile is counted
-once for all its pairs and once for its same-person pairs of the *same* array, so both land in the same bins
-exactly; different-person counts are the difference (`pipeline.tiles`). CPU: NumPy's BLAS (or torch's MKL, see
-`pipeline.blockmath`) and `np.bincount`; GPU: torch and `torch.histc`. Rows in memory: `pipeline.scoring.memory`.
+lo) for l2 (rows centred first), and `[x, 1] . s [y, -lo]` for cosine (rows normalised; with score offsets,
+`[x, -o_x, 1] . s [y, 1, -o_y - lo]` = s (cos - o_x - o_y - lo)). Each tile is counted once for all its pairs and
+once for its same-person pairs of the *same* array, so both land in the same bins exactly; different-person counts
+are the difference (`pipeline.tiles`). CPU: NumPy's BLAS (or torch's MKL, see `pipeline.blockmath`) and
+`np.bincount`; GPU: torch and `torch.histc`. Rows in memory: `pipeline.scoring.memory`.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ class ScoreConfig:
     """Name of this result in legends and tables (default: model and weights from the store)."""
     variant: str | None = None
     """pretrained or finetuned, for `report`'s table (default: guessed from the store's weights)."""
+    score_norm: bool = True
+    """Subtract the store's score offsets (cohort normalisation, cosine only) when it has them; False: plain
+    scores (`--no-score-norm`)."""
 
     def __post_init__(self):
         if self.metric not in ("l2", "cosine"):
@@ -141,7 +145,7 @@ def score_all_pairs(
     t0 = time.perf_counter()
     if cfg.exact:
         check_exact_fits(store.n * (store.n - 1) // 2)
-    prep = prepare(store, cfg.metric, device)
+    prep = prepare(store, cfg.metric, device, cfg.score_norm)
     check_defined(prep.n_positive, prep.n * (prep.n - 1) // 2 - prep.n_positive)
     binning = choose_binning(prep, cfg.bins, cfg.seed, cfg.sample_pairs)
     prep.scale_to_bins(binning)
@@ -167,7 +171,9 @@ def score_all_pairs(
             best = better_extreme(best, (cand[0], int(cand[1]), int(cand[2]), int(cand[3])), cfg.metric)
         res.extreme, res.extreme_tile, res.extreme_rows = best[0], best[1], (best[2], best[3])
     i, j = res.extreme_rows
-    acc.max_distance = pair_distance(store.rows(i, i + 1)[0], store.rows(j, j + 1)[0], cfg.metric)
+    offsets = store.score_offsets(cfg.metric, cfg.score_norm)
+    shift = (0.0, 0.0) if offsets is None else (offsets[i], offsets[j])
+    acc.max_distance = pair_distance(store.rows(i, i + 1)[0], store.rows(j, j + 1)[0], cfg.metric, shift)
     t2 = time.perf_counter()
     if acc.n_positive != prep.n_positive or res.n_pairs != prep.n * (prep.n - 1) // 2:
         raise RuntimeError(f"internal error: counted {acc.n_positive} same-person pairs of {prep.n_positive}")
@@ -212,6 +218,7 @@ def score(cfg: ScoreConfig) -> dict:
 
 def _score_locked(cfg: ScoreConfig, world: World, device: torch.device) -> dict:
     with open_store(cfg.store, need_labels=cfg.all_pairs or cfg.rank1) as store, _ieee_matmul(device):
+        norm = None if store.score_offsets(cfg.metric, cfg.score_norm) is None else store.score_norm
         t0 = time.perf_counter()
         if cfg.all_pairs:
             acc, extra = score_all_pairs(store, cfg, device, world=world)
@@ -221,16 +228,18 @@ def _score_locked(cfg: ScoreConfig, world: World, device: torch.device) -> dict:
             if cfg.rank1:
                 log.warning("--rank1 is computed over all images of the store, not only the listed pairs")
                 t1 = time.perf_counter()
-                extra.update(rank1_accuracy(prepare(store, cfg.metric, device), cfg.backend, cfg.block))
+                extra.update(rank1_accuracy(prepare(store, cfg.metric, device, cfg.score_norm), cfg.backend,
+                                            cfg.block))  # fmt: skip
                 extra["seconds_rank1"] = time.perf_counter() - t1
         # the scoring itself: without the checks that --rank1 and --exact add
         seconds = time.perf_counter() - t0 - extra.get("seconds_rank1", 0.0) - extra.get("seconds_exact", 0.0)
         extra.pop("seconds", None)
         attrs = json_attrs(store.attrs)
     roc = metrics.pop("roc")
-    metrics = assemble_metrics(metrics, extra, metric=cfg.metric, bins=cfg.bins, device=str(device), seconds=seconds,
-                               mode="all-pairs" if cfg.all_pairs else "pairs", world_size=world.size, attrs=attrs,
-                               store=cfg.store, label=cfg.label, variant=cfg.variant, config=asdict(cfg))  # fmt: skip
+    metrics = assemble_metrics(metrics, extra, metric=cfg.metric, score_norm=norm, bins=cfg.bins, device=str(device),
+                               seconds=seconds, mode="all-pairs" if cfg.all_pairs else "pairs", world_size=world.size,
+                               attrs=attrs, store=cfg.store, label=cfg.label, variant=cfg.variant,
+                               config=asdict(cfg))  # fmt: skip
     log.info(
         "AUC %.6f (+- %.1e binning) over %d pairs (%d same) in %.3f s (%.3g pairs/s)",
         metrics["auc"],

@@ -2,8 +2,8 @@
 
 Layout (DESIGN.md): /embeddings [N, D] float32|float16 chunked by rows, /labels int64 [N], /identities and
 /paths UTF-8 strings, /pairs int64 [P, 2], /pair_labels int8 [P], /pair_folds int8 [P] (pair protocols),
-optional /score_offsets float32 [N] (cohort score normalisation), provenance in the root attributes. A store is written to `OUT.partial` and renamed to `OUT` only when
-complete, so a file at the output path is always whole.
+optional /score_offsets float32 [N] (cohort score normalisation), provenance in the root attributes. A store is
+written to `OUT.partial` and renamed to `OUT` only when complete, so a file at the output path is always whole.
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ class Store:
     embeddings: h5py.Dataset
     labels: np.ndarray | None
     attrs: dict
+    offsets: np.ndarray | None = None
+    """The store's score offsets (`OFFSETS`, float32 [N]), or None."""
 
     @property
     def n(self) -> int:
@@ -131,6 +133,23 @@ class Store:
         f = self.file
         folds = f["pair_folds"][...] if "pair_folds" in f else np.zeros(len(f["pairs"]), dtype=np.int8)
         return f["pairs"][...].astype(np.int64), f["pair_labels"][...].astype(np.int8), folds.astype(np.int8)
+
+    def score_offsets(self, metric: str, use: bool = True) -> np.ndarray | None:
+        """The offsets to subtract from scores under `metric` (None: plain scores). Offsets go with cosine: l2 on
+        a store with offsets is an error unless `use` is False (`score --no-score-norm`)."""
+        if self.offsets is None or not use:
+            return None
+        if metric != "cosine":
+            raise PipelineError(
+                f"{self.path} holds score offsets ({self.score_norm}), which go with --metric cosine: score it with "
+                f"--metric cosine, or add --no-score-norm to score plain {metric} distances"
+            )
+        return self.offsets
+
+    @property
+    def score_norm(self) -> str:
+        """What the offsets are: the store's `SCORE_NORM` attribute (the dataset's name when it has none)."""
+        return str(self.attrs.get(SCORE_NORM) or OFFSETS)
 
     def close(self) -> None:
         self.file.close()
@@ -209,7 +228,29 @@ def open_store(path: Path | str, need_labels: bool = True) -> Store:
                 raise PipelineError(
                     f"{path}: /{name} has {len(f[name])} rows but /embeddings {n}: the store is damaged"
                 )
+        offsets = read_offsets(f, path, n)
     except Exception:
         f.close()
         raise
-    return Store(path, f, f["embeddings"], labels, {k: _attr(v) for k, v in f.attrs.items()})
+    return Store(path, f, f["embeddings"], labels, {k: _attr(v) for k, v in f.attrs.items()}, offsets)
+
+
+def read_offsets(f: h5py.File, path: Path, n: int) -> np.ndarray | None:
+    """/score_offsets as float32 [n], or None when absent; any other shape or type, or NaN or infinite values, is
+    a PipelineError."""
+    if OFFSETS not in f:
+        return None
+    redo = "the store is damaged or was written by another tool; re-embed it (with its cohort)"
+    ds = f[OFFSETS]
+    if not isinstance(ds, h5py.Dataset) or ds.shape != (n,) or ds.dtype.kind not in "fiu":
+        what = f"type {ds.dtype} and shape {ds.shape}" if isinstance(ds, h5py.Dataset) else "a group"
+        raise PipelineError(
+            f"{path}: /{OFFSETS} is {what}; it must hold one number per row of /embeddings ({n}): {redo}"
+        )
+    offsets = np.asarray(ds[...], dtype=np.float32)
+    bad = np.flatnonzero(~np.isfinite(offsets))
+    if len(bad):
+        raise PipelineError(
+            f"{path}: /{OFFSETS} holds NaN or infinite values (row {bad[0]}, {len(bad)} rows in all): {redo}"
+        )
+    return offsets

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.roc import Binning
 
 TAIL_MAX = 1 << 20  # at most this many negatives (4 MB per thread): FAR up to 1e-3 exact below 5 x 10^8 pairs
 TAIL_FAR = 2e-3  # the tail aims to make every FAR level up to 1e-3 exact, in every jackknife replicate too
@@ -188,20 +192,39 @@ def duplicate_ids(sq: np.ndarray, row: Callable[[int], np.ndarray]) -> np.ndarra
 class ExactTies:
     """Pairs the products put at float32 noise where the truth is a tie: identical rows (distance exactly 0,
     cosine exactly 1) get exactly the value of distance 0, and nothing is more similar than that (l2: no
-    squared distance below 0; cosine: none above 1). Applied to the tail's values only (the bins see the
-    products' values), so TAR at low FAR treats duplicate images as the exact ties they are."""
+    squared distance below 0; cosine: none above 1). With score offsets o (`offsets`, per sorted row, and
+    `scale` = bins / (hi - lo)) the most similar value of a pair is 1 - o_i - o_j: the bound, and the value of
+    identical rows, is that pair's. Applied to the tail's values only (the bins see the products' values), so TAR
+    at low FAR treats duplicate images as the exact ties they are."""
 
-    def __init__(self, dups: np.ndarray | None, zero: float, metric: str):
+    def __init__(self, dups: np.ndarray | None, zero: float, metric: str, offsets: np.ndarray | None = None,
+                 scale: float = 0.0):  # fmt: skip
         self.dups, self.zero, self.metric = dups, np.float32(zero), metric
+        self.zero64, self.scale = float(zero), float(scale)
+        self.offsets = None if offsets is None else np.asarray(offsets, dtype=np.float64)
+
+    def bound(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray | np.float32:
+        """The bin coordinate of the most similar value pairs (rows, cols) can have (float32)."""
+        if self.offsets is None:
+            return self.zero
+        return (self.zero64 - self.scale * (self.offsets[rows] + self.offsets[cols])).astype(np.float32)
 
     def __call__(self, values: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        v = np.maximum(values, self.zero) if self.metric == "l2" else np.minimum(values, self.zero)
+        bound = self.bound(rows, cols)
+        v = np.maximum(values, bound) if self.metric == "l2" else np.minimum(values, bound)
         if self.dups is not None and len(v):
             d = self.dups[rows]
-            v[(d >= 0) & (d == self.dups[cols])] = self.zero
+            twins = (d >= 0) & (d == self.dups[cols])
+            v[twins] = bound if self.offsets is None else bound[twins]
         return v
 
 
 def zero_coordinate(lo: float, hi: float, bins: int, metric: str) -> float:
     """The bin coordinate of the most similar possible pair: squared distance 0 (l2), cosine 1."""
     return ((0.0 if metric == "l2" else 1.0) - lo) * bins / (hi - lo)
+
+
+def exact_ties(binning: Binning, dups: np.ndarray | None = None, offsets: np.ndarray | None = None) -> ExactTies:
+    """`ExactTies` for `binning`, the duplicate ids of the (sorted) rows and their score offsets."""
+    b = binning
+    return ExactTies(dups, zero_coordinate(b.lo, b.hi, b.bins, b.metric), b.metric, offsets, b.bins / (b.hi - b.lo))

@@ -14,13 +14,15 @@ def edge_bin_fraction(acc: HistogramROC, n_pairs: int) -> float:
     return float((acc.pos[[0, -1]].sum() + acc.neg[[0, -1]].sum()) / max(1, n_pairs))
 
 
-def assemble_metrics(metrics: dict, extra: dict, *, metric: str, bins: int, device: str, seconds: float,
-                     mode: str, world_size: int, attrs: dict, store: Path | str, label: str | None,
+def assemble_metrics(metrics: dict, extra: dict, *, metric: str, score_norm: str | None, bins: int, device: str,
+                     seconds: float, mode: str, world_size: int, attrs: dict, store: Path | str, label: str | None,
                      variant: str | None, config: dict) -> dict:  # fmt: skip
     """`metrics` (from `HistogramROC.compute` or the listed pairs, without "roc") completed with how it was
-    scored (`extra`: backend, tiles, timings, ...), the store's description and the configuration."""
+    scored (`extra`: backend, tiles, timings, ...), the store's description and the configuration. `score_norm`:
+    what the subtracted score offsets are (the store's `score_norm` attribute), None for plain scores."""
     metrics.update(
         metric=metric,
+        score_norm=score_norm,
         bins=bins,
         device=device,
         seconds=seconds,

@@ -33,8 +33,10 @@ def check_exact_fits(n_pairs: int) -> None:
 
 
 def exact_all_pairs(prep: Prepared, plan: list[Tile]) -> dict:
-    """The exact AUC over float64 scores of every pair, by sorting (memory: about 32 bytes per pair)."""
+    """The exact AUC over float64 scores of every pair (cosines minus the rows' score offsets), by sorting
+    (memory: about 32 bytes per pair)."""
     x = torch.from_numpy(prep.x).double()
+    o = None if prep.offsets is None else torch.from_numpy(prep.offsets).double()
     lab = torch.from_numpy(prep.labels.cpu().numpy())
     sq = (x * x).sum(1)
     values, positive = [], []
@@ -43,6 +45,8 @@ def exact_all_pairs(prep: Prepared, plan: list[Tile]) -> dict:
             v = (sq[t.r0 : t.r1, None] + sq[None, t.c0 : t.c1] - 2 * x[t.r0 : t.r1] @ x[t.c0 : t.c1].T).clamp_min(0)
         else:
             v = x[t.r0 : t.r1] @ x[t.c0 : t.c1].T
+            if o is not None:
+                v = v - o[t.r0 : t.r1, None] - o[None, t.c0 : t.c1]
         same = lab[t.r0 : t.r1, None] == lab[None, t.c0 : t.c1]
         if t.diagonal:
             m = torch.ones_like(same).triu(1)

@@ -30,8 +30,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def listed_pairs(store: Store, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(binned values in float64, same-person flags, folds) of the pairs the store lists."""
+def listed_pairs(store: Store, metric: str, score_norm: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(binned values in float64, same-person flags, folds) of the pairs the store lists; cosines minus the rows'
+    score offsets when the store has them (unless `score_norm` is False)."""
+    offsets = store.score_offsets(metric, score_norm)
     pairs, pair_labels, folds = store.pairs()
     if len(pairs) == 0:
         raise PipelineError(f"{store.path} lists no pairs")
@@ -44,6 +46,9 @@ def listed_pairs(store: Store, metric: str) -> tuple[np.ndarray, np.ndarray, np.
     else:
         normalise(x[np.unique(pairs)], str(store.path))  # zero rows: error
         values = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        if offsets is not None:
+            o = offsets.astype(np.float64)
+            values -= o[pairs[:, 0]] + o[pairs[:, 1]]
     return values, pair_labels.astype(bool), folds
 
 
@@ -73,7 +78,7 @@ def tenfold_accuracy(distance: np.ndarray, positive: np.ndarray, folds: np.ndarr
 def score_listed_pairs(store: Store, cfg: ScoreConfig) -> tuple[HistogramROC, dict, dict]:
     """The listed pairs: exact metrics (every score known), their histogram, and 10-fold accuracy."""
     t0 = time.perf_counter()
-    values, positive, folds = listed_pairs(store, cfg.metric)
+    values, positive, folds = listed_pairs(store, cfg.metric, cfg.score_norm)
     check_defined(int(positive.sum()), int((~positive).sum()))
     distance = value_to_distance(values, cfg.metric)
     max_distance = float(distance.max())

@@ -21,6 +21,7 @@ from pipeline.blockmath import (
     chunk_side,
     fixed_matmul,
     in_row_pieces,
+    operand_width,
     sample_rows,
     scale_right,
 )
@@ -29,7 +30,7 @@ from pipeline.roc import (
     Binning,
 )
 from pipeline.store import Store, bad_rows_error
-from pipeline.tail import ExactTies, duplicate_ids, start_rank, tail_size, zero_coordinate
+from pipeline.tail import duplicate_ids, exact_ties, start_rank, tail_size
 from pipeline.tiles import TileLoop
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,11 @@ class Prepared:
     x: np.ndarray
     """[N, D] float32 sorted rows, centred (l2) or normalised (cosine): a view into `left`."""
     left: torch.Tensor
-    """[N, D+2] rows [x, |x|^2, 1] (l2) or [N, D+1] rows [x, 1] (cosine)."""
+    """[N, D+2] rows [x, |x|^2, 1] (l2), [N, D+1] rows [x, 1] (cosine) or [N, D+2] rows [x, -o, 1] (cosine with
+    score offsets o): `pipeline.blockmath.augment`."""
     right: torch.Tensor
-    """[N, D+2] rows [-2x, 1, |x|^2] (l2) or [N, D+1] rows [x, 0] (cosine): `left @ right.T` is the value."""
+    """[N, D+2] rows [-2x, 1, |x|^2] (l2), [N, D+1] rows [x, 0] (cosine) or [N, D+2] rows [x, 1, -o] (cosine with
+    offsets): `left @ right.T` is the value."""
     labels: torch.Tensor
     """[N] int64 sorted labels on the device."""
     order: np.ndarray
@@ -58,19 +61,26 @@ class Prepared:
     n_positive: int
     dups: np.ndarray | None = None
     """Per sorted row, the id of its class of identical rows (-1: none); None when no two rows are identical."""
+    offsets: np.ndarray | None = None
+    """Per sorted row, its score offset (float32; cosine only): a pair's value is cos - o_i - o_j. None: none."""
 
     @property
     def n(self) -> int:
         return len(self.order)
 
+    @property
+    def offset_range(self) -> tuple[float, float] | None:
+        """(smallest, largest) score offset, or None."""
+        return None if self.offsets is None else (float(self.offsets.min()), float(self.offsets.max()))
+
     def scale_to_bins(self, b: Binning) -> None:
         """Make `left @ right.T` the bin coordinate `(value - lo) * bins / (hi - lo)` (in place, once): bin k
         holds coordinates [k, k+1). Nearest neighbours are unchanged (a positive scale and a shift)."""
         if self.right.device.type == "cpu":  # the same float32 operations as out-of-core blocks
-            scale_right(self.right.numpy(), b.lo, b.hi, b.bins, self.x.shape[1], self.metric)
+            scale_right(self.right.numpy(), b.lo, b.hi, b.bins)
             return
         s = b.bins / (b.hi - b.lo)
-        ones = self.x.shape[1] + (1 if self.metric == "l2" else 0)  # left's column of ones
+        ones = self.right.shape[1] - 1  # left's column of ones
         self.right *= float(np.float32(s))
         self.right[:, ones] -= float(np.float32(s * b.lo))
 
@@ -109,14 +119,18 @@ def normalise(x: np.ndarray, what: str, inplace: bool = False) -> np.ndarray:
     return (x / norms[:, None]).astype(np.float32)
 
 
-def prepare(store: Store, metric: str, device: torch.device) -> Prepared:
-    """Read, check, sort by identity and transform the rows of `store` for tile products on `device`."""
+def prepare(store: Store, metric: str, device: torch.device, score_norm: bool = True) -> Prepared:
+    """Read, check, sort by identity and transform the rows of `store` for tile products on `device`; with the
+    store's score offsets unless `score_norm` is False."""
     if store.n < 2:
         raise PipelineError(f"{store.path} has {store.n} row(s): scoring needs at least two")
+    offsets = store.score_offsets(metric, score_norm)
     labels = store.labels
     order = np.argsort(labels, kind="stable")
+    if offsets is not None:
+        offsets = offsets[order]
     d = store.dim
-    left_np = np.empty((store.n, d + 2 if metric == "l2" else d + 1), dtype=np.float32)
+    left_np = np.empty((store.n, operand_width(d, metric, offsets is not None)), dtype=np.float32)
     right_np = np.empty_like(left_np)
     # read into `right`'s memory (contiguous rows read fastest), then copied in label order into `left`, whose
     # first D columns are transformed there; `augment` then overwrites all of `right` (no third copy of the rows)
@@ -143,7 +157,10 @@ def prepare(store: Store, metric: str, device: torch.device) -> Prepared:
     for s in range(0, store.n, STAT_ROWS):  # per block, as out-of-core scoring does; row by row the same
 
         def piece(a: int, b: int, s: int = s) -> None:
-            sq[s + a : s + b] = augment(x[s + a : s + b], mean, metric, left_np[s + a : s + b], right_np[s + a : s + b])
+            o = None if offsets is None else offsets[s + a : s + b]
+            sq[s + a : s + b] = augment(
+                x[s + a : s + b], mean, metric, left_np[s + a : s + b], right_np[s + a : s + b], o
+            )
 
         in_row_pieces(piece, min(STAT_ROWS, store.n - s))
     if metric == "cosine":
@@ -169,6 +186,7 @@ def prepare(store: Store, metric: str, device: torch.device) -> Prepared:
         max_norm,
         n_positive,
         dups,
+        offsets,
     )
 
 
@@ -214,7 +232,8 @@ class TorchTiles:
 
 
 class FaissTiles:
-    """Tile values by `faiss.pairwise_distances` (squared L2 or inner product) on the CPU."""
+    """Tile values by `faiss.pairwise_distances` (squared L2 or inner product, minus the rows' score offsets) on
+    the CPU."""
 
     name = "faiss"
 
@@ -229,8 +248,11 @@ class FaissTiles:
         self.device = prep.left.device
 
     def values(self, t: Tile, on_block: OnBlock | None = None, pending: list | None = None) -> torch.Tensor:
-        x = self.x
+        x, o = self.x, self.prep.offsets
         v = self.faiss.pairwise_distances(x[t.r0 : t.r1], x[t.c0 : t.c1], self.metric)
+        if o is not None:  # cos - o_i - o_j
+            v -= o[t.r0 : t.r1, None]
+            v -= o[None, t.c0 : t.c1]
         v -= self.lo
         v *= self.scale  # bin coordinates, as the torch backend's products give them
         return torch.from_numpy(v).to(self.device)
@@ -281,7 +303,7 @@ def choose_binning(prep: Prepared, bins: int, seed: int = 0, sample_pairs: int =
         vmax = float(np.partition(allv, len(allv) - 1 - k)[len(allv) - 1 - k])
         r = min(keep, len(allv)) - 1
         near = float(np.partition(allv, r)[r] if prep.metric == "l2" else -np.partition(-allv, r)[r])
-    lo, hi = bin_range(vmin, vmax, prep.metric, prep.max_norm)
+    lo, hi = bin_range(vmin, vmax, prep.metric, prep.max_norm, prep.offset_range)
     return Binning(float(lo), float(hi), bins, prep.metric, near)
 
 
@@ -293,8 +315,7 @@ class TileScorer(TileLoop):
     the extreme pair through the sort order."""
 
     def __init__(self, prep: Prepared, binning: Binning, backend, counting: str = "auto", tail_k: int = 0):
-        b = binning
-        ties = ExactTies(prep.dups, zero_coordinate(b.lo, b.hi, b.bins, prep.metric), prep.metric)
+        ties = exact_ties(binning, prep.dups, prep.offsets)
         super().__init__(binning, lambda t, a2, b2, on_block=None, pending=None: backend.values(t, on_block, pending), prep.labels.cpu().numpy(), prep.metric,
                          prep.order, prep.left.device, counting, tail_k=tail_k, ties=ties)  # fmt: skip
         self.prep, self.backend = prep, backend

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 def rank1_accuracy(prep: Prepared, backend: str, block: int) -> dict:
     """Rank-1 identification: for each image whose person has another image, is its nearest other image (all
-    other images are the gallery) of the same person? FAISS exact k-NN when installed, torch otherwise."""
+    other images are the gallery) of the same person? Nearest: the most similar score, so with score offsets the
+    largest cos(q, g) - o_g. FAISS exact k-NN when installed, torch otherwise (`left @ right.T`, the scores)."""
     queries = np.flatnonzero(prep.group_end - prep.group_start > 1)
     if len(queries) == 0:
         return {"rank1_accuracy": float("nan"), "rank1_queries": 0}
@@ -35,10 +36,14 @@ def rank1_accuracy(prep: Prepared, backend: str, block: int) -> dict:
 def _nearest_faiss(prep: Prepared, queries: np.ndarray) -> np.ndarray:
     import faiss
 
-    index = (faiss.IndexFlatL2 if prep.metric == "l2" else faiss.IndexFlatIP)(prep.x.shape[1])
     x = np.ascontiguousarray(prep.x)
+    q = x[queries]
+    if prep.offsets is not None:  # [x_g, -o_g] . [x_q, 1] = cos - o_g: the query's own offset ranks nothing
+        x = np.ascontiguousarray(np.c_[x, -prep.offsets])
+        q = np.c_[q, np.ones(len(q), dtype=np.float32)]
+    index = (faiss.IndexFlatL2 if prep.metric == "l2" else faiss.IndexFlatIP)(x.shape[1])
     index.add(x)
-    _, nn = index.search(x[queries], 2)
+    _, nn = index.search(q, 2)
     return np.where(nn[:, 0] == queries, nn[:, 1], nn[:, 0])
 
 
