@@ -29,6 +29,7 @@ BENCHMARKS = {
     "run-embed": "bench_run_embed",
     "finetune-ablation": "finetune_ablation",
     "join-members": "join_members",
+    "cohort-norm": "cohort_norm",
     "machine": "machine",
 }
 """`cli.py bench NAME` -> the module `benchmarks.MODULE`, whose `command` it runs (as `python -m benchmarks.MODULE`)."""

@@ -133,3 +133,23 @@ def test_torchrun_assembly_writes_the_offsets_of_the_whole_store(tiny_lfw, tmp_p
     embed_parts.assemble(tmp_path / "all.h5", parts, len(rows), rows.shape[1], {"model": "m"}, arrays, {},
                          "float32", cohort)  # fmt: skip
     np.testing.assert_array_equal(read(tmp_path / "all.h5")[1], single[1])
+
+
+def test_bench_cohort_norm_agrees_with_finetunes_own_record(tiny_lfw, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from benchmarks.cohort_norm import command
+
+    out = ft.finetune(config(tiny_lfw, tmp_path / "b.pt", **KW))
+    args = ["--data-root", str(tiny_lfw), "--top", "3", "--top", "2", str(out)]
+    result = CliRunner().invoke(command, args, catch_exceptions=False)
+    start = '{"checkpoint"'
+    rows = [json.loads(line[line.index(start) :]) for line in result.output.splitlines() if start in line]
+    assert [(r["variant"], r["top"]) for r in rows] == [
+        ("cosine", 0), ("cohort mean", 3), ("AS-norm", 3), ("cohort mean", 2), ("AS-norm", 2)
+    ]  # fmt: skip
+    record = torch.load(out, weights_only=True)["cohort_validation"]
+    assert rows[1]["auc"] == pytest.approx(record["val_auc"], abs=3e-3)  # finetune's cohort is float16
+    assert "| cohort mean | 3 |" in result.output

@@ -53,11 +53,16 @@ def all_pairs_metrics(
             values = values - offsets.float()[:, None] - offsets.float()[None, :]
     else:
         values = torch.cdist(emb, emb)
+    return matrix_metrics(values.numpy(), labels, metric)
+
+
+def matrix_metrics(values: np.ndarray, labels: np.ndarray, metric: str) -> dict[str, float] | None:
+    """`all_pairs_metrics` of the pairs i < j of a full score matrix (`metric` says which way is similar)."""
     i, j = np.triu_indices(len(labels), 1)
     same = labels[i] == labels[j]
     if same.all() or not same.any():
         return None
-    pos, neg, thr = roc.exact_counts(values.numpy()[i, j], same, metric)
+    pos, neg, thr = roc.exact_counts(values[i, j], same, metric)
     m = roc.roc_metrics(pos, neg, thr, float("nan"), exact=True)
     return {"auc": m["auc"], "tar_at_far": m["tar_at_far"][f"{VAL_FAR:g}"]}
 

@@ -1,0 +1,74 @@
+"""Validation of cohort score normalisations on finished `finetune` checkpoints of the best recipe (one network
+or an ensemble): the plain cosine, the cohort mean (`pipeline.cohort`: cos - o_i - o_j, o half the mean of the K
+largest cosines with the training images) and AS-norm (adaptive s-norm: the mean of the two images' z-scores over
+their K largest cohort cosines), for several K. The cohort is the checkpoint's training images, the validation
+images are its held-out people's; the test splits are never looked at:
+
+    python cli.py bench cohort-norm --data-root ../shared/data runs/cn-seed0/finetune/model.pt ...
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+
+def variants(emb: torch.Tensor, cohort: torch.Tensor, tops: list[int]) -> dict[tuple[str, int], np.ndarray]:
+    """(name, K) -> the validation images' score matrix."""
+    from torch.nn import functional as F
+
+    e, c = F.normalize(emb, dim=1), F.normalize(cohort, dim=1)
+    s, sims = e @ e.T, e @ c.T
+    out = {("cosine", 0): s.numpy()}
+    for k in tops:
+        top = sims.topk(min(k, sims.shape[1]), dim=1).values
+        mu, sd = top.mean(1), top.std(1)
+        out["cohort mean", k] = (s - 0.5 * (mu[:, None] + mu[None, :])).numpy()
+        z = (s - mu[:, None]) / sd[:, None]
+        out["AS-norm", k] = (0.5 * (z + z.T)).numpy()
+    return out
+
+
+@click.command("cohort-norm")
+@click.option("--data-root", type=click.Path(path_type=Path), required=True)
+@click.option("--top", "tops", type=int, multiple=True, default=(25, 50, 100, 200, 400, 1000), show_default=True,
+              help="K: how many of an image's most similar cohort images the normalisation uses.")  # fmt: skip
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+def command(data_root: Path, tops: tuple[int, ...], checkpoints: tuple[Path, ...]) -> None:
+    """Print validation AUC and TAR at FAR 1e-3 of each normalisation, per checkpoint and their mean."""
+    from pipeline.errors import PipelineError
+    from pipeline.finetune import TRAINERS, FinetuneConfig
+    from pipeline.finetune.config import RUNTIME_FIELDS
+    from pipeline.finetune.ensemble import joined_embedding
+    from pipeline.finetune.validation import matrix_metrics
+
+    known = set(FinetuneConfig.__dataclass_fields__) - set(RUNTIME_FIELDS)
+    results: dict[tuple[str, int], list[dict]] = {}
+    for path in checkpoints:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        config = ckpt["config"]
+        if config["recipe"] != "best":
+            raise PipelineError(f"{path}: a checkpoint of the best recipe is needed")
+        values = {k: v for k, v in config.items() if k in known} | {"data_root": data_root, "members": 1}
+        values["split_seed"] = config["seed"] if config.get("split_seed") is None else config["split_seed"]
+        trainer = TRAINERS["best"](FinetuneConfig(out=Path("unused.pt"), **values).resolved(), torch.device("cpu"))
+        states = [ckpt["model"], *ckpt.get("members", [])]
+        emb = joined_embedding(trainer, states)
+        cohort = joined_embedding(trainer, states, np.arange(trainer.n_train))
+        for key, scores in variants(emb, cohort, list(tops)).items():
+            m = matrix_metrics(scores, trainer.val_labels, "cosine")
+            results.setdefault(key, []).append(m)
+            click.echo(json.dumps({"checkpoint": str(path), "variant": key[0], "top": key[1], **m}))
+    names = " / ".join(p.parent.parent.name or p.name for p in checkpoints)
+    click.echo(f"\n| normalisation | K | validation AUC ({names}) | TAR@1e-3 | mean AUC | mean TAR@1e-3 |")
+    click.echo("| --- | --- | --- | --- | --- | --- |")
+    for (name, k), ms in results.items():
+        aucs, tars = [m["auc"] for m in ms], [m["tar_at_far"] for m in ms]
+        click.echo(
+            f"| {name} | {k or '-'} | {' / '.join(f'{a:.4f}' for a in aucs)} | {' / '.join(f'{t:.3f}' for t in tars)}"
+            f" | {np.mean(aucs):.4f} | {np.mean(tars):.3f} |"
+        )
