@@ -24,7 +24,8 @@ def cohort_fields(trainer: Trainer, states: list[dict], top: int) -> dict:
     AUC and TAR with the scores `embed` and `score` then give (cos - o_i - o_j), o averaging `top` cosines."""
     t0 = time.perf_counter()
     train_rows = np.arange(trainer.n_train)
-    cohort = F.normalize(joined_embedding(trainer, states, train_rows), dim=1).half()
+    # the cohort is reference data, stored in float16: on the CPU it is computed as the recipe trains (`bf16`)
+    cohort = F.normalize(joined_embedding(trainer, states, train_rows, bool(trainer.cfg.bf16)), dim=1).half()
     val: dict = {"val_auc": None, TAR_KEY: None}
     if len(trainer.val_rows) >= 2:
         emb = joined_embedding(trainer, states)

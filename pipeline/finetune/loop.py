@@ -317,13 +317,14 @@ class Trainer(RecipeHooks):
         views = self.embed_views(rows)
         return views[0] if len(views) == 1 else (views[0] + views[1]) / 2
 
-    def embed_views(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """`embed_rows` before the mean: [outputs] or, with `tta_flip`, [outputs, mirror images' outputs]."""
+    def embed_views(self, rows: torch.Tensor, cpu_bf16: bool = False, batch: int = 64) -> list[torch.Tensor]:
+        """`embed_rows` before the mean: [outputs] or, with `tta_flip`, [outputs, mirror images' outputs] (on the
+        CPU in float32, or under bfloat16 autocast with `cpu_bf16`), `batch` rows at a time."""
         was = self.model.training
         self.model.eval()
         out: list[list[torch.Tensor]] = [[] for _ in range(2 if self.cfg.tta_flip else 1)]
-        for idx in rows.split(64):
-            with autocast(self.device):
+        for idx in rows.split(batch):
+            with autocast(self.device, cpu_bf16=cpu_bf16):
                 for mirrored, views in enumerate(out):
                     flip = torch.ones(len(idx), dtype=torch.bool) if mirrored else None
                     views.append(self.embed(idx, flip).float().cpu())
