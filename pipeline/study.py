@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pipeline import models, outputs
+from pipeline.cohort import model_cohort
 from pipeline.embed import EmbedConfig, default_data_root
 from pipeline.finetune import FinetuneConfig, finetune, recognise_training_figure, write_training_figure
 from pipeline.report import TRAINING_FILE, report
@@ -132,6 +133,9 @@ def _reusable(cfg: RunConfig, store_cfg: EmbedConfig) -> bool:
         same = a.get("weights_sha256", "") == models.weights_provenance(store_cfg.weights)["weights_sha256"]
         same = same and a.get("layer") == store_cfg.layer and int(a.get("limit", 0)) == (cfg.limit or 0)
         same = same and bool(a.get("tta_flip", False)) == store_cfg.tta_flip
+        # offsets exactly when the weights hold a cohort for this embedding (stores of earlier versions have none)
+        cohort = model_cohort(store_cfg.weights, store_cfg.layer, store_cfg.tta_flip)
+        same = same and (store.offsets is not None) == (cohort is not None)
     log.info("reusing %s" if same else "%s was made from other weights or options: embedding again", out)
     return same
 
@@ -151,10 +155,13 @@ def _mtime(path: Path) -> int | None:
 def _score(
     store: Path, out: Path, all_pairs: bool, metric: str, variant: str, label: str, fresh: bool, device: str
 ) -> tuple[dict, bool]:
-    """Score a store unless its results folder exists for the same store and metric; (metrics, scored)."""
+    """Score a store unless its results folder exists for the same store, metric and score offsets; (metrics,
+    scored)."""
     if (out / "metrics.json").is_file() and not fresh:
         metrics = read_json(out / "metrics.json", "results file")
-        if metrics.get("metric") == metric:
+        with open_store(store, need_labels=False) as s:
+            norm = None if s.offsets is None or metric != "cosine" else s.score_norm
+        if metrics.get("metric") == metric and metrics.get("score_norm") == norm:
             log.info("reusing %s", out)
             return metrics, False
     metrics = score_store(
