@@ -197,6 +197,8 @@ def draw_scores(acc: HistogramROC, target, title: str, thresholds: dict[str, flo
                 1.0 - thresholds[key] if cosine else thresholds[key], color=colour, ls=style, lw=1.2, label=label
             )
     ax.set_xlim(grid[0], grid[-1])
+    if cosine and metrics.get("score_norm"):  # cohort score normalisation: cos - o_i - o_j
+        xlabel = "cosine similarity - both offsets (cohort normalised; large = same person)"
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     ax.set_title(title, fontsize=10)
