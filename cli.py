@@ -71,7 +71,10 @@ def main(verbose: bool) -> None:
 @main.command()
 @embed_options
 def embed(**options) -> None:
-    """Embed every image of a face set (LFW protocol split, folder tree, .bin) once into an HDF5 store."""
+    """Embed every image of a face set (LFW protocol split, folder tree, .bin) once into an HDF5 store.
+
+    With a finetune checkpoint that holds a cohort (--cohort-top), the store also gets each image's score offset
+    (/score_offsets), which `score` subtracts from the cosines (cohort score normalisation)."""
     from pipeline.embed import EmbedConfig
     from pipeline.embed import embed as run_embed
     from pipeline.runtime import sigterm_as_interrupt

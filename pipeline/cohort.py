@@ -1,7 +1,7 @@
 """Cohort score normalisation: each image's offset from a cohort of other people's images.
 
 Some images are similar to many faces (a blurred, dark or turned face; a common expression); their impostor
-scores are high, and at a low false accept rate those few images take most of the accepted impostors. The
+scores are high, and at a low false accept rate such images can take most of the accepted impostors. The
 cohort normalisation (the mean-only form of adaptive score normalisation, AS-norm) corrects for it: an image's
 offset o is half the mean of its K largest cosine similarities with a cohort of images of people the score never
 sees (for a fine-tuned model: its training images), and the score of two images is
