@@ -153,3 +153,42 @@ def test_bench_cohort_norm_agrees_with_finetunes_own_record(tiny_lfw, tmp_path):
     record = torch.load(out, weights_only=True)["cohort_validation"]
     assert rows[1]["auc"] == pytest.approx(record["val_auc"], abs=3e-3)  # finetune's cohort is float16
     assert "| cohort mean | 3 |" in result.output
+
+
+def test_real_lfw_slice_with_a_cohort(shared_data, shared_weights, tmp_path):
+    """Real images, real SqueezeNet: a checkpoint whose cohort is 60 real training images; the offsets embed
+    writes for the first 40 peopleDevTest images, and the AUC and TAR `score` gives, agree with brute force and
+    scikit-learn on cos - o_i - o_j."""
+    from sklearn.metrics import roc_auc_score
+
+    from pipeline.score import ScoreConfig, score
+
+    def cfg(out, split, weights):
+        return EmbedConfig(out=out, data_root=shared_data, protocol="people", split=split, weights=str(weights),
+                           layer="penultimate", tta_flip=True, limit=40 if split == "test" else 60, workers=0,
+                           device="cpu")  # fmt: skip
+
+    train, _, _ = read(embed(cfg(tmp_path / "train.h5", "train", shared_weights)))
+    ckpt = {
+        "model": torch.load(shared_weights, weights_only=True),
+        "config": {"model": "squeezenet1_0", "recipe": "best", "layer": "penultimate", "tta_flip": True},
+        "cohort": F.normalize(torch.as_tensor(train), dim=1).half(),
+        "cohort_top": 10,
+    }
+    torch.save(ckpt, tmp_path / "c.pt")
+    store = embed(cfg(tmp_path / "test.h5", "test", tmp_path / "c.pt"))
+    rows, offsets, _ = read(store)
+    np.testing.assert_allclose(offsets, brute_offsets(rows, ckpt["cohort"].float().numpy(), 10), atol=1e-5)
+    with h5py.File(store, "r") as f:
+        labels = f["labels"][:]
+    m = score(ScoreConfig(store=store, out=tmp_path / "res", metric="cosine", progress=False))
+    x = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    i, j = np.triu_indices(len(rows), 1)
+    values = (x @ x.T)[i, j] - offsets[i] - offsets[j]
+    same = labels[i] == labels[j]
+    assert m["score_norm"] is not None and m["n_pairs"] == len(i)
+    exact = roc_auc_score(same, values)
+    assert abs(m["auc"] - exact) <= m["auc_error_bound"] + 1e-6  # the bins' bound, as tests/test_score.py
+    assert m["max_distance"] == pytest.approx(1 - values.min(), rel=1e-5)
+    plain = score(ScoreConfig(store=store, out=tmp_path / "plain", metric="cosine", score_norm=False, progress=False))
+    assert plain["score_norm"] is None and plain["auc"] != m["auc"]
