@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -20,7 +21,7 @@ from pipeline.distributed import init_world, split_range
 from pipeline.embed_parts import assemble, complete_part, part_path
 from pipeline.errors import PipelineError
 from pipeline.runtime import autocast, keep_freed_memory, reproducible_kernels, resolve_device, seed_everything
-from pipeline.store import partial_path, recognise_partial, recognise_store
+from pipeline.store import OFFSETS, partial_path, recognise_partial, recognise_store
 from pipeline.store_writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -230,9 +231,16 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
     identity = store_identity(cfg, proto)
     if cfg.resume and out.exists():  # a requeued run whose store was finished already
         if complete_part(out, identity):
-            log.info("%s is already complete with these settings; nothing to do", out)
-            return out
-        if not cfg.overwrite:
+            if _offsets_missing(out, cfg):
+                if not cfg.overwrite:
+                    raise PipelineError(
+                        f"{out} is complete but has no score offsets, although {cfg.weights} holds a cohort (the "
+                        f"store was made by a version without cohort normalisation); pass --overwrite to embed again"
+                    )
+            else:
+                log.info("%s is already complete with these settings; nothing to do", out)
+                return out
+        elif not cfg.overwrite:
             raise PipelineError(f"{out} exists and was made with other settings; pass --overwrite to replace it")
     world, device = init_world(resolve_device(cfg.device))
     seed_everything(cfg.seed)
@@ -256,6 +264,13 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
         assemble(out, parts, len(proto), dim, identity, store_arrays(proto), extra, cfg.dtype, cohort)
     world.barrier()
     return out
+
+
+def _offsets_missing(out: Path, cfg: EmbedConfig) -> bool:
+    """A store of these weights without the score offsets that their cohort gives (an earlier version's)."""
+    with h5py.File(out, "r") as f:
+        has = OFFSETS in f
+    return not has and model_cohort(cfg.weights, cfg.layer, cfg.tta_flip) is not None
 
 
 @dataclass(frozen=True)

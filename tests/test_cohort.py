@@ -5,6 +5,7 @@ normalised validation; on a tiny generated LFW with random-init networks."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -115,6 +116,24 @@ def test_finetune_keeps_the_cohort_and_embed_writes_its_offsets(tiny_lfw, tmp_pa
             _, none, _ = read(embed(store(tiny_lfw, tmp_path / "n.h5", out, flip=False)))
         assert none is None and "no score offsets" in caplog.text
         assert model_cohort(str(pre), "penultimate", True) is None
+
+
+def test_resume_refuses_a_complete_store_without_the_cohorts_offsets(tiny_lfw, tmp_path):
+    out = ft.finetune(config(tiny_lfw, tmp_path / "a.pt", **KW))
+    cfg = store(tiny_lfw, tmp_path / "s.h5", out)
+    embed(cfg)
+    rows, offsets, _ = read(cfg.out)
+    mtime = cfg.out.stat().st_mtime_ns
+    assert embed(replace(cfg, resume=True)) == cfg.out and cfg.out.stat().st_mtime_ns == mtime  # complete: kept
+    with h5py.File(cfg.out, "a") as f:  # a store of a version without score offsets
+        del f[OFFSETS]
+    with pytest.raises(PipelineError, match="no score offsets.*--overwrite"):
+        embed(replace(cfg, resume=True))
+    assert read(cfg.out)[1] is None  # left as it was
+    embed(replace(cfg, resume=True, overwrite=True))
+    again, restored, _ = read(cfg.out)
+    np.testing.assert_array_equal(again, rows)
+    np.testing.assert_array_equal(restored, offsets)
 
 
 def test_torchrun_assembly_writes_the_offsets_of_the_whole_store(tiny_lfw, tmp_path, monkeypatch):
