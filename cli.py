@@ -16,6 +16,7 @@ from cli_options import (
     embed_options,
     finetune_options,
     network_source_options,
+    tta_resizes_option,
     workers_option,
 )
 from pipeline.errors import PipelineError
@@ -297,6 +298,7 @@ def finetune(**options) -> None:
     "--embed-batch-size", type=int, default=64, show_default=True, help="Images per forward pass when embedding."
 )
 @click.option("--limit", type=int, default=None, help="Quick runs: only the first N test pairs / test images.")
+@tta_resizes_option("Applies to the fine-tuned network's stores [the recipe's: best 240,272; study none].", None)
 @click.option(
     "--overwrite", is_flag=True, help="Redo every step instead of reusing finished ones (replaces only what run wrote)."
 )

@@ -85,6 +85,28 @@ def faceset_options(f):
     return f
 
 
+def _sizes(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    """`240,272` -> (240, 272); `none` or an empty value -> (); unset -> None."""
+    if value is None:
+        return None
+    if value.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected sizes in pixels, e.g. 240,272 (or none), got {value!r}") from None
+
+
+def tta_resizes_option(default_help: str, default: str | None):
+    return click.option(
+        "--tta-resizes",
+        default=default,
+        callback=_sizes,
+        help="Test-time scales: more shorter sides (pixels, e.g. 240,272), each centre-cropped to the input size "
+        "too; a row is the mean of the image's embeddings over the crops (none: the one crop). " + default_help,
+    )
+
+
 def network_input_options(f):
     """`embed`'s preprocessing: crop size, resize, normalisation (defaults: torchvision's ImageNet ones)."""
     for option in reversed(
@@ -258,6 +280,7 @@ def embed_options(f):
                 help="Test-time flip: each row is the mean of the image's and its mirror image's outputs (what a "
                 "--recipe best model with --tta-flip was validated with).",
             ),
+            tta_resizes_option("[none]", "none"),
             click.option(
                 "--layer",
                 type=click.Choice(["output", "penultimate"]),

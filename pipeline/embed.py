@@ -66,6 +66,8 @@ class EmbedConfig:
     """output (1000-d network output, the study's) | penultimate."""
     tta_flip: bool = False
     """Test-time flip: each row is the mean of the image's and its mirror image's outputs."""
+    tta_resizes: tuple[int, ...] = ()
+    """Test-time scales: more shorter sides, each centre-cropped too; each row is the mean over the crops."""
     batch_size: int = 32
     """Images per forward pass; a resumed run must use the same value."""
     workers: int = 2
@@ -122,7 +124,9 @@ class EmbedConfig:
 
     @property
     def preprocess(self) -> images.Preprocess:
-        return images.Preprocess(self.input_size, self.resize, tuple(self.mean), tuple(self.std))
+        return images.Preprocess(
+            self.input_size, self.resize, tuple(self.mean), tuple(self.std), tuple(self.tta_resizes)
+        )
 
 
 def store_arrays(proto: data.LFWProtocol) -> dict:
@@ -180,10 +184,11 @@ def forward(
     deterministic: bool = False,
     preprocess: images.Preprocess = images.IMAGENET,
 ) -> np.ndarray:
-    """One inference batch of uint8 crops (`Preprocess.crop`) -> float32 numpy rows."""
-    x = preprocess.normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+    """One inference batch of uint8 crops (`Preprocess.crop`) -> float32 numpy rows (the mean over each image's
+    crops with test-time resizes)."""
+    x = preprocess.normalize(x.to(device, non_blocking=True))
     with torch.inference_mode(), autocast(device), reproducible_kernels(device, deterministic):
-        return embedder(x).float().cpu().numpy()
+        return images.mean_over_views(embedder, x).float().cpu().numpy()
 
 
 def embed(cfg: EmbedConfig) -> Path:
@@ -320,7 +325,9 @@ def _fill(writer: StoreWriter, embedder, proto, cfg: EmbedConfig, device, rows: 
     start = rows.start + writer.rows_done
     bad = [int(r) for r in writer.file.attrs.get("bad_rows", [])]
     pre = cfg.preprocess
-    files = images.ImageFiles([proto.source(i) for i in range(len(proto))], pre.crop(), pre.shape, names=proto.paths)
+    files = images.ImageFiles(
+        [proto.source(i) for i in range(len(proto))], pre.crop(), pre.crops_shape, names=proto.paths
+    )
     loader = DataLoader(
         Subset(files, range(start, rows.stop)),
         batch_size=cfg.batch_size,

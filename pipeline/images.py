@@ -37,12 +37,18 @@ class Preprocess:
     """Shorter side after resizing, before the crop; None: input_size * 256 / 224 (256 for 224, 128 for 112)."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    tta_resizes: tuple[int, ...] = ()
+    """Test-time augmentation over scales: more shorter sides, each centre-cropped to `input_size` too; `crop`
+    then gives a stack of crops (`resize_to`'s first) and the embedding is the mean over them."""
 
     def __post_init__(self):
         if self.input_size < 1:
             raise ValueError(f"input size must be a positive number of pixels, got {self.input_size}")
-        if self.resize is not None and self.resize < self.input_size:
-            raise ValueError(f"resize ({self.resize}) must be at least the input size ({self.input_size})")
+        for r in (self.resize, *self.tta_resizes):
+            if r is not None and r < self.input_size:
+                raise ValueError(f"resize ({r}) must be at least the input size ({self.input_size})")
+        if len(set((self.resize_to, *self.tta_resizes))) != 1 + len(self.tta_resizes):
+            raise ValueError(f"test-time resizes {self.tta_resizes} repeat a size (or the resize {self.resize_to})")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"mean and std need 3 values (R, G, B), got {self.mean} and {self.std}")
         if min(self.std) <= 0:
@@ -56,11 +62,19 @@ class Preprocess:
     def shape(self) -> tuple[int, int, int]:
         return (3, self.input_size, self.input_size)
 
-    def crop(self) -> transforms.Compose:
-        """The PIL -> uint8 [3, S, S] part run by the decoding workers (4x less to pass than float)."""
-        return transforms.Compose(
-            [transforms.Resize(self.resize_to), transforms.CenterCrop(self.input_size), transforms.PILToTensor()]
-        )
+    @property
+    def crops_shape(self) -> tuple[int, ...]:
+        """The shape of one image's `crop`: `shape`, or [views, *shape] with `tta_resizes`."""
+        return (1 + len(self.tta_resizes), *self.shape) if self.tta_resizes else self.shape
+
+    def crop(self):
+        """The PIL -> uint8 [3, S, S] part run by the decoding workers (4x less to pass than float); with
+        `tta_resizes`, [views, 3, S, S]: the crop at `resize_to`, then one per test-time resize."""
+        crops = [
+            transforms.Compose([transforms.Resize(r), transforms.CenterCrop(self.input_size), transforms.PILToTensor()])
+            for r in (self.resize_to, *self.tta_resizes)
+        ]
+        return Stacked(crops) if self.tta_resizes else crops[0]
 
     def transform(self) -> transforms.Compose:
         """The whole preprocessing as one torchvision transform (PIL -> normalised float)."""
@@ -80,16 +94,37 @@ class Preprocess:
         return (x.float().div(255) - mean) / std
 
     def describe(self, model: str) -> str:
-        """The store's `transform` attribute: model, sizes, mean and std as JSON."""
-        return json.dumps(
-            {
-                "model": model,
-                "resize": self.resize_to,
-                "input_size": self.input_size,
-                "mean": list(self.mean),
-                "std": list(self.std),
-            }
-        )
+        """The store's `transform` attribute: model, sizes, mean and std (and test-time resizes) as JSON."""
+        described = {
+            "model": model,
+            "resize": self.resize_to,
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+        if self.tta_resizes:  # stores of earlier versions keep their attribute
+            described["tta_resizes"] = list(self.tta_resizes)
+        return json.dumps(described)
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """Several crops of one image as one tensor [views, 3, S, S] (picklable for decoding workers)."""
+
+    crops: list
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.stack([c(image) for c in self.crops])
+
+
+def mean_over_views(embed, x: torch.Tensor) -> torch.Tensor:
+    """`embed` of a batch of normalised images [B, 3, S, S], or of crops [B, V, 3, S, S] (`Preprocess.crop` with
+    `tta_resizes`): the mean of each image's V embeddings."""
+    if x.dim() == 4:
+        return embed(x.contiguous(memory_format=torch.channels_last))
+    b, v = x.shape[:2]
+    y = embed(x.flatten(0, 1).contiguous(memory_format=torch.channels_last))
+    return y.float().view(b, v, -1).mean(1)
 
 
 IMAGENET = Preprocess()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,20 +34,32 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Network:
-    """One (weights, layer, flip) network: the frozen part it runs (maybe another network's) and its tail."""
+    """One (weights, layer, flip, test-time resizes) network: the frozen part it runs (maybe another network's),
+    its tail, and which of the pass's crops it averages (`views`: 0 is the centre crop at the usual resize)."""
 
     key: tuple
     frozen: torch.nn.Module
     tail: torch.nn.Module
     flip: bool
+    views: tuple[int, ...] = (0,)
     rows: np.ndarray | None = None
+
+
+def _key(cfg: EmbedConfig) -> tuple:
+    return (cfg.weights, cfg.layer, cfg.tta_flip, tuple(cfg.tta_resizes))
+
+
+def _resizes(cfgs: list[EmbedConfig]) -> tuple[int, ...]:
+    """The test-time resizes of all the stores: the pass crops each image at these too."""
+    return tuple(sorted({r for c in cfgs for r in c.tta_resizes}))
 
 
 def build_networks(cfgs: list[EmbedConfig], blocks: int | None, device: torch.device) -> list[_Network]:
     """The distinct networks of `cfgs`; a network whose frozen part equals an earlier one's runs that one."""
     nets: list[_Network] = []
+    union = _resizes(cfgs)
     for cfg in cfgs:
-        key = (cfg.weights, cfg.layer, cfg.tta_flip)
+        key = _key(cfg)
         if any(n.key == key for n in nets):
             continue
         model = prepare(models.build_model(cfg.model, cfg.weights), device)
@@ -55,17 +67,18 @@ def build_networks(cfgs: list[EmbedConfig], blocks: int | None, device: torch.de
         shared = next((n.frozen for n in nets if same_state(n.frozen, frozen)), None)
         if shared is not None:
             log.info("%s shares its first layers with an earlier network: they run once per image", cfg.weights)
-        nets.append(_Network(key, shared or frozen, tail, cfg.tta_flip))
+        views = (0, *(1 + union.index(r) for r in cfg.tta_resizes))
+        nets.append(_Network(key, shared or frozen, tail, cfg.tta_flip, views))
     return nets
 
 
 def embed_together(cfgs: list[EmbedConfig], blocks: int | None = None) -> list[Path]:
     """Write the store of every config (LFW protocol splits of one data root, one model and preprocessing; any
-    weights, layers and test-time flips), each image decoded once and shared first layers run once."""
+    weights, layers, test-time flips and resizes), each image decoded once and shared first layers run once."""
     base = cfgs[0]
     if any(
-        (c.model, c.preprocess, c.data_root, c.image_set, c.dataset)
-        != (base.model, base.preprocess, base.data_root, base.image_set, base.dataset)
+        (c.model, replace(c.preprocess, tta_resizes=()), c.data_root, c.image_set, c.dataset)
+        != (base.model, replace(base.preprocess, tta_resizes=()), base.data_root, base.image_set, base.dataset)
         for c in cfgs
     ):
         raise ValueError("embed_together: the stores must share the model, preprocessing and image set")
@@ -95,8 +108,8 @@ def _embed_together(cfgs: list[EmbedConfig], blocks: int | None) -> list[Path]:
     device = resolve_device(base.device)
     seed_everything(base.seed)
     nets = build_networks(cfgs, blocks, device)
-    pre = base.preprocess
-    files = images.ImageFiles(list(index), pre.crop(), pre.shape, names=names)
+    pre = replace(base.preprocess, tta_resizes=_resizes(cfgs))
+    files = images.ImageFiles(list(index), pre.crop(), pre.crops_shape, names=names)
     loader = DataLoader(files, batch_size=base.batch_size, num_workers=base.workers, pin_memory=device.type == "cuda")
     log.info("embedding %d images once for %d stores (%d networks)", len(files), len(cfgs), len(nets))
     with tqdm(total=len(files), unit="img", desc="embed (shared)", dynamic_ncols=True) as bar:
@@ -104,7 +117,7 @@ def _embed_together(cfgs: list[EmbedConfig], blocks: int | None) -> list[Path]:
             bad = [e for e in errors if e]
             if bad:
                 raise PipelineError(bad[0])
-            _forward(nets, pre.normalize(x.to(device)).contiguous(memory_format=torch.channels_last), idx, len(files))
+            _forward(nets, pre.normalize(x.to(device)), idx, len(files))
             bar.update(len(idx))
     for net in nets:
         finite = np.isfinite(net.rows).all(axis=1)
@@ -114,7 +127,7 @@ def _embed_together(cfgs: list[EmbedConfig], blocks: int | None) -> list[Path]:
     by_key = {n.key: n for n in nets}
     paths = []
     for cfg, proto in zip(cfgs, protos, strict=True):
-        rows = by_key[(cfg.weights, cfg.layer, cfg.tta_flip)].rows
+        rows = by_key[_key(cfg)].rows
         own = rows[[index[str(proto.absolute(i))] for i in range(len(proto))]]
         paths.append(_write(cfg, proto, own, device))
     return paths
@@ -122,20 +135,26 @@ def _embed_together(cfgs: list[EmbedConfig], blocks: int | None) -> list[Path]:
 
 @torch.inference_mode()
 def _forward(nets: list[_Network], x: torch.Tensor, idx: torch.Tensor, n: int) -> None:
-    """Each network's rows of one batch: every distinct frozen part once (and on the mirror images once)."""
-    z: dict[tuple[int, bool], torch.Tensor] = {}  # (frozen part, mirrored) -> its output
+    """Each network's rows of one batch `x` ([B, 3, S, S], or crops [B, V, 3, S, S]): every distinct frozen part
+    once per crop (and on the mirror images once); a network's row is the mean over its crops."""
+    z: dict[tuple[int, int, bool], torch.Tensor] = {}  # (frozen part, crop, mirrored) -> its output
 
-    def frozen(net: _Network, mirrored: bool) -> torch.Tensor:
-        key = (id(net.frozen), mirrored)
+    def frozen(net: _Network, view: int, mirrored: bool) -> torch.Tensor:
+        key = (id(net.frozen), view, mirrored)
         if key not in z:
-            z[key] = net.frozen(x.flip(-1) if mirrored else x)
+            crop = x if x.dim() == 4 else x[:, view]
+            z[key] = net.frozen((crop.flip(-1) if mirrored else crop).contiguous(memory_format=torch.channels_last))
         return z[key]
 
     with autocast(x.device):
         for net in nets:
-            y = net.tail(frozen(net, False)).float()
-            if net.flip:
-                y = (y + net.tail(frozen(net, True)).float()) / 2
+            ys = []
+            for view in net.views:
+                y = net.tail(frozen(net, view, False)).float()
+                if net.flip:
+                    y = (y + net.tail(frozen(net, view, True)).float()) / 2
+                ys.append(y)
+            y = ys[0] if len(ys) == 1 else torch.stack(ys, 1).mean(1)
             if net.rows is None:
                 net.rows = np.empty((n, y.shape[1]), dtype=np.float32)
             net.rows[idx.numpy()] = y.cpu().numpy()

@@ -27,6 +27,7 @@ from pipeline import models, outputs
 from pipeline.cohort import model_cohort
 from pipeline.embed import EmbedConfig, default_data_root
 from pipeline.finetune import FinetuneConfig, finetune, recognise_training_figure, write_training_figure
+from pipeline.finetune.config import TTA_RESIZES
 from pipeline.report import TRAINING_FILE, report
 from pipeline.results import read_json
 from pipeline.score import score_store
@@ -74,6 +75,9 @@ class RunConfig:
     """Quick runs: embed only the first N test pairs / test images."""
     overwrite: bool = False
     """Redo every step (fine-tuning from scratch) instead of reusing finished ones."""
+    tta_resizes: tuple[int, ...] | None = None
+    """Test-time scales of the fine-tuned network's stores (`EmbedConfig.tta_resizes`); None: the recipe's
+    (`TTA_RESIZES`)."""
 
     def __post_init__(self):
         if self.model not in models.BACKBONES:
@@ -82,6 +86,10 @@ class RunConfig:
             raise ValueError("limit must be >= 2")
         if self.embed_batch_size < 1:
             raise ValueError("embed_batch_size must be >= 1")
+
+    @property
+    def test_resizes(self) -> tuple[int, ...]:
+        return TTA_RESIZES[self.recipe] if self.tta_resizes is None else tuple(self.tta_resizes)
 
     def finetune_config(self) -> FinetuneConfig:
         """The fine-tuning step's configuration (its checkpoint in OUT/finetune/model.pt)."""
@@ -102,7 +110,9 @@ class RunConfig:
         ).resolved()
 
 
-def _store_config(cfg: RunConfig, weights: str, layer: str, flip: bool, protocol: str, out: Path) -> EmbedConfig:
+def _store_config(
+    cfg: RunConfig, weights: str, layer: str, flip: bool, resizes: tuple[int, ...], protocol: str, out: Path
+) -> EmbedConfig:
     """What `embed` would be given for one test store of the run."""
     return EmbedConfig(
         out=out,
@@ -114,6 +124,7 @@ def _store_config(cfg: RunConfig, weights: str, layer: str, flip: bool, protocol
         weights=weights,
         layer=layer,
         tta_flip=flip,
+        tta_resizes=resizes,
         batch_size=cfg.embed_batch_size,
         workers=cfg.workers,
         device=cfg.device,
@@ -124,7 +135,7 @@ def _store_config(cfg: RunConfig, weights: str, layer: str, flip: bool, protocol
 
 
 def _reusable(cfg: RunConfig, store_cfg: EmbedConfig) -> bool:
-    """A complete store made from the same weights file, layer, test-time flip and limit."""
+    """A complete store made from the same weights file, layer, test-time flip and resizes, and limit."""
     out = Path(store_cfg.out)
     if cfg.overwrite or not out.exists():
         return False
@@ -133,6 +144,7 @@ def _reusable(cfg: RunConfig, store_cfg: EmbedConfig) -> bool:
         same = a.get("weights_sha256", "") == models.weights_provenance(store_cfg.weights)["weights_sha256"]
         same = same and a.get("layer") == store_cfg.layer and int(a.get("limit", 0)) == (cfg.limit or 0)
         same = same and bool(a.get("tta_flip", False)) == store_cfg.tta_flip
+        same = same and a.get("transform") == store_cfg.preprocess.describe(store_cfg.model)
         # offsets exactly when the weights hold a cohort for this embedding (stores of earlier versions have none)
         cohort = model_cohort(store_cfg.weights, store_cfg.layer, store_cfg.tta_flip)
         same = same and (store.offsets is not None) == (cohort is not None)
@@ -207,10 +219,13 @@ def _run(cfg: RunConfig, out: Path) -> dict:
     if _mtime(checkpoint) != before:
         seconds["finetune"] = round(time.perf_counter() - t0, 1)
     # every test store, then: the images both protocols use, and the first layers both networks share, once
-    networks = {"pretrained": (cfg.weights, False), "finetuned": (str(checkpoint), ft_cfg.tta_flip)}
+    networks = {
+        "pretrained": (cfg.weights, False, ()),
+        "finetuned": (str(checkpoint), ft_cfg.tta_flip, cfg.test_resizes),
+    }
     stores = {
-        (v, p): _store_config(cfg, w, layer, flip, p, out / "embeddings" / f"{v}-{p}.h5")
-        for v, (w, flip) in networks.items()
+        (v, p): _store_config(cfg, w, layer, flip, resizes, p, out / "embeddings" / f"{v}-{p}.h5")
+        for v, (w, flip, resizes) in networks.items()
         for p in PROTOCOLS
     }
     fresh = {k for k, c in stores.items() if not _reusable(cfg, c)}
@@ -250,6 +265,7 @@ def _run(cfg: RunConfig, out: Path) -> dict:
         "recipe": cfg.recipe,
         "layer": layer,
         "metric": metric,
+        "tta_resizes": list(cfg.test_resizes),
         "limit": cfg.limit,
         "checkpoint": str(checkpoint),
         "finetune": {

@@ -135,6 +135,27 @@ def test_preprocess_matches_torchvision_and_checks_values():
             images.Preprocess(**{"input_size": 112, **bad})
 
 
+def test_test_time_resizes_stack_the_crops_of_each_size():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (120, 97, 3), dtype=np.uint8))
+    pre = images.Preprocess(64, tta_resizes=(80, 64))
+    assert pre.crops_shape == (3, 3, 64, 64) and images.Preprocess(64).crops_shape == (3, 64, 64)
+    crops = pre.crop()(img)
+    assert crops.shape == (3, 3, 64, 64) and crops.dtype == torch.uint8
+    for view, size in enumerate((73, 80, 64)):  # resize_to (64 * 256 / 224 = 73) first
+        assert torch.equal(crops[view], images.Preprocess(64, size).crop()(img))
+    assert json.loads(pre.describe("m"))["tta_resizes"] == [80, 64]
+    assert "tta_resizes" not in json.loads(images.Preprocess(64).describe("m"))  # earlier stores stay valid
+    for bad in ((63,), (73,), (80, 80)):  # below the input size; the resize itself; twice
+        with pytest.raises(ValueError, match="resize"):
+            images.Preprocess(64, tta_resizes=bad)
+    # the mean over views: embed each crop alone, then average
+    x = torch.randn(2, 3, 3, 8, 8)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 5))
+    alone = torch.stack([net(x[:, v]) for v in range(3)], 1).mean(1)
+    torch.testing.assert_close(images.mean_over_views(net, x), alone)
+    torch.testing.assert_close(images.mean_over_views(net, x[:, 0]), net(x[:, 0]))
+
+
 def test_real_protocols(shared_data):
     people = data.load_protocol(shared_data, "deepfunneled", "people", "test")
     assert len(people) == 3708 and len(set(people.labels.tolist())) == 1711

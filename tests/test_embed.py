@@ -27,11 +27,11 @@ def config(root: Path, out: Path, **kw) -> EmbedConfig:
     return EmbedConfig(out=out, **{**base, **kw})
 
 
-def reference_rows(model: torch.nn.Module, files: list[Path]) -> np.ndarray:
+def reference_rows(model: torch.nn.Module, files: list[Path], resize: int = 256) -> np.ndarray:
     """An independent forward: PIL + torchvision's own transforms, one image at a time, no channels-last."""
     tf = torchvision.transforms.Compose(
         [
-            torchvision.transforms.Resize(256),
+            torchvision.transforms.Resize(resize),
             torchvision.transforms.CenterCrop(224),
             torchvision.transforms.ToTensor(),
             torchvision.transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
@@ -82,6 +82,25 @@ def test_people_store_layout_and_rows(tiny_lfw, tmp_path):
         expected = reference_rows(model, [tiny_lfw / p for p in paths])
         np.testing.assert_allclose(store.rows(0, store.n), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
     assert not partial_path(out).exists()
+
+
+def test_test_time_resizes_average_the_crops_of_each_size(tiny_lfw, tmp_path):
+    result = CliRunner().invoke(
+        main,
+        ["embed", "--data-root", str(tiny_lfw), "--weights", "none", "--workers", "0", "--batch-size", "3"]
+        + ["--tta-resizes", "240,300", "--out", str(tmp_path / "t.h5")],
+    )
+    assert result.exit_code == 0, result.output
+    with open_store(tmp_path / "t.h5") as store:
+        assert json.loads(store.attrs["transform"])["tta_resizes"] == [240, 300]
+        torch.manual_seed(0)
+        model = models.build_model("squeezenet1_0", "none")
+        files = [tiny_lfw / p for p in store.strings("paths")]
+        expected = np.mean([reference_rows(model, files, r) for r in (256, 240, 300)], axis=0)
+        np.testing.assert_allclose(store.rows(0, store.n), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+        assert not np.allclose(expected, reference_rows(model, files), rtol=1e-3)  # the scales change the rows
+    bad = CliRunner().invoke(main, ["embed", "--tta-resizes", "big", "--out", str(tmp_path / "u.h5")])
+    assert bad.exit_code == 2 and "expected sizes in pixels" in bad.output
 
 
 def test_pairs_store_and_penultimate_float16(tiny_lfw, tmp_path):

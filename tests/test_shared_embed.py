@@ -28,7 +28,8 @@ def two_networks(tmp_path):
     return str(tmp_path / "a.pth"), str(tmp_path / "b.pth")
 
 
-def configs(root, out, weights, flip):
+def configs(root, out, weights, flip, resizes=None):
+    resizes = resizes or [()] * len(weights)
     return [
         EmbedConfig(
             out=out / f"{w[-5]}-{p}.h5",
@@ -38,19 +39,21 @@ def configs(root, out, weights, flip):
             weights=w,
             layer="penultimate",
             tta_flip=f,
+            tta_resizes=r,
             workers=0,
             device="cpu",
             batch_size=4,
         )
-        for w, f in zip(weights, flip, strict=True)
+        for w, f, r in zip(weights, flip, resizes, strict=True)
         for p in ("pairs", "people")
     ]
 
 
-def test_shared_pass_equals_embed_one_by_one(tiny_lfw, tmp_path):
+@pytest.mark.parametrize("resizes", [None, [(), (240, 272)], [(272,), (240, 300)]])
+def test_shared_pass_equals_embed_one_by_one(tiny_lfw, tmp_path, resizes):
     weights = two_networks(tmp_path)
-    shared = configs(tiny_lfw, tmp_path / "shared", weights, (False, True))
-    alone = configs(tiny_lfw, tmp_path / "alone", weights, (False, True))
+    shared = configs(tiny_lfw, tmp_path / "shared", weights, (False, True), resizes)
+    alone = configs(tiny_lfw, tmp_path / "alone", weights, (False, True), resizes)
     paths = embed_together(shared, blocks=2)
     for path, cfg in zip(paths, alone, strict=True):
         embed(cfg)

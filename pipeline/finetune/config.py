@@ -55,6 +55,9 @@ BEST_PRESET = dict(
     members=3,
     cohort_top=100,
 )
+# Test-time scales `run` embeds each recipe's fine-tuned network with (`EmbedConfig.tta_resizes`); not part of
+# training (validation during training uses the one centre crop), chosen on validation (docs/finetuning.md).
+TTA_RESIZES = {"study": (), "best": (240, 272)}
 # Fields that may change between a run and its resumption.
 RUNTIME_FIELDS = ("out", "resume", "overwrite", "device", "workers")
 
