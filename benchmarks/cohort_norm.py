@@ -2,7 +2,9 @@
 or an ensemble): the plain cosine, the cohort mean (`pipeline.cohort`: cos - o_i - o_j, o half the mean of the K
 largest cosines with the training images) and AS-norm (adaptive s-norm: the mean of the two images' z-scores over
 their K largest cohort cosines), for several K. The cohort is the checkpoint's training images, the validation
-images are its held-out people's; the test splits are never looked at:
+images are its held-out people's; the test splits are never looked at. With `--tta-resizes`, each normalisation
+is also scored on the validation images embedded as `embed --tta-resizes` embeds them (the mean over the crops at
+each resize; the cohort stays the centre crops that `finetune` keeps):
 
     python cli.py bench cohort-norm --data-root ../shared/data runs/cn-seed0/finetune/model.pt ...
 """
@@ -15,6 +17,21 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
+
+from cli_options import tta_resizes_option
+
+
+def embedded_as_embed(checkpoint: Path, model: str, files: list[Path], resizes: tuple[int, ...]) -> torch.Tensor:
+    """`files` embedded as `embed --weights CHECKPOINT --layer penultimate --tta-flip --tta-resizes` embeds them."""
+    from torch.utils.data import DataLoader
+
+    from pipeline import images, models
+    from pipeline.embed import forward, prepare
+
+    pre = images.Preprocess(tta_resizes=resizes)
+    net = prepare(models.Embedder(models.build_model(model, str(checkpoint)), "penultimate", True), torch.device("cpu"))
+    loader = DataLoader(images.ImageFiles(files, pre.crop(), pre.crops_shape), batch_size=32, num_workers=2)
+    return torch.cat([torch.as_tensor(forward(net, x, torch.device("cpu"), preprocess=pre)) for x, _, _ in loader])
 
 
 def variants(emb: torch.Tensor, cohort: torch.Tensor, tops: list[int]) -> dict[tuple[str, int], np.ndarray]:
@@ -37,8 +54,11 @@ def variants(emb: torch.Tensor, cohort: torch.Tensor, tops: list[int]) -> dict[t
 @click.option("--data-root", type=click.Path(path_type=Path), required=True)
 @click.option("--top", "tops", type=int, multiple=True, default=(25, 50, 100, 200, 400, 1000), show_default=True,
               help="K: how many of an image's most similar cohort images the normalisation uses.")  # fmt: skip
+@tta_resizes_option("Also score the validation images embedded with these test-time scales [none].", "none")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def command(data_root: Path, tops: tuple[int, ...], checkpoints: tuple[Path, ...]) -> None:
+def command(
+    data_root: Path, tops: tuple[int, ...], tta_resizes: tuple[int, ...], checkpoints: tuple[Path, ...]
+) -> None:
     """Print validation AUC and TAR at FAR 1e-3 of each normalisation, per checkpoint and their mean."""
     from pipeline.errors import PipelineError
     from pipeline.finetune import TRAINERS, FinetuneConfig
@@ -57,12 +77,16 @@ def command(data_root: Path, tops: tuple[int, ...], checkpoints: tuple[Path, ...
         values["split_seed"] = config["seed"] if config.get("split_seed") is None else config["split_seed"]
         trainer = TRAINERS["best"](FinetuneConfig(out=Path("unused.pt"), **values).resolved(), torch.device("cpu"))
         states = [ckpt["model"], *ckpt.get("members", [])]
-        emb = joined_embedding(trainer, states)
+        embeddings = {"": joined_embedding(trainer, states)}
+        if tta_resizes:
+            scales = "+".join(map(str, (256, *tta_resizes)))
+            embeddings[f", scales {scales}"] = embedded_as_embed(path, config["model"], trainer.val_files, tta_resizes)
         cohort = joined_embedding(trainer, states, np.arange(trainer.n_train))
-        for key, scores in variants(emb, cohort, list(tops)).items():
-            m = matrix_metrics(scores, trainer.val_labels, "cosine")
-            results.setdefault(key, []).append(m)
-            click.echo(json.dumps({"checkpoint": str(path), "variant": key[0], "top": key[1], **m}))
+        for views, emb in embeddings.items():
+            for (name, k), scores in variants(emb, cohort, list(tops)).items():
+                m = matrix_metrics(scores, trainer.val_labels, "cosine")
+                results.setdefault((name + views, k), []).append(m)
+                click.echo(json.dumps({"checkpoint": str(path), "variant": name + views, "top": k, **m}))
     names = " / ".join(p.parent.parent.name or p.name for p in checkpoints)
     click.echo(f"\n| normalisation | K | validation AUC ({names}) | TAR@1e-3 | mean AUC | mean TAR@1e-3 |")
     click.echo("| --- | --- | --- | --- | --- | --- |")

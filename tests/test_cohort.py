@@ -159,7 +159,8 @@ def test_bench_cohort_norm_agrees_with_finetunes_own_record(tiny_lfw, tmp_path):
 
     from click.testing import CliRunner
 
-    from benchmarks.cohort_norm import command
+    from benchmarks.cohort_norm import command, embedded_as_embed
+    from pipeline.finetune.ensemble import joined_embedding
 
     out = ft.finetune(config(tiny_lfw, tmp_path / "b.pt", **KW))
     args = ["--data-root", str(tiny_lfw), "--top", "3", "--top", "2", str(out)]
@@ -172,6 +173,20 @@ def test_bench_cohort_norm_agrees_with_finetunes_own_record(tiny_lfw, tmp_path):
     record = torch.load(out, weights_only=True)["cohort_validation"]
     assert rows[1]["auc"] == pytest.approx(record["val_auc"], abs=3e-3)  # finetune's cohort is float16
     assert "| cohort mean | 3 |" in result.output
+    # with test-time scales: the same centre rows, and the rows of the validation images embedded as embed does
+    scaled = CliRunner().invoke(command, [*args[:-1], "--tta-resizes", "240", str(out)], catch_exceptions=False)
+    again = [json.loads(line[line.index(start) :]) for line in scaled.output.splitlines() if start in line]
+    assert again[:5] == rows and [(r["variant"], r["top"]) for r in again[5:]] == [
+        ("cosine, scales 256+240", 0), ("cohort mean, scales 256+240", 3), ("AS-norm, scales 256+240", 3),
+        ("cohort mean, scales 256+240", 2), ("AS-norm, scales 256+240", 2),
+    ]  # fmt: skip
+    # embed's path (no scales) gives an ensemble's validation embedding as the trainer's path does
+    cfg = config(tiny_lfw, tmp_path / "e.pt", members=2, **KW)
+    ckpt = torch.load(ft.finetune(cfg), weights_only=True)
+    trainer = ft.TRAINERS["best"](ft.member_configs(cfg.resolved())[0], torch.device("cpu"))
+    centre = embedded_as_embed(cfg.out, "squeezenet1_0", trainer.val_files, ())
+    expected = joined_embedding(trainer, [ckpt["model"], *ckpt["members"]])
+    torch.testing.assert_close(centre, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_real_lfw_slice_with_a_cohort(shared_data, shared_weights, tmp_path):

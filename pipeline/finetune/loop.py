@@ -81,6 +81,8 @@ class Trainer(RecipeHooks):
         self.optimizer: torch.optim.Optimizer
         self.bank: ImageBank
         self.val_rows, self.val_labels = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        self.val_files: list[Path] = []
+        """The validation images' files (in `val_rows`' order)."""
         self.average = WeightAverage(cfg.ema or 0.0)
 
     # ---- what recipes build on
@@ -91,6 +93,7 @@ class Trainer(RecipeHooks):
         proto = data.LFWProtocol(train.data_root, train.image_set, train.protocol, train.split, paths, labels, [])
         self.bank = self.shared.bank(proto, self.cfg.workers)
         self.val_rows, self.val_labels = np.arange(len(train), len(paths)), val.labels
+        self.val_files = [val.absolute(i) for i in range(len(val))]
 
     def sgd(self, *heads: nn.Module) -> torch.optim.SGD:
         """SGD over the model's parameters, and over each head's (a group of its own) when it has any. With
