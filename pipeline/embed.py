@@ -235,18 +235,18 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
         raise PipelineError("no images to embed (empty protocol or --limit 0)")
     identity = store_identity(cfg, proto)
     if cfg.resume and out.exists():  # a requeued run whose store was finished already
-        if complete_part(out, identity):
-            if _offsets_missing(out, cfg):
-                if not cfg.overwrite:
-                    raise PipelineError(
-                        f"{out} is complete but has no score offsets, although {cfg.weights} holds a cohort (the "
-                        f"store was made by a version without cohort normalisation); pass --overwrite to embed again"
-                    )
-            else:
-                log.info("%s is already complete with these settings; nothing to do", out)
-                return out
-        elif not cfg.overwrite:
-            raise PipelineError(f"{out} exists and was made with other settings; pass --overwrite to replace it")
+        if not complete_part(out, identity):
+            problem = "exists and was made with other settings"
+        elif not offsets_as_expected(out, cfg):
+            problem = (
+                f"is complete but has no score offsets, although {cfg.weights} holds a cohort (made by a version "
+                f"without cohort normalisation)"
+            )
+        else:
+            log.info("%s is already complete with these settings; nothing to do", out)
+            return out
+        if not cfg.overwrite:
+            raise PipelineError(f"{out} {problem}; pass --overwrite to replace it")
     world, device = init_world(resolve_device(cfg.device))
     seed_everything(cfg.seed)
     embedder = prepare(models.Embedder(models.build_model(cfg.model, cfg.weights), cfg.layer, cfg.tta_flip), device)
@@ -271,11 +271,12 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
     return out
 
 
-def _offsets_missing(out: Path, cfg: EmbedConfig) -> bool:
-    """A store of these weights without the score offsets that their cohort gives (an earlier version's)."""
-    with h5py.File(out, "r") as f:
+def offsets_as_expected(store: Path, cfg: EmbedConfig) -> bool:
+    """The store has score offsets exactly when `cfg`'s weights hold a cohort for this embedding (stores of
+    earlier versions have none)."""
+    with h5py.File(store, "r") as f:
         has = OFFSETS in f
-    return not has and model_cohort(cfg.weights, cfg.layer, cfg.tta_flip) is not None
+    return has == (model_cohort(cfg.weights, cfg.layer, cfg.tta_flip) is not None)
 
 
 @dataclass(frozen=True)

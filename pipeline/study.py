@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from pipeline import models, outputs
-from pipeline.cohort import model_cohort
-from pipeline.embed import EmbedConfig, default_data_root
+from pipeline.embed import EmbedConfig, default_data_root, offsets_as_expected
 from pipeline.finetune import FinetuneConfig, finetune, recognise_training_figure, write_training_figure
 from pipeline.finetune.config import TTA_RESIZES
 from pipeline.report import TRAINING_FILE, report
@@ -145,9 +144,7 @@ def _reusable(cfg: RunConfig, store_cfg: EmbedConfig) -> bool:
         same = same and a.get("layer") == store_cfg.layer and int(a.get("limit", 0)) == (cfg.limit or 0)
         same = same and bool(a.get("tta_flip", False)) == store_cfg.tta_flip
         same = same and a.get("transform") == store_cfg.preprocess.describe(store_cfg.model)
-        # offsets exactly when the weights hold a cohort for this embedding (stores of earlier versions have none)
-        cohort = model_cohort(store_cfg.weights, store_cfg.layer, store_cfg.tta_flip)
-        same = same and (store.offsets is not None) == (cohort is not None)
+    same = same and offsets_as_expected(out, store_cfg)
     log.info("reusing %s" if same else "%s was made from other weights or options: embedding again", out)
     return same
 
