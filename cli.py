@@ -76,8 +76,8 @@ def embed(**options) -> None:
 
     With a finetune checkpoint that holds a cohort (--cohort-top), the store also gets each image's score offset
     (/score_offsets), which `score` subtracts from the cosines (cohort score normalisation)."""
-    from pipeline.embed import EmbedConfig
-    from pipeline.embed import embed as run_embed
+    from pipeline.embedding.embed import EmbedConfig
+    from pipeline.embedding.embed import embed as run_embed
     from pipeline.runtime import sigterm_as_interrupt
 
     options["weights"] = options["weights"] or ("none" if ":" in options["model"] else "imagenet")
@@ -158,8 +158,8 @@ def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
     if rows is not None or (mode == "all-pairs" and _larger_than_memory(store, options)):
         _score_rows(store, mode, rows, options)
         return
-    from pipeline.score import ScoreConfig
-    from pipeline.score import score as run_score
+    from pipeline.scoring.stage import ScoreConfig
+    from pipeline.scoring.stage import score as run_score
 
     m = run_score(ScoreConfig(store=store, all_pairs=mode == "all-pairs", **options))
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
@@ -172,14 +172,14 @@ def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
 
 def _larger_than_memory(store: Path, options: dict) -> bool:
     """Out of core when the store is too large for memory, unless --exact, --rank1, FAISS or CUDA need it whole."""
-    from pipeline.rows import larger_than_memory
+    from pipeline.scoring.rows import larger_than_memory
 
     whole = options["exact"] or options["rank1"] or options["backend"] != "torch" or options["device"] == "cuda"
     return not whole and larger_than_memory(store)
 
 
 def _score_rows(store: Path, mode: str, rows: str | None, options: dict) -> None:
-    from pipeline.rows import RowsConfig, parse_rows, score_rows
+    from pipeline.scoring.rows import RowsConfig, parse_rows, score_rows
 
     if mode != "all-pairs":
         raise click.UsageError("--rows goes with --all-pairs")
@@ -218,8 +218,8 @@ def merge(parts: tuple[Path, ...], out: Path, overwrite: bool, log_fpr: bool) ->
     cover every row."""
     import json
 
-    from pipeline.merge import MergeConfig
-    from pipeline.merge import merge as run_merge
+    from pipeline.scoring.merge import MergeConfig
+    from pipeline.scoring.merge import merge as run_merge
 
     info = run_merge(MergeConfig(parts=parts, out=out, overwrite=overwrite, log_fpr=log_fpr))
     if info["complete"]:
@@ -241,7 +241,7 @@ def merge(parts: tuple[Path, ...], out: Path, overwrite: bool, log_fpr: bool) ->
 def report(folders: tuple[Path, ...], out: Path, log_fpr: bool, html: bool, overwrite: bool) -> None:
     """The study's table (table.md), one ROC figure (roc.png) and the training curves (training.png, when found)
     from results folders or run folders (a run folder stands for its four results)."""
-    from pipeline.report import report as run_report
+    from pipeline.report.tables import report as run_report
 
     click.echo(run_report(list(folders), out, log_fpr=log_fpr, overwrite=overwrite, html=html), nl=False)
 
@@ -305,8 +305,8 @@ def finetune(**options) -> None:
 def run(**options) -> None:
     """The whole study: pretrained and fine-tuned, LFWPairs and LFWPeople test, table and ROC figures."""
     from pipeline.finetune import TrainingInterrupted
-    from pipeline.study import RunConfig
-    from pipeline.study import run as run_study
+    from pipeline.run import RunConfig
+    from pipeline.run import run as run_study
 
     names = (
         "phase1_epochs",

@@ -15,8 +15,9 @@ import click
 import torch
 
 from cli_options import data_root_option
-from pipeline import data, images, models
-from pipeline.embed import EmbedConfig, embed, forward, prepare
+from pipeline.embedding.embed import EmbedConfig, embed, forward, prepare
+from pipeline.faces import images, lfw
+from pipeline.nets import models
 from pipeline.runtime import resolve_device
 
 
@@ -65,7 +66,7 @@ def model_only_rate(
 
 def run_bench(cfg: BenchEmbedConfig) -> list[dict]:
     device = resolve_device(cfg.device)
-    proto = data.load_protocol(cfg.data_root, "deepfunneled", "people", "test").limit(cfg.limit)
+    proto = lfw.load_protocol(cfg.data_root, "deepfunneled", "people", "test").limit(cfg.limit)
     tf = images.imagenet_crop()
     decoded = torch.stack([tf(images.load_image(proto.absolute(i % len(proto)))) for i in range(cfg.decoded)])
     rows = []

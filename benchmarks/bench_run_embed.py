@@ -26,8 +26,8 @@ import torch
 @click.option("--workers", type=int, default=2, show_default=True)
 def command(data_root: Path, weights: str, checkpoint: Path, limit: int | None, workers: int) -> None:
     """Four embed calls against one shared pass, on the real test splits."""
-    from pipeline.embed import EmbedConfig, embed
-    from pipeline.shared_embed import embed_together
+    from pipeline.embedding.embed import EmbedConfig, embed
+    from pipeline.embedding.shared import embed_together
 
     config = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
     nets = {"pretrained": (weights, False), "finetuned": (str(checkpoint), bool(config.get("tta_flip")))}

@@ -171,7 +171,7 @@ def run_method(method: str, path: str, n: int, d: int, device: str, bins: int, p
     n_pairs = n * (n - 1) // 2
     row = {"method": method, "n": n, "d": d, "pairs": n_pairs, "floor": floor, "auc": float("nan"), "note": ""}
     if method.startswith("ours"):
-        from pipeline.score import ScoreConfig, score
+        from pipeline.scoring.stage import ScoreConfig, score
 
         metric = "cosine" if "cosine" in method else "l2"
         backend = "faiss" if "faiss" in method else "torch"
@@ -242,7 +242,7 @@ def peer_torchmetrics(x, labels, metric) -> tuple[float, int]:
 def peer_faiss_numpy(x, labels, metric) -> tuple[float, int]:
     import faiss
 
-    from pipeline.roc import Binning, HistogramROC
+    from pipeline.metrics.roc import Binning, HistogramROC
 
     pos = np.zeros(65536, np.int64)
     allc = np.zeros(65536, np.int64)

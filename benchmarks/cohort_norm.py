@@ -1,5 +1,5 @@
 """Validation of cohort score normalisations on finished `finetune` checkpoints of the best recipe (one network
-or an ensemble): the plain cosine, the cohort mean (`pipeline.cohort`: cos - o_i - o_j, o half the mean of the K
+or an ensemble): the plain cosine, the cohort mean (`pipeline.embedding.cohort`: cos - o_i - o_j, o half the mean of the K
 largest cosines with the training images) and AS-norm (adaptive s-norm: the mean of the two images' z-scores over
 their K largest cohort cosines), for several K. The cohort is the checkpoint's training images, the validation
 images are its held-out people's; the test splits are never looked at. With `--tta-resizes`, each normalisation
@@ -25,8 +25,9 @@ def embedded_as_embed(checkpoint: Path, model: str, files: list[Path], resizes: 
     """`files` embedded as `embed --weights CHECKPOINT --layer penultimate --tta-flip --tta-resizes` embeds them."""
     from torch.utils.data import DataLoader
 
-    from pipeline import images, models
-    from pipeline.embed import forward, prepare
+    from pipeline.embedding.embed import forward, prepare
+    from pipeline.faces import images
+    from pipeline.nets import models
 
     pre = images.Preprocess(tta_resizes=resizes)
     net = prepare(models.Embedder(models.build_model(model, str(checkpoint)), "penultimate", True), torch.device("cpu"))

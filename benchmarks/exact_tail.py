@@ -34,7 +34,7 @@ def command(n: int, dim: int, bins: int) -> None:
     """TAR at FAR of `score --all-pairs` against scikit-learn's exact ROC."""
     import h5py
 
-    from pipeline.score import ScoreConfig, score
+    from pipeline.scoring.stage import ScoreConfig, score
 
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_store(Path(tmp) / "s.h5", n, dim)

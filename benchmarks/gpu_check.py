@@ -26,8 +26,8 @@ import torch
 
 from benchmarks import argparse_command
 from benchmarks.bench_score import floor_seconds, write_random_store
-from pipeline.roc import HistogramROC
-from pipeline.score import score_store
+from pipeline.metrics.roc import HistogramROC
+from pipeline.scoring.stage import score_store
 
 GPU_SIZES = ((3708, 1000), (100_000, 128), (1_000_000, 512))
 CPU_SIZES = ((600, 64), (2000, 32))

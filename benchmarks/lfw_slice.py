@@ -13,16 +13,16 @@ import shutil
 from pathlib import Path
 
 from benchmarks import argparse_command
-from pipeline import data
 from pipeline.errors import PipelineError
+from pipeline.faces import lfw
 
 
 def make_slice(data_root: Path, out: Path, image_set: str = "deepfunneled", protocol: str = "people",
                split: str = "test") -> int:  # fmt: skip
     """Copy the split's images and all protocol .txt files under `out` (torchvision layout); returns the
     number of images. Files already there with the same size are kept, so a second run is quick."""
-    proto = data.load_protocol(data_root, image_set, protocol, split)
-    base = data.find_base(data_root, image_set)
+    proto = lfw.load_protocol(data_root, image_set, protocol, split)
+    base = lfw.find_base(data_root, image_set)
     dest = out / "lfw-py"
     dest.mkdir(parents=True, exist_ok=True)
     for txt in base.glob("*.txt"):
@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, required=True, help="The full LFW data root.")
     parser.add_argument("--out", type=Path, required=True, help="The slice's data root (created).")
-    parser.add_argument("--image-set", default="deepfunneled", choices=sorted(data.IMAGE_DIRS))
-    parser.add_argument("--protocol", default="people", choices=data.PROTOCOLS)
-    parser.add_argument("--split", default="test", choices=data.SPLITS)
+    parser.add_argument("--image-set", default="deepfunneled", choices=sorted(lfw.IMAGE_DIRS))
+    parser.add_argument("--protocol", default="people", choices=lfw.PROTOCOLS)
+    parser.add_argument("--split", default="test", choices=lfw.SPLITS)
     args = parser.parse_args(argv)
     n = make_slice(args.data_root, args.out, args.image_set, args.protocol, args.split)
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())

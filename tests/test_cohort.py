@@ -1,4 +1,4 @@
-"""Cohort score normalisation: the offsets (`pipeline.cohort`) against brute force, the cohort `finetune` keeps
+"""Cohort score normalisation: the offsets (`pipeline.embedding.cohort`) against brute force, the cohort `finetune` keeps
 (one network and an ensemble), the offsets `embed`, torchrun's assembly and `run`'s shared pass write, and the
 normalised validation; on a tiny generated LFW with random-init networks."""
 
@@ -14,14 +14,14 @@ import torch
 from torch.nn import functional as F
 
 from pipeline import finetune as ft
-from pipeline import models
-from pipeline.cohort import Cohort, model_cohort
-from pipeline.embed import EmbedConfig, embed
+from pipeline.embedding.cohort import Cohort, model_cohort
+from pipeline.embedding.embed import EmbedConfig, embed
+from pipeline.embedding.shared import embed_together
 from pipeline.errors import PipelineError
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics
-from pipeline.shared_embed import embed_together
-from pipeline.store import OFFSETS, SCORE_NORM
-from pipeline.store_writer import StoreWriter
+from pipeline.nets import models
+from pipeline.store.layout import OFFSETS, SCORE_NORM
+from pipeline.store.writer import StoreWriter
 from tests.test_finetune import config
 
 KW = dict(recipe="best", phase1_epochs=1, batch_size=8, lr=0.05, val_images=600, val_fraction=0.4, cohort_top=3)
@@ -137,7 +137,7 @@ def test_resume_refuses_a_complete_store_without_the_cohorts_offsets(tiny_lfw, t
 
 
 def test_torchrun_assembly_writes_the_offsets_of_the_whole_store(tiny_lfw, tmp_path, monkeypatch):
-    from pipeline import embed_parts
+    from pipeline.embedding import parts as embed_parts
 
     out = ft.finetune(config(tiny_lfw, tmp_path / "a.pt", **KW))
     single = read(embed(store(tiny_lfw, tmp_path / "one.h5", out)))
@@ -195,7 +195,7 @@ def test_real_lfw_slice_with_a_cohort(shared_data, shared_weights, tmp_path):
     scikit-learn on cos - o_i - o_j."""
     from sklearn.metrics import roc_auc_score
 
-    from pipeline.score import ScoreConfig, score
+    from pipeline.scoring.stage import ScoreConfig, score
 
     def cfg(out, split, weights):
         return EmbedConfig(out=out, data_root=shared_data, protocol="people", split=split, weights=str(weights),

@@ -12,28 +12,28 @@ import torch
 from conftest import TEST_PEOPLE, TRAIN_PEOPLE, make_tiny_lfw
 from PIL import Image
 
-from pipeline import data, images
 from pipeline.errors import PipelineError
+from pipeline.faces import images, lfw
 
 
-def names_of(proto: data.LFWProtocol) -> list[str]:
+def names_of(proto: lfw.FaceSet) -> list[str]:
     return [Path(p).parent.name for p in proto.paths]
 
 
 def test_people_protocol_groups_images_by_person(tiny_lfw):
-    proto = data.load_protocol(tiny_lfw, "deepfunneled", "people", "test")
+    proto = lfw.load_protocol(tiny_lfw, "deepfunneled", "people", "test")
     assert len(proto) == sum(TEST_PEOPLE.values())
     assert proto.identities == sorted(TEST_PEOPLE)
     assert [proto.identities[k] for k in proto.labels] == names_of(proto)
     assert all((tiny_lfw / p).is_file() for p in proto.paths)
     assert proto.paths[0] == "lfw-py/lfw-deepfunneled/Alice_Able/Alice_Able_0001.jpg"
-    train = data.load_protocol(tiny_lfw, "deepfunneled", "people", "train")
+    train = lfw.load_protocol(tiny_lfw, "deepfunneled", "people", "train")
     assert sorted(set(names_of(train))) == sorted(TRAIN_PEOPLE)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_pairs_protocol_indexes_deduplicated_images(tiny_lfw, split):
-    proto = data.load_protocol(tiny_lfw, "deepfunneled", "pairs", split)
+    proto = lfw.load_protocol(tiny_lfw, "deepfunneled", "pairs", split)
     assert len(set(proto.paths)) == len(proto.paths)
     assert proto.pairs.shape == (12, 2) and proto.pair_labels.sum() == 6
     names = np.array(names_of(proto))
@@ -43,7 +43,7 @@ def test_pairs_protocol_indexes_deduplicated_images(tiny_lfw, split):
 
 
 def test_10fold_protocol_has_folds(tiny_lfw):
-    proto = data.load_protocol(tiny_lfw, "deepfunneled", "10fold", "test")
+    proto = lfw.load_protocol(tiny_lfw, "deepfunneled", "10fold", "test")
     assert proto.pairs.shape == (20, 2)
     assert np.bincount(proto.pair_folds).tolist() == [2] * 10
     assert [proto.pair_labels[proto.pair_folds == f].sum() for f in range(10)] == [1] * 10
@@ -51,25 +51,25 @@ def test_10fold_protocol_has_folds(tiny_lfw):
 
 def test_plain_layout_and_other_image_sets(tmp_path):
     root = make_tiny_lfw(tmp_path / "plain", image_set_dir="lfw_funneled", torchvision_layout=False)
-    proto = data.load_protocol(root, "funneled", "people", "test")
+    proto = lfw.load_protocol(root, "funneled", "people", "test")
     assert proto.paths[0].startswith("lfw_funneled/")
     with pytest.raises(PipelineError, match="no 'lfw/' image folder"):
-        data.load_protocol(root, "original", "people", "test")
+        lfw.load_protocol(root, "original", "people", "test")
 
 
 def test_missing_root_and_missing_protocol_file(tmp_path, tiny_lfw):
     with pytest.raises(PipelineError, match="does not exist.*--data-root"):
-        data.load_protocol(tmp_path / "nowhere", "deepfunneled", "people", "test")
+        lfw.load_protocol(tmp_path / "nowhere", "deepfunneled", "people", "test")
     (tiny_lfw / "lfw-py" / "pairsDevTest.txt").unlink()
     with pytest.raises(PipelineError, match="pairsDevTest.txt is missing"):
-        data.load_protocol(tiny_lfw, "deepfunneled", "pairs", "test")
+        lfw.load_protocol(tiny_lfw, "deepfunneled", "pairs", "test")
 
 
 def test_archive_only_root_says_extract(tmp_path):
     (tmp_path / "lfw-py").mkdir()
     (tmp_path / "lfw-py" / "lfw-deepfunneled.tgz").write_bytes(b"x")
     with pytest.raises(PipelineError, match="extract them"):
-        data.find_base(tmp_path, "deepfunneled")
+        lfw.find_base(tmp_path, "deepfunneled")
 
 
 def test_missing_image_is_named_or_skipped(tiny_lfw):
@@ -77,34 +77,34 @@ def test_missing_image_is_named_or_skipped(tiny_lfw):
     (folder / "Bob_Baker" / "Bob_Baker_0002.jpg").unlink()
     (folder / "Dan_Dorn" / "Dan_Dorn_0004.jpg").unlink()
     with pytest.raises(PipelineError, match=r"Bob_Baker_0002.jpg .* missing \(1 other"):
-        data.load_protocol(tiny_lfw, "deepfunneled", "people", "test")
-    proto = data.load_protocol(tiny_lfw, "deepfunneled", "people", "test", skip_missing=True)
+        lfw.load_protocol(tiny_lfw, "deepfunneled", "people", "test")
+    proto = lfw.load_protocol(tiny_lfw, "deepfunneled", "people", "test", skip_missing=True)
     assert len(proto) == sum(TEST_PEOPLE.values()) - 2 and len(proto.skipped) == 2
-    pairs = data.load_protocol(tiny_lfw, "deepfunneled", "pairs", "test", skip_missing=True)
+    pairs = lfw.load_protocol(tiny_lfw, "deepfunneled", "pairs", "test", skip_missing=True)
     assert len(pairs.pairs) < 12 and pairs.pairs.max() < len(pairs)
     assert not any("Bob_Baker_0002" in pairs.paths[i] for i in pairs.pairs.ravel())
 
 
 def test_checksum_mismatch_warns_with_file_name(tiny_lfw):
     with pytest.warns(UserWarning, match="peopleDevTest.txt differs from the official"):
-        data.load_protocol(tiny_lfw, "deepfunneled", "people", "test")
+        lfw.load_protocol(tiny_lfw, "deepfunneled", "people", "test")
 
 
 def test_malformed_protocol_file(tiny_lfw):
     (tiny_lfw / "lfw-py" / "pairsDevTest.txt").write_text("2\nA\t1\nB\t1\t2\n")
     with pytest.raises(PipelineError, match="expected 3 or 4 fields"):
-        data.load_protocol(tiny_lfw, "deepfunneled", "pairs", "test")
+        lfw.load_protocol(tiny_lfw, "deepfunneled", "pairs", "test")
 
 
 def test_limit_people_and_pairs(tiny_lfw):
-    people = data.load_protocol(tiny_lfw, "deepfunneled", "people", "test").limit(4)
+    people = lfw.load_protocol(tiny_lfw, "deepfunneled", "people", "test").limit(4)
     assert len(people) == 4 and people.labels.tolist() == [0, 0, 0, 1]
-    pairs = data.load_protocol(tiny_lfw, "deepfunneled", "pairs", "test").limit(3)
+    pairs = lfw.load_protocol(tiny_lfw, "deepfunneled", "pairs", "test").limit(3)
     assert len(pairs.pairs) == 3 and sorted(set(pairs.pairs.ravel().tolist())) == list(range(len(pairs)))
 
 
 def test_image_files_reports_corrupt_image(tiny_lfw):
-    proto = data.load_protocol(tiny_lfw, "deepfunneled", "people", "test")
+    proto = lfw.load_protocol(tiny_lfw, "deepfunneled", "people", "test")
     bad = proto.absolute(1)
     bad.write_bytes(bad.read_bytes()[:100])
     files = images.ImageFiles([proto.absolute(i) for i in range(3)], images.imagenet_transform())
@@ -157,22 +157,22 @@ def test_test_time_resizes_stack_the_crops_of_each_size():
 
 
 def test_real_protocols(shared_data):
-    people = data.load_protocol(shared_data, "deepfunneled", "people", "test")
+    people = lfw.load_protocol(shared_data, "deepfunneled", "people", "test")
     assert len(people) == 3708 and len(set(people.labels.tolist())) == 1711
-    assert len(data.load_protocol(shared_data, "deepfunneled", "people", "train")) == 9525
-    pairs = data.load_protocol(shared_data, "deepfunneled", "pairs", "test")
+    assert len(lfw.load_protocol(shared_data, "deepfunneled", "people", "train")) == 9525
+    pairs = lfw.load_protocol(shared_data, "deepfunneled", "pairs", "test")
     assert len(pairs.pairs) == 1000 and pairs.pair_labels.sum() == 500
-    assert len(data.load_protocol(shared_data, "deepfunneled", "pairs", "train").pairs) == 2200
-    view2 = data.load_protocol(shared_data, "deepfunneled", "10fold", "test")
+    assert len(lfw.load_protocol(shared_data, "deepfunneled", "pairs", "train").pairs) == 2200
+    view2 = lfw.load_protocol(shared_data, "deepfunneled", "10fold", "test")
     assert np.bincount(view2.pair_folds).tolist() == [600] * 10
-    base = data.find_base(shared_data, "deepfunneled")
-    assert all(data.check_checksum(base / name) for name in data.CHECKSUMS)
+    base = lfw.find_base(shared_data, "deepfunneled")
+    assert all(lfw.check_checksum(base / name) for name in lfw.CHECKSUMS)
 
 
 def test_real_layout_without_archive_copy(shared_data, tmp_path):
     """The plain layout (image folder + .txt directly in the root) of real files, without any .tgz."""
-    base = data.find_base(shared_data, "deepfunneled")
+    base = lfw.find_base(shared_data, "deepfunneled")
     (tmp_path / "lfw-deepfunneled").symlink_to(base / "lfw-deepfunneled")
     shutil.copy(base / "pairsDevTest.txt", tmp_path)
-    proto = data.load_protocol(tmp_path, "deepfunneled", "pairs", "test")
+    proto = lfw.load_protocol(tmp_path, "deepfunneled", "pairs", "test")
     assert len(proto.pairs) == 1000

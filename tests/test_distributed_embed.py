@@ -9,9 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import data
 from pipeline.distributed import split_range
-from pipeline.embed import EmbedConfig, embed
+from pipeline.embedding.embed import EmbedConfig, embed
+from pipeline.faces import lfw
 from tests.torchrun import torchrun
 
 
@@ -63,7 +63,7 @@ def test_two_ranks_give_the_single_process_store(tiny_lfw, tmp_path):
 
 
 def test_failing_rank_fails_the_run_without_store(tiny_lfw, tmp_path):
-    proto = data.load_protocol(tiny_lfw, "deepfunneled", "people", "test")
+    proto = lfw.load_protocol(tiny_lfw, "deepfunneled", "people", "test")
     bad = proto.absolute(len(proto) - 1)  # in the last rank's shard
     bad.write_bytes(b"not a jpeg")
     out = tmp_path / "two.h5"

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from pipeline.blockmath import balance, fixed_matmul, tile_plan
-from pipeline.rows import parse_rows
-from pipeline.score import ScoreConfig, score
+from pipeline.scoring.blockmath import balance, fixed_matmul, tile_plan
+from pipeline.scoring.rows import parse_rows
+from pipeline.scoring.stage import ScoreConfig, score
 from tests.stores import random_store, write_store
 from tests.torchrun import torchrun
 

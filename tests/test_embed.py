@@ -15,11 +15,12 @@ from click.testing import CliRunner
 from conftest import TEST_PEOPLE
 
 from cli import main
-from pipeline import data, images, models
-from pipeline.embed import EmbedConfig, embed
+from pipeline.embedding.embed import EmbedConfig, embed
 from pipeline.errors import PipelineError
-from pipeline.store import open_store, partial_path
-from pipeline.store_writer import StoreWriter
+from pipeline.faces import images, lfw
+from pipeline.nets import models
+from pipeline.store.layout import open_store, partial_path
+from pipeline.store.writer import StoreWriter
 
 
 def config(root: Path, out: Path, **kw) -> EmbedConfig:
@@ -162,7 +163,7 @@ def test_unreadable_partial_starts_over_and_a_foreign_one_is_refused(tiny_lfw, t
 
 
 def test_corrupt_image_stops_or_is_skipped(tiny_lfw, tmp_path):
-    proto = data.load_protocol(tiny_lfw, "deepfunneled", "pairs", "test")
+    proto = lfw.load_protocol(tiny_lfw, "deepfunneled", "pairs", "test")
     bad = proto.absolute(1)
     bad.write_bytes(b"\xff\xd8\xff garbage")
     with pytest.raises(PipelineError, match=f"{bad.name}.*--skip-bad"):

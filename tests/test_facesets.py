@@ -22,9 +22,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import main
-from pipeline import data, facesets
 from pipeline.errors import PipelineError
-from pipeline.store import open_store
+from pipeline.faces import facesets, lfw
+from pipeline.store.layout import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 PEOPLE = {"ann lee": 3, "Bo": 2, "Çelik": 1, "dee-2": 4}  # free names: spaces, non-ASCII, digits
@@ -97,7 +97,7 @@ def test_folder_layout_order_and_labels(tree):
 
 def test_folder_equals_the_lfw_people_store(tiny_lfw, tmp_path):
     """The people test split laid out under other names (p0001/img_1.jpg) gives the same rows and labels."""
-    proto = data.load_protocol(tiny_lfw, "deepfunneled", "people", "test")
+    proto = lfw.load_protocol(tiny_lfw, "deepfunneled", "people", "test")
     tree = tmp_path / "renamed"
     for i, path in enumerate(proto.paths):
         target = tree / f"p{proto.labels[i] + 1:04d}" / f"img_{int(Path(path).stem[-4:])}.jpg"

@@ -18,8 +18,8 @@ from benchmarks import faults
 from cli import main
 from pipeline import outputs
 from pipeline.errors import PipelineError
-from pipeline.results import RESULT_FILES
-from pipeline.roc import HistogramROC
+from pipeline.metrics.roc import HistogramROC
+from pipeline.report.results import RESULT_FILES
 from tests.stores import random_store, write_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ def test_sigkill_of_embed_with_workers_resumes_at_once(tiny_lfw, tmp_path):
     ref = faults.cli(*args, "--out", tmp_path / "ref.h5", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
     patch = (
-        "from pipeline.store_writer import StoreWriter\n"
+        "from pipeline.store.writer import StoreWriter\n"
         "write = StoreWriter.write\n"
         "def die(self, start, rows):\n"
         "    write(self, start, rows)\n"

@@ -15,11 +15,11 @@ import torch
 from click.testing import CliRunner
 from torch.nn import functional as F
 
-from pipeline import data
 from pipeline import finetune as ft
-from pipeline.embed import EmbedConfig, embed
+from pipeline.embedding.embed import EmbedConfig, embed
 from pipeline.errors import PipelineError
-from pipeline.store import open_store
+from pipeline.faces import lfw
+from pipeline.store.layout import open_store
 
 
 def config(root: Path, out: Path, **kw) -> ft.FinetuneConfig:
@@ -46,7 +46,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_max_pairs_takes_both_classes(tiny_lfw):
-    proto = data.load_protocol(tiny_lfw, "deepfunneled", "pairs", "train")
+    proto = lfw.load_protocol(tiny_lfw, "deepfunneled", "pairs", "train")
     few = ft.study_pairs(proto, 5)
     assert few.pair_labels.tolist() == [1, 1, 1, 0, 0]
 
@@ -268,7 +268,7 @@ def test_validation_auc_and_tar_match_brute_force():
 
 
 def test_history_and_training_figure_survive_resume(tiny_lfw, tmp_path, monkeypatch):
-    from pipeline.figures import recognise_figure
+    from pipeline.report.figures import recognise_figure
 
     kw = dict(recipe="best", loss="cosface", phase1_epochs=1, phase2_epochs=1, batch_size=2, val_fraction=0.4)
     whole = ft.finetune(config(tiny_lfw, tmp_path / "whole.pt", val_images=600, **kw))

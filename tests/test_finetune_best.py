@@ -21,7 +21,7 @@ from tests.test_finetune import config
 def test_train_blocks_cut_squeezenet_where_asked(blocks):
     from torchvision import models as tvm
 
-    from pipeline import models
+    from pipeline.nets import models
 
     model = models.build_model("squeezenet1_0", "none").eval()
     frozen, tail = ft.split_model(model, "penultimate", blocks)
@@ -36,7 +36,7 @@ def test_train_blocks_cut_squeezenet_where_asked(blocks):
 def test_resnet_blocks_and_layerwise_learning_rates_of_fire_modules(tiny_lfw, tmp_path):
     from torchvision import models as tvm
 
-    from pipeline import models
+    from pipeline.nets import models
 
     model = models.build_model("resnet18", "none").eval()
     frozen, tail = ft.split_model(model, "penultimate", 2)
@@ -70,7 +70,7 @@ def test_tta_flip_validation_is_the_mean_of_both_orientations(tiny_lfw, tmp_path
 
 
 def test_learned_pool_starts_as_the_average_and_travels_with_the_checkpoint(tiny_lfw, tmp_path):
-    from pipeline import models
+    from pipeline.nets import models
 
     model = models.build_model("squeezenet1_0", "none").eval()
     x = torch.randn(2, 3, 64, 64)

@@ -13,12 +13,12 @@ import torch
 from torch.nn import functional as F
 
 from pipeline import finetune as ft
-from pipeline import models
-from pipeline.embed import EmbedConfig, embed
+from pipeline.embedding.embed import EmbedConfig, embed
+from pipeline.embedding.shared import embed_together
 from pipeline.errors import PipelineError
 from pipeline.finetune.ensemble import joined_embedding
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics
-from pipeline.shared_embed import embed_together
+from pipeline.nets import models
 from tests.test_finetune import config
 
 KW = dict(recipe="best", phase1_epochs=1, batch_size=8, lr=0.05, val_images=600, val_fraction=0.4, members=2)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from pipeline import finetune as ft
-from pipeline.embed import EmbedConfig, embed
-from pipeline.roc import HistogramROC
-from pipeline.score import ScoreConfig, score, score_store
-from pipeline.store import open_store
+from pipeline.embedding.embed import EmbedConfig, embed
+from pipeline.metrics.roc import HistogramROC
+from pipeline.scoring.stage import ScoreConfig, score, score_store
+from pipeline.store.layout import open_store
 from tests.stores import random_store
 from tests.test_score import check_against_sklearn
 

@@ -9,8 +9,8 @@ import pytest
 
 from benchmarks.gpu_check import main
 from benchmarks.lfw_slice import make_slice
-from pipeline import data
 from pipeline.errors import PipelineError
+from pipeline.faces import lfw
 from tests.conftest import ROOT
 
 
@@ -28,14 +28,14 @@ def test_gpu_check_runs_small_on_cpu(tmp_path, monkeypatch):
 def test_lfw_slice_holds_the_split_and_every_protocol_file(tiny_lfw, tmp_path):
     out = tmp_path / "slice"
     assert make_slice(tiny_lfw, out) == 10
-    full = data.load_protocol(tiny_lfw, "deepfunneled", "people", "test")
-    part = data.load_protocol(out, "deepfunneled", "people", "test")
+    full = lfw.load_protocol(tiny_lfw, "deepfunneled", "people", "test")
+    part = lfw.load_protocol(out, "deepfunneled", "people", "test")
     assert part.paths == full.paths and part.labels.tolist() == full.labels.tolist()
     assert sorted(p.name for p in (out / "lfw-py").glob("*.txt")) == sorted(
         p.name for p in (tiny_lfw / "lfw-py").glob("*.txt")
     )
     with pytest.raises(PipelineError, match="missing"):  # the train images stayed behind
-        data.load_protocol(out, "deepfunneled", "people", "train")
+        lfw.load_protocol(out, "deepfunneled", "people", "train")
     assert make_slice(tiny_lfw, out) == 10  # again: files already there are kept
 
 

@@ -1,4 +1,4 @@
-"""Intervals (`pipeline/intervals.py`): the all-pairs jackknife's group counts equal a brute-force count of the
+"""Intervals (`pipeline/metrics/intervals.py`): the all-pairs jackknife's group counts equal a brute-force count of the
 pairs per pair of identity groups, on every path; the intervals hold the estimate; the listed-pairs bootstrap."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from pipeline.intervals import COARSE, GROUPS, bootstrap_listed, identity_groups, jackknife
-from pipeline.roc import FAR_LEVELS
+from pipeline.metrics.intervals import COARSE, GROUPS, bootstrap_listed, identity_groups, jackknife
+from pipeline.metrics.roc import FAR_LEVELS
 from tests.stores import random_store
 from tests.torchrun import torchrun
 
@@ -95,10 +95,10 @@ def test_gpu_counting_keeps_the_same_tail_and_group_counts(tmp_path, metric):
     CPU's, for the whole plan and for subsets of tiles merged."""
     import torch
 
-    from pipeline.blockmath import tile_plan
+    from pipeline.metrics.tail import tail_size
+    from pipeline.scoring.blockmath import tile_plan
     from pipeline.scoring.memory import TileScorer, TorchTiles, choose_binning, prepare
-    from pipeline.store import open_store
-    from pipeline.tail import tail_size
+    from pipeline.store.layout import open_store
 
     path, _, _ = random_store(tmp_path / "s.h5", 301, 12, seed=4, duplicates=6)
     with open_store(path) as st_:

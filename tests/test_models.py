@@ -6,8 +6,8 @@ import pytest
 import torch
 import torchvision
 
-from pipeline import models
 from pipeline.errors import PipelineError
+from pipeline.nets import models
 
 
 @pytest.mark.parametrize("name", sorted(models.BACKBONES))

@@ -16,12 +16,12 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from pipeline import figures
 from pipeline.errors import PipelineError
-from pipeline.report import read_result, report, study_table
-from pipeline.results import RESULT_FILES, recognise_results_folder
-from pipeline.roc import HistogramROC
-from pipeline.score import ScoreConfig, score
+from pipeline.metrics.roc import HistogramROC
+from pipeline.report import figures
+from pipeline.report.results import RESULT_FILES, recognise_results_folder
+from pipeline.report.tables import read_result, report, study_table
+from pipeline.scoring.stage import ScoreConfig, score
 from tests.stores import random_store, write_store
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
 from pipeline.errors import PipelineError
-from pipeline.roc import Binning, HistogramROC, exact_auc, exact_counts, roc_metrics, thin_roc
+from pipeline.metrics.roc import Binning, HistogramROC, exact_auc, exact_counts, roc_metrics, thin_roc
 
 
 def _scores(rng, n=2000, ties=True):

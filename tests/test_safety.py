@@ -21,8 +21,8 @@ from click.testing import CliRunner
 from cli import main
 from pipeline import outputs
 from pipeline.errors import PipelineError
-from pipeline.results import FIGURE_FILES
-from pipeline.untrusted import load_pickle
+from pipeline.faces.untrusted import load_pickle
+from pipeline.report.results import FIGURE_FILES
 from tests.stores import random_store, write_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -304,7 +304,7 @@ def test_planted_imagenet_weights_run_no_code(tiny_lfw, tmp_path, monkeypatch):
 
 
 def test_weights_files_run_no_code(tmp_path):
-    from pipeline.models import read_weights_file
+    from pipeline.nets.models import read_weights_file
 
     marker, path = tmp_path / "pwned", tmp_path / "w.pth"
     with open(path, "wb") as f:

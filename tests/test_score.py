@@ -17,8 +17,8 @@ from sklearn.metrics import roc_auc_score
 
 from cli import main
 from pipeline.errors import PipelineError
-from pipeline.results import FIGURE_FILES
-from pipeline.score import (
+from pipeline.report.results import FIGURE_FILES
+from pipeline.scoring.stage import (
     ScoreConfig,
     TileScorer,
     TorchTiles,
@@ -30,7 +30,7 @@ from pipeline.score import (
     tenfold_accuracy,
     tile_plan,
 )
-from pipeline.store import open_store
+from pipeline.store.layout import open_store
 from tests.stores import random_store, write_store
 
 try:
@@ -347,7 +347,7 @@ def test_undefined_auc_for_listed_pairs(tmp_path):
 
 def test_real_lfw_people_slice(shared_data, shared_weights, tmp_path):
     """Real images, real SqueezeNet: all pairs of the first 40 peopleDevTest images agree with scikit-learn."""
-    from pipeline.embed import EmbedConfig, embed
+    from pipeline.embedding.embed import EmbedConfig, embed
 
     store = embed(
         EmbedConfig(

@@ -16,13 +16,13 @@ from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from cli import main
-from pipeline.blockmath import augment, bin_range, operand_width
 from pipeline.errors import PipelineError
-from pipeline.roc import FAR_LEVELS, HistogramROC
-from pipeline.rows import RowsConfig, score_rows
-from pipeline.score import ScoreConfig, TileScorer, TorchTiles, choose_binning, prepare, score, tile_plan
-from pipeline.store import OFFSETS, SCORE_NORM, open_store
-from pipeline.tail import tail_size
+from pipeline.metrics.roc import FAR_LEVELS, HistogramROC
+from pipeline.metrics.tail import tail_size
+from pipeline.scoring.blockmath import augment, bin_range, operand_width
+from pipeline.scoring.rows import RowsConfig, score_rows
+from pipeline.scoring.stage import ScoreConfig, TileScorer, TorchTiles, choose_binning, prepare, score, tile_plan
+from pipeline.store.layout import OFFSETS, SCORE_NORM, open_store
 from tests.stores import random_store, write_store
 from tests.test_distributed_score import same_results
 from tests.torchrun import torchrun

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline.score import ScoreConfig, score
+from pipeline.scoring.stage import ScoreConfig, score
 from tests.stores import write_store
 from tests.test_score_offsets import BACKENDS, NORM, add_offsets, cli, unit_rows
 

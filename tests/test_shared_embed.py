@@ -1,4 +1,4 @@
-"""`pipeline.shared_embed`: the stores of one pass equal those `embed` writes one by one, and the first layers
+"""`pipeline.embedding.shared`: the stores of one pass equal those `embed` writes one by one, and the first layers
 that two networks share run once per image."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import models
-from pipeline.embed import EmbedConfig, embed
+from pipeline.embedding.embed import EmbedConfig, embed
+from pipeline.embedding.shared import build_networks, embed_together
 from pipeline.finetune.features import split_model
-from pipeline.shared_embed import build_networks, embed_together
+from pipeline.nets import models
 
 
 def two_networks(tmp_path):

@@ -1,4 +1,4 @@
-"""The exact tail (`pipeline/tail.py`): TAR at FAR and FNMR at FMR equal scikit-learn's `roc_curve` values
+"""The exact tail (`pipeline/metrics/tail.py`): TAR at FAR and FNMR at FMR equal scikit-learn's `roc_curve` values
 within one genuine pair at every level, on every path (one process, torch counting, `--rows` parts merged,
 torchrun), where the bins alone would be far off; tails merge in any grouping to the same arrays."""
 
@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from sklearn.metrics import roc_curve
 
 from cli import main
-from pipeline.roc import FAR_LEVELS
-from pipeline.tail import Tail, tail_size
+from pipeline.metrics.roc import FAR_LEVELS
+from pipeline.metrics.tail import Tail, tail_size
 from tests.stores import random_store
 from tests.torchrun import torchrun
 
@@ -89,7 +89,7 @@ def test_tail_size_bounds():
 
 
 def test_duplicate_ids_need_identical_rows_not_only_equal_norms():
-    from pipeline.tail import duplicate_ids
+    from pipeline.metrics.tail import duplicate_ids
 
     x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [3.0, 4.0], [0.0, 1.0], [1.0, 0.0]], dtype=np.float32)
     sq = (x.astype(np.float64) ** 2).sum(1)  # rows 0, 1, 2, 4, 5 share a norm; only equal rows are twins

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, models, outputs
+from pipeline import outputs
 from pipeline.errors import PipelineError
+from pipeline.faces import lfw
 from pipeline.finetune.checkpoint import (
     append_log,
     load_checkpoint,
@@ -67,6 +68,7 @@ from pipeline.finetune.features import (
     split_model,
 )
 from pipeline.finetune.loop import Trainer
+from pipeline.finetune.losses import BatchPairLoss, CosFaceLoss, StudyLoss
 from pipeline.finetune.recipes import BestTrainer, StudyTrainer, cosine_lr, identity_batches, study_pairs
 from pipeline.finetune.validation import (
     all_pairs_auc,
@@ -75,7 +77,7 @@ from pipeline.finetune.validation import (
     unpaired_people,
     validation_rows,
 )
-from pipeline.losses import BatchPairLoss, CosFaceLoss, StudyLoss
+from pipeline.nets import models
 from pipeline.runtime import keep_freed_memory, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,7 @@ __all__ = [
     "compute_features",
     "random_shift",
     "cosine_lr",
-    "data",
+    "lfw",
     "finetune",
     "identity_batches",
     "load_checkpoint",

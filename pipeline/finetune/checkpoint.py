@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import figures, outputs
+from pipeline import outputs
 from pipeline.errors import PipelineError
 from pipeline.finetune.config import FinetuneConfig
+from pipeline.report import figures
 
 log = logging.getLogger(__name__)
 

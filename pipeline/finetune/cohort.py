@@ -1,4 +1,4 @@
-"""The cohort of a fine-tuned model (`FinetuneConfig.cohort_top`, `pipeline.cohort`): the embedding of its training
+"""The cohort of a fine-tuned model (`FinetuneConfig.cohort_top`, `pipeline.embedding.cohort`): the embedding of its training
 images, kept in the final checkpoint, and the validation of the normalised scores it gives."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from pipeline.cohort import Cohort
+from pipeline.embedding.cohort import Cohort
 from pipeline.finetune.ensemble import joined_embedding
 from pipeline.finetune.loop import Trainer
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics

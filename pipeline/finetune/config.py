@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pipeline import data, models
-from pipeline.embed import default_data_root
+from pipeline.embedding.embed import default_data_root
 from pipeline.errors import PipelineError
+from pipeline.faces import lfw
+from pipeline.nets import models
 
 RECIPES = ("study", "best")
 # The study's values (AlexNet and VGG-16); other models take AlexNet's.
@@ -77,7 +78,7 @@ class FinetuneConfig:
     image_set: str = "deepfunneled"
     """original | funneled | deepfunneled."""
     model: str = "squeezenet1_0"
-    """A backbone of `pipeline.models.BACKBONES`."""
+    """A backbone of `pipeline.nets.models.BACKBONES`."""
     weights: str = "imagenet"
     """Starting weights: imagenet | none | PATH (state_dict or checkpoint)."""
     recipe: str = "study"
@@ -159,7 +160,7 @@ class FinetuneConfig:
     embeddings, so its cosine similarity is the mean of the members'. OUT holds them all; each member's own
     checkpoint is OUT's name + `.member<k>.pt`."""
     cohort_top: int | None = None
-    """Best: cohort score normalisation (`pipeline.cohort`; 0: none). The checkpoint keeps the embedding of the
+    """Best: cohort score normalisation (`pipeline.embedding.cohort`; 0: none). The checkpoint keeps the embedding of the
     training images as a cohort; `embed` writes each image's offset, half the mean of its `cohort_top` largest
     cosines with the cohort, and `score` scores cos - o_i - o_j."""
     bf16: bool | None = None
@@ -174,8 +175,8 @@ class FinetuneConfig:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if self.model not in models.BACKBONES:
             raise ValueError(f"model must be one of {sorted(models.BACKBONES)}, got {self.model!r}")
-        if self.image_set not in data.IMAGE_DIRS:
-            raise ValueError(f"image_set must be one of {sorted(data.IMAGE_DIRS)}, got {self.image_set!r}")
+        if self.image_set not in lfw.IMAGE_DIRS:
+            raise ValueError(f"image_set must be one of {sorted(lfw.IMAGE_DIRS)}, got {self.image_set!r}")
         for name in ("phase1_epochs", "phase2_epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")

@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader
 from torchvision import models as tvm
 from tqdm import tqdm
 
-from pipeline import data, images, models
 from pipeline.errors import PipelineError
+from pipeline.faces import images, lfw
+from pipeline.nets import models
 from pipeline.runtime import autocast
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class Handover:
         self.held[name] = (key, make())
         return self.held[name][1]
 
-    def bank(self, proto: data.LFWProtocol, workers: int) -> ImageBank:
+    def bank(self, proto: lfw.FaceSet, workers: int) -> ImageBank:
         """The decoded images of `proto` (`ImageBank`)."""
         key = (str(proto.data_root), proto.image_set, tuple(proto.paths))
         return self.get("images", key, lambda: ImageBank(proto, workers))
@@ -156,7 +157,7 @@ class Handover:
 class ImageBank:
     """Decoded images (resize 256, centre crop 224) kept as uint8 in memory; normalised per batch."""
 
-    def __init__(self, proto: data.LFWProtocol, workers: int):
+    def __init__(self, proto: lfw.FaceSet, workers: int):
         files = images.ImageFiles([proto.absolute(i) for i in range(len(proto))], images.imagenet_crop())
         self.images = torch.empty((len(proto), 3, 224, 224), dtype=torch.uint8)
         loader = DataLoader(files, batch_size=64, num_workers=workers)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import data, models
 from pipeline.errors import PipelineError
+from pipeline.faces import lfw
 from pipeline.finetune.averaging import WeightAverage
 from pipeline.finetune.checkpoint import (
     append_log,
@@ -38,6 +38,7 @@ from pipeline.finetune.features import (
 )
 from pipeline.finetune.hooks import RecipeHooks
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics, validation_rows
+from pipeline.nets import models
 from pipeline.runtime import autocast
 
 log = logging.getLogger(__name__)
@@ -86,11 +87,11 @@ class Trainer(RecipeHooks):
         self.average = WeightAverage(cfg.ema or 0.0)
 
     # ---- what recipes build on
-    def load_images(self, train: data.LFWProtocol, people: data.LFWProtocol, held: np.ndarray) -> None:
+    def load_images(self, train: lfw.FaceSet, people: lfw.FaceSet, held: np.ndarray) -> None:
         """Decode the training images, then up to `val_images` images of the `held` people (validation)."""
         val = people.subset(validation_rows(people.labels, held, self.cfg.val_images))
         paths, labels = train.paths + val.paths, np.concatenate([train.labels, val.labels])
-        proto = data.LFWProtocol(train.data_root, train.image_set, train.protocol, train.split, paths, labels, [])
+        proto = lfw.FaceSet(train.data_root, train.image_set, train.protocol, train.split, paths, labels, [])
         self.bank = self.shared.bank(proto, self.cfg.workers)
         self.val_rows, self.val_labels = np.arange(len(train), len(paths)), val.labels
         self.val_files = [val.absolute(i) for i in range(len(val))]
@@ -289,7 +290,7 @@ class Trainer(RecipeHooks):
         append_log(self.log_path, record)
 
     def validation(self) -> dict:
-        """{"val_auc": AUC, TAR_KEY: TAR at FAR 1e-3} over all pairs of the validation images (`pipeline.roc`,
+        """{"val_auc": AUC, TAR_KEY: TAR at FAR 1e-3} over all pairs of the validation images (`pipeline.metrics.roc`,
         exact); None values without two of them, or without a same-person or a different-person pair."""
         if len(self.val_rows) < 2:
             return {"val_auc": None, TAR_KEY: None}

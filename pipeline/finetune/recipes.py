@@ -14,17 +14,18 @@ import math
 import numpy as np
 import torch
 
-from pipeline import data, models
+from pipeline.faces import lfw
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.features import Handover
 from pipeline.finetune.loop import Trainer
+from pipeline.finetune.losses import BatchPairLoss, CosFaceLoss, StudyLoss
 from pipeline.finetune.validation import random_people, unpaired_people
-from pipeline.losses import BatchPairLoss, CosFaceLoss, StudyLoss
+from pipeline.nets import models
 
 log = logging.getLogger(__name__)
 
 
-def study_pairs(proto: data.LFWProtocol, max_pairs: int | None) -> data.LFWProtocol:
+def study_pairs(proto: lfw.FaceSet, max_pairs: int | None) -> lfw.FaceSet:
     """All pairs, or the first ceil(N/2) same and first floor(N/2) different pairs."""
     if max_pairs is None or max_pairs >= len(proto.pairs):
         return proto
@@ -58,9 +59,9 @@ class StudyTrainer(Trainer):
 
     def __init__(self, cfg: FinetuneConfig, device: torch.device, shared: Handover | None = None):
         super().__init__(cfg, device, shared)
-        all_pairs = data.load_protocol(cfg.data_root, cfg.image_set, "pairs", "train")
+        all_pairs = lfw.load_protocol(cfg.data_root, cfg.image_set, "pairs", "train")
         pairs = study_pairs(all_pairs, cfg.max_pairs)
-        people = data.load_protocol(cfg.data_root, cfg.image_set, "people", "train")
+        people = lfw.load_protocol(cfg.data_root, cfg.image_set, "people", "train")
         # Validation: training people that appear in no pairsDevTrain pair (the study trains on all pairs).
         self.load_images(pairs, people, unpaired_people(people, all_pairs))
         self.pairs = torch.as_tensor(pairs.pairs)
@@ -106,7 +107,7 @@ class BestTrainer(Trainer):
     def __init__(self, cfg: FinetuneConfig, device: torch.device, shared: Handover | None = None):
         super().__init__(cfg, device, shared)
         self.flips = cfg.flip
-        people = data.load_protocol(cfg.data_root, cfg.image_set, "people", "train")
+        people = lfw.load_protocol(cfg.data_root, cfg.image_set, "people", "train")
         held = random_people(
             len(people.identities), cfg.val_fraction, cfg.seed if cfg.split_seed is None else cfg.split_seed
         )

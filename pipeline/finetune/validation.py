@@ -1,5 +1,5 @@
 """Validation: which held-out people's images it uses and its measures over all their pairs: the AUC and the
-true accept rate at a false accept rate of 1e-3 (the project's ROC code, `pipeline.roc`, exact)."""
+true accept rate at a false accept rate of 1e-3 (the project's ROC code, `pipeline.metrics.roc`, exact)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from pipeline import data, roc
+from pipeline.faces import lfw
+from pipeline.metrics import roc
 
 VAL_FAR = 1e-3
 """The false accept rate of the validation TAR."""
@@ -15,7 +16,7 @@ TAR_KEY = f"val_tar_at_far_{VAL_FAR:g}"
 """The name of the validation TAR in the training history (beside `val_auc`)."""
 
 
-def unpaired_people(people: data.LFWProtocol, pairs: data.LFWProtocol) -> np.ndarray:
+def unpaired_people(people: lfw.FaceSet, pairs: lfw.FaceSet) -> np.ndarray:
     """Identity indices (into `people`) of the people that appear in no pair of `pairs` (the study)."""
     paired = set(pairs.identities)
     return np.array([i for i, n in enumerate(people.identities) if n not in paired], dtype=np.int64)
@@ -40,8 +41,8 @@ def all_pairs_metrics(
     emb: torch.Tensor, labels: np.ndarray, metric: str, offsets: torch.Tensor | None = None
 ) -> dict[str, float] | None:
     """{"auc", "tar_at_far"} over every pair i < j (similarity: cosine, or minus the Euclidean distance; with
-    `offsets` o, cosine - o_i - o_j, `pipeline.cohort`): the AUC (ties one half) and the true accept rate at FAR
-    `VAL_FAR`, both exact, from `pipeline.roc.exact_counts` and `roc_metrics`, as `score` computes them. None when
+    `offsets` o, cosine - o_i - o_j, `pipeline.embedding.cohort`): the AUC (ties one half) and the true accept rate at FAR
+    `VAL_FAR`, both exact, from `pipeline.metrics.roc.exact_counts` and `roc_metrics`, as `score` computes them. None when
     undefined (fewer than two images, or no same-person or no different-person pair)."""
     if len(labels) < 2:
         return None

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.results import describe
-from pipeline.roc import HistogramROC
+from pipeline.metrics.roc import HistogramROC
+from pipeline.report.results import describe
 
 
 def edge_bin_fraction(acc: HistogramROC, n_pairs: int) -> float:

@@ -8,13 +8,13 @@ import os
 import numpy as np
 import torch
 
-from pipeline.blockmath import (
-    Tile,
-)
 from pipeline.errors import PipelineError
-from pipeline.roc import (
+from pipeline.metrics.roc import (
     exact_counts,
     roc_metrics,
+)
+from pipeline.scoring.blockmath import (
+    Tile,
 )
 from pipeline.scoring.memory import Prepared
 

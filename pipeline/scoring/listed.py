@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.intervals import bootstrap_listed
-from pipeline.roc import (
+from pipeline.metrics.intervals import bootstrap_listed
+from pipeline.metrics.roc import (
     FAR_LEVELS,
     Binning,
     HistogramROC,
@@ -22,10 +22,10 @@ from pipeline.roc import (
     value_to_distance,
 )
 from pipeline.scoring.memory import normalise, read_rows
-from pipeline.store import Store
+from pipeline.store.layout import Store
 
 if TYPE_CHECKING:
-    from pipeline.score import ScoreConfig
+    from pipeline.scoring.stage import ScoreConfig
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.blockmath import (
+from pipeline.errors import PipelineError
+from pipeline.metrics.roc import (
+    Binning,
+)
+from pipeline.metrics.tail import duplicate_ids, exact_ties, start_rank, tail_size
+from pipeline.scoring.blockmath import (
     STAT_ROWS,
     OnBlock,
     SampleRange,
@@ -25,13 +30,8 @@ from pipeline.blockmath import (
     sample_rows,
     scale_right,
 )
-from pipeline.errors import PipelineError
-from pipeline.roc import (
-    Binning,
-)
-from pipeline.store import Store, bad_rows_error
-from pipeline.tail import duplicate_ids, exact_ties, start_rank, tail_size
-from pipeline.tiles import TileLoop
+from pipeline.scoring.tiles import TileLoop
+from pipeline.store.layout import Store, bad_rows_error
 
 log = logging.getLogger(__name__)
 READ_ROWS_BYTES = 64 << 20  # rows read from the store at a time
@@ -46,7 +46,7 @@ class Prepared:
     """[N, D] float32 sorted rows, centred (l2) or normalised (cosine): a view into `left`."""
     left: torch.Tensor
     """[N, D+2] rows [x, |x|^2, 1] (l2), [N, D+1] rows [x, 1] (cosine) or [N, D+2] rows [x, -o, 1] (cosine with
-    score offsets o): `pipeline.blockmath.augment`."""
+    score offsets o): `pipeline.scoring.blockmath.augment`."""
     right: torch.Tensor
     """[N, D+2] rows [-2x, 1, |x|^2] (l2), [N, D+1] rows [x, 0] (cosine) or [N, D+2] rows [x, 1, -o] (cosine with
     offsets): `left @ right.T` is the value."""
@@ -217,7 +217,7 @@ class TorchTiles:
 
     def values(self, t: Tile, on_block: OnBlock | None = None, pending: list | None = None) -> torch.Tensor | None:
         """The tile's values; on the CPU with `on_block`, handed over block by block instead (None returned;
-        queued, with `pending`: `pipeline.blockmath.fixed_matmul`)."""
+        queued, with `pending`: `pipeline.scoring.blockmath.fixed_matmul`)."""
         m, k = t.r1 - t.r0, t.c1 - t.c0
         if self.numpy:
             below = 0 if t.diagonal else None

@@ -1,6 +1,6 @@
-"""LFW on disk: layouts and protocol files (View 1 people/pairs, View 2 10-fold), read into an `LFWProtocol`:
+"""LFW on disk: layouts and protocol files (View 1 people/pairs, View 2 10-fold), read into an `FaceSet`:
 the images (and pairs) an embedding store is made of. Other face sets (folder trees, `.bin` files) are read
-into the same class by `pipeline.facesets`; images and transforms are `pipeline.images`.
+into the same class by `pipeline.faces.facesets`; images and transforms are `pipeline.faces.images`.
 
 A data root holds either torchvision's layout (`root/lfw-py/<image dir>` + protocol `.txt` files) or the
 image folder and the `.txt` files directly. The `.tgz` archives are never needed.
@@ -158,7 +158,7 @@ def parse_pairs(path: Path) -> list[tuple[str, str, int, int]]:
 
 
 @dataclass(frozen=True)
-class LFWProtocol:
+class FaceSet:
     """The images (and pairs) of one protocol split, as arrays ready for an embedding store."""
 
     data_root: Path
@@ -192,7 +192,7 @@ class LFWProtocol:
         """What `images.load_image` decodes for image i: its file, or its encoded bytes."""
         return self.absolute(i) if self.encoded is None else self.encoded[i]
 
-    def limit(self, n: int | None) -> LFWProtocol:
+    def limit(self, n: int | None) -> FaceSet:
         """The first n images (people protocol) or the first n pairs and their images (pair protocols)."""
         if n is None:
             return self
@@ -201,7 +201,7 @@ class LFWProtocol:
             return self.subset(keep)
         return self.select_pairs(np.arange(min(n, len(self.pairs))))
 
-    def subset(self, rows: np.ndarray) -> LFWProtocol:
+    def subset(self, rows: np.ndarray) -> FaceSet:
         """Keep image rows `rows` (people protocols; pairs are dropped and re-indexed when present)."""
         rows = np.asarray(rows, dtype=np.int64)
         encoded = None if self.encoded is None else [self.encoded[i] for i in rows]
@@ -221,7 +221,7 @@ class LFWProtocol:
             pair_folds=self.pair_folds[keep],
         )
 
-    def select_pairs(self, pair_rows: np.ndarray) -> LFWProtocol:
+    def select_pairs(self, pair_rows: np.ndarray) -> FaceSet:
         """Keep the given pairs and only the images they use, in order of first use."""
         pairs = self.pairs[pair_rows]
         used, first = np.unique(pairs.ravel(), return_index=True)
@@ -240,7 +240,7 @@ def labels_for(names: list[str]) -> tuple[np.ndarray, list[str]]:
 
 def load_protocol(
     data_root: Path | str, image_set: str, protocol: str, split: str, skip_missing: bool = False
-) -> LFWProtocol:
+) -> FaceSet:
     """Read a protocol split. A listed image that is missing is an error naming it (and counting the
     others), unless `skip_missing`, which drops it (and the pairs that use it) and records it."""
     data_root = Path(data_root)
@@ -262,7 +262,7 @@ def load_protocol(
         pair_labels = np.array([s for _, _, s, _ in listed], dtype=np.int8)
         pair_folds = np.array([f for _, _, _, f in listed], dtype=np.int8)
     labels, identities = labels_for([p.split("/")[0] for p in rel])
-    proto = LFWProtocol(
+    proto = FaceSet(
         data_root,
         image_set,
         protocol,

@@ -9,10 +9,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.blockmath import better_extreme
 from pipeline.errors import PipelineError
+from pipeline.metrics.roc import HistogramROC, check_defined
 from pipeline.outputs import claim
-from pipeline.results import (
+from pipeline.report.results import (
     PART_FILE,
     RESULT_FILES,
     check_results_out,
@@ -21,8 +21,8 @@ from pipeline.results import (
     write_folder,
     write_results,
 )
-from pipeline.roc import HistogramROC, check_defined
 from pipeline.scoring.assemble import assemble_metrics, edge_bin_fraction
+from pipeline.scoring.blockmath import better_extreme
 
 log = logging.getLogger(__name__)
 

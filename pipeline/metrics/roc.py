@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.tail import Tail
+from pipeline.metrics.tail import Tail
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +51,7 @@ class Binning:
     bins: int
     metric: str
     near: float = field(default=math.nan, compare=False)
-    """The sample's value where the exact tail starts (`pipeline.tail.start_rank`); not part of the bins."""
+    """The sample's value where the exact tail starts (`pipeline.metrics.tail.start_rank`); not part of the bins."""
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -101,10 +101,10 @@ class HistogramROC:
         """Same-person and different-person counts per bin."""
         self.max_distance: float = float("nan")
         self.tail: Tail | None = None
-        """The exact tail of all-pairs scoring (`pipeline.tail`): exact TAR at low FAR."""
+        """The exact tail of all-pairs scoring (`pipeline.metrics.tail`): exact TAR at low FAR."""
         self.groups: tuple | None = None
         """The jackknife's coarse counts per pair of identity groups (all pairs, same-person pairs) and rows per
-        group (`pipeline.intervals`)."""
+        group (`pipeline.metrics.intervals`)."""
 
     @property
     def n_positive(self) -> int:
@@ -180,7 +180,7 @@ class HistogramROC:
         if self.tail is not None:
             exact_tail_metrics(metrics, self.tail, self.binning)
         if self.groups is not None:
-            from pipeline.intervals import jackknife_all_pairs
+            from pipeline.metrics.intervals import jackknife_all_pairs
 
             metrics.update(jackknife_all_pairs(self, metrics))
         return metrics

@@ -1,7 +1,7 @@
 """The `run` stage: the whole study in one command, reusing the steps a previous run finished.
 
 Fine-tune -> embed LFWPairs test and LFWPeople test with the pretrained and the fine-tuned network in one pass
-(`pipeline.shared_embed`: each image once, shared first layers once) -> score each store (listed pairs; all
+(`pipeline.embedding.shared`: each image once, shared first layers once) -> score each store (listed pairs; all
 6.87 M pairs); then `summary.json`, `table.md` (the study's layout), the ROC figures and the training curves.
 Layout of OUT:
 
@@ -23,15 +23,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline import models, outputs
-from pipeline.embed import EmbedConfig, default_data_root, offsets_as_expected
+from pipeline import outputs
+from pipeline.embedding.embed import EmbedConfig, default_data_root, offsets_as_expected
+from pipeline.embedding.shared import embed_together
 from pipeline.finetune import FinetuneConfig, finetune, recognise_training_figure, write_training_figure
 from pipeline.finetune.config import TTA_RESIZES
-from pipeline.report import TRAINING_FILE, report
-from pipeline.results import read_json
-from pipeline.score import score_store
-from pipeline.shared_embed import embed_together
-from pipeline.store import open_store
+from pipeline.nets import models
+from pipeline.report.results import read_json
+from pipeline.report.tables import TRAINING_FILE, report
+from pipeline.scoring.stage import score_store
+from pipeline.store.layout import open_store
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class RunConfig:
     image_set: str = "deepfunneled"
     """original | funneled | deepfunneled."""
     model: str = "squeezenet1_0"
-    """A backbone of `pipeline.models.BACKBONES`."""
+    """A backbone of `pipeline.nets.models.BACKBONES`."""
     weights: str = "imagenet"
     """The pretrained weights: imagenet | none | PATH."""
     recipe: str = "study"

@@ -6,7 +6,7 @@ whose entries are directly bin coordinates: `[x, |x|^2, 1] . s [-2y, 1, |y|^2 - 
 lo) for l2 (rows centred first), and `[x, 1] . s [y, -lo]` for cosine (rows normalised; with score offsets,
 `[x, -o_x, 1] . s [y, 1, -o_y - lo]` = s (cos - o_x - o_y - lo)). Each tile is counted once for all its pairs and
 once for its same-person pairs of the *same* array, so both land in the same bins exactly; different-person counts
-are the difference (`pipeline.tiles`). CPU: NumPy's BLAS (or torch's MKL, see `pipeline.blockmath`) and
+are the difference (`pipeline.scoring.tiles`). CPU: NumPy's BLAS (or torch's MKL, see `pipeline.scoring.blockmath`) and
 `np.bincount`; GPU: torch and `torch.histc`. Rows in memory: `pipeline.scoring.memory`.
 """
 
@@ -21,7 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.blockmath import (
+from pipeline.distributed import World, all_gather_objects, all_gather_rows, all_reduce_sum, init_world
+from pipeline.metrics.roc import (
+    HistogramROC,
+    check_defined,
+)
+from pipeline.metrics.tail import Tail, tail_size
+from pipeline.outputs import claim
+from pipeline.report.results import RESULT_FILES, check_results_out, json_attrs, write_results
+from pipeline.runtime import resolve_device
+from pipeline.scoring.assemble import assemble_metrics, edge_bin_fraction
+from pipeline.scoring.blockmath import (
     LEAF,
     Tile,
     balance,
@@ -29,22 +39,12 @@ from pipeline.blockmath import (
     pair_distance,
     tile_plan,
 )
-from pipeline.counting import TilePass, as_int64
-from pipeline.distributed import World, all_gather_objects, all_gather_rows, all_reduce_sum, init_world
-from pipeline.outputs import claim
-from pipeline.results import RESULT_FILES, check_results_out, json_attrs, write_results
-from pipeline.roc import (
-    HistogramROC,
-    check_defined,
-)
-from pipeline.runtime import resolve_device
-from pipeline.scoring.assemble import assemble_metrics, edge_bin_fraction
+from pipeline.scoring.counting import TilePass, as_int64
 from pipeline.scoring.exact import check_exact_fits, exact_all_pairs
 from pipeline.scoring.listed import score_listed_pairs, tenfold_accuracy
 from pipeline.scoring.memory import FaissTiles, TileScorer, TorchTiles, choose_binning, make_backend, prepare
 from pipeline.scoring.rank1 import rank1_accuracy
-from pipeline.store import Store, open_store, recorded_data_root
-from pipeline.tail import Tail, tail_size
+from pipeline.store.layout import Store, open_store, recorded_data_root
 
 log = logging.getLogger(__name__)
 

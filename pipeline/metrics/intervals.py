@@ -68,7 +68,7 @@ def percentile(samples: list[float]) -> list[float] | None:
 def bootstrap_listed(values: np.ndarray, positive: np.ndarray, metric: str, far_levels, seed: int = 0,
                      rounds: int = ROUNDS) -> dict:  # fmt: skip
     """Percentile bootstrap over the listed pairs: `auc_ci95`, `eer_ci95`, `tar_at_far_ci95`."""
-    from pipeline.roc import equal_error_rate, exact_counts
+    from pipeline.metrics.roc import equal_error_rate, exact_counts
 
     rng = np.random.default_rng(seed)
     n = len(values)
@@ -97,7 +97,7 @@ def jackknife_all_pairs(acc, metrics: dict) -> dict:
     """Delete-a-group jackknife intervals of an all-pairs result (`HistogramROC` with group counts and a tail):
     AUC and EER from the coarse counts of the pairs that do not touch the group, TAR at FAR from the exact tail
     (a level is left out where a replicate's tail does not reach it)."""
-    from pipeline.roc import _auc, equal_error_rate
+    from pipeline.metrics.roc import _auc, equal_error_rate
 
     all_c, pos_c = (c.reshape(GROUPS * GROUPS, COARSE).astype(np.float64) for c in acc.groups[:2])  # exact
     group_rows = np.asarray(acc.groups[2], dtype=np.int64)

@@ -1,6 +1,6 @@
 """`report` of several results folders (or `run` folders, which stand for their four results): one ROC figure,
 the study's table, the training curves when a result comes from a fine-tuning that drew them, and with `html`
-one self-contained page (`pipeline.html_report`). Figures are drawn by `pipeline.figures`."""
+one self-contained page (`pipeline.report.html`). Figures are drawn by `pipeline.report.figures`."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import figures, outputs
+from pipeline import outputs
 from pipeline.errors import PipelineError
-from pipeline.figures import draw_roc  # noqa: F401 (the ROC figure's old home)
+from pipeline.report import figures
+from pipeline.report.figures import draw_roc  # noqa: F401 (the ROC figure's old home)
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def recognise_report_file(path: Path) -> str | None:
     if path.suffix == ".md":
         return None if head.startswith(b"| model |") else "it is not a table written by report"
     if path.suffix == ".html":
-        from pipeline.html_report import GENERATOR
+        from pipeline.report.html import GENERATOR
 
         return None if GENERATOR.encode() in head else "it is not a page written by report"
     if path.name == TRAINING_FILE:
@@ -230,7 +231,7 @@ def report(
         if TRAINING_FILE in names:
             outputs.replace_file(lambda p: p.write_bytes(found[0][1]), out / TRAINING_FILE)
         if html:
-            from pipeline.html_report import write_page
+            from pipeline.report.html import write_page
 
             roc_png = (out / "roc.png").read_bytes()
             outputs.replace_file(lambda p: write_page(p, result_dirs, results, roc_png, found), out / HTML_FILE)

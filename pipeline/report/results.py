@@ -16,13 +16,13 @@ import numpy as np
 
 from pipeline import outputs
 from pipeline.errors import PipelineError
-from pipeline.roc import HistogramROC, thin_roc
+from pipeline.metrics.roc import HistogramROC, thin_roc
 
 log = logging.getLogger(__name__)
 
 PART_FILE = "part.json"
 FIGURE_FILES = ("roc.png", "det.png", "scores.png")
-"""The figures of a results folder (`pipeline.figures`); folders of older versions hold only roc.png."""
+"""The figures of a results folder (`pipeline.report.figures`); folders of older versions hold only roc.png."""
 RESULT_FILES = ("metrics.json", "roc.csv", *FIGURE_FILES, "histogram.npz", PART_FILE)
 """Everything a results or part folder holds (some may be missing); a folder holding anything else is not
 replaced."""
@@ -84,7 +84,7 @@ def guess_variant(attrs: dict) -> str:
     if weights in ("", "imagenet", "none") or not Path(weights).is_file():
         return "finetuned" if "finetune" in weights.lower() else "pretrained"
     try:
-        from pipeline.models import read_weights_file  # torch: only for stores made from a weights file
+        from pipeline.nets.models import read_weights_file  # torch: only for stores made from a weights file
 
         return "finetuned" if read_weights_file(weights)[1] else "pretrained"
     except PipelineError:
@@ -150,8 +150,8 @@ def write_results(
 ) -> Path:
     """The full results folder: metrics.json, roc.csv, histogram.npz, the figures roc.png, det.png (FNMR over
     FMR) and scores.png (the two score distributions), and part.json for merged parts."""
-    from pipeline import figures
-    from pipeline.report import title_of
+    from pipeline.report import figures
+    from pipeline.report.tables import title_of
 
     fpr, tpr, thr = roc["fpr"], roc["tpr"], roc["threshold"]
     keep = thin_roc(fpr, tpr)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import h5py
 
-from pipeline.cohort import Cohort
-from pipeline.store_writer import StoreWriter, differing_settings
+from pipeline.embedding.cohort import Cohort
+from pipeline.store.writer import StoreWriter, differing_settings
 
 ASSEMBLY_ROWS = 65536  # rows copied at a time when rank 0 joins the parts (bounded memory)
 

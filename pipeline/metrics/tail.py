@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from pipeline.roc import Binning
+    from pipeline.metrics.roc import Binning
 
 TAIL_MAX = 1 << 20  # at most this many negatives (4 MB per thread): FAR up to 1e-3 exact below 5 x 10^8 pairs
 TAIL_FAR = 2e-3  # the tail aims to make every FAR level up to 1e-3 exact, in every jackknife replicate too
@@ -59,7 +59,7 @@ def _key(values: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
 class Tail:
     """The K most similar negatives (`neg`) and the positives at least as similar as the K-th (`pos`), as
     float32 bin coordinates, each with the id of its pair of identity groups (`neg_ids`, `pos_ids`, for the
-    jackknife of `pipeline.intervals`). Feed it blocks in any order and grouping (`add`), combine tails (`merge`)."""
+    jackknife of `pipeline.metrics.intervals`). Feed it blocks in any order and grouping (`add`), combine tails (`merge`)."""
 
     def __init__(self, k: int, metric: str, bound: float | None = None):
         self.k, self.metric = k, metric

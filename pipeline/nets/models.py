@@ -21,7 +21,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from pipeline.errors import PipelineError
-from pipeline.model_factory import build_factory
+from pipeline.nets.factory import build_factory
 
 log = logging.getLogger(__name__)
 HASH_PREFIX = re.compile(r"-([a-f0-9]{8,})\.")  # torchvision names its files NAME-<sha256 prefix>.pth

@@ -1,5 +1,5 @@
 """Writing a store: rows filled in order into `OUT.partial` (resumable), renamed to `OUT` when complete, so a
-file at the output path is always whole. Layout and reading: `pipeline.store`."""
+file at the output path is always whole. Layout and reading: `pipeline.store.layout`."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.cohort import OFFSET_ROWS, Cohort
+from pipeline.embedding.cohort import OFFSET_ROWS, Cohort
 from pipeline.errors import PipelineError
 from pipeline.outputs import io_cause
-from pipeline.store import CHUNK_BYTES, OFFSETS, STR, _attr, partial_path, recognise_partial
+from pipeline.store.layout import CHUNK_BYTES, OFFSETS, STR, _attr, partial_path, recognise_partial
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class StoreWriter:
         self, extra_attrs: dict | None = None, drop_rows: list[int] | None = None, cohort: Cohort | None = None
     ) -> Path:
         """Mark complete and rename to the output path; `drop_rows` (bad images) are removed first. With a
-        `cohort`, the rows' score offsets (`pipeline.cohort`) are computed from the stored rows and written."""
+        `cohort`, the rows' score offsets (`pipeline.embedding.cohort`) are computed from the stored rows and written."""
         if self.rows_done != self.n:
             raise RuntimeError(f"store has {self.rows_done} of {self.n} rows")
         f = self.file

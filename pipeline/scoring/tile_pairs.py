@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.blockmath import Tile, block_spans
-from pipeline.intervals import GROUPS
+from pipeline.metrics.intervals import GROUPS
+from pipeline.scoring.blockmath import Tile, block_spans
 
 
 def clip_to_span(t: Tile, span: tuple[int, int] | None) -> tuple[int, int]:
@@ -18,7 +18,7 @@ def clip_to_span(t: Tile, span: tuple[int, int] | None) -> tuple[int, int]:
 def multiplied(t: Tile, a: int, b: int, side: int) -> tuple[int, int]:
     """Rows of tile `t` actually multiplied for its rows [a, b): the whole canonical blocks of the tile
     (`block_spans`, counted from its first row) that hold them, so that every entry comes from the same product
-    call as in a run over the whole tile (`pipeline.blockmath.fixed_matmul`)."""
+    call as in a run over the whole tile (`pipeline.scoring.blockmath.fixed_matmul`)."""
     spans = [(t.r0 + s, t.r0 + e) for s, e in block_spans(t.r1 - t.r0, side)]
     return max(s for s, _ in spans if s <= a), min(e for _, e in spans if e >= b)
 

@@ -29,7 +29,7 @@ def partial_path(out: Path | str) -> Path:
 
 
 OFFSETS = "score_offsets"
-"""Optional dataset [N] float32: per-row score offsets (cohort score normalisation, `pipeline.cohort`). With it,
+"""Optional dataset [N] float32: per-row score offsets (cohort score normalisation, `pipeline.embedding.cohort`). With it,
 the cosine score of rows i, j is cos(x_i, x_j) - o_i - o_j."""
 SCORE_NORM = "score_norm"
 """The attribute that describes the offsets (which cohort, how many of its most similar images)."""

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.roc import Binning, HistogramROC
-from pipeline.tail import Tail
+from pipeline.metrics.roc import Binning, HistogramROC
+from pipeline.metrics.tail import Tail
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +29,7 @@ class BinCounts:
     counts of several add up exactly.
 
     With `ids` (values' group-pair ids, 0..n_ids-1) it also counts `coarse` bins per id (`group_counts`, the
-    jackknife's input, `pipeline.intervals`): at `flush`, the counted fine bins become keys in place."""
+    jackknife's input, `pipeline.metrics.intervals`): at `flush`, the counted fine bins become keys in place."""
 
     def __init__(self, bins: int, n_ids: int = 0, coarse: int = 1):
         self.bins, self.n_ids, self.coarse = bins, n_ids, coarse
@@ -181,11 +181,11 @@ class Stager:
 class ThreadCounts:
     """One thread's share of a CPU pass of the tile loop: its histograms, its extreme candidate (value, tile, i, j)
     with i, j in the source's row order, its exact tail, and the jackknife's counts per pair of identity groups
-    (`pipeline.intervals`; in the same counters as the bins: one pass counts both)."""
+    (`pipeline.metrics.intervals`; in the same counters as the bins: one pass counts both)."""
 
     def __init__(self, bins: int, tail_k: int, metric: str, n_ids: int = 0, bound: float | None = None):
-        from pipeline.intervals import COARSE
-        from pipeline.tail import Tail
+        from pipeline.metrics.intervals import COARSE
+        from pipeline.metrics.tail import Tail
 
         self.all, self.pos = BinCounts(bins, n_ids, COARSE), BinCounts(bins, n_ids, COARSE)
         self.best: tuple = (float("nan"), -1, -1, -1)
@@ -220,9 +220,9 @@ class TilePass:
     """Plan index of the tile holding the extreme pair (ties go to the earliest tile, then the first pair)."""
     n_pairs: int = 0
     tail: Tail | None = None
-    """The exact tail (`pipeline.tail`), when the loop keeps one."""
+    """The exact tail (`pipeline.metrics.tail`), when the loop keeps one."""
     groups: tuple | None = None
-    """With the tail: the jackknife's coarse counts per pair of identity groups (`pipeline.intervals`): of the
+    """With the tail: the jackknife's coarse counts per pair of identity groups (`pipeline.metrics.intervals`): of the
     sampled pairs, of every same-person pair, of the sampled same-person pairs; and the rows per group."""
 
     def roc(self) -> HistogramROC:

@@ -289,7 +289,7 @@ def sample_rows(n: int, seed: int, sample_pairs: int) -> np.ndarray:
 
 class SampleRange:
     """The 10th smallest and largest value of the sample rows against every other row, and its `keep`-th
-    smallest and largest (where the exact tail starts, `pipeline.tail.start_rank`), fed column block by column
+    smallest and largest (where the exact tail starts, `pipeline.metrics.tail.start_rank`), fed column block by column
     block (`add`) in any grouping: only the `keep` extremes of each side are kept."""
 
     def __init__(self, rows: np.ndarray, n: int, keep: int = 0):

@@ -21,13 +21,23 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import facesets, images, models, outputs
-from pipeline.cohort import model_cohort
-from pipeline.embed import EmbedConfig, check_out, check_partial, prepare, store_arrays, store_extra, store_identity
+from pipeline import outputs
+from pipeline.embedding.cohort import model_cohort
+from pipeline.embedding.embed import (
+    EmbedConfig,
+    check_out,
+    check_partial,
+    prepare,
+    store_arrays,
+    store_extra,
+    store_identity,
+)
 from pipeline.errors import PipelineError
+from pipeline.faces import facesets, images
 from pipeline.finetune.features import same_state, split_model
+from pipeline.nets import models
 from pipeline.runtime import autocast, keep_freed_memory, resolve_device, seed_everything
-from pipeline.store_writer import StoreWriter
+from pipeline.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
-"""Face sets beyond LFW's protocol files, read into the same `data.LFWProtocol` that the embed stage consumes.
+"""Face sets beyond LFW's protocol files, read into the same `lfw.FaceSet` that the embed stage consumes.
 
 - `folder`: a tree `DIR/<identity>/<image>` (any format PIL reads); every image, sorted by identity (then by
   file name, digits compared as numbers), labelled by its folder. An optional CSV `path_a,path_b,same[,fold]`
   (paths relative to DIR) lists pairs, stored as the LFW pair protocols store theirs.
 - `bin`: insightface's verification format, a pickle of `(bins, issame_list)`: encoded images (JPEG/PNG bytes)
   and one flag per pair; pair i is images 2i and 2i+1, in 10 consecutive folds. It is read with the restricted
-  unpickler of `pipeline.untrusted` (a pickle can run code; this one cannot). Its images have no identities:
+  unpickler of `pipeline.faces.untrusted` (a pickle can run code; this one cannot). Its images have no identities:
   each is its own label, so only its listed pairs (`score --pairs`) can be scored.
 """
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import data
 from pipeline.errors import PipelineError
-from pipeline.untrusted import load_pickle
+from pipeline.faces import lfw
+from pipeline.faces.untrusted import load_pickle
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,10 @@ def load_faceset(
     split: str = "test",
     pairs_file: Path | str | None = None,
     skip_missing: bool = False,
-) -> data.LFWProtocol:
+) -> lfw.FaceSet:
     """The images (and pairs) of a face set: an LFW protocol split, a folder tree or a `.bin` file."""
     if dataset == "lfw":
-        return data.load_protocol(data_root, image_set, protocol, split, skip_missing)
+        return lfw.load_protocol(data_root, image_set, protocol, split, skip_missing)
     if dataset == "folder":
         return load_folder(data_root, pairs_file, skip_missing)
     if dataset == "bin":
@@ -50,7 +50,7 @@ def load_faceset(
     raise PipelineError(f"unknown dataset {dataset!r}: use one of {DATASETS}")
 
 
-def pairs_sha256(proto: data.LFWProtocol) -> str:
+def pairs_sha256(proto: lfw.FaceSet) -> str:
     """sha256 of the pair list (int64 little-endian [P, 2] row indices, then int8 same flags); '' without pairs."""
     if proto.pairs is None:
         return ""
@@ -105,13 +105,13 @@ def scan_folder(root: Path) -> tuple[list[str], list[str]]:
     return paths, names
 
 
-def load_folder(root: Path | str, pairs_file: Path | str | None = None, skip_missing: bool = False) -> data.LFWProtocol:
+def load_folder(root: Path | str, pairs_file: Path | str | None = None, skip_missing: bool = False) -> lfw.FaceSet:
     """Every image of `root/<identity>/`, labelled by identity (labels index the sorted identities); with
     `pairs_file`, its pairs as row indices (protocol `pairs-file`), else protocol `folder`."""
     root = Path(root)
     paths, names = scan_folder(root)
-    labels, identities = data.labels_for(names)
-    proto = data.LFWProtocol(root, "", "folder", "", paths, labels, identities)
+    labels, identities = lfw.labels_for(names)
+    proto = lfw.FaceSet(root, "", "folder", "", paths, labels, identities)
     if pairs_file is None:
         return proto
     pairs, same, folds, skipped = read_pairs_csv(Path(pairs_file), root, {p: i for i, p in enumerate(paths)})
@@ -125,7 +125,7 @@ def load_folder(root: Path | str, pairs_file: Path | str | None = None, skip_mis
     disagree = int((same.astype(bool) != (labels[pairs[:, 0]] == labels[pairs[:, 1]])).sum())
     if disagree:
         log.warning("%d pairs of %s disagree with the identity folders (kept as listed)", disagree, pairs_file)
-    return data.LFWProtocol(
+    return lfw.FaceSet(
         root, "", "pairs-file", "", paths, labels, identities, pairs, same, folds, skipped=sorted(set(skipped))
     )
 
@@ -214,7 +214,7 @@ def _issame(flags: object, path: Path) -> np.ndarray:
     return np.array([int(v) for v in flags], dtype=np.int8)
 
 
-def load_bin(path: Path | str) -> data.LFWProtocol:
+def load_bin(path: Path | str) -> lfw.FaceSet:
     """An insightface verification `.bin`: images 2i and 2i+1 form pair i, `issame[i]` says whether they show
     the same person. Each image is its own identity (label = image index)."""
     path = Path(path)
@@ -233,7 +233,7 @@ def load_bin(path: Path | str) -> data.LFWProtocol:
         raise PipelineError(f"{path} holds {len(bins)} images for {len(same)} pairs: expected 2 images per pair")
     encoded = [_encoded(b, i, path) for i, b in enumerate(bins)]
     names = [f"{path.name}#{i}" for i in range(len(encoded))]
-    return data.LFWProtocol(
+    return lfw.FaceSet(
         path.parent,
         "",
         "bin",

@@ -3,8 +3,8 @@
 Scores the pairs i < j whose smaller index i lies in [A, B), with rows counted in label order (the store's own
 order for stores `embed` writes, which are sorted by label), reading the rows in blocks, so a store larger than
 memory scores in bounded memory. The rows are those the in-memory `score` multiplies, in the same order
-(`pipeline.sorted_rows`: a store in another row order is first copied in label order to a temporary file), with
-the same tile plan, bins, row transforms and products (`pipeline.blockmath`): a whole run, and the parts of any
+(`pipeline.scoring.sorted_rows`: a store in another row order is first copied in label order to a temporary file), with
+the same tile plan, bins, row transforms and products (`pipeline.scoring.blockmath`): a whole run, and the parts of any
 split of [0, N) added up by `cli.py merge`, give the in-memory results bit for bit. Every part draws the
 bin-range sample from the whole store with the same seed, so all parts share their bins.
 
@@ -22,7 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.blockmath import (
+from pipeline.errors import PipelineError
+from pipeline.metrics.roc import Binning, HistogramROC
+from pipeline.metrics.tail import duplicate_ids, exact_ties, start_rank, tail_size
+from pipeline.outputs import claim
+from pipeline.report.results import (
+    PART_FILE,
+    RESULT_FILES,
+    check_results_out,
+    json_attrs,
+)
+from pipeline.scoring.blockmath import (
     LEAF,
     STAT_ROWS,
     SampleRange,
@@ -38,20 +48,10 @@ from pipeline.blockmath import (
     scale_right,
     tile_plan,
 )
-from pipeline.errors import PipelineError
-from pipeline.merge import write_part
-from pipeline.outputs import claim
-from pipeline.results import (
-    PART_FILE,
-    RESULT_FILES,
-    check_results_out,
-    json_attrs,
-)
-from pipeline.roc import Binning, HistogramROC
-from pipeline.sorted_rows import LabelOrder
-from pipeline.store import Store, bad_rows_error, open_store, recorded_data_root
-from pipeline.tail import duplicate_ids, exact_ties, start_rank, tail_size
-from pipeline.tiles import TileLoop
+from pipeline.scoring.merge import write_part
+from pipeline.scoring.sorted_rows import LabelOrder
+from pipeline.scoring.tiles import TileLoop
+from pipeline.store.layout import Store, bad_rows_error, open_store, recorded_data_root
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class BlockRows:
         self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def rows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """(left, right) of rows [a, b), transformed as `pipeline.score.prepare` does, scaled to bins when a
+        """(left, right) of rows [a, b), transformed as `pipeline.scoring.stage.prepare` does, scaled to bins when a
         binning is set."""
         left = np.empty((b - a, self.width), dtype=np.float32)
         right = np.empty_like(left)
@@ -167,7 +167,7 @@ class BlockRows:
 def row_stats(
     src: LabelOrder, metric: str, offsets: np.ndarray | None = None
 ) -> tuple[np.ndarray | None, float, np.ndarray | None]:
-    """(centring mean or None, largest centred norm, duplicate ids as `pipeline.tail.duplicate_ids`) by streaming
+    """(centring mean or None, largest centred norm, duplicate ids as `pipeline.metrics.tail.duplicate_ids`) by streaming
     the rows in label order; NaN/inf or (cosine) zero rows are an error naming them (by store row)."""
     n, store = src.n, src.store
     bad: list[int] = []

@@ -1,14 +1,14 @@
 """The one loop over tiles of all-pairs scoring, whatever holds the rows.
 
-Every all-pairs path goes through `TileLoop.run`: rows held in memory (`pipeline.score`, also each torchrun
-rank with its share of the plan) and rows read from the store in blocks (`pipeline.rows`, `--rows A:B` and
+Every all-pairs path goes through `TileLoop.run`: rows held in memory (`pipeline.scoring.stage`, also each torchrun
+rank with its share of the plan) and rows read from the store in blocks (`pipeline.scoring.rows`, `--rows A:B` and
 out-of-core scoring, a span of rows). A row source computes each tile's product (rows [a2, b2) of tile `t`
-against its columns, in bin coordinates) and hands it over block by block (`pipeline.blockmath.fixed_matmul`,
+against its columns, in bin coordinates) and hands it over block by block (`pipeline.scoring.blockmath.fixed_matmul`,
 in its worker threads, while each block is in cache) or whole (FAISS, GPU). For each block the loop takes the
-tile's pairs (`pipeline.tile_pairs`: the rows of the span, the upper triangle of a diagonal tile), keeps the
+tile's pairs (`pipeline.scoring.tile_pairs`: the rows of the span, the upper triangle of a diagonal tile), keeps the
 extreme pair, counts every pair and the same-person pairs (matched by label) into two histograms
-(`pipeline.counting`), and, for the biometric report, the exact tail (`pipeline.tail`) and the coarse counts
-per pair of identity groups (`pipeline.intervals`). CPU: NumPy counting per thread; GPU: torch counting, a
+(`pipeline.scoring.counting`), and, for the biometric report, the exact tail (`pipeline.metrics.tail`) and the coarse counts
+per pair of identity groups (`pipeline.metrics.intervals`). CPU: NumPy counting per thread; GPU: torch counting, a
 branch of the same loop, not a second one. Torch is imported only for the latter.
 """
 
@@ -24,12 +24,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.blockmath import Tile, better_extreme, wait_all
-from pipeline.counting import Stager, ThreadCounts, TilePass, added, as_int64, group_totals
-from pipeline.intervals import COARSE, GROUPS, identity_groups
-from pipeline.roc import Binning
-from pipeline.tail import ExactTies, Tail, start_bound, zero_coordinate
-from pipeline.tile_pairs import clip_to_span, in_sorted, multiplied, pair_ids, pairs_in, ranges, runs, same_label_flat
+from pipeline.metrics.intervals import COARSE, GROUPS, identity_groups
+from pipeline.metrics.roc import Binning
+from pipeline.metrics.tail import ExactTies, Tail, start_bound, zero_coordinate
+from pipeline.scoring.blockmath import Tile, better_extreme, wait_all
+from pipeline.scoring.counting import Stager, ThreadCounts, TilePass, added, as_int64, group_totals
+from pipeline.scoring.tile_pairs import (
+    clip_to_span,
+    in_sorted,
+    multiplied,
+    pair_ids,
+    pairs_in,
+    ranges,
+    runs,
+    same_label_flat,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +46,7 @@ if TYPE_CHECKING:
 Product = Callable[..., Any]
 """product(t, a2, b2, on_block=None, pending=None): rows [a2, b2) of tile t against its columns c0..c1
 ([b2-a2, c1-c0], float32 bin coordinates). With `on_block` a source that computes blocks
-(`pipeline.blockmath.fixed_matmul`) hands each block to it (rows and columns relative to a2 and c0) and returns
+(`pipeline.scoring.blockmath.fixed_matmul`) hands each block to it (rows and columns relative to a2 and c0) and returns
 None, its block jobs still queued where it appended them to `pending`; otherwise it returns the whole product, a
 NumPy array or a torch tensor."""
 
@@ -53,7 +62,7 @@ class TileLoop:
     `labels` are the source's labels in its row order; `order` maps a source row to its store row (None: the
     same). Counting: "numpy" (CPU), "torch" (the GPU's; also runs on the CPU), "auto" by `device`. `side`: the
     product side (`chunk_side(block)`), which a span's rows are rounded out to. `tail_k`: size of the exact
-    tail (`pipeline.tail`; 0: none)."""
+    tail (`pipeline.metrics.tail`; 0: none)."""
 
     def __init__(self, binning: Binning, product: Product, labels: np.ndarray, metric: str,
                  order: np.ndarray | None = None, device: Any = "cpu", counting: str = "auto",

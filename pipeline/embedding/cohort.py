@@ -9,7 +9,7 @@ sees (for a fine-tuned model: its training images), and the score of two images 
     cos(x_i, x_j) - o_i - o_j
 
 `finetune --cohort-top K` stores the cohort's embedding in the checkpoint; `embed` then writes the offsets of
-its rows into the store (`/score_offsets`, `pipeline.store.OFFSETS`), and `score` applies them in every path."""
+its rows into the store (`/score_offsets`, `pipeline.store.layout.OFFSETS`), and `score` applies them in every path."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.store import SCORE_NORM
+from pipeline.store.layout import SCORE_NORM
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def model_cohort(weights: str, layer: str, tta_flip: bool) -> Cohort | None:
     (the same layer and test-time flip); None otherwise (with a warning when the embedding differs)."""
     if weights in ("imagenet", "none") or not Path(weights).is_file():
         return None
-    from pipeline.models import read_weights_file
+    from pipeline.nets.models import read_weights_file
 
     _, meta = read_weights_file(weights)
     cohort = Cohort.from_checkpoint(meta, f"{Path(weights).name}: its training images")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.roc import HistogramROC, value_to_distance
+from pipeline.metrics.roc import HistogramROC, value_to_distance
 
 MARK = "lfw-verify"
 """The PNG `Description` chunk of every figure starts with this, then the figure's kind."""

@@ -12,10 +12,10 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline import figures
 from pipeline.errors import PipelineError
-from pipeline.results import FIGURE_FILES
-from pipeline.roc import HistogramROC
+from pipeline.metrics.roc import HistogramROC
+from pipeline.report import figures
+from pipeline.report.results import FIGURE_FILES
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def render(draw, *args) -> bytes:
 def result_figures(folder: Path, metrics: dict) -> list[tuple[str, bytes]]:
     """(caption, PNG) of each figure of a results folder: the folder's own file, or, for a folder written before
     that figure existed, one drawn now from its roc.csv and histogram.npz."""
-    from pipeline.report import read_result, title_of
+    from pipeline.report.tables import read_result, title_of
 
     out, acc = [], None
     for name in FIGURE_FILES:
@@ -204,7 +204,7 @@ def provenance(folder: Path, m: dict) -> str:
 
 def page(folders: list[Path], results: list[dict], roc_png: bytes, training: list[tuple[str, bytes]]) -> str:
     """The HTML text of the report."""
-    from pipeline.report import protocol_name, study_cells, title_of
+    from pipeline.report.tables import protocol_name, study_cells, title_of
 
     header, body = study_cells(results)
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -15,14 +15,16 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from pipeline import data, facesets, images, models, outputs
-from pipeline.cohort import Cohort, model_cohort
+from pipeline import outputs
 from pipeline.distributed import init_world, split_range
-from pipeline.embed_parts import assemble, complete_part, part_path
+from pipeline.embedding.cohort import Cohort, model_cohort
+from pipeline.embedding.parts import assemble, complete_part, part_path
 from pipeline.errors import PipelineError
+from pipeline.faces import facesets, images, lfw
+from pipeline.nets import models
 from pipeline.runtime import autocast, keep_freed_memory, reproducible_kernels, resolve_device, seed_everything
-from pipeline.store import OFFSETS, partial_path, recognise_partial, recognise_store
-from pipeline.store_writer import StoreWriter
+from pipeline.store.layout import OFFSETS, partial_path, recognise_partial, recognise_store
+from pipeline.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +96,12 @@ class EmbedConfig:
     """Rows independent of threads and ranks (bit-identical under torchrun); 1.5-2.5x slower on CPU."""
 
     def __post_init__(self):
-        if self.image_set not in data.IMAGE_DIRS:
-            raise ValueError(f"image_set must be one of {sorted(data.IMAGE_DIRS)}, got {self.image_set!r}")
-        if self.protocol not in data.PROTOCOLS:
-            raise ValueError(f"protocol must be one of {data.PROTOCOLS}, got {self.protocol!r}")
-        if self.split not in data.SPLITS:
-            raise ValueError(f"split must be one of {data.SPLITS}, got {self.split!r}")
+        if self.image_set not in lfw.IMAGE_DIRS:
+            raise ValueError(f"image_set must be one of {sorted(lfw.IMAGE_DIRS)}, got {self.image_set!r}")
+        if self.protocol not in lfw.PROTOCOLS:
+            raise ValueError(f"protocol must be one of {lfw.PROTOCOLS}, got {self.protocol!r}")
+        if self.split not in lfw.SPLITS:
+            raise ValueError(f"split must be one of {lfw.SPLITS}, got {self.split!r}")
         if self.layer not in models.LAYERS:
             raise ValueError(f"layer must be one of {models.LAYERS}, got {self.layer!r}")
         models.check_model_name(self.model)
@@ -129,7 +131,7 @@ class EmbedConfig:
         )
 
 
-def store_arrays(proto: data.LFWProtocol) -> dict:
+def store_arrays(proto: lfw.FaceSet) -> dict:
     return {
         "labels": proto.labels,
         "identities": proto.identities,
@@ -140,7 +142,7 @@ def store_arrays(proto: data.LFWProtocol) -> dict:
     }
 
 
-def store_identity(cfg: EmbedConfig, proto: data.LFWProtocol) -> dict:
+def store_identity(cfg: EmbedConfig, proto: lfw.FaceSet) -> dict:
     """The attributes that define a store's content (a resumed or reused store must match them)."""
     identity = {
         "model": cfg.model,
@@ -162,7 +164,7 @@ def store_identity(cfg: EmbedConfig, proto: data.LFWProtocol) -> dict:
     return {**identity, "tta_flip": True} if cfg.tta_flip else identity  # stores of earlier versions stay valid
 
 
-def store_extra(cfg: EmbedConfig, proto: data.LFWProtocol, device: torch.device, world_size: int) -> dict:
+def store_extra(cfg: EmbedConfig, proto: lfw.FaceSet, device: torch.device, world_size: int) -> dict:
     """Attributes that describe how a store was made without changing its content."""
     return {
         "data_root": str(Path(cfg.data_root).resolve()),
@@ -227,7 +229,7 @@ def check_partial(target: Path, resume: bool) -> None:
 
 def _embed(cfg: EmbedConfig, out: Path) -> Path:
     if cfg.download:
-        data.download_lfw(cfg.data_root, cfg.image_set)
+        lfw.download_lfw(cfg.data_root, cfg.image_set)
     proto = facesets.load_faceset(
         cfg.dataset, cfg.data_root, cfg.image_set, cfg.protocol, cfg.split, cfg.pairs_file, cfg.skip_missing
     ).limit(cfg.limit)
@@ -284,7 +286,7 @@ class _Job:
     """What every shard of one embed run shares."""
 
     cfg: EmbedConfig
-    proto: data.LFWProtocol
+    proto: lfw.FaceSet
     embedder: torch.nn.Module
     dim: int
     device: torch.device

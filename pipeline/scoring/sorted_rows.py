@@ -1,4 +1,4 @@
-"""A store's rows in label order, for out-of-core scoring (`pipeline.rows`) of a store in any row order.
+"""A store's rows in label order, for out-of-core scoring (`pipeline.scoring.rows`) of a store in any row order.
 
 In-memory scoring sorts the rows by label (stable) before its tiles; out-of-core scoring must multiply the same
 rows in the same order to give the same bits. A store sorted by label (as `embed` writes it) is read in place.
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.outputs import io_cause
-from pipeline.store import Store
+from pipeline.store.layout import Store
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The `embed` stage (`embed`), torchrun part files (`parts`), `run`'s shared pass (`shared`), cohort score offsets (`cohort`)."""
