@@ -12,10 +12,14 @@ import click
 
 from benchmarks import BenchmarkGroup
 from cli_options import (
+    ConfigCommand,
+    config_file_option,
     device_option,
     embed_options,
     finetune_options,
     network_source_options,
+    recipe_notes,
+    stage_kwargs,
     tta_resizes_option,
     workers_option,
 )
@@ -69,9 +73,30 @@ def main(verbose: bool) -> None:
     sys.unraisablehook, sys.excepthook = _quiet_h5py_dealloc, _quiet_h5py_excepthook
 
 
-@main.command()
+def _embed_config() -> tuple[type, ...]:
+    from pipeline.embedding.embed import EmbedConfig
+
+    return (EmbedConfig,)
+
+
+def _finetune_config() -> tuple[type, ...]:
+    from pipeline.finetune import FinetuneConfig
+
+    return (FinetuneConfig,)
+
+
+def _run_config() -> tuple[type, ...]:
+    from pipeline.finetune import FinetuneConfig
+    from pipeline.run import RunConfig
+
+    return RunConfig, FinetuneConfig
+
+
+@main.command(cls=ConfigCommand, configs=_embed_config)
 @embed_options
-def embed(**options) -> None:
+@config_file_option
+@click.pass_context
+def embed(ctx: click.Context, config_file: Path | None, **options) -> None:
     """Embed every image of a face set (LFW protocol split, folder tree, .bin) once into an HDF5 store.
 
     With a finetune checkpoint that holds a cohort (--cohort-top), the store also gets each image's score offset
@@ -80,9 +105,10 @@ def embed(**options) -> None:
     from pipeline.embedding.embed import embed as run_embed
     from pipeline.runtime import sigterm_as_interrupt
 
-    options["weights"] = options["weights"] or ("none" if ":" in options["model"] else "imagenet")
+    values = stage_kwargs(ctx, options, config_file, EmbedConfig)
+    values["weights"] = values["weights"] or ("none" if ":" in values["model"] else "imagenet")
     with sigterm_as_interrupt():
-        path = run_embed(EmbedConfig(**options))
+        path = run_embed(EmbedConfig(**values))
     click.echo(str(path))
 
 
@@ -153,15 +179,21 @@ def embed(**options) -> None:
 )
 def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
     """Score pairs of an embedding store: ROC, AUC, EER, TAR@FAR, accuracy into a results folder."""
+    from pipeline.scoring.config import ScoreConfig, parse_rows
+
     if mode is None:
         raise click.UsageError("choose --all-pairs or --pairs")
-    if rows is not None or (mode == "all-pairs" and _larger_than_memory(store, options)):
-        _score_rows(store, mode, rows, options)
+    try:
+        span = None if rows is None else parse_rows(rows)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--rows") from None
+    cfg = ScoreConfig(store=store, all_pairs=mode == "all-pairs", rows=span, **options)
+    if cfg.rows is not None or (cfg.all_pairs and _larger_than_memory(store, options)):
+        _score_rows(cfg)
         return
-    from pipeline.scoring.stage import ScoreConfig
     from pipeline.scoring.stage import score as run_score
 
-    m = run_score(ScoreConfig(store=store, all_pairs=mode == "all-pairs", **options))
+    m = run_score(cfg)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
     click.echo(
@@ -178,25 +210,15 @@ def _larger_than_memory(store: Path, options: dict) -> bool:
     return not whole and larger_than_memory(store)
 
 
-def _score_rows(store: Path, mode: str, rows: str | None, options: dict) -> None:
-    from pipeline.scoring.rows import RowsConfig, parse_rows, score_rows
+def _score_rows(cfg) -> None:
+    """Out of core: the span `cfg.rows` (None: every row) into a part folder (the full results when complete)."""
+    from pipeline.scoring.all_pairs import score_rows
 
-    if mode != "all-pairs":
-        raise click.UsageError("--rows goes with --all-pairs")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise click.UsageError("--rows splits the work by hand (job arrays): run it without torchrun")
-    for flag in ("exact", "rank1"):
-        if options[flag]:
-            raise click.UsageError(f"--{flag} needs the whole store in memory: drop --rows")
-    try:
-        span = None if rows is None else parse_rows(rows)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--rows") from None
-    keep = ("out", "metric", "bins", "block", "seed", "overwrite", "progress", "label", "variant", "log_fpr")
-    keep += ("score_norm",)  # --no-score-norm
-    info = score_rows(RowsConfig(store=store, rows=span, **{k: options[k] for k in keep}))
-    done = f"{info['n_pairs']} pairs ({info['n_positive']} same), {info['seconds']:.3f} s -> {options['out']}"
-    metrics = Path(options["out"]) / "metrics.json" if options["out"] else None
+    info = score_rows(cfg)
+    done = f"{info['n_pairs']} pairs ({info['n_positive']} same), {info['seconds']:.3f} s -> {cfg.out}"
+    metrics = Path(cfg.out) / "metrics.json" if cfg.out else None
     if metrics is not None and metrics.is_file():
         import json
 
@@ -213,7 +235,7 @@ def _score_rows(store: Path, mode: str, rows: str | None, options: dict) -> None
     "--overwrite", is_flag=True, help="Replace an existing results folder (only one that score or merge wrote)."
 )
 @click.option("--log-fpr", is_flag=True, help="Logarithmic false-positive-rate axis in roc.png.")
-def merge(parts: tuple[Path, ...], out: Path, overwrite: bool, log_fpr: bool) -> None:
+def merge(**options) -> None:
     """Add `score --all-pairs --rows A:B` parts (job arrays) into one result; the full results folder when they
     cover every row."""
     import json
@@ -221,7 +243,8 @@ def merge(parts: tuple[Path, ...], out: Path, overwrite: bool, log_fpr: bool) ->
     from pipeline.scoring.merge import MergeConfig
     from pipeline.scoring.merge import merge as run_merge
 
-    info = run_merge(MergeConfig(parts=parts, out=out, overwrite=overwrite, log_fpr=log_fpr))
+    info = run_merge(MergeConfig(**options))
+    out = options["out"]
     if info["complete"]:
         m = json.loads((out / "metrics.json").read_text())
         click.echo(
@@ -251,7 +274,7 @@ def bench() -> None:
     """Benchmarks that print a table of ratios measured in the same run (also `python -m benchmarks.MODULE`)."""
 
 
-@main.command()
+@main.command(cls=ConfigCommand, configs=_finetune_config, notes=recipe_notes)
 @network_source_options("Starting weights: imagenet, none, or PATH to a state_dict / checkpoint.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint file (.pt).")
 @finetune_options
@@ -270,20 +293,22 @@ def bench() -> None:
     default=True,
     help="Recompute the frozen features every step in phase 1 (for measuring the cache).",
 )
-def finetune(**options) -> None:
+@config_file_option
+@click.pass_context
+def finetune(ctx: click.Context, config_file: Path | None, **options) -> None:
     """Fine-tune an ImageNet CNN for face verification (checkpoint after every epoch; Ctrl-C saves)."""
     from pipeline.finetune import FinetuneConfig, TrainingInterrupted
     from pipeline.finetune import finetune as run_finetune
 
     try:
-        path = run_finetune(FinetuneConfig(**options))
+        path = run_finetune(FinetuneConfig(**stage_kwargs(ctx, options, config_file, FinetuneConfig)))
     except TrainingInterrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)
     click.echo(str(path))
 
 
-@main.command()
+@main.command(cls=ConfigCommand, configs=_run_config, notes=recipe_notes, hidden_fields=("finetune", "resume"))
 @network_source_options("Pretrained weights: imagenet, none, or PATH to a state_dict.")
 @click.option(
     "--out",
@@ -302,38 +327,21 @@ def finetune(**options) -> None:
 @click.option(
     "--overwrite", is_flag=True, help="Redo every step instead of reusing finished ones (replaces only what run wrote)."
 )
-def run(**options) -> None:
+@config_file_option
+@click.pass_context
+def run(ctx: click.Context, config_file: Path | None, **options) -> None:
     """The whole study: pretrained and fine-tuned, LFWPairs and LFWPeople test, table and ROC figures."""
-    from pipeline.finetune import TrainingInterrupted
+    from pipeline.finetune import FinetuneConfig, TrainingInterrupted
     from pipeline.run import RunConfig
     from pipeline.run import run as run_study
 
-    names = (
-        "phase1_epochs",
-        "phase2_epochs",
-        "batch_size",
-        "lr",
-        "momentum",
-        "max_pairs",
-        "train_blocks",
-        "tta_flip",
-        "lr_decay",
-        "pool",
-        "bf16",
-        "feature_shift",
-        "ema",
-        "members",
-        "cohort_top",
-    )
-    overrides = {k: options.pop(k) for k in names if options[k] is not None}
-    for k in names:
-        options.pop(k, None)
+    cfg = RunConfig(**stage_kwargs(ctx, options, config_file, RunConfig, nested=("finetune", FinetuneConfig)))
     try:
-        summary = run_study(RunConfig(finetune_options=overrides, **options))
+        summary = run_study(cfg)
     except TrainingInterrupted as e:
         click.echo(f"{e} (rerun `run` with the same options: finished steps are reused)", err=True)
         sys.exit(130)
-    click.echo((Path(options["out"]) / "table.md").read_text(), nl=False)
+    click.echo((Path(cfg.out) / "table.md").read_text(), nl=False)
     click.echo(
         f"LFWPairs test AUC {summary['pairs']['pretrained']:.4f} -> {summary['pairs']['finetuned']:.4f}, "
         f"LFWPeople test AUC {summary['people']['pretrained']:.4f} -> {summary['people']['finetuned']:.4f}"

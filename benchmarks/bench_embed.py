@@ -15,9 +15,9 @@ import click
 import torch
 
 from cli_options import data_root_option
-from pipeline.embedding.embed import EmbedConfig, embed, forward, prepare
+from pipeline.embedding.embed import EmbedConfig, embed, for_inference, forward
 from pipeline.faces import images, lfw
-from pipeline.nets import models
+from pipeline.nets import layers, models
 from pipeline.runtime import resolve_device
 
 
@@ -53,7 +53,7 @@ def model_only_rate(
     name: str, images: torch.Tensor, batch_size: int, device: torch.device, deterministic: bool = False
 ) -> float:
     """Images/s of forward passes alone over decoded, transformed images (after one warm-up batch)."""
-    embedder = prepare(models.Embedder(models.build_model(name, "none"), "output"), device)
+    embedder = for_inference(layers.Embedder(models.build_model(name, "none"), "output"), device)
     batches = images.split(batch_size)
     forward(embedder, batches[0], device, deterministic)
     if device.type == "cuda":

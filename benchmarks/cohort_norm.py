@@ -25,12 +25,14 @@ def embedded_as_embed(checkpoint: Path, model: str, files: list[Path], resizes: 
     """`files` embedded as `embed --weights CHECKPOINT --layer penultimate --tta-flip --tta-resizes` embeds them."""
     from torch.utils.data import DataLoader
 
-    from pipeline.embedding.embed import forward, prepare
+    from pipeline.embedding.embed import for_inference, forward
     from pipeline.faces import images
-    from pipeline.nets import models
+    from pipeline.nets import layers, models
 
     pre = images.Preprocess(tta_resizes=resizes)
-    net = prepare(models.Embedder(models.build_model(model, str(checkpoint)), "penultimate", True), torch.device("cpu"))
+    net = for_inference(
+        layers.Embedder(models.build_model(model, str(checkpoint)), "penultimate", True), torch.device("cpu")
+    )
     loader = DataLoader(images.ImageFiles(files, pre.crop(), pre.crops_shape), batch_size=32, num_workers=2)
     return torch.cat([torch.as_tensor(forward(net, x, torch.device("cpu"), preprocess=pre)) for x, _, _ in loader])
 
@@ -62,9 +64,9 @@ def command(
 ) -> None:
     """Print validation AUC and TAR at FAR 1e-3 of each normalisation, per checkpoint and their mean."""
     from pipeline.errors import PipelineError
-    from pipeline.finetune import TRAINERS, FinetuneConfig
+    from pipeline.finetune import RECIPES, FinetuneConfig
     from pipeline.finetune.config import RUNTIME_FIELDS
-    from pipeline.finetune.ensemble import joined_embedding
+    from pipeline.finetune.joined import joined_embedding
     from pipeline.finetune.validation import matrix_metrics
 
     known = set(FinetuneConfig.__dataclass_fields__) - set(RUNTIME_FIELDS)
@@ -76,7 +78,9 @@ def command(
             raise PipelineError(f"{path}: a checkpoint of the best recipe is needed")
         values = {k: v for k, v in config.items() if k in known} | {"data_root": data_root, "members": 1}
         values["split_seed"] = config["seed"] if config.get("split_seed") is None else config["split_seed"]
-        trainer = TRAINERS["best"](FinetuneConfig(out=Path("unused.pt"), **values).resolved(), torch.device("cpu"))
+        trainer = RECIPES["best"].trainer(
+            FinetuneConfig(out=Path("unused.pt"), **values).resolved(), torch.device("cpu")
+        )
         states = [ckpt["model"], *ckpt.get("members", [])]
         embeddings = {"": joined_embedding(trainer, states)}
         if tta_resizes:

@@ -18,7 +18,7 @@ import click
 
 # The recipe the ablation started from (the preset before 2026-11-28's ablation); each variant changes it.
 START = dict(phase1_epochs=10, lr_decay=1.0, pool="avg", tta_flip=False, members=1)
-# name -> FinetuneConfig values on top of START and --recipe best's preset (pipeline/finetune/config.py)
+# name -> FinetuneConfig values on top of START and --recipe best's preset (pipeline/finetune/best.py)
 VARIANTS: dict[str, dict] = {
     "base": {},
     "tta": dict(tta_flip=True),

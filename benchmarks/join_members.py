@@ -22,7 +22,7 @@ import torch
 def command(data_root: Path, checkpoints: tuple[Path, ...]) -> None:
     """Print the validation figures of each checkpoint and of the ensembles of the first k."""
     from pipeline.errors import PipelineError
-    from pipeline.finetune import TRAINERS, FinetuneConfig
+    from pipeline.finetune import RECIPES, FinetuneConfig
     from pipeline.finetune.config import RUNTIME_FIELDS
     from pipeline.finetune.ensemble import ensemble_validation
     from pipeline.finetune.validation import TAR_KEY
@@ -35,7 +35,7 @@ def command(data_root: Path, checkpoints: tuple[Path, ...]) -> None:
     known = set(FinetuneConfig.__dataclass_fields__) - set(RUNTIME_FIELDS)
     values = {k: v for k, v in configs[0].items() if k in known} | {"data_root": data_root, "cache_features": False}
     cfg = FinetuneConfig(out=Path("unused.pt"), **values).resolved()
-    trainer = TRAINERS["best"](cfg, torch.device("cpu"))
+    trainer = RECIPES["best"].trainer(cfg, torch.device("cpu"))
     groups = [[k] for k in range(len(ckpts))] + [list(range(k)) for k in range(2, len(ckpts) + 1)]
     rows = []
     for group in groups:

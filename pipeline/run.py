@@ -15,19 +15,22 @@ pairs/roc.png, people/roc.png, roc.png, training.png, table.md, summary.json
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pipeline import outputs
-from pipeline.embedding.embed import EmbedConfig, default_data_root, offsets_as_expected
+from pipeline.embedding.embed import EmbedConfig, offsets_as_expected
 from pipeline.embedding.shared import embed_together
 from pipeline.finetune import FinetuneConfig, finetune, recognise_training_figure, write_training_figure
-from pipeline.finetune.config import TTA_RESIZES
+from pipeline.finetune.recipes import RECIPES
 from pipeline.nets import models
 from pipeline.report.results import read_json
 from pipeline.report.tables import TRAINING_FILE, report
@@ -38,37 +41,28 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = {"pairs": False, "people": True}
 """LFWPairs test (the listed 1,000 pairs) and LFWPeople test (all pairs): all_pairs flag of each."""
+VARIANTS = ("pretrained", "finetuned")
+"""The networks each protocol's stores are embedded with: the starting weights and the fine-tuned ones."""
 STUDY_TABLE = {
     "AlexNet": {"pairs": (0.7411, 0.8239), "people": (0.7392, 0.7912)},
     "VGG-16": {"pairs": (0.7421, 0.8572), "people": (0.7487, 0.8471)},
 }
 """The study's AUCs (pretrained, fine-tuned), original unaligned images."""
 
+SET_BY_RUN = frozenset({"out", "resume", "overwrite"})
+"""`FinetuneConfig` fields that `run` sets (from its own `out` and `overwrite`)."""
+
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Options of `run` (see `cli.py run --help`)."""
+    """Options of `run` (see `cli.py run --help`): the fine-tuning step's, whose data, network, recipe and seed
+    are the test stores' too, and those of the test stores."""
 
     out: Path
     """Folder for everything the run writes; rerunning with the same folder reuses finished steps."""
-    data_root: Path = field(default_factory=default_data_root)
-    """Folder with LFW."""
-    image_set: str = "deepfunneled"
-    """original | funneled | deepfunneled."""
-    model: str = "squeezenet1_0"
-    """A backbone of `pipeline.nets.models.BACKBONES`."""
-    weights: str = "imagenet"
-    """The pretrained weights: imagenet | none | PATH."""
-    recipe: str = "study"
-    """study | best (fine-tuning recipe; it also sets the embedding layer and the metric)."""
-    finetune_options: dict = field(default_factory=dict)
-    """Overrides of the recipe's presets (phase1_epochs, phase2_epochs, batch_size, lr, momentum, max_pairs)."""
-    seed: int = 0
-    """Seed of fine-tuning."""
-    device: str = "auto"
-    """auto | cpu | cuda."""
-    workers: int = 2
-    """Image-decoding worker processes."""
+    finetune: Mapping[str, Any] = field(default_factory=dict)
+    """Fields of `FinetuneConfig` (data_root, image_set, model, weights, recipe, seed, device, workers, and the
+    recipe's values: unset ones take its preset) but `SET_BY_RUN`."""
     embed_batch_size: int = 64
     """Images per forward pass when embedding."""
     limit: int | None = None
@@ -77,60 +71,57 @@ class RunConfig:
     """Redo every step (fine-tuning from scratch) instead of reusing finished ones."""
     tta_resizes: tuple[int, ...] | None = None
     """Test-time scales of the fine-tuned network's stores (`EmbedConfig.tta_resizes`); None: the recipe's
-    (`TTA_RESIZES`)."""
+    (`Recipe.tta_resizes`)."""
 
     def __post_init__(self):
-        if self.model not in models.BACKBONES:
-            raise ValueError(f"model must be one of {sorted(models.BACKBONES)}, got {self.model!r}")
+        taken = sorted(SET_BY_RUN & set(self.finetune))
+        if taken:
+            raise ValueError(f"run sets the fine-tuning step's {', '.join(taken)} itself: leave them out")
+        unknown = sorted(set(self.finetune) - {f.name for f in fields(FinetuneConfig)})
+        if unknown:
+            raise ValueError(f"no fine-tuning option {', '.join(unknown)} (see FinetuneConfig)")
         if self.limit is not None and self.limit < 2:
             raise ValueError("limit must be >= 2")
         if self.embed_batch_size < 1:
             raise ValueError("embed_batch_size must be >= 1")
-
-    @property
-    def test_resizes(self) -> tuple[int, ...]:
-        return TTA_RESIZES[self.recipe] if self.tta_resizes is None else tuple(self.tta_resizes)
+        self.finetune_config()  # checks the fine-tuning fields
 
     def finetune_config(self) -> FinetuneConfig:
-        """The fine-tuning step's configuration (its checkpoint in OUT/finetune/model.pt)."""
+        """The fine-tuning step's configuration (its checkpoint in OUT/finetune/model.pt), the recipe's preset
+        filled in."""
         out = Path(self.out) / "finetune" / "model.pt"
-        return FinetuneConfig(
-            out=out,
-            data_root=self.data_root,
-            image_set=self.image_set,
-            model=self.model,
-            weights=self.weights,
-            recipe=self.recipe,
-            seed=self.seed,
-            device=self.device,
-            workers=self.workers,
-            resume=not self.overwrite,  # a missing checkpoint starts from the beginning
-            overwrite=self.overwrite,
-            **self.finetune_options,
-        ).resolved()
+        # a missing checkpoint starts from the beginning
+        return FinetuneConfig(out=out, resume=not self.overwrite, overwrite=self.overwrite, **self.finetune).resolved()
+
+    def test_resizes(self) -> tuple[int, ...]:
+        """The test-time scales of the fine-tuned network's stores."""
+        if self.tta_resizes is None:
+            return RECIPES[self.finetune_config().recipe].tta_resizes
+        return tuple(self.tta_resizes)
 
 
 def _store_config(
-    cfg: RunConfig, weights: str, layer: str, flip: bool, resizes: tuple[int, ...], protocol: str, out: Path
+    cfg: RunConfig, t: FinetuneConfig, network: tuple[str, bool, tuple[int, ...]], protocol: str, out: Path
 ) -> EmbedConfig:
-    """What `embed` would be given for one test store of the run."""
+    """What `embed` would be given for one test store of the run: `network` is (weights, tta_flip, tta_resizes)."""
+    weights, flip, resizes = network
     return EmbedConfig(
         out=out,
-        data_root=cfg.data_root,
-        image_set=cfg.image_set,
+        data_root=t.data_root,
+        image_set=t.image_set,
         protocol=protocol,
         split="test",
-        model=cfg.model,
+        model=t.model,
         weights=weights,
-        layer=layer,
+        layer=t.layer,
         tta_flip=flip,
         tta_resizes=resizes,
         batch_size=cfg.embed_batch_size,
-        workers=cfg.workers,
-        device=cfg.device,
+        workers=t.workers,
+        device=t.device,
         limit=cfg.limit,
         overwrite=True,
-        seed=cfg.seed,
+        seed=t.seed,
     )
 
 
@@ -162,24 +153,6 @@ def _mtime(path: Path) -> int | None:
     return Path(path).stat().st_mtime_ns if Path(path).exists() else None
 
 
-def _score(
-    store: Path, out: Path, all_pairs: bool, metric: str, variant: str, label: str, fresh: bool, device: str
-) -> tuple[dict, bool]:
-    """Score a store unless its results folder exists for the same store, metric and score offsets; (metrics,
-    scored)."""
-    if (out / "metrics.json").is_file() and not fresh:
-        metrics = read_json(out / "metrics.json", "results file")
-        with open_store(store, need_labels=False) as s:
-            norm = None if s.offsets is None or metric != "cosine" else s.score_norm
-        if metrics.get("metric") == metric and metrics.get("score_norm") == norm:
-            log.info("reusing %s", out)
-            return metrics, False
-    metrics = score_store(
-        store, out, all_pairs=all_pairs, metric=metric, variant=variant, label=label, overwrite=True, device=device
-    )
-    return metrics, True
-
-
 def recognise_summary(path: Path) -> str | None:
     """None when `path` is a summary.json that `run` wrote; else what it is."""
     try:
@@ -194,92 +167,31 @@ def run(cfg: RunConfig) -> dict:
     """The whole study for one model and recipe; returns (and writes) summary.json's dict. Every step reuses
     or replaces only what this tool wrote (each checks its own output) and refuses anything else."""
     out = Path(cfg.out)
-    inputs = [Path(cfg.weights)] if cfg.weights not in ("imagenet", "none") else []
+    t = cfg.finetune_config()
+    inputs = [Path(t.weights)] if t.weights not in ("imagenet", "none") else []
 
     def check() -> None:  # before anything is created; the figure is replaced at the end only when it is ours
-        outputs.check_folder_out(out, inputs=inputs, data_root=cfg.data_root)
+        outputs.check_folder_out(out, inputs=inputs, data_root=t.data_root)
         outputs.check_replaceable(out / TRAINING_FILE, True, recognise_training_figure, "training figure")
 
     with outputs.claim(out, check):
-        return _run(cfg, out)
+        return _run(cfg, t, out)
 
 
-def _run(cfg: RunConfig, out: Path) -> dict:
+def _run(cfg: RunConfig, t: FinetuneConfig, out: Path) -> dict:
+    """The steps: fine-tune, embed the test stores, score them, report; the time of each step this run did in
+    `seconds` (the reused steps keep an earlier run's)."""
     out.mkdir(parents=True, exist_ok=True)
-    ft_cfg = cfg.finetune_config()
-    layer = ft_cfg.layer
-    metric = "l2" if layer == "output" else "cosine"
     seconds = _previous_seconds(out / "summary.json") if not cfg.overwrite else {}
-    results: dict[str, dict[str, dict]] = {p: {} for p in PROTOCOLS}
-
-    t0, before = time.perf_counter(), _mtime(ft_cfg.out)
-    checkpoint = finetune(ft_cfg)
+    t0, before = time.perf_counter(), _mtime(t.out)
+    checkpoint = finetune(t)
     if _mtime(checkpoint) != before:
         seconds["finetune"] = round(time.perf_counter() - t0, 1)
-    # every test store, then: the images both protocols use, and the first layers both networks share, once
-    networks = {
-        "pretrained": (cfg.weights, False, ()),
-        "finetuned": (str(checkpoint), ft_cfg.tta_flip, cfg.test_resizes),
-    }
-    stores = {
-        (v, p): _store_config(cfg, w, layer, flip, resizes, p, out / "embeddings" / f"{v}-{p}.h5")
-        for v, (w, flip, resizes) in networks.items()
-        for p in PROTOCOLS
-    }
-    fresh = {k for k, c in stores.items() if not _reusable(cfg, c)}
-    if fresh:
-        t0 = time.perf_counter()
-        embed_together([stores[k] for k in sorted(fresh)], ft_cfg.train_blocks)
-        seconds["embed " + ", ".join(f"{v} {p}" for v, p in sorted(fresh))] = round(time.perf_counter() - t0, 1)
-    names = {"pretrained": "pretrained", "finetuned": f"fine-tuned ({cfg.recipe})"}
-    for (variant, protocol), store_cfg in stores.items():
-        t0 = time.perf_counter()
-        results[protocol][variant], scored = _score(
-            store_cfg.out,
-            out / "results" / f"{variant}-{protocol}",
-            PROTOCOLS[protocol],
-            metric,
-            variant,
-            f"{cfg.model} {names[variant]}",
-            (variant, protocol) in fresh,
-            cfg.device,
-        )
-        if scored:
-            seconds[f"score {variant} {protocol}"] = round(time.perf_counter() - t0, 1)
-
-    folders = {p: [out / "results" / f"{v}-{p}" for v in ("pretrained", "finetuned")] for p in PROTOCOLS}
-    for protocol, dirs in folders.items():
-        report(dirs, out / protocol, overwrite=True, training=False)
-    table = report([d for dirs in folders.values() for d in dirs], out, overwrite=True, training=False)
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    outputs.check_replaceable(out / TRAINING_FILE, True, recognise_training_figure, "training figure")
-    outputs.recover_leftovers(out / TRAINING_FILE, ())  # a killed run's temporary figure
-    write_training_figure(out / TRAINING_FILE, ckpt["history"], ckpt["config"], ckpt.get("best_epoch"))
-    summary = {
-        **{p: {v: results[p][v]["auc"] for v in ("pretrained", "finetuned")} for p in PROTOCOLS},
-        "model": cfg.model,
-        "weights": cfg.weights,
-        "image_set": cfg.image_set,
-        "recipe": cfg.recipe,
-        "layer": layer,
-        "metric": metric,
-        "tta_resizes": list(cfg.test_resizes),
-        "limit": cfg.limit,
-        "checkpoint": str(checkpoint),
-        "finetune": {
-            "config": ckpt["config"],
-            "best_epoch": ckpt.get("best_epoch"),
-            "member_best_epochs": ckpt.get("member_best_epochs"),
-            "cohort_top": ckpt.get("cohort_top"),
-            "cohort_validation": ckpt.get("cohort_validation"),
-            "history": ckpt["history"],
-        },
-        "seconds": seconds,
-        "study_original_images": {
-            m: {p: dict(zip(("pretrained", "finetuned"), v, strict=True)) for p, v in t.items()}
-            for m, t in STUDY_TABLE.items()
-        },
-    }
+    stores = _test_stores(cfg, t, checkpoint, out)
+    fresh = _embed(cfg, stores, t.train_blocks, seconds)
+    results = _score_all(t, stores, fresh, out, seconds)
+    table, ckpt = _report(out, checkpoint)
+    summary = _summary(cfg, t, results, checkpoint, ckpt, seconds)
     outputs.check_replaceable(out / "summary.json", True, recognise_summary, "summary")
     outputs.replace_file(lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"), out / "summary.json")
     log.info(
@@ -292,3 +204,120 @@ def _run(cfg: RunConfig, out: Path) -> dict:
     )
     log.info("\n%s", table)
     return summary
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """The step's time into `seconds[name]` (0.1 s), when it finishes."""
+    t0 = time.perf_counter()
+    yield
+    seconds[name] = round(time.perf_counter() - t0, 1)
+
+
+def _test_stores(cfg: RunConfig, t: FinetuneConfig, checkpoint: Path, out: Path) -> dict[tuple[str, str], EmbedConfig]:
+    """The four test stores: (variant, protocol) -> what `embed` would be given."""
+    networks = {
+        "pretrained": (t.weights, False, ()),
+        "finetuned": (str(checkpoint), t.tta_flip, cfg.test_resizes()),
+    }
+    return {
+        (v, p): _store_config(cfg, t, network, p, out / "embeddings" / f"{v}-{p}.h5")
+        for v, network in networks.items()
+        for p in PROTOCOLS
+    }
+
+
+def _embed(
+    cfg: RunConfig, stores: dict[tuple[str, str], EmbedConfig], blocks: int | None, seconds: dict
+) -> set[tuple[str, str]]:
+    """Embed the stores that cannot be reused, in one pass: the images both protocols use, and the first layers
+    both networks share, once. Returns their keys."""
+    fresh = {k for k, c in stores.items() if not _reusable(cfg, c)}
+    if fresh:
+        with _timed(seconds, "embed " + ", ".join(f"{v} {p}" for v, p in sorted(fresh))):
+            embed_together([stores[k] for k in sorted(fresh)], blocks)
+    return fresh
+
+
+def _score_all(
+    t: FinetuneConfig, stores: dict[tuple[str, str], EmbedConfig], fresh: set, out: Path, seconds: dict
+) -> dict[str, dict[str, dict]]:
+    """Score every store into OUT/results/VARIANT-PROTOCOL, reusing the results folder of a store embedded
+    before: protocol -> variant -> metrics."""
+    metric = "l2" if t.layer == "output" else "cosine"
+    names = {"pretrained": "pretrained", "finetuned": f"fine-tuned ({t.recipe})"}
+    results: dict[str, dict[str, dict]] = {p: {} for p in PROTOCOLS}
+    for (variant, protocol), store_cfg in stores.items():
+        folder = out / "results" / f"{variant}-{protocol}"
+        metrics = None if (variant, protocol) in fresh else _reusable_result(store_cfg.out, folder, metric)
+        if metrics is None:
+            with _timed(seconds, f"score {variant} {protocol}"):
+                metrics = score_store(
+                    store_cfg.out,
+                    folder,
+                    all_pairs=PROTOCOLS[protocol],
+                    metric=metric,
+                    variant=variant,
+                    label=f"{t.model} {names[variant]}",
+                    overwrite=True,
+                    device=t.device,
+                )
+        results[protocol][variant] = metrics
+    return results
+
+
+def _reusable_result(store: Path, folder: Path, metric: str) -> dict | None:
+    """The metrics of a results folder scored before from `store` with the same metric and score offsets."""
+    if not (folder / "metrics.json").is_file():
+        return None
+    metrics = read_json(folder / "metrics.json", "results file")
+    with open_store(store, need_labels=False) as s:
+        norm = None if s.offsets is None or metric != "cosine" else s.score_norm
+    if metrics.get("metric") != metric or metrics.get("score_norm") != norm:
+        return None
+    log.info("reusing %s", folder)
+    return metrics
+
+
+def _report(out: Path, checkpoint: Path) -> tuple[str, dict]:
+    """Each protocol's table and figure, the study's table (returned) and figure, and the training curves of the
+    checkpoint (returned, read)."""
+    folders = {p: [out / "results" / f"{v}-{p}" for v in VARIANTS] for p in PROTOCOLS}
+    for protocol, dirs in folders.items():
+        report(dirs, out / protocol, overwrite=True, training=False)
+    table = report([d for dirs in folders.values() for d in dirs], out, overwrite=True, training=False)
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    outputs.check_replaceable(out / TRAINING_FILE, True, recognise_training_figure, "training figure")
+    outputs.recover_leftovers(out / TRAINING_FILE, ())  # a killed run's temporary figure
+    write_training_figure(out / TRAINING_FILE, ckpt["history"], ckpt["config"], ckpt.get("best_epoch"))
+    return table, ckpt
+
+
+def _summary(cfg: RunConfig, t: FinetuneConfig, results: dict, checkpoint: Path, ckpt: dict, seconds: dict) -> dict:
+    """summary.json: the four AUCs, what made them, the fine-tuning's record, the step times and the study's
+    AUCs."""
+    return {
+        **{p: {v: results[p][v]["auc"] for v in VARIANTS} for p in PROTOCOLS},
+        "model": t.model,
+        "weights": t.weights,
+        "image_set": t.image_set,
+        "recipe": t.recipe,
+        "layer": t.layer,
+        "metric": "l2" if t.layer == "output" else "cosine",
+        "tta_resizes": list(cfg.test_resizes()),
+        "limit": cfg.limit,
+        "checkpoint": str(checkpoint),
+        "finetune": {
+            "config": ckpt["config"],
+            "best_epoch": ckpt.get("best_epoch"),
+            "member_best_epochs": ckpt.get("member_best_epochs"),
+            "cohort_top": ckpt.get("cohort_top"),
+            "cohort_validation": ckpt.get("cohort_validation"),
+            "history": ckpt["history"],
+        },
+        "seconds": seconds,
+        "study_original_images": {
+            m: {p: dict(zip(VARIANTS, aucs, strict=True)) for p, aucs in table.items()}
+            for m, table in STUDY_TABLE.items()
+        },
+    }

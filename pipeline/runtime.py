@@ -54,7 +54,7 @@ def autocast(device: torch.device, enabled: bool = True, cpu_bf16: bool = False)
 
 def reproducible_kernels(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """Kernels whose results do not depend on the thread count (or so the number of ranks): oneDNN off on
-    CPU (its convolutions change summation order with the threads; 1.5-2.5x slower), deterministic cuDNN."""
+    CPU (its convolutions change summation order with the threads; slower: docs/embedding.md), deterministic cuDNN."""
     if not enabled:
         return contextlib.nullcontext()
     if device.type == "cuda":

@@ -14,12 +14,12 @@ import torch
 from torch.nn import functional as F
 
 from pipeline import finetune as ft
-from pipeline.embedding.cohort import Cohort, model_cohort
+from pipeline.embedding.cohort import Cohort, finish_store, model_cohort
 from pipeline.embedding.embed import EmbedConfig, embed
 from pipeline.embedding.shared import embed_together
 from pipeline.errors import PipelineError
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics
-from pipeline.nets import models
+from pipeline.nets import layers, models
 from pipeline.store.layout import OFFSETS, SCORE_NORM
 from pipeline.store.writer import StoreWriter
 from tests.test_finetune import config
@@ -60,7 +60,7 @@ def test_dropped_rows_drop_their_offsets(tmp_path):
     arrays = {"labels": np.arange(6), "identities": list("abcdef"), "paths": [f"{c}.jpg" for c in "abcdef"]}
     writer = StoreWriter(tmp_path / "s.h5", 6, 4, {"model": "m"}, arrays)
     writer.write(0, rows)
-    writer.finish(drop_rows=[1, 4], cohort=cohort)
+    finish_store(writer, {}, cohort, drop_rows=[1, 4])
     with h5py.File(tmp_path / "s.h5", "r") as f:
         np.testing.assert_allclose(f[OFFSETS][:], brute_offsets(rows[[0, 2, 3, 5]], cohort.embedding, 2), atol=1e-6)
         assert "2 largest cosines with 5 cohort images" in f.attrs[SCORE_NORM] and f.attrs["cohort_top"] == 2
@@ -83,10 +83,10 @@ def test_finetune_keeps_the_cohort_and_embed_writes_its_offsets(tiny_lfw, tmp_pa
     cfg = config(tiny_lfw, tmp_path / "c.pt", weights=str(pre), members=members, **KW)
     out = ft.finetune(cfg)
     ckpt = torch.load(out, weights_only=True)
-    trainer = ft.TRAINERS["best"](cfg.resolved() if members == 1 else ft.member_configs(cfg.resolved())[0],
+    trainer = ft.RECIPES["best"].trainer(cfg.resolved() if members == 1 else ft.member_configs(cfg.resolved())[0],
                                   torch.device("cpu"))  # fmt: skip
     # the cohort: the training images as embed embeds them with the final network (test-time flip), unit rows
-    net = models.Embedder(models.build_model("squeezenet1_0", str(out)), "penultimate", True).eval()
+    net = layers.Embedder(models.build_model("squeezenet1_0", str(out)), "penultimate", True).eval()
     with torch.no_grad():
         train = net(trainer.bank.batch(torch.arange(trainer.n_train)))
         val = net(trainer.bank.batch(torch.as_tensor(trainer.val_rows)))
@@ -160,7 +160,7 @@ def test_bench_cohort_norm_agrees_with_finetunes_own_record(tiny_lfw, tmp_path):
     from click.testing import CliRunner
 
     from benchmarks.cohort_norm import command, embedded_as_embed
-    from pipeline.finetune.ensemble import joined_embedding
+    from pipeline.finetune.joined import joined_embedding
 
     out = ft.finetune(config(tiny_lfw, tmp_path / "b.pt", **KW))
     args = ["--data-root", str(tiny_lfw), "--top", "3", "--top", "2", str(out)]
@@ -183,7 +183,7 @@ def test_bench_cohort_norm_agrees_with_finetunes_own_record(tiny_lfw, tmp_path):
     # embed's path (no scales) gives an ensemble's validation embedding as the trainer's path does
     cfg = config(tiny_lfw, tmp_path / "e.pt", members=2, **KW)
     ckpt = torch.load(ft.finetune(cfg), weights_only=True)
-    trainer = ft.TRAINERS["best"](ft.member_configs(cfg.resolved())[0], torch.device("cpu"))
+    trainer = ft.RECIPES["best"].trainer(ft.member_configs(cfg.resolved())[0], torch.device("cpu"))
     centre = embedded_as_embed(cfg.out, "squeezenet1_0", trainer.val_files, ())
     expected = joined_embedding(trainer, [ckpt["model"], *ckpt["members"]])
     torch.testing.assert_close(centre, expected, rtol=1e-4, atol=1e-4)

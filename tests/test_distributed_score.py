@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from cli import main
 from pipeline.scoring.blockmath import balance, fixed_matmul, tile_plan
-from pipeline.scoring.rows import parse_rows
+from pipeline.scoring.config import parse_rows
 from pipeline.scoring.stage import ScoreConfig, score
 from tests.stores import random_store, write_store
 from tests.torchrun import torchrun

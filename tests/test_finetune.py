@@ -19,6 +19,7 @@ from pipeline import finetune as ft
 from pipeline.embedding.embed import EmbedConfig, embed
 from pipeline.errors import PipelineError
 from pipeline.faces import lfw
+from pipeline.nets import models
 from pipeline.store.layout import open_store
 
 
@@ -90,7 +91,7 @@ def test_cached_and_uncached_phase1_give_the_same_weights(tiny_lfw, tmp_path):
     a = ft.finetune(config(tiny_lfw, tmp_path / "a.pt", phase1_epochs=2))
     b = ft.finetune(config(tiny_lfw, tmp_path / "b.pt", phase1_epochs=2, cache_features=False))
     wa, wb = weights(a), weights(b)
-    assert any(not torch.equal(wa[k], ft.models.build_model("squeezenet1_0", "none").state_dict()[k]) for k in wa)
+    assert any(not torch.equal(wa[k], models.build_model("squeezenet1_0", "none").state_dict()[k]) for k in wa)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
@@ -129,7 +130,7 @@ def test_bad_checkpoints_and_configurations_are_refused(tiny_lfw, tmp_path):
     with pytest.raises(PipelineError, match="is for model squeezenet1_0"):
         ft.finetune(config(tiny_lfw, out, max_pairs=4, model="resnet18", resume=True))
     with pytest.raises(PipelineError, match="trained for model squeezenet1_0"):
-        ft.models.build_model("resnet18", str(out))
+        models.build_model("resnet18", str(out))
     junk = tmp_path / "junk.pt"
     torch.save({"something": 1}, junk)
     with pytest.raises(PipelineError, match="not a finetune checkpoint"):

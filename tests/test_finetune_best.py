@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from pipeline import finetune as ft
 from pipeline.errors import PipelineError
 from pipeline.finetune.averaging import WeightAverage
+from pipeline.nets.split import split_model
 from tests.test_finetune import config
 
 
@@ -21,35 +22,35 @@ from tests.test_finetune import config
 def test_train_blocks_cut_squeezenet_where_asked(blocks):
     from torchvision import models as tvm
 
-    from pipeline.nets import models
+    from pipeline.nets import layers, models
 
     model = models.build_model("squeezenet1_0", "none").eval()
-    frozen, tail = ft.split_model(model, "penultimate", blocks)
+    frozen, tail = split_model(model, "penultimate", blocks)
     assert sum(isinstance(m, tvm.squeezenet.Fire) for m in tail.modules()) == blocks
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(tail(frozen(x)), models.penultimate(model, x), atol=1e-5)
+        assert torch.allclose(tail(frozen(x)), layers.penultimate(model, x), atol=1e-5)
     with pytest.raises(PipelineError, match="between 1 and 8"):
-        ft.split_model(model, "penultimate", 9)
+        split_model(model, "penultimate", 9)
 
 
 def test_resnet_blocks_and_layerwise_learning_rates_of_fire_modules(tiny_lfw, tmp_path):
     from torchvision import models as tvm
 
-    from pipeline.nets import models
+    from pipeline.nets import layers, models
 
     model = models.build_model("resnet18", "none").eval()
-    frozen, tail = ft.split_model(model, "penultimate", 2)
+    frozen, tail = split_model(model, "penultimate", 2)
     assert list(tail.children())[:2] == [model.layer3, model.layer4]
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(tail(frozen(x)), models.penultimate(model, x), atol=1e-5)
+        assert torch.allclose(tail(frozen(x)), layers.penultimate(model, x), atol=1e-5)
     cfg = config(tiny_lfw, tmp_path / "b.pt", recipe="best", train_blocks=3, lr_decay=0.5, lr=0.1).resolved()
-    trainer = ft.TRAINERS["best"](cfg, torch.device("cpu"))
+    trainer = ft.RECIPES["best"].trainer(cfg, torch.device("cpu"))
     fires = [m for m in trainer.tail.children() if isinstance(m, tvm.squeezenet.Fire)]
     scales = {id(p): g["lr_scale"] for g in trainer.optimizer.param_groups for p in g["params"]}
     assert [scales[id(next(m.parameters()))] for m in fires] == [0.25, 0.5, 1.0]
-    assert scales[id(getattr(trainer.model, models.POOL).weight)] == 1.0  # the preset's learned pooling
+    assert scales[id(getattr(trainer.model, layers.POOL).weight)] == 1.0  # the preset's learned pooling
     trainer.train_step(trainer.batches(0)[0], 1)
     lrs = {g["lr_scale"]: g["lr"] for g in trainer.optimizer.param_groups}
     assert lrs[0.25] == pytest.approx(lrs[1.0] * 0.25) and lrs[1.0] > 0
@@ -57,7 +58,7 @@ def test_resnet_blocks_and_layerwise_learning_rates_of_fire_modules(tiny_lfw, tm
 
 def test_tta_flip_validation_is_the_mean_of_both_orientations(tiny_lfw, tmp_path):
     cfg = config(tiny_lfw, tmp_path / "t.pt", recipe="best", tta_flip=True, val_images=600, val_fraction=0.4)
-    trainer = ft.TRAINERS["best"](cfg.resolved(), torch.device("cpu"))
+    trainer = ft.RECIPES["best"].trainer(cfg.resolved(), torch.device("cpu"))
     trainer.prepare_phase(1)
     rows = torch.as_tensor(trainer.val_rows)
     got = trainer.embed_rows(rows)
@@ -70,29 +71,29 @@ def test_tta_flip_validation_is_the_mean_of_both_orientations(tiny_lfw, tmp_path
 
 
 def test_learned_pool_starts_as_the_average_and_travels_with_the_checkpoint(tiny_lfw, tmp_path):
-    from pipeline.nets import models
+    from pipeline.nets import layers, models
 
     model = models.build_model("squeezenet1_0", "none").eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        before = models.penultimate(model, x)
-        models.add_learned_pool(model, models.feature_side(model, 64))
-        assert torch.allclose(models.penultimate(model, x), before, atol=1e-5)
+        before = layers.penultimate(model, x)
+        layers.add_learned_pool(model, layers.feature_side(model, 64))
+        assert torch.allclose(layers.penultimate(model, x), before, atol=1e-5)
     out = ft.finetune(
         config(tiny_lfw, tmp_path / "p.pt", recipe="best", pool="learned", phase1_epochs=1, lr=0.05, val_images=0)
     )
     state = torch.load(out, weights_only=True)["model"]
-    assert state[f"{models.POOL}.weight"].shape == (512, 1, 13, 13)
-    assert not torch.allclose(state[f"{models.POOL}.weight"], torch.full((512, 1, 13, 13), 1 / 169))
+    assert state[f"{layers.POOL}.weight"].shape == (512, 1, 13, 13)
+    assert not torch.allclose(state[f"{layers.POOL}.weight"], torch.full((512, 1, 13, 13), 1 / 169))
     loaded = models.build_model("squeezenet1_0", str(out))
-    assert torch.equal(getattr(loaded, models.POOL).weight, state[f"{models.POOL}.weight"])
+    assert torch.equal(getattr(loaded, layers.POOL).weight, state[f"{layers.POOL}.weight"])
 
 
 def test_bf16_trains_the_network_in_bfloat16_and_the_loss_in_float32(tiny_lfw, tmp_path):
     from pipeline.runtime import autocast
 
     cfg = config(tiny_lfw, tmp_path / "h.pt", recipe="best", bf16=True, val_images=0).resolved()
-    trainer = ft.TRAINERS["best"](cfg, torch.device("cpu"))
+    trainer = ft.RECIPES["best"].trainer(cfg, torch.device("cpu"))
     trainer.prepare_phase(1)
     idx = trainer.batches(0)[0]
     seen = {}
@@ -129,7 +130,7 @@ def test_random_shift_moves_each_map_by_at_most_the_cells_asked():
 
 def test_singletons_join_the_batches_once_per_epoch(tiny_lfw, tmp_path):
     cfg = config(tiny_lfw, tmp_path / "s.pt", recipe="best", singletons=True, batch_size=8).resolved()
-    trainer = ft.TRAINERS["best"](cfg, torch.device("cpu"))
+    trainer = ft.RECIPES["best"].trainer(cfg, torch.device("cpu"))
     assert len(trainer.singles) > 0
     counts = np.bincount(trainer.train_labels.numpy())
     assert (counts[trainer.train_labels[trainer.singles]] == 1).all()

@@ -16,9 +16,9 @@ from pipeline import finetune as ft
 from pipeline.embedding.embed import EmbedConfig, embed
 from pipeline.embedding.shared import embed_together
 from pipeline.errors import PipelineError
-from pipeline.finetune.ensemble import joined_embedding
+from pipeline.finetune.joined import joined_embedding
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics
-from pipeline.nets import models
+from pipeline.nets import layers, models
 from tests.test_finetune import config
 
 KW = dict(recipe="best", phase1_epochs=1, batch_size=8, lr=0.05, val_images=600, val_fraction=0.4, members=2)
@@ -60,13 +60,13 @@ def test_member_configs_differ_in_seed_only_and_share_the_validation_split(tmp_p
 
 def test_split_seed_holds_out_the_same_people_for_other_seeds(tiny_lfw, tmp_path):
     trainers = [
-        ft.TRAINERS["best"](
+        ft.RECIPES["best"].trainer(
             config(tiny_lfw, tmp_path / f"{s}.pt", seed=s, split_seed=5, **KW).resolved(), torch.device("cpu")
         )
         for s in (0, 1)
     ]
     assert trainers[0].val_labels.tolist() == trainers[1].val_labels.tolist()
-    own = ft.TRAINERS["best"](config(tiny_lfw, tmp_path / "5.pt", seed=5, **KW).resolved(), torch.device("cpu"))
+    own = ft.RECIPES["best"].trainer(config(tiny_lfw, tmp_path / "5.pt", seed=5, **KW).resolved(), torch.device("cpu"))
     assert own.bank.images.shape == trainers[0].bank.images.shape
     assert torch.equal(own.bank.images, trainers[0].bank.images)
 
@@ -85,7 +85,7 @@ def test_ensemble_checkpoint_embeds_the_joined_unit_embeddings_of_its_members(ti
     states = [torch.load(p, weights_only=True)["model"] for p in member_files]
     assert all(torch.equal(ckpt["model"][k], states[0][k]) for k in states[0])
     assert all(torch.equal(ckpt["members"][0][k], states[1][k]) for k in states[1])
-    tails = [k for k in states[0] if k.startswith(("features.11", "features.12", models.POOL))]
+    tails = [k for k in states[0] if k.startswith(("features.11", "features.12", layers.POOL))]
     assert tails and not all(torch.equal(states[0][k], states[1][k]) for k in tails)  # other seeds: other tails
     # embed: the concatenation of each member's unit-length penultimate features
     joined = rows(embed(store(tiny_lfw, tmp_path / "joined.h5", out)))
@@ -112,8 +112,8 @@ def test_ensemble_validation_is_what_embed_computes(tiny_lfw, tmp_path, start):
     ckpt = torch.load(out, weights_only=True)
     record = ckpt["history"][-1]
     assert record["member"] == "ensemble" and {r["member"] for r in ckpt["history"][:-1]} == {0, 1}
-    trainer = ft.TRAINERS["best"](ft.member_configs(cfg.resolved())[0], torch.device("cpu"))
-    ensemble = models.Embedder(models.build_model("squeezenet1_0", str(out)), "penultimate", True)
+    trainer = ft.RECIPES["best"].trainer(ft.member_configs(cfg.resolved())[0], torch.device("cpu"))
+    ensemble = layers.Embedder(models.build_model("squeezenet1_0", str(out)), "penultimate", True)
     with torch.no_grad():
         emb = ensemble.eval()(trainer.bank.batch(torch.as_tensor(trainer.val_rows)))
     # each member's own frozen part (members from --weights none differ there), the cache in float16

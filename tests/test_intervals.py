@@ -97,19 +97,22 @@ def test_gpu_counting_keeps_the_same_tail_and_group_counts(tmp_path, metric):
 
     from pipeline.metrics.tail import tail_size
     from pipeline.scoring.blockmath import tile_plan
-    from pipeline.scoring.memory import TileScorer, TorchTiles, choose_binning, prepare
+    from pipeline.scoring.definition import ScoreDefinition
+    from pipeline.scoring.memory import MemoryRows, TorchTiles
+    from pipeline.scoring.sources import choose_binning
+    from pipeline.scoring.tiles import TileLoop
     from pipeline.store.layout import open_store
 
     path, _, _ = random_store(tmp_path / "s.h5", 301, 12, seed=4, duplicates=6)
     with open_store(path) as st_:
-        prep = prepare(st_, metric, torch.device("cpu"))
+        prep = MemoryRows(st_, ScoreDefinition.of(st_, metric), torch.device("cpu"))
     binning = choose_binning(prep, 1 << 12)
     prep.scale_to_bins(binning)
     plan = tile_plan(prep.n, 64, leaf=16)
-    k = tail_size(prep.n * (prep.n - 1) // 2, prep.n_positive)
+    k = tail_size(prep.n * (prep.n - 1) // 2, prep.stats.n_positive)
     results = {}
     for counting in ("numpy", "torch"):
-        scorer = TileScorer(prep, binning, TorchTiles(prep, 64), counting=counting, tail_k=k)
+        scorer = TileLoop.over(prep, TorchTiles(prep, 64), binning, counting=counting, tail_k=k)
         whole = scorer.run(plan, progress=False).roc()
         parts = [scorer.run(plan, select=range(r, len(plan), 3), progress=False).roc() for r in range(3)]
         merged = parts[0]

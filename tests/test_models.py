@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from pipeline.errors import PipelineError
-from pipeline.nets import models
+from pipeline.nets import layers, models
 
 
 @pytest.mark.parametrize("name", sorted(models.BACKBONES))
@@ -16,8 +16,8 @@ def test_layers_have_registered_sizes(name):
     model = models.build_model(name, "none").eval()
     x = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
-        out = models.Embedder(model, "output")(x)
-        pen = models.Embedder(model, "penultimate")(x)
+        out = layers.Embedder(model, "output")(x)
+        pen = layers.Embedder(model, "penultimate")(x)
     assert out.shape == (2, 1000)
     assert pen.shape == (2, models.BACKBONES[name].penultimate_dim)
 
@@ -29,7 +29,7 @@ def test_penultimate_feeds_the_last_layer():
     x = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
         expected = model(x)
-        got = model.classifier[-1](models.penultimate(model, x))
+        got = model.classifier[-1](layers.penultimate(model, x))
     torch.testing.assert_close(got, expected)
 
 
@@ -86,12 +86,12 @@ def test_registry_models_build_by_name():
     torch.manual_seed(0)
     small = models.build_model("mobilenet_v3_small", "none").eval()
     with torch.inference_mode():
-        assert models.Embedder(small, "output")(torch.randn(2, 3, 96, 96)).shape == (2, 1000)
+        assert layers.Embedder(small, "output")(torch.randn(2, 3, 96, 96)).shape == (2, 1000)
     with pytest.raises(PipelineError, match="penultimate is known for .* not MobileNetV3"):
-        models.Embedder(small, "penultimate")
+        layers.Embedder(small, "penultimate")
     resnet34 = models.build_model("resnet34", "none").eval()  # a known family: penultimate works
-    e = models.Embedder(resnet34, "penultimate")
-    assert models.embedding_size(e, (3, 64, 64), torch.device("cpu")) == 512
+    e = layers.Embedder(resnet34, "penultimate")
+    assert layers.embedding_size(e, (3, 64, 64), torch.device("cpu")) == 512
 
 
 def test_model_names_are_checked():

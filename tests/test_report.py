@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -19,8 +20,9 @@ from cli import main
 from pipeline.errors import PipelineError
 from pipeline.metrics.roc import HistogramROC
 from pipeline.report import figures
+from pipeline.report.read import read_result
 from pipeline.report.results import RESULT_FILES, recognise_results_folder
-from pipeline.report.tables import read_result, report, study_table
+from pipeline.report.tables import report, study_table
 from pipeline.scoring.stage import ScoreConfig, score
 from tests.stores import random_store, write_store
 
@@ -272,15 +274,51 @@ def test_report_draws_the_history_of_an_older_run(tmp_path):
         report([tmp_path / "lone"], tmp_path / "rep2")
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium binary (apt-get install chromium)")
+def _chromium() -> str:
+    """The headless browser; .ci/run installs it and sets LFW_REQUIRE_BROWSER, so CI fails rather than skips."""
+    path = shutil.which("chromium")
+    if path is None and os.environ.get("LFW_REQUIRE_BROWSER"):
+        pytest.fail("LFW_REQUIRE_BROWSER is set but there is no chromium binary (.ci/run installs it)")
+    if path is None:
+        pytest.skip("no chromium binary (apt-get install chromium)")
+    return path
+
+
+def _widest_metrics(folder, protocol: str) -> None:
+    """Every interval the operating-point table can show, as real runs record them (the widest table)."""
+    m = json.loads((folder / "metrics.json").read_text())
+    m["tar_at_far_ci95"] = {f: [0.12345, 0.98765] for f in m["tar_at_far"]}
+    m.update(auc_ci95=[0.81234, 0.85678], eer_ci95=[0.1, 0.2], rank1_ci95=[0.4, 0.5], protocol=protocol)
+    m.update(best_balanced_accuracy_ci95=[0.9, 0.95], best_unbalanced_accuracy_ci95=[0.91, 0.96])
+    m.update(
+        accuracy_10fold_mean=0.9731, accuracy_10fold_mean_ci95=[0.97, 0.976], label="squeezenet1_0 fine-tuned (best)"
+    )
+    (folder / "metrics.json").write_text(json.dumps(m))
+
+
+# A probe added to a copy of the page (the page itself has no scripts): once laid out, the page's widths.
+WIDTH_PROBE = """<script>window.addEventListener("load", () => {
+  const root = document.documentElement, tables = [...document.querySelectorAll("table")];
+  document.body.dataset.scrollWidth = root.scrollWidth;
+  document.body.dataset.clientWidth = root.clientWidth;
+  document.body.dataset.tableRight = Math.max(...tables.map((t) => t.getBoundingClientRect().right));
+});</script>"""
+
+
 def test_html_report_renders_in_a_headless_browser(tmp_path):
     from PIL import Image
 
+    chromium = _chromium()
     dirs = [_result(tmp_path, "pre", 0.3, "pretrained"), _result(tmp_path, "fine", 1.0, "finetuned")]
+    deep = tmp_path / "a-results-folder-with-a-long-name" / "deeper"  # a long path in the result column
+    deep.mkdir(parents=True)
+    dirs.append(_result(deep, "fine-tuned-10fold", 1.0, "finetuned"))
+    for folder, protocol in zip(dirs, ("people", "pairs", "10fold"), strict=True):
+        _widest_metrics(folder, protocol)
     out = tmp_path / "rep"
     report(dirs, out, html=True)
     url = (out / "report.html").resolve().as_uri()
-    base = ["chromium", "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={tmp_path / 'profile'}"]
+    base = [chromium, "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert dom.stdout.count("<table") >= 2 + len(dirs) and dom.stdout.count("<img") == 1 + 3 * len(dirs)
@@ -292,3 +330,16 @@ def test_html_report_renders_in_a_headless_browser(tmp_path):
     image = Image.open(shot).convert("L")
     lo, hi = image.getextrema()
     assert hi - lo > 100 and len(image.getcolors(1 << 16) or range(1 << 16)) > 50  # text and figures, not blank
+
+    probed = tmp_path / "probed.html"
+    probed.write_text((out / "report.html").read_text().replace("</body>", WIDTH_PROBE + "</body>"))
+    dom = subprocess.run(
+        [*base, "--window-size=1280,1000", "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=180
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    body = re.search(r"<body[^>]*>", dom.stdout).group(0)
+    widths = dict(re.findall(r'data-(scroll-width|client-width|table-right)="([\d.]+)"', body))
+    assert len(widths) == 3, body
+    scroll, client = float(widths["scroll-width"]), float(widths["client-width"])
+    assert 1000 < client <= 1280 and scroll <= client, widths  # no horizontal scroll bar in a 1,280-pixel window
+    assert float(widths["table-right"]) <= client, widths

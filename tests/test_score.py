@@ -18,18 +18,13 @@ from sklearn.metrics import roc_auc_score
 from cli import main
 from pipeline.errors import PipelineError
 from pipeline.report.results import FIGURE_FILES
-from pipeline.scoring.stage import (
-    ScoreConfig,
-    TileScorer,
-    TorchTiles,
-    choose_binning,
-    prepare,
-    score,
-    score_all_pairs,
-    score_store,
-    tenfold_accuracy,
-    tile_plan,
-)
+from pipeline.scoring.blockmath import tile_plan
+from pipeline.scoring.config import ScoreConfig
+from pipeline.scoring.definition import ScoreDefinition
+from pipeline.scoring.memory import MemoryRows, TorchTiles
+from pipeline.scoring.sources import choose_binning
+from pipeline.scoring.stage import score, score_all_pairs, score_store, tenfold_accuracy
+from pipeline.scoring.tiles import TileLoop
 from pipeline.store.layout import open_store
 from tests.stores import random_store, write_store
 
@@ -101,13 +96,13 @@ def test_diagonal_split_into_leaves_and_tile_subsets_add_up(tmp_path):
     with open_store(path) as st_:
         acc, _ = score_all_pairs(st_, cfg, torch.device("cpu"), leaf=8)
         check_against_sklearn({**acc.compute(), "max_distance": acc.max_distance}, x, labels, "l2")
-        prep = prepare(st_, "l2", torch.device("cpu"))
+        prep = MemoryRows(st_, ScoreDefinition.of(st_, "l2"), torch.device("cpu"))
     plan = tile_plan(prep.n, 64, leaf=8)
     binning = choose_binning(prep, 1 << 12)
     prep.scale_to_bins(binning)
     extremes = {}
     for counting in ("numpy", "torch"):  # "torch" is the GPU's counting, run here on the CPU
-        scorer = TileScorer(prep, binning, TorchTiles(prep, 64), counting=counting)
+        scorer = TileLoop.over(prep, TorchTiles(prep, 64), binning, counting=counting)
         whole = scorer.run(plan, progress=False)
         extremes[counting] = (whole.extreme, whole.extreme_rows, whole.extreme_tile)
         parts = [scorer.run(plan, select=range(r, len(plan), 3), progress=False) for r in range(3)]
@@ -116,7 +111,7 @@ def test_diagonal_split_into_leaves_and_tile_subsets_add_up(tmp_path):
             merged.merge(p.roc())
         w = whole.roc()
         assert (merged.pos == w.pos).all() and (merged.neg == w.neg).all()
-        assert w.n_positive == prep.n_positive and w.n_positive + w.n_negative == 149 * 148 // 2
+        assert w.n_positive == prep.stats.n_positive and w.n_positive + w.n_negative == 149 * 148 // 2
         exact = roc_auc_score(*brute_force(x, labels, "l2")[::-1])
         assert abs(w.compute()["auc"] - exact) <= w.compute()["auc_error_bound"] + 1e-6
     assert extremes["numpy"] == extremes["torch"] and extremes["numpy"][2] >= 0
@@ -132,7 +127,7 @@ def test_gpu_counting_finds_the_same_extreme_pair_under_ties(tmp_path, metric):
     x[far[:6]], x[far[6:]] = 5.0, -5.0
     path = write_store(tmp_path / "s.h5", x, rng.integers(0, 40, size=130))
     with open_store(path) as st_:
-        prep = prepare(st_, metric, torch.device("cpu"))
+        prep = MemoryRows(st_, ScoreDefinition.of(st_, metric), torch.device("cpu"))
     binning = choose_binning(prep, 1 << 10)
     prep.scale_to_bins(binning)
     plan = tile_plan(prep.n, 32, leaf=8)
@@ -140,7 +135,7 @@ def test_gpu_counting_finds_the_same_extreme_pair_under_ties(tmp_path, metric):
         found = [
             (r.extreme, r.extreme_rows, r.extreme_tile)
             for r in (
-                TileScorer(prep, binning, TorchTiles(prep, 32), counting=c).run(plan, select=select, progress=False)
+                TileLoop.over(prep, TorchTiles(prep, 32), binning, counting=c).run(plan, select=select, progress=False)
                 for c in ("numpy", "torch")
             )
         ]
@@ -261,8 +256,29 @@ def test_score_store_api_and_results_folder(tmp_path):
     assert saved["auc"] == m["auc"] and set(saved["tar_at_far"]) == {"1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"}
 
 
+def test_blas_threads_limited_only_while_scoring(tmp_path):
+    """The product threads call NumPy's BLAS single-threaded inside the scoring call only: the limit before is
+    restored after, in memory and out of core."""
+    from threadpoolctl import threadpool_info
+
+    from pipeline.scoring.blockmath import single_threaded_blas
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    path, _, _ = random_store(tmp_path / "s.h5", n=80, d=8, seed=9)
+    before = blas_threads()
+    with single_threaded_blas(), single_threaded_blas():
+        assert set(blas_threads()) <= {1}
+    assert blas_threads() == before
+    score(ScoreConfig(store=path, progress=False))
+    score(ScoreConfig(store=path, progress=False, rows=(0, 40)))
+    assert blas_threads() == before
+
+
 def test_config_checks():
-    for bad in [dict(metric="l1"), dict(bins=1), dict(block=5000), dict(backend="annoy"), dict(variant="x")]:
+    for bad in [dict(metric="l1"), dict(bins=1), dict(block=5000), dict(backend="annoy"), dict(variant="x"),
+                dict(rows=(5, 5)), dict(rows=(0, 5), all_pairs=False), dict(rows=(0, 5), exact=True)]:  # fmt: skip
         with pytest.raises(ValueError):
             ScoreConfig(store=Path("x.h5"), **bad)
 

@@ -19,9 +19,13 @@ from cli import main
 from pipeline.errors import PipelineError
 from pipeline.metrics.roc import FAR_LEVELS, HistogramROC
 from pipeline.metrics.tail import tail_size
-from pipeline.scoring.blockmath import augment, bin_range, operand_width
-from pipeline.scoring.rows import RowsConfig, score_rows
-from pipeline.scoring.stage import ScoreConfig, TileScorer, TorchTiles, choose_binning, prepare, score, tile_plan
+from pipeline.scoring.blockmath import tile_plan
+from pipeline.scoring.config import ScoreConfig
+from pipeline.scoring.definition import ScoreDefinition
+from pipeline.scoring.memory import MemoryRows, TorchTiles
+from pipeline.scoring.sources import choose_binning
+from pipeline.scoring.stage import score, score_rows
+from pipeline.scoring.tiles import TileLoop
 from pipeline.store.layout import OFFSETS, SCORE_NORM, open_store
 from tests.stores import random_store, write_store
 from tests.test_distributed_score import same_results
@@ -102,12 +106,13 @@ def test_augment_adds_a_column_only_with_offsets():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((37, 5)).astype(np.float32)
     o = rng.uniform(-0.2, 0.5, 37).astype(np.float32)
-    assert operand_width(5, "cosine") == 6 and operand_width(5, "cosine", True) == 7 and operand_width(5, "l2") == 7
+    cosine, with_offsets = ScoreDefinition("cosine"), ScoreDefinition("cosine", o)
+    assert cosine.width(5) == 6 and with_offsets.width(5) == 7 and ScoreDefinition("l2").width(5) == 7
     plain = [np.empty((37, 6), np.float32) for _ in range(2)]
-    augment(x, None, "cosine", *plain)
+    cosine.augment(x, None, *plain)
     assert (plain[0][:, 5] == 1).all() and (plain[1][:, 5] == 0).all()
     left, right = (np.empty((37, 7), np.float32) for _ in range(2))
-    augment(x, None, "cosine", left, right, o)
+    with_offsets.augment(x, None, left, right, o)
     np.testing.assert_array_equal(left[:, :5], plain[0][:, :5])  # the same unit rows
     np.testing.assert_array_equal(left[:, 5], -o)
     assert (left[:, 6] == 1).all() and (right[:, 5] == 1).all()
@@ -117,6 +122,9 @@ def test_augment_adds_a_column_only_with_offsets():
 
 
 def test_bin_range_widens_with_offsets():
+    def bin_range(vmin, vmax, metric, max_norm, offsets=None):  # offsets: (smallest, largest)
+        return ScoreDefinition(metric, None if offsets is None else np.array(offsets)).bin_range(vmin, vmax, max_norm)
+
     assert bin_range(-0.3, 0.9, "cosine", 1.0) == bin_range(-0.3, 0.9, "cosine", 1.0, None)
     lo, hi = bin_range(-3.0, 3.0, "cosine", 1.0)
     assert (lo, hi) == (-1.0 - 1e-4, 1.0 + 1e-4)
@@ -155,7 +163,7 @@ def test_l2_is_refused_unless_no_score_norm(tmp_path):
     with pytest.raises(PipelineError, match="--metric cosine.*--no-score-norm"):
         score(ScoreConfig(store=store, metric="l2", progress=False))
     with pytest.raises(PipelineError, match="--metric cosine"):
-        score_rows(RowsConfig(store=store, metric="l2", progress=False))
+        score_rows(ScoreConfig(store=store, metric="l2", progress=False))
     for extra in ((), ("--rows", "0:40")):
         r = cli("score", store, "--all-pairs", "--out", tmp_path / "l2", "--no-progress", *extra)
         assert r.exit_code == 2 and "--metric cosine" in r.output and NORM in r.output, r.output
@@ -225,13 +233,13 @@ def test_gpu_counting_branch_equals_cpu_counting(tmp_path):
     """The GPU's counting (torch, run here on the CPU) bins and tails the offset values as the CPU's does."""
     store, x, labels, o = offsets_store(tmp_path / "s.h5", 300, 12, seed=9, duplicates=12)
     with open_store(store) as st_:
-        prep = prepare(st_, "cosine", torch.device("cpu"))
+        prep = MemoryRows(st_, ScoreDefinition.of(st_, "cosine"), torch.device("cpu"))
     assert prep.left.shape[1] == 12 + 2
     binning = choose_binning(prep, 1 << 10)
     prep.scale_to_bins(binning)
     plan = tile_plan(prep.n, 64, leaf=16)
-    k = tail_size(prep.n * (prep.n - 1) // 2, prep.n_positive)  # the K whose start `choose_binning` estimated
-    runs = [TileScorer(prep, binning, TorchTiles(prep, 64), counting=c, tail_k=k).run(plan, progress=False)
+    k = tail_size(prep.n * (prep.n - 1) // 2, prep.stats.n_positive)  # the K whose start `choose_binning` estimated
+    runs = [TileLoop.over(prep, TorchTiles(prep, 64), binning, counting=c, tail_k=k).run(plan, progress=False)
             for c in ("numpy", "torch")]  # fmt: skip
     a, b = (r.roc() for r in runs)
     np.testing.assert_array_equal(a.pos, b.pos)
@@ -321,7 +329,7 @@ def test_too_few_rows(tmp_path, n):
     with pytest.raises(PipelineError, match=want):
         score(ScoreConfig(store=store, metric="cosine", progress=False))
     with pytest.raises(PipelineError, match=want):
-        score_rows(RowsConfig(store=store, metric="cosine", progress=False, out=tmp_path / "rows"))
+        score_rows(ScoreConfig(store=store, metric="cosine", progress=False, out=tmp_path / "rows"))
 
 
 DEVICE = os.environ.get("TEST_GPU_DEVICE", "cuda")

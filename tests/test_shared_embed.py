@@ -10,8 +10,8 @@ import torch
 
 from pipeline.embedding.embed import EmbedConfig, embed
 from pipeline.embedding.shared import build_networks, embed_together
-from pipeline.finetune.features import split_model
 from pipeline.nets import models
+from pipeline.nets.split import split_model
 
 
 def two_networks(tmp_path):

@@ -8,8 +8,9 @@ sees (for a fine-tuned model: its training images), and the score of two images 
 
     cos(x_i, x_j) - o_i - o_j
 
-`finetune --cohort-top K` stores the cohort's embedding in the checkpoint; `embed` then writes the offsets of
-its rows into the store (`/score_offsets`, `pipeline.store.layout.OFFSETS`), and `score` applies them in every path."""
+`finetune --cohort-top K` stores the cohort's embedding in the checkpoint; `embed` then computes the offsets of
+the rows it stored and writes them into the store (`/score_offsets`, `pipeline.store.layout.OFFSETS`;
+`finish_store`), and `score` applies them in every path."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.store.layout import SCORE_NORM
+from pipeline.nets.models import read_weights_file
+from pipeline.store.layout import OFFSETS, SCORE_NORM
+from pipeline.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,6 @@ def model_cohort(weights: str, layer: str, tta_flip: bool) -> Cohort | None:
     (the same layer and test-time flip); None otherwise (with a warning when the embedding differs)."""
     if weights in ("imagenet", "none") or not Path(weights).is_file():
         return None
-    from pipeline.nets.models import read_weights_file
-
     _, meta = read_weights_file(weights)
     cohort = Cohort.from_checkpoint(meta, f"{Path(weights).name}: its training images")
     if cohort is None:
@@ -109,3 +110,19 @@ def model_cohort(weights: str, layer: str, tta_flip: bool) -> Cohort | None:
         )
         return None
     return cohort
+
+
+def finish_store(
+    writer: StoreWriter, extra_attrs: dict, cohort: Cohort | None, drop_rows: list[int] | None = None
+) -> Path:
+    """Complete the store of `writer` (`StoreWriter.finish`); with a `cohort`, with the score offsets of its rows
+    as stored (a float16 store's offsets are those of its float16 rows), read back `OFFSET_ROWS` at a time, and
+    the attributes that say which normalisation they are."""
+    if cohort is None:
+        return writer.finish(extra_attrs, drop_rows=drop_rows)
+    n = writer.n
+    offsets = np.concatenate(
+        [cohort.offsets(writer.rows(s, min(s + OFFSET_ROWS, n))) for s in range(0, n, OFFSET_ROWS)]
+        or [np.zeros(0, dtype=np.float32)]
+    )
+    return writer.finish({**cohort.attrs(), **extra_attrs}, drop_rows=drop_rows, arrays={OFFSETS: offsets})

@@ -17,11 +17,11 @@ from tqdm import tqdm
 
 from pipeline import outputs
 from pipeline.distributed import init_world, split_range
-from pipeline.embedding.cohort import Cohort, model_cohort
+from pipeline.embedding.cohort import Cohort, finish_store, model_cohort
 from pipeline.embedding.parts import assemble, complete_part, part_path
 from pipeline.errors import PipelineError
 from pipeline.faces import facesets, images, lfw
-from pipeline.nets import models
+from pipeline.nets import layers, models
 from pipeline.runtime import autocast, keep_freed_memory, reproducible_kernels, resolve_device, seed_everything
 from pipeline.store.layout import OFFSETS, partial_path, recognise_partial, recognise_store
 from pipeline.store.writer import StoreWriter
@@ -93,7 +93,7 @@ class EmbedConfig:
     download: bool = False
     """Try torchvision's LFW download into the data root first."""
     deterministic: bool = False
-    """Rows independent of threads and ranks (bit-identical under torchrun); 1.5-2.5x slower on CPU."""
+    """Rows independent of threads and ranks (bit-identical under torchrun); slower on CPU (oneDNN off)."""
 
     def __post_init__(self):
         if self.image_set not in lfw.IMAGE_DIRS:
@@ -102,8 +102,8 @@ class EmbedConfig:
             raise ValueError(f"protocol must be one of {lfw.PROTOCOLS}, got {self.protocol!r}")
         if self.split not in lfw.SPLITS:
             raise ValueError(f"split must be one of {lfw.SPLITS}, got {self.split!r}")
-        if self.layer not in models.LAYERS:
-            raise ValueError(f"layer must be one of {models.LAYERS}, got {self.layer!r}")
+        if self.layer not in layers.LAYERS:
+            raise ValueError(f"layer must be one of {layers.LAYERS}, got {self.layer!r}")
         models.check_model_name(self.model)
         if models.is_factory(self.model) and self.weights == "imagenet":
             raise ValueError(f"--model {self.model} has no ImageNet weights: pass --weights none or --weights PATH")
@@ -174,8 +174,8 @@ def store_extra(cfg: EmbedConfig, proto: lfw.FaceSet, device: torch.device, worl
     }
 
 
-def prepare(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Inference set-up: eval mode, on the device, channels-last (about 2x faster convolutions on CPU)."""
+def for_inference(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Inference set-up: eval mode, on the device, channels-last (faster CPU convolutions: docs/embedding.md)."""
     return module.eval().to(device, memory_format=torch.channels_last)
 
 
@@ -251,8 +251,9 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
             raise PipelineError(f"{out} {problem}; pass --overwrite to replace it")
     world, device = init_world(resolve_device(cfg.device))
     seed_everything(cfg.seed)
-    embedder = prepare(models.Embedder(models.build_model(cfg.model, cfg.weights), cfg.layer, cfg.tta_flip), device)
-    dim = models.embedding_size(embedder, cfg.preprocess.shape, device)
+    network = models.build_model(cfg.model, cfg.weights)
+    embedder = for_inference(layers.Embedder(network, cfg.layer, cfg.tta_flip), device)
+    dim = layers.embedding_size(embedder, cfg.preprocess.shape, device)
     extra = store_extra(cfg, proto, device, world.size)
     cohort = model_cohort(cfg.weights, cfg.layer, cfg.tta_flip)
     job = _Job(cfg, proto, embedder, dim, device, identity, cohort)
@@ -307,9 +308,8 @@ class _Job:
         writer = StoreWriter(target, len(rows), self.dim, identity, arrays, cfg.dtype, cfg.resume)
         try:
             bad = sorted(set(_fill(writer, self.embedder, self.proto, cfg, self.device, rows)))
-            path = writer.finish(
-                {**extra, "bad_rows": bad}, drop_rows=bad if final else None, cohort=self.cohort if final else None
-            )
+            cohort, drop = (self.cohort, bad) if final else (None, None)  # parts: the assembly does both
+            path = finish_store(writer, {**extra, "bad_rows": bad}, cohort, drop_rows=drop)
         except BaseException as e:
             done = writer.rows_done
             with contextlib.suppress(Exception):  # after a failed write the file may not close: it is reported

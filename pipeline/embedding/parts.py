@@ -6,7 +6,7 @@ from pathlib import Path
 
 import h5py
 
-from pipeline.embedding.cohort import Cohort
+from pipeline.embedding.cohort import Cohort, finish_store
 from pipeline.store.writer import StoreWriter, differing_settings
 
 ASSEMBLY_ROWS = 65536  # rows copied at a time when rank 0 joins the parts (bounded memory)
@@ -38,7 +38,7 @@ def assemble(
                 for a in range(0, len(emb), ASSEMBLY_ROWS):
                     writer.write(writer.rows_done, emb[a : a + ASSEMBLY_ROWS])
                 bad += [int(r) for r in f.attrs.get("bad_rows", [])]
-        writer.finish({**extra, "bad_rows": bad}, drop_rows=bad, cohort=cohort)
+        finish_store(writer, {**extra, "bad_rows": bad}, cohort, drop_rows=bad)
     except BaseException:
         writer.close()
         raise

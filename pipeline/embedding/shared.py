@@ -4,7 +4,7 @@ first layers that the networks share run once per image.
 `run` embeds LFWPairs test and LFWPeople test, with the pretrained and the fine-tuned network. The pairs' images
 are among the people's, and the best recipe trains only the last blocks, so the fine-tuned network's frozen
 part is the pretrained network's. Here every image that any of the stores lists is decoded once; the networks
-are split into a frozen part and a tail (`split_model`, the cut fine-tuning used), networks whose frozen parts
+are split into a frozen part and a tail (`pipeline.nets.split.split_model`, the cut fine-tuning used), networks whose frozen parts
 hold equal weights share one run of it, and each tail runs on its output (and on the mirror image's, for a
 network embedded with test-time flip). Each store is then written as `embed` writes it, with the same
 attributes, from rows held in memory (images x dimension x networks: a few MB for LFW)."""
@@ -22,20 +22,20 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import outputs
-from pipeline.embedding.cohort import model_cohort
+from pipeline.embedding.cohort import finish_store, model_cohort
 from pipeline.embedding.embed import (
     EmbedConfig,
     check_out,
     check_partial,
-    prepare,
+    for_inference,
     store_arrays,
     store_extra,
     store_identity,
 )
 from pipeline.errors import PipelineError
 from pipeline.faces import facesets, images
-from pipeline.finetune.features import same_state, split_model
 from pipeline.nets import models
+from pipeline.nets.split import same_state, split_model
 from pipeline.runtime import autocast, keep_freed_memory, resolve_device, seed_everything
 from pipeline.store.writer import StoreWriter
 
@@ -72,7 +72,7 @@ def build_networks(cfgs: list[EmbedConfig], blocks: int | None, device: torch.de
         key = _key(cfg)
         if any(n.key == key for n in nets):
             continue
-        model = prepare(models.build_model(cfg.model, cfg.weights), device)
+        model = for_inference(models.build_model(cfg.model, cfg.weights), device)
         frozen, tail = split_model(model, cfg.layer, blocks)
         shared = next((n.frozen for n in nets if same_state(n.frozen, frozen)), None)
         if shared is not None:
@@ -177,10 +177,8 @@ def _write(cfg: EmbedConfig, proto, rows: np.ndarray, device: torch.device) -> P
     writer = StoreWriter(out, len(rows), rows.shape[1], store_identity(cfg, proto), store_arrays(proto), cfg.dtype)
     try:
         writer.write(0, rows.astype(cfg.dtype))
-        path = writer.finish(
-            {**store_extra(cfg, proto, device, 1), "bad_rows": [], "shared_pass": True},
-            cohort=model_cohort(cfg.weights, cfg.layer, cfg.tta_flip),
-        )
+        extra = {**store_extra(cfg, proto, device, 1), "bad_rows": [], "shared_pass": True}
+        path = finish_store(writer, extra, model_cohort(cfg.weights, cfg.layer, cfg.tta_flip))
     except BaseException:
         with contextlib.suppress(Exception):
             writer.close()

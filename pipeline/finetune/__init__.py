@@ -1,6 +1,6 @@
 """The `finetune` stage: turn an ImageNet CNN into a face-verification network.
 
-Two recipes:
+The recipes, one `Recipe` each in `RECIPES` (a new recipe is a module that registers its entry, imported here):
 
 - `study`, the study's method, faithful: Siamese pairs of `pairsDevTrain` through one network, the
   normalised Euclidean distance of the outputs against 0 = same / 1 = different with binary cross entropy,
@@ -16,11 +16,13 @@ validation AUC and TAR at FAR 1e-3) is written atomically after every epoch and 
 continues it and ends with the weights of an uninterrupted run. After every epoch the history is also drawn
 beside the checkpoint (NAME.training.png).
 
-Modules: `config` (options and presets as data), `checkpoint` (the files a run writes, RNG states,
-signals), `features` (frozen part / tail, image bank, feature cache), `validation` (held-out people, AUC),
-`loop` (the one training loop, `Trainer`), `hooks` (what a recipe answers the loop, with defaults), `averaging`
-(the optional moving average of the trained weights), `recipes` (`StudyTrainer`, `BestTrainer`: hooks of the
-loop), `ensemble` (several members of one recipe and the checkpoint that joins them).
+Modules: `config` (the options), `recipes` (the registry: one `Recipe` per recipe, its trainer and preset),
+`study` and `best` (the recipes: `StudyTrainer`, `BestTrainer`, hooks of the loop), `losses` (one class each, by
+name), `loop` (the one training loop, `Trainer`), `hooks` (what a recipe answers the loop, with defaults),
+`checkpoint` (the files a run writes, RNG states, signals), `features` (image bank, feature cache), `validation`
+(held-out people, AUC), `averaging` (the optional moving average of the trained weights), `ensemble` (several
+members of one recipe and the checkpoint that joins them), `joined` (their joined embedding), `cohort` (the
+cohort a checkpoint keeps). Splitting a backbone into a frozen part and a tail: `pipeline.nets.split`.
 """
 
 from __future__ import annotations
@@ -34,101 +36,51 @@ import torch
 
 from pipeline import outputs
 from pipeline.errors import PipelineError
-from pipeline.faces import lfw
+from pipeline.finetune.best import BestTrainer, cosine_lr, identity_batches
 from pipeline.finetune.checkpoint import (
-    append_log,
     load_checkpoint,
     recognise_checkpoint,
     recognise_log,
     recognise_training_figure,
-    rng_state,
-    save_atomic,
-    set_rng_state,
     side_files,
-    stop_on_signals,
     write_training_figure,
 )
-from pipeline.finetune.config import (
-    BEST_PRESET,
-    RECIPES,
-    RUNTIME_FIELDS,
-    STUDY_DEFAULTS,
-    STUDY_PRESETS,
-    FinetuneConfig,
-    TrainingInterrupted,
-)
+from pipeline.finetune.config import RUNTIME_FIELDS, FinetuneConfig, TrainingInterrupted
 from pipeline.finetune.ensemble import member_configs, member_path, train_ensemble
-from pipeline.finetune.features import (
-    Handover,
-    ImageBank,
-    cached_rows,
-    compute_features,
-    random_shift,
-    set_phase,
-    split_model,
-)
+from pipeline.finetune.features import Handover, random_shift
 from pipeline.finetune.loop import Trainer
-from pipeline.finetune.losses import BatchPairLoss, CosFaceLoss, StudyLoss
-from pipeline.finetune.recipes import BestTrainer, StudyTrainer, cosine_lr, identity_batches, study_pairs
-from pipeline.finetune.validation import (
-    all_pairs_auc,
-    all_pairs_metrics,
-    random_people,
-    unpaired_people,
-    validation_rows,
-)
-from pipeline.nets import models
+from pipeline.finetune.losses import LOSSES, BatchPairLoss, CosFaceLoss, StudyLoss
+from pipeline.finetune.recipes import RECIPES, Recipe
+from pipeline.finetune.study import StudyTrainer, study_pairs
+from pipeline.finetune.validation import all_pairs_auc, all_pairs_metrics
 from pipeline.runtime import keep_freed_memory, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
-TRAINERS: dict[str, type[Trainer]] = {"study": StudyTrainer, "best": BestTrainer}
-
 __all__ = [
-    "BEST_PRESET",
+    "LOSSES",
     "RECIPES",
     "RUNTIME_FIELDS",
-    "STUDY_DEFAULTS",
-    "STUDY_PRESETS",
-    "TRAINERS",
     "BatchPairLoss",
     "BestTrainer",
     "CosFaceLoss",
     "FinetuneConfig",
-    "ImageBank",
+    "Recipe",
     "StudyLoss",
     "StudyTrainer",
     "Trainer",
     "TrainingInterrupted",
     "all_pairs_auc",
     "all_pairs_metrics",
-    "append_log",
-    "cached_rows",
     "check_outputs",
-    "compute_features",
-    "random_shift",
     "cosine_lr",
-    "lfw",
     "finetune",
     "identity_batches",
-    "load_checkpoint",
     "member_configs",
     "member_path",
-    "models",
-    "random_people",
-    "recognise_checkpoint",
-    "recognise_log",
+    "random_shift",
     "recognise_training_figure",
-    "rng_state",
-    "save_atomic",
-    "set_phase",
-    "set_rng_state",
-    "side_files",
-    "split_model",
-    "stop_on_signals",
     "study_pairs",
-    "unpaired_people",
-    "validation_rows",
     "write_training_figure",
 ]
 
@@ -182,8 +134,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
 
 def _trainer(cfg: FinetuneConfig, shared: Handover | None = None) -> Trainer:
-    device = resolve_device(cfg.device)
-    return TRAINERS[cfg.recipe](cfg, device, shared)
+    return RECIPES[cfg.recipe].trainer(cfg, resolve_device(cfg.device), shared)
 
 
 def _finetune(cfg: FinetuneConfig, out: Path, shared: Handover | None = None) -> Path:
@@ -208,6 +159,6 @@ def _finetune(cfg: FinetuneConfig, out: Path, shared: Handover | None = None) ->
     if cfg.bf16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         log.warning("this CPU has no native bfloat16 arithmetic: --bf16 will train slower; pass --no-bf16")
     seed_everything(cfg.seed)
-    trainer = TRAINERS[cfg.recipe](cfg, device, shared)
+    trainer = RECIPES[cfg.recipe].trainer(cfg, device, shared)
     log.info("config: %s", json.dumps(cfg.identity()))
     return trainer.fit(ckpt)

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.embedding.cohort import Cohort
-from pipeline.finetune.ensemble import joined_embedding
+from pipeline.finetune.joined import joined_embedding
 from pipeline.finetune.loop import Trainer
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics
 

@@ -1,4 +1,4 @@
-"""The options of `finetune` and the recipes' presets, as data."""
+"""The options of `finetune`; a recipe (`pipeline.finetune.recipes.RECIPES`) fills those left unset."""
 
 from __future__ import annotations
 
@@ -8,57 +8,9 @@ from pathlib import Path
 from pipeline.embedding.embed import default_data_root
 from pipeline.errors import PipelineError
 from pipeline.faces import lfw
-from pipeline.nets import models
+from pipeline.finetune.recipes import RECIPES
+from pipeline.nets import layers, models
 
-RECIPES = ("study", "best")
-# The study's values (AlexNet and VGG-16); other models take AlexNet's.
-STUDY_PRESETS = {
-    "alexnet": dict(batch_size=22, lr=1e-4, momentum=0.9, phase1_epochs=5, phase2_epochs=15),
-    "vgg16": dict(batch_size=4, lr=1e-4, momentum=0.9, phase1_epochs=3, phase2_epochs=2),
-}
-STUDY_DEFAULTS = dict(
-    weight_decay=0.0,
-    cache_dtype="float32",
-    flip=False,
-    keep_best=False,
-    layer="output",
-    loss="study",
-    tta_flip=False,
-    lr_decay=1.0,
-    pool="avg",
-    bf16=False,
-    feature_shift=0,
-    singletons=False,
-    ema=0.0,
-    members=1,
-    cohort_top=0,
-)
-# The project's recipe, chosen by validation AUC on held-out training people (docs/finetuning.md).
-BEST_PRESET = dict(
-    batch_size=128,
-    lr=0.01,
-    momentum=0.9,
-    phase1_epochs=40,
-    phase2_epochs=0,
-    weight_decay=5e-4,
-    cache_dtype="float16",
-    flip=True,
-    keep_best=True,
-    layer="penultimate",
-    loss="pairs",
-    tta_flip=True,
-    lr_decay=1.0,
-    pool="learned",
-    bf16=True,
-    feature_shift=0,
-    singletons=False,
-    ema=0.0,
-    members=3,
-    cohort_top=100,
-)
-# Test-time scales `run` embeds each recipe's fine-tuned network with (`EmbedConfig.tta_resizes`); not part of
-# training (validation during training uses the one centre crop), chosen on validation (docs/finetuning.md).
-TTA_RESIZES = {"study": (), "best": (240, 272)}
 # Fields that may change between a run and its resumption.
 RUNTIME_FIELDS = ("out", "resume", "overwrite", "device", "workers")
 
@@ -82,7 +34,7 @@ class FinetuneConfig:
     weights: str = "imagenet"
     """Starting weights: imagenet | none | PATH (state_dict or checkpoint)."""
     recipe: str = "study"
-    """study (the study's method) | best (the project's recipe)."""
+    """A recipe of `pipeline.finetune.recipes.RECIPES`: study (the study's method) | best (the project's)."""
     phase1_epochs: int | None = None
     """Epochs with the frozen part frozen (study: classifier only; best: the last block)."""
     phase2_epochs: int | None = None
@@ -172,7 +124,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+            raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
         if self.model not in models.BACKBONES:
             raise ValueError(f"model must be one of {sorted(models.BACKBONES)}, got {self.model!r}")
         if self.image_set not in lfw.IMAGE_DIRS:
@@ -190,14 +142,15 @@ class FinetuneConfig:
             raise ValueError("max_pairs must be >= 2")
         if self.cache_dtype not in (None, "float32", "float16"):
             raise ValueError(f"cache_dtype must be float32 or float16, got {self.cache_dtype!r}")
-        if self.layer not in (None, *models.LAYERS):
-            raise ValueError(f"layer must be one of {models.LAYERS}")
+        if self.layer not in (None, *layers.LAYERS):
+            raise ValueError(f"layer must be one of {layers.LAYERS}")
         if not 0 <= self.val_fraction < 1 or self.val_images < 0:
             raise ValueError("val_fraction must be in [0, 1) and val_images >= 0")
         if self.eps <= 0 or self.clip_norm <= 0:
             raise ValueError("eps and clip_norm must be > 0")
-        if self.loss not in (None, "study", "pairs", "cosface"):
-            raise ValueError(f"loss must be pairs or cosface, got {self.loss!r}")
+        if self.loss not in (None, *RECIPES[self.recipe].losses):
+            losses = " or ".join(RECIPES[self.recipe].losses)
+            raise ValueError(f"the {self.recipe} recipe trains with loss {losses}, got {self.loss!r}")
         if self.pool not in (None, "avg", "learned"):
             raise ValueError(f"pool must be avg or learned, got {self.pool!r}")
         if self.lr_decay is not None and not 0 < self.lr_decay <= 1:
@@ -217,10 +170,7 @@ class FinetuneConfig:
 
     def resolved(self) -> FinetuneConfig:
         """The configuration with every `None` replaced by the recipe's preset for this model."""
-        if self.recipe == "study":
-            preset = {**STUDY_PRESETS.get(self.model, STUDY_PRESETS["alexnet"]), **STUDY_DEFAULTS}
-        else:
-            preset = BEST_PRESET
+        preset = RECIPES[self.recipe].values(self.model)
         return replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
 
     def identity(self) -> dict:

@@ -5,7 +5,7 @@ handed from one member to the next), then one checkpoint OUT that holds them all
 Member k is an ordinary `finetune` run (its own checkpoint OUT.member<k>.pt, log and figure; resumed or reused
 like any other) with seed `seed` + 1000 k, so that the members of runs with seeds 0, 1, 2 are all different
 networks. OUT holds member 0's weights as `model` and the others' as `members`; `embed --weights OUT` builds
-`features.Ensemble` from it: the shared frozen part runs once, and an image's embedding is the concatenation of
+`pipeline.nets.split.Ensemble` from it: the shared frozen part runs once, and an image's embedding is the concatenation of
 the members' unit-length embeddings (cosine similarity: the mean of the members'). The ensemble is validated the
 same way, and OUT's history holds each member's records (tagged "member": k) and the ensemble's."""
 
@@ -16,14 +16,14 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.nn import functional as F
 
 from pipeline.errors import PipelineError
 from pipeline.finetune.checkpoint import append_log, save_atomic, side_files, write_training_figure
+from pipeline.finetune.cohort import cohort_fields
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.features import Handover
+from pipeline.finetune.joined import joined_embedding
 from pipeline.finetune.loop import Trainer
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics
 
@@ -96,8 +96,6 @@ def train_ensemble(
         "complete": True,
     }
     if cfg.cohort_top:
-        from pipeline.finetune.cohort import cohort_fields  # (it builds on this module)
-
         ckpt.update(cohort_fields(trainer, states, cfg.cohort_top))
     save_atomic(ckpt, out)
     log.info("wrote %s (%d members)", out, len(states))
@@ -111,22 +109,3 @@ def ensemble_validation(trainer: Trainer, states: list[dict]) -> dict:
         return {"val_auc": None, TAR_KEY: None}
     m = all_pairs_metrics(joined_embedding(trainer, states), trainer.val_labels, "cosine")
     return {"val_auc": None if m is None else m["auc"], TAR_KEY: None if m is None else m["tar_at_far"]}
-
-
-@torch.no_grad()
-def joined_embedding(
-    trainer: Trainer, states: list[dict], rows: np.ndarray | None = None, cpu_bf16: bool = False
-) -> torch.Tensor:
-    """The embedding of bank rows `rows` (the validation images by default) by the members `states`, as
-    `features.Ensemble` under `embed` computes it: per orientation the concatenated unit-length embeddings of the
-    members, then (test-time flip) the mean of both orientations. One network's (one state) is its own
-    embedding, unit length per orientation. `cpu_bf16`: the networks run under bfloat16 autocast on the CPU."""
-    rows = torch.as_tensor(trainer.val_rows if rows is None else rows)
-    views: list[list[torch.Tensor]] = []  # [member][orientation]
-    for state in states:
-        trainer.model.load_state_dict(state)
-        trainer.cache = None  # the cached features of this member's frozen part (the last member's when the same)
-        trainer.prepare_phase(1)
-        views.append(trainer.embed_views(rows, cpu_bf16, batch=256 if cpu_bf16 else 64))
-    joined = [torch.cat([F.normalize(v[o], dim=1) for v in views], dim=1) for o in range(len(views[0]))]
-    return sum(joined) / len(joined)

@@ -1,6 +1,6 @@
 """The one training loop (`Trainer`): two phases of epochs, atomic checkpoints and resumption, signals,
 the NaN guard, validation after every epoch (AUC, TAR at FAR 1e-3) with its log and figure, and the best epoch
-kept. Recipes subclass it and answer a few hooks (`pipeline.finetune.hooks`, `pipeline.finetune.recipes`)."""
+kept. Recipes subclass it and answer a few hooks (`pipeline.finetune.hooks`; `pipeline.finetune.study`, `.best`)."""
 
 from __future__ import annotations
 
@@ -28,17 +28,11 @@ from pipeline.finetune.checkpoint import (
     write_training_figure,
 )
 from pipeline.finetune.config import FinetuneConfig, TrainingInterrupted
-from pipeline.finetune.features import (
-    Handover,
-    ImageBank,
-    cached_rows,
-    random_shift,
-    set_phase,
-    split_model,
-)
+from pipeline.finetune.features import Handover, ImageBank, cached_rows, random_shift, set_phase
 from pipeline.finetune.hooks import RecipeHooks
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics, validation_rows
-from pipeline.nets import models
+from pipeline.nets import layers, models
+from pipeline.nets.split import split_model
 from pipeline.runtime import autocast
 
 log = logging.getLogger(__name__)
@@ -60,12 +54,12 @@ class Trainer(RecipeHooks):
         """Decoded images and cached features, handed from one member of an ensemble to the next."""
         self.out = Path(cfg.out)
         self.log_path, self.best_path, self.figure_path = side_files(self.out)
-        # channels_last: two to three times faster convolutions on CPU (and on GPU with mixed precision)
+        # channels_last: faster convolutions than the default layout on CPU (and on GPU with mixed precision)
         model = models.build_model(cfg.model, cfg.weights)
-        if isinstance(model, models.EmbeddingNetwork):
+        if isinstance(model, layers.EmbeddingNetwork):
             raise PipelineError(f"{cfg.weights} is an ensemble (finetune --members): start from one member's file")
-        if cfg.pool == "learned" and not hasattr(model, models.POOL):
-            models.add_learned_pool(model, models.feature_side(model))
+        if cfg.pool == "learned" and not hasattr(model, layers.POOL):
+            layers.add_learned_pool(model, layers.feature_side(model))
         self.model = model.to(device, memory_format=torch.channels_last)
         self.frozen, self.tail = split_model(self.model, cfg.layer, cfg.train_blocks)
         self.metric = "l2" if cfg.layer == "output" else "cosine"
@@ -99,7 +93,7 @@ class Trainer(RecipeHooks):
     def sgd(self, *heads: nn.Module) -> torch.optim.SGD:
         """SGD over the model's parameters, and over each head's (a group of its own) when it has any. With
         `lr_decay` d, the k-th trained block below the last learns at d^k times the rate (`lr_scale`)."""
-        pool = getattr(self.model, models.POOL, None)  # a learned pooling learns at the full rate
+        pool = getattr(self.model, layers.POOL, None)  # a learned pooling learns at the full rate
         blocks = [m for m in self.tail.children() if m is not pool and any(True for _ in m.parameters())][::-1]
         decay = self.cfg.lr_decay or 1.0
         groups = [{"params": list(b.parameters()), "lr_scale": decay**k} for k, b in enumerate(blocks)]

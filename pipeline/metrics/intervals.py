@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from pipeline.metrics.curve import auc_and_bound, equal_error_rate, exact_counts
+
 ROUNDS = 1000
 GROUPS = 10
 COARSE = 1024
@@ -68,8 +70,6 @@ def percentile(samples: list[float]) -> list[float] | None:
 def bootstrap_listed(values: np.ndarray, positive: np.ndarray, metric: str, far_levels, seed: int = 0,
                      rounds: int = ROUNDS) -> dict:  # fmt: skip
     """Percentile bootstrap over the listed pairs: `auc_ci95`, `eer_ci95`, `tar_at_far_ci95`."""
-    from pipeline.metrics.roc import equal_error_rate, exact_counts
-
     rng = np.random.default_rng(seed)
     n = len(values)
     aucs, eers, tars = [], [], {f"{f:g}": [] for f in far_levels}
@@ -97,15 +97,13 @@ def jackknife_all_pairs(acc, metrics: dict) -> dict:
     """Delete-a-group jackknife intervals of an all-pairs result (`HistogramROC` with group counts and a tail):
     AUC and EER from the coarse counts of the pairs that do not touch the group, TAR at FAR from the exact tail
     (a level is left out where a replicate's tail does not reach it)."""
-    from pipeline.metrics.roc import _auc, equal_error_rate
-
     all_c, pos_c = (c.reshape(GROUPS * GROUPS, COARSE).astype(np.float64) for c in acc.groups[:2])  # exact
     group_rows = np.asarray(acc.groups[2], dtype=np.int64)
     a, b = np.divmod(np.arange(GROUPS * GROUPS), GROUPS)
     keeps = np.array([(a != g) & (b != g) for g in range(GROUPS)])  # [G, pairs of groups]
     pos_g, neg_g = keeps @ pos_c, keeps @ (all_c - pos_c)  # [G, COARSE]: the pairs not touching group g
-    if acc.binning.metric != "l2":  # most similar first
-        pos_g, neg_g = pos_g[:, ::-1], neg_g[:, ::-1]
+    m = acc.binning.metric
+    pos_g, neg_g = m.most_similar_first(pos_g), m.most_similar_first(neg_g)
     tail = acc.tail
     complete = tail is not None and len(tail.neg) >= metrics["n_negative"]
     aucs, eers, tars = [], [], {k: [] for k in metrics["tar_at_far"]}
@@ -114,7 +112,7 @@ def jackknife_all_pairs(acc, metrics: dict) -> dict:
         p, q = int(round(pos.sum())), int(round(neg.sum()))  # exact counts of the pairs without group g
         if p == 0 or q == 0:
             continue
-        aucs.append(_auc(pos, neg)[0])
+        aucs.append(auc_and_bound(pos, neg)[0])
         eers.append(equal_error_rate(np.r_[0.0, np.cumsum(neg) / q], np.r_[0.0, np.cumsum(pos) / p]))
         if tail is not None:
             for k, tar in zip(tars, tail.tar_without([float(k) for k in tars], keeps[g], q, p, complete), strict=True):

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from pipeline.metrics.roc import Binning
+from pipeline.metrics.binning import Binning, Metric, as_metric
 
 TAIL_MAX = 1 << 20  # at most this many negatives (4 MB per thread): FAR up to 1e-3 exact below 5 x 10^8 pairs
 TAIL_FAR = 2e-3  # the tail aims to make every FAR level up to 1e-3 exact, in every jackknife replicate too
@@ -35,11 +33,12 @@ def start_rank(k: int, n_pairs: int, sample_pairs: int) -> int:
     return int(math.ceil(3 * k / max(1, n_pairs) * sample_pairs)) + 10
 
 
-def start_bound(near: float, lo: float, hi: float, bins: int, metric: str) -> float:
-    """The tail's first bound, in bin coordinates, from the sample's value `near` (no bound when unknown)."""
-    if not math.isfinite(near):
-        return math.inf if metric == "l2" else -math.inf
-    return float(np.float32((near - lo) * bins / (hi - lo)))
+def start_bound(binning: Binning) -> float:
+    """The tail's first bound, in bin coordinates, from the sample's value `binning.near` (no bound when
+    unknown)."""
+    if not math.isfinite(binning.near):
+        return binning.metric.unbounded
+    return float(np.float32(binning.coordinate(binning.near)))
 
 
 def tail_size(n_pairs: int, n_positive: int) -> int:
@@ -48,10 +47,10 @@ def tail_size(n_pairs: int, n_positive: int) -> int:
     return int(min(TAIL_MAX, max(1, math.floor(TAIL_FAR * n_neg) + 1)))
 
 
-def _key(values: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
+def _key(values: np.ndarray, ids: np.ndarray, metric: Metric) -> np.ndarray:
     """uint64 keys ordering (value, id) most similar first: the float32 bits made order-preserving, then the id."""
     v = np.asarray(values, dtype=np.float32)
-    u = (v if metric == "l2" else -v).view(np.uint32).astype(np.uint64)
+    u = metric.key(v).view(np.uint32).astype(np.uint64)
     u = np.where(u & 0x80000000, ~u & 0xFFFFFFFF, u | 0x80000000)
     return (u << np.uint64(16)) | ids.astype(np.uint16).astype(np.uint64)
 
@@ -62,17 +61,17 @@ class Tail:
     jackknife of `pipeline.metrics.intervals`). Feed it blocks in any order and grouping (`add`), combine tails (`merge`)."""
 
     def __init__(self, k: int, metric: str, bound: float | None = None):
-        self.k, self.metric = k, metric
+        self.k, self.metric = k, as_metric(metric)
         self.neg, self.pos = np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
         self.neg_ids, self.pos_ids = np.zeros(0, dtype=np.int16), np.zeros(0, dtype=np.int16)
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self._held = 0
         # the K-th most similar seen so far; at first the sample's estimate of a value about 3 K pairs pass
-        self.bound = np.float32((np.inf if metric == "l2" else -np.inf) if bound is None else bound)
+        self.bound = np.float32(self.metric.unbounded if bound is None else bound)
 
     def candidates(self, values: np.ndarray) -> np.ndarray:
         """Mask of `values` at least as similar as the current bound (only these can enter the tail)."""
-        return values <= self.bound if self.metric == "l2" else values >= self.bound
+        return self.metric.at_least_as_similar(values, self.bound)
 
     def add(self, neg: np.ndarray, pos: np.ndarray, neg_ids: np.ndarray | None = None,
             pos_ids: np.ndarray | None = None) -> None:  # fmt: skip
@@ -97,7 +96,7 @@ class Tail:
             keep = self._k_most_similar(neg, neg_ids)
             neg, neg_ids = neg[keep], neg_ids[keep]
         if len(neg) >= self.k:  # a full tail: nothing less similar than its last value can matter
-            self.bound = neg.max() if self.metric == "l2" else neg.min()
+            self.bound = self.metric.least_similar(neg)
             keep = self.candidates(pos)
             pos, pos_ids = pos[keep], pos_ids[keep]
         self.neg, self.neg_ids, self.pos, self.pos_ids, self._held = neg, neg_ids, pos, pos_ids, len(neg)
@@ -105,7 +104,7 @@ class Tail:
     def _k_most_similar(self, neg: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Indices of the K most similar values; ties at the K-th value go by id (then position), so every path
         keeps the same pairs."""
-        key = neg if self.metric == "l2" else -neg
+        key = self.metric.key(neg)
         edge = np.partition(key, self.k - 1)[self.k - 1]
         inside = np.flatnonzero(key < edge)
         tied = np.flatnonzero(key == edge)
@@ -141,7 +140,7 @@ class Tail:
                 out.append(1.0 if complete and n_positive else None)
                 continue
             edge = self.neg[neg_at[m]]
-            j = np.searchsorted(self.pos, edge) if self.metric == "l2" else np.searchsorted(-self.pos, -edge)
+            j = np.searchsorted(self.metric.key(self.pos), self.metric.key(edge))
             out.append(int(pos_cum[j]) / n_positive)  # positives strictly more similar than the edge
         return out
 
@@ -155,7 +154,7 @@ class Tail:
         if m >= len(self.neg):
             return 1.0 if complete else None  # every negative held: all of them accepted
         edge = self.neg[m]  # the (m+1)-th most similar negative: rejected, with all tied to it
-        above = np.count_nonzero(self.pos < edge) if self.metric == "l2" else np.count_nonzero(self.pos > edge)
+        above = np.count_nonzero(self.metric.more_similar(self.pos, edge))
         return above / n_positive
 
     def exact_far(self, n_negative: int) -> float:
@@ -197,7 +196,7 @@ class ExactTies:
     identical rows, is that pair's. Applied to the tail's values only (the bins see the products' values), so TAR
     at low FAR treats duplicate images as the exact ties they are."""
 
-    def __init__(self, dups: np.ndarray | None, zero: float, metric: str, offsets: np.ndarray | None = None,
+    def __init__(self, dups: np.ndarray | None, zero: float, metric: Metric, offsets: np.ndarray | None = None,
                  scale: float = 0.0):  # fmt: skip
         self.dups, self.zero, self.metric = dups, np.float32(zero), metric
         self.zero64, self.scale = float(zero), float(scale)
@@ -211,7 +210,7 @@ class ExactTies:
 
     def __call__(self, values: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         bound = self.bound(rows, cols)
-        v = np.maximum(values, bound) if self.metric == "l2" else np.minimum(values, bound)
+        v = self.metric.capped(values, bound)
         if self.dups is not None and len(v):
             d = self.dups[rows]
             twins = (d >= 0) & (d == self.dups[cols])
@@ -219,12 +218,8 @@ class ExactTies:
         return v
 
 
-def zero_coordinate(lo: float, hi: float, bins: int, metric: str) -> float:
-    """The bin coordinate of the most similar possible pair: squared distance 0 (l2), cosine 1."""
-    return ((0.0 if metric == "l2" else 1.0) - lo) * bins / (hi - lo)
-
-
 def exact_ties(binning: Binning, dups: np.ndarray | None = None, offsets: np.ndarray | None = None) -> ExactTies:
-    """`ExactTies` for `binning`, the duplicate ids of the (sorted) rows and their score offsets."""
+    """`ExactTies` for `binning`, the duplicate ids of the (sorted) rows and their score offsets: the most
+    similar possible pair (squared distance 0, cosine 1) at its bin coordinate."""
     b = binning
-    return ExactTies(dups, zero_coordinate(b.lo, b.hi, b.bins, b.metric), b.metric, offsets, b.bins / (b.hi - b.lo))
+    return ExactTies(dups, b.coordinate(b.metric.identical), b.metric, offsets, b.scale)

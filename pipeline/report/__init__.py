@@ -1,1 +1,2 @@
-"""Results folders (`results`, one writer), figures (`figures`), the study's tables and `report` (`tables`), the HTML page (`html`)."""
+"""Results folders (`results`, one writer), a result read back and named (`read`), figures (`figures`), the
+study's tables and the `report` command (`tables`), the HTML page (`html`)."""

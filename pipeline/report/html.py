@@ -15,6 +15,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 from pipeline.metrics.roc import HistogramROC
 from pipeline.report import figures
+from pipeline.report.read import protocol_name, read_result, study_cells, title_of
 from pipeline.report.results import FIGURE_FILES
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,16 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
 h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; } h3 { margin-bottom: 0.3em; }
 table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f2f2f2; }
-.ci { color: #666; font-size: 0.85em; white-space: nowrap; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.45em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; font-weight: 600; }
+.ci { display: block; color: #666; font-size: 0.85em; }
+code, pre, .wrap td { overflow-wrap: anywhere; } pre { white-space: pre-wrap; }
 .figs { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; }
 figure img { max-width: 560px; width: 100%; border: 1px solid #eee; } figcaption { font-size: 0.85em; color: #555; }
 code { font-size: 0.9em; } .note { color: #666; font-size: 0.9em; }
 """
+"""Fits a 1,280-pixel window (tests/test_report.py checks it in chromium): headers wrap, intervals take a second
+line in their cell and may break at the comma, paths and provenance values break anywhere."""
 
 
 def esc(value) -> str:
@@ -63,12 +67,14 @@ def figure(png: bytes, caption: str) -> str:
     return f"<figure>{img(png, caption)}<figcaption>{esc(caption)}</figcaption></figure>"
 
 
-def table(header: list[str], rows: list[list[str]], raw: bool = False) -> str:
-    """An HTML table; cells are escaped unless `raw` (already HTML)."""
+def table(header: list[str], rows: list[list[str]], raw: bool = False, css_class: str = "") -> str:
+    """An HTML table; cells are escaped unless `raw` (already HTML); `css_class` "wrap" lets cells break long
+    words anywhere (paths, hashes), so the table fits the window."""
     cell = (lambda c: c) if raw else esc
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    opening = f'<table class="{esc(css_class)}">' if css_class else "<table>"
+    return f"{opening}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -83,8 +89,6 @@ def render(draw, *args) -> bytes:
 def result_figures(folder: Path, metrics: dict) -> list[tuple[str, bytes]]:
     """(caption, PNG) of each figure of a results folder: the folder's own file, or, for a folder written before
     that figure existed, one drawn now from its roc.csv and histogram.npz."""
-    from pipeline.report.tables import read_result, title_of
-
     out, acc = [], None
     for name in FIGURE_FILES:
         caption = FIGURE_CAPTIONS[name]
@@ -196,7 +200,7 @@ def provenance(folder: Path, m: dict) -> str:
         rows.append(["libraries (embedding)", versions])
     everything = json.dumps(attrs, indent=1, sort_keys=True, default=str)
     details = f"<details><summary>all store attributes</summary><pre>{esc(everything)}</pre></details>"
-    return table(["", ""], rows) + details
+    return table(["", ""], rows, css_class="wrap") + details
 
 
 # ---------------------------------------------------------------------------------------------------- page
@@ -204,8 +208,6 @@ def provenance(folder: Path, m: dict) -> str:
 
 def page(folders: list[Path], results: list[dict], roc_png: bytes, training: list[tuple[str, bytes]]) -> str:
     """The HTML text of the report."""
-    from pipeline.report.tables import protocol_name, study_cells, title_of
-
     header, body = study_cells(results)
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     parts = [

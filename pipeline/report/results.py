@@ -17,6 +17,8 @@ import numpy as np
 from pipeline import outputs
 from pipeline.errors import PipelineError
 from pipeline.metrics.roc import HistogramROC, thin_roc
+from pipeline.report import figures
+from pipeline.report.read import title_of
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +152,6 @@ def write_results(
 ) -> Path:
     """The full results folder: metrics.json, roc.csv, histogram.npz, the figures roc.png, det.png (FNMR over
     FMR) and scores.png (the two score distributions), and part.json for merged parts."""
-    from pipeline.report import figures
-    from pipeline.report.tables import title_of
-
     fpr, tpr, thr = roc["fpr"], roc["tpr"], roc["threshold"]
     keep = thin_roc(fpr, tpr)
     scale = metrics.get("max_distance") or float("nan")

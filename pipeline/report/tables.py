@@ -9,18 +9,14 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from pipeline import outputs
 from pipeline.errors import PipelineError
 from pipeline.report import figures
-from pipeline.report.figures import draw_roc  # noqa: F401 (the ROC figure's old home)
+from pipeline.report.html import GENERATOR, write_page
+from pipeline.report.read import VARIANTS, protocol_name, read_result, study_cells, title_of
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_NAMES = {"pairs": "LFWPairs", "people": "LFWPeople", "10fold": "LFW View 2", "folder": "folder (all pairs)",
-                  "pairs-file": "folder (listed pairs)", "bin": ".bin pairs"}  # fmt: skip
-VARIANTS = ("pretrained", "finetuned")
 REPORT_FILES = ("table.md", "roc.png")
 """What every report writes."""
 TRAINING_FILE = "training.png"
@@ -29,62 +25,6 @@ HTML_FILE = "report.html"
 """Written with `html`."""
 RUN_RESULTS = tuple(f"{v}-{p}" for p in ("pairs", "people") for v in VARIANTS)
 """The results folders of a `run` folder (OUT/results/NAME), in table order."""
-
-
-def protocol_name(metrics: dict) -> str:
-    p = str(metrics.get("protocol") or "")
-    return PROTOCOL_NAMES.get(p, p or metrics.get("mode", "pairs"))
-
-
-def title_of(metrics: dict) -> str:
-    label = str(metrics.get("label") or metrics.get("model") or "embeddings")
-    parts = [label]
-    if metrics.get("variant") and metrics["variant"].replace("finetuned", "fine-tuned") not in label:
-        parts.append(f"({'fine-tuned' if metrics['variant'] == 'finetuned' else metrics['variant']})")
-    parts.append(f"- {protocol_name(metrics)}")
-    if metrics.get("image_set"):
-        parts.append(f"[{metrics['image_set']}]")
-    return " ".join(parts)
-
-
-def read_result(folder: Path) -> tuple[dict, np.ndarray, np.ndarray]:
-    """(metrics, fpr, tpr) of a results folder."""
-    folder = Path(folder)
-    mpath, rpath = folder / "metrics.json", folder / "roc.csv"
-    if not mpath.is_file() or not rpath.is_file():
-        raise PipelineError(f"{folder} is not a results folder of `score` (no metrics.json / roc.csv)")
-    metrics = json.loads(mpath.read_text())
-    data = np.loadtxt(rpath, delimiter=",", skiprows=1, ndmin=2)
-    return metrics, data[:, 0], data[:, 1]
-
-
-def study_cells(results: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """The study's layout: header and rows (one per model; per protocol pretrained / fine-tuned / improvement)."""
-    protocols: list[str] = []
-    rows: dict[str, dict[tuple[str, str], float]] = {}
-    for m in results:
-        proto = protocol_name(m)
-        if proto not in protocols:
-            protocols.append(proto)
-        row = str(m.get("model") or m.get("label") or "?")
-        if m.get("image_set"):
-            row += f" ({m['image_set']})"
-        cell = (proto, m.get("variant") or "pretrained")
-        if cell in rows.setdefault(row, {}):
-            log.warning("two results for %s %s %s: keeping the later one", row, *cell)
-        rows[row][cell] = float(m["auc"])
-    header = ["model"]
-    for p in protocols:
-        header += [f"{p} pretrained", f"{p} fine-tuned", f"{p} improvement"]
-    body = []
-    for row, cells in rows.items():
-        vals = [row]
-        for p in protocols:
-            pre, fine = cells.get((p, "pretrained")), cells.get((p, "finetuned"))
-            vals += [f"{pre:.4f}" if pre is not None else "-", f"{fine:.4f}" if fine is not None else "-"]
-            vals.append(f"{fine - pre:+.4f}" if pre is not None and fine is not None else "-")
-        body.append(vals)
-    return header, body
 
 
 def study_table(results: list[dict]) -> str:
@@ -105,8 +45,6 @@ def recognise_report_file(path: Path) -> str | None:
     if path.suffix == ".md":
         return None if head.startswith(b"| model |") else "it is not a table written by report"
     if path.suffix == ".html":
-        from pipeline.report.html import GENERATOR
-
         return None if GENERATOR.encode() in head else "it is not a page written by report"
     if path.name == TRAINING_FILE:
         return figures.recognise_figure(path, "training")
@@ -227,12 +165,10 @@ def report(
         for name in names[1:]:
             outputs.recover_leftovers(out / name, ())  # temporaries of killed runs
         outputs.replace_file(lambda p: p.write_text(table), out / "table.md")
-        outputs.replace_file(lambda p: draw_roc(curves, p, title, log_fpr), out / "roc.png")
+        outputs.replace_file(lambda p: figures.draw_roc(curves, p, title, log_fpr), out / "roc.png")
         if TRAINING_FILE in names:
             outputs.replace_file(lambda p: p.write_bytes(found[0][1]), out / TRAINING_FILE)
         if html:
-            from pipeline.report.html import write_page
-
             roc_png = (out / "roc.png").read_bytes()
             outputs.replace_file(lambda p: write_page(p, result_dirs, results, roc_png, found), out / HTML_FILE)
     log.info("wrote %s", ", ".join(str(out / n) for n in names))

@@ -1,12 +1,21 @@
-"""metrics.json of a scored store, assembled in one place for every path (in memory, torchrun ranks, listed
-pairs, `--rows` parts and their `merge`), so that every all-pairs path writes the same keys."""
+"""metrics.json and part.json of a scored store, assembled in one place for every path (in memory, torchrun
+ranks, listed pairs, `--rows` parts and their `merge`), so that every all-pairs path writes the same keys."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from pipeline.metrics.binning import Binning
 from pipeline.metrics.roc import HistogramROC
-from pipeline.report.results import describe
+from pipeline.report.results import describe, json_attrs
+
+if TYPE_CHECKING:
+    from pipeline.scoring.config import ScoreConfig
+    from pipeline.scoring.definition import ScoreDefinition
+    from pipeline.store.layout import Store
 
 
 def edge_bin_fraction(acc: HistogramROC, n_pairs: int) -> float:
@@ -38,3 +47,68 @@ def assemble_metrics(metrics: dict, extra: dict, *, metric: str, score_norm: str
         config={k: str(v) if isinstance(v, Path) else v for k, v in config.items()},
     )
     return metrics
+
+
+def all_pairs_fields(acc: HistogramROC, n_pairs: int, pair: list[int], bin_lo: float, bin_hi: float,
+                     n_tiles: int | None, backend: str, parts: int, seconds_prepare: float,
+                     seconds_tiles: float) -> dict:  # fmt: skip
+    """The fields every all-pairs result adds to its metrics (`assemble_metrics`'s `extra`): how it was scored,
+    the least similar pair (store rows), the bins and the timings."""
+    return {
+        "backend": backend,
+        "max_distance_pair": list(pair),
+        "bin_lo": bin_lo,
+        "bin_hi": bin_hi,
+        "n_tiles": n_tiles,
+        "edge_bin_fraction": edge_bin_fraction(acc, n_pairs),
+        "parts": parts,
+        "seconds_prepare": seconds_prepare,
+        "seconds_tiles": seconds_tiles,
+    }
+
+
+def part_info(store: Store, cfg: ScoreConfig, score: ScoreDefinition, binning: Binning, rows: tuple[int, int],
+              acc: HistogramROC, n_pairs: int, extreme: tuple, n_tiles: int, leaf: int) -> dict:  # fmt: skip
+    """part.json of a `--rows` part: what `merge` checks and adds (its place, bins, settings and store identity,
+    its pairs and its extreme pair `(value, tile, i, j)`); the timings are added by the caller."""
+    return {
+        "rows": list(rows),
+        "store": str(Path(cfg.store).resolve()),
+        "store_n": store.n,
+        "store_dim": store.dim,
+        "store_size": os.path.getsize(cfg.store),
+        "metric": cfg.metric,
+        "score_norm": score.norm,
+        "bins": cfg.bins,
+        "bin_lo": binning.lo,
+        "bin_hi": binning.hi,
+        "block": cfg.block,
+        "leaf": leaf,
+        "seed": cfg.seed,
+        "sample_pairs": cfg.sample_pairs,
+        "n_pairs": n_pairs,
+        "n_positive": acc.n_positive,
+        "extreme": list(extreme),
+        "max_distance": acc.max_distance,
+        "n_tiles": n_tiles,
+        "label": cfg.label,
+        "variant": cfg.variant,
+        "provenance": json_attrs(store.attrs),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+    }
+
+
+def full_metrics(info: dict, acc: HistogramROC) -> dict:
+    """metrics.json of parts that cover every row (their merged part.json `info`), with the keys `score`
+    writes."""
+    metrics = acc.compute()
+    extra = all_pairs_fields(acc, metrics["n_pairs"], info["extreme"][2:], info["bin_lo"], info["bin_hi"],
+                             info.get("n_tiles"), "numpy-out-of-core", info["parts"], info["seconds_prepare"],
+                             info["seconds_tiles"])  # fmt: skip  # n_tiles None: parts of an older version
+    config = dict(
+        info.get("config", {}), rows=info["ranges"] if info["parts"] > 1 else info.get("config", {}).get("rows")
+    )
+    return assemble_metrics(metrics, extra, metric=info["metric"], score_norm=info.get("score_norm"),
+                            bins=info["bins"], device="cpu", seconds=info["seconds"], mode="all-pairs", world_size=1,
+                            attrs=info.get("provenance", {}), store=info["store"], label=info.get("label"),
+                            variant=info.get("variant"), config=config)  # fmt: skip

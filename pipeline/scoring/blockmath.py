@@ -8,14 +8,15 @@ histograms would not add up exactly. Three rules make it so:
    whose borders are multiples of the side in the whole plan (tile borders and diagonal splits fall on them;
    a `--rows` span multiplies the whole blocks it touches), run in parallel by a pool of threads. An entry then
    always comes from a call of the same shape at the same place, whatever the thread count or the path.
-2. Rows are transformed block by block by `augment` (contiguous float32 copies, per-row float64 norms), so a
-   row's transformed values do not depend on which block it came in.
+2. Rows are transformed block by block by `ScoreDefinition.augment` (`pipeline.scoring.definition`: float32
+   rows, per-row float64 norms), so a row's transformed values do not depend on which block it came in.
 3. The centring mean is summed in fixed blocks of `STAT_ROWS` store rows (`blocked_mean`), the same blocks
    whether the rows are in memory or streamed from the store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -23,10 +24,13 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.random import default_rng  # imported with the module, not at the first call (NumPy loads it lazily)
 from threadpoolctl import ThreadpoolController
+
+from pipeline.metrics.binning import Metric
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +48,43 @@ def chunk_side(block: int) -> int:
 
 
 @functools.cache
-def _blas_workers() -> ThreadPoolExecutor | None:
-    """Threads for the canonical products: as many as NumPy's BLAS would use (1 under torchrun's default
-    OMP_NUM_THREADS=1), each calling the BLAS single-threaded from now on."""
-    blas = ThreadpoolController().select(user_api="blas")  # one scan of the loaded libraries
+def _blas() -> tuple[Any, int, ThreadPoolExecutor | None]:
+    """NumPy's BLAS libraries (one scan of the loaded libraries), the threads they use at the first call (1 under
+    torchrun's default OMP_NUM_THREADS=1), and a pool of as many product threads (None for one)."""
+    blas = ThreadpoolController().select(user_api="blas")
     n = max((i["num_threads"] for i in blas.info()), default=1)
-    _blas_workers.limit = blas.limit(limits=1)  # kept: single-threaded BLAS from here on
-    _blas_workers.threads = n
-    return ThreadPoolExecutor(n, thread_name_prefix="blas") if n > 1 else None
+    return blas, n, ThreadPoolExecutor(n, thread_name_prefix="blas") if n > 1 else None
+
+
+_blas_scope = threading.Lock()
+_blas_depth = [0, None]  # scopes entered, the limiter of the outermost
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """NumPy's BLAS limited to one thread inside (the product threads each call it single-threaded: an entry's
+    bits then do not depend on the thread count), the limits before restored when the outermost scope ends.
+    Nested and concurrent scopes share one limit."""
+    blas = _blas()[0]
+    with _blas_scope:
+        if _blas_depth[0] == 0:
+            _blas_depth[1] = blas.limit(limits=1)
+        _blas_depth[0] += 1
+    try:
+        yield
+    finally:
+        with _blas_scope:
+            _blas_depth[0] -= 1
+            if _blas_depth[0] == 0:
+                _blas_depth[1].restore_original_limits()
+                _blas_depth[1] = None
 
 
 def in_row_pieces(fn: Callable[[int, int], object], n: int) -> None:
     """`fn(a, b)` on consecutive row ranges covering [0, n), one per product thread, run by them (row-wise NumPy
     work releases the GIL); in this thread when there is one."""
-    pool = _blas_workers()
-    k = 1 if pool is None or n < 2 * SMALL_SIDE else _blas_workers.threads
+    _, threads, pool = _blas()
+    k = 1 if pool is None or n < 2 * SMALL_SIDE else threads
     cuts = [n * i // k for i in range(k + 1)]
     if k == 1:
         fn(0, n)
@@ -104,8 +130,9 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, side: int
     out (their part of `out` is not written). With `on_block`, each block is computed into a reused block of its
     thread instead (still in cache) and handed to `on_block` there; `out` is not used and None is returned.
     With `on_block` and `pending` too, the blocks are queued on the pool and their futures appended to `pending`
-    instead of awaited (the caller waits for them, `wait_all`): a thread that finishes one tile's last block
-    goes on with the next tile's instead of waiting for the other threads."""
+    instead of awaited (the caller waits for them, `wait_all`, inside its own `single_threaded_blas` scope): a
+    thread that finishes one tile's last block goes on with the next tile's instead of waiting for the other
+    threads."""
     jobs = [(i, j) for i in block_spans(a.shape[0], side) for j in block_spans(b.shape[0], side)
             if below is None or below + i[0] < j[1]]  # fmt: skip
     k = a.shape[1]
@@ -125,14 +152,15 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, side: int
         if on_block is not None:
             on_block(i0, i1, j0, j1, o)
 
-    pool = _blas_workers()
-    if pool is not None and pending is not None and on_block is not None:
-        pending.extend(pool.submit(one, ij) for ij in jobs)
-    elif pool is None or len(jobs) == 1:
-        for ij in jobs:
-            one(ij)
-    else:
-        list(pool.map(one, jobs))
+    pool = _blas()[2]
+    with single_threaded_blas():
+        if pool is not None and pending is not None and on_block is not None:
+            pending.extend(pool.submit(one, ij) for ij in jobs)
+        elif pool is None or len(jobs) == 1:
+            for ij in jobs:
+                one(ij)
+        else:
+            list(pool.map(one, jobs))
     return out if on_block is None else None
 
 
@@ -210,44 +238,6 @@ def blocked_mean(blocks: Iterator[np.ndarray], n: int) -> np.ndarray:
     return (total / n).astype(np.float32)
 
 
-def operand_width(d: int, metric: str, offsets: bool = False) -> int:
-    """Columns of the tile operands (`augment`): D+2 for l2 and for cosine with score offsets, D+1 for cosine."""
-    return d + 2 if metric == "l2" or offsets else d + 1
-
-
-def augment(x: np.ndarray, mean: np.ndarray | None, metric: str, left: np.ndarray, right: np.ndarray,
-            offsets: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-    """Rows `x` (float32) into `left`/`right` (views of the tile operands, [m, `operand_width`]), so that
-    `left_i . right_j` is the value of the pair: l2 `[x-mean, |x-mean|^2, 1]` and `[-2(x-mean), 1, |x-mean|^2]`
-    (squared distance); cosine `[x/|x|, 1]` and `[x/|x|, 0]`, or with the rows' score `offsets` o
-    `[x/|x|, -o, 1]` and `[x/|x|, 1, -o]` (cos - o_i - o_j). The last column of `left` is always its ones.
-    Returns the per-row float64 squared norms (of the centred rows, l2; of the raw rows, cosine).
-    The rows are transformed in place in `left`'s first D columns (`x` may be those columns already): no copy,
-    whose fresh memory would cost page faults; the arithmetic is the same for strided and contiguous rows."""
-    d = x.shape[1]
-    xc = left[:, :d]
-    if not np.may_share_memory(x, xc):
-        xc[...] = x  # float16 rows are widened here
-    if metric == "l2":
-        xc -= mean
-        sq = np.einsum("ij,ij->i", xc, xc, dtype=np.float64)
-        left[:, d], left[:, d + 1] = sq, 1.0
-        np.multiply(xc, np.float32(-2.0), out=right[:, :d])
-        right[:, d], right[:, d + 1] = 1.0, sq
-        return sq
-    sq = np.einsum("ij,ij->i", xc, xc, dtype=np.float64)
-    if (sq > 0).all():
-        xc /= np.sqrt(sq)[:, None].astype(np.float32)
-    right[:, :d] = xc
-    if offsets is None:
-        left[:, d], right[:, d] = 1.0, 0.0
-    else:
-        np.negative(offsets, out=left[:, d])
-        left[:, d + 1], right[:, d] = 1.0, 1.0
-        np.negative(offsets, out=right[:, d + 1])
-    return sq
-
-
 def scale_right(right: np.ndarray, lo: float, hi: float, bins: int) -> None:
     """Make `left @ right.T` the bin coordinate `(value - lo) * bins / (hi - lo)` (in place)."""
     s = bins / (hi - lo)
@@ -256,24 +246,15 @@ def scale_right(right: np.ndarray, lo: float, hi: float, bins: int) -> None:
     right[:, ones] -= np.float32(s * lo)
 
 
-def pair_distance(a: np.ndarray, b: np.ndarray, metric: str, offsets: tuple[float, float] = (0.0, 0.0)) -> float:
-    """Distance of two stored rows in float64: Euclidean, or 1 - value (value = cosine minus the rows' score
-    `offsets`)."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    if metric == "l2":
-        return float(np.sqrt(((a - b) ** 2).sum()))
-    return float(1.0 - (a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) - float(offsets[0]) - float(offsets[1])))
-
-
-def better_extreme(a: tuple, b: tuple, metric: str) -> tuple:
+def better_extreme(a: tuple, b: tuple, metric: Metric) -> tuple:
     """Of two (value, tile, i, j) candidates for the extreme pair, the one a single pass in plan order keeps:
-    the larger squared distance (l2) or smaller cosine (cosine), ties to the earlier (tile, i, j)."""
+    the less similar (larger squared distance, smaller cosine), ties to the earlier (tile, i, j)."""
     if not np.isfinite(a[0]):
         return b
     if not np.isfinite(b[0]):
         return a
     if a[0] != b[0]:
-        return a if (a[0] > b[0]) == (metric == "l2") else b
+        return b if metric.more_similar(a[0], b[0]) else a
     return min(a, b, key=lambda c: c[1:])
 
 
@@ -287,33 +268,37 @@ def sample_rows(n: int, seed: int, sample_pairs: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=min(n, max(SAMPLE_MIN_ROWS, sample_pairs // n)), replace=False))
 
 
+def products(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """`left @ right.T` as a new float32 array, by `fixed_matmul`."""
+    v = np.empty((len(left), len(right)), dtype=np.float32)
+    fixed_matmul(left, right, v)
+    return v
+
+
 class SampleRange:
     """The 10th smallest and largest value of the sample rows against every other row, and its `keep`-th
-    smallest and largest (where the exact tail starts, `pipeline.metrics.tail.start_rank`), fed column block by column
-    block (`add`) in any grouping: only the `keep` extremes of each side are kept."""
+    smallest and largest (where the exact tail starts, `pipeline.metrics.tail.start_rank`), fed column block by
+    column block (`add`) in any grouping: only the `keep` extremes of each side are kept."""
 
     def __init__(self, rows: np.ndarray, n: int, keep: int = 0):
         self.rows, self.n, self.keep = rows, n, max(SAMPLE_RANK + 1, keep)
         self.low: list[np.ndarray] = []
         self.high: list[np.ndarray] = []
 
-    def add(self, left_rows: np.ndarray, right_cols: np.ndarray, c0: int) -> None:
-        """`left_rows`: the sample's left operands; `right_cols`: right operands of columns c0.. ."""
-        for s in range(0, len(right_cols), SAMPLE_COLS):
-            blk = right_cols[s : s + SAMPLE_COLS]
-            v = np.empty((len(left_rows), len(blk)), dtype=np.float32)
-            fixed_matmul(left_rows, blk, v)
-            own = np.flatnonzero((self.rows >= c0 + s) & (self.rows < c0 + s + len(blk)))
-            v[own, self.rows[own] - c0 - s] = np.nan  # a row with itself is no pair
-            flat = v[~np.isnan(v)]
-            self.low, self.high = (
-                [_smallest(np.concatenate([*self.low, flat]), self.keep)],
-                [-_smallest(-np.concatenate([*self.high, flat]), self.keep)],
-            )
+    def add(self, v: np.ndarray, c0: int) -> None:
+        """`v`: the sample rows' values against columns c0.. (float32, changed here)."""
+        own = np.flatnonzero((self.rows >= c0) & (self.rows < c0 + v.shape[1]))
+        v[own, self.rows[own] - c0] = np.nan  # a row with itself is no pair
+        flat = v[~np.isnan(v)]
+        self.low, self.high = (
+            [_smallest(np.concatenate([*self.low, flat]), self.keep)],
+            [-_smallest(-np.concatenate([*self.high, flat]), self.keep)],
+        )
 
-    def near(self, metric: str) -> float:
+    def near(self, metric: Metric) -> float:
         """The `keep`-th most similar sample value (l2: smallest; cosine: largest)."""
-        side = np.sort(self.low[0]) if metric == "l2" else -np.sort(-self.high[0])
+        kept = self.low[0] if metric.low_is_similar else self.high[0]
+        side = metric.key(np.sort(metric.key(kept)))  # most similar first
         return float(side[min(self.keep, len(side)) - 1]) if len(side) else math.nan
 
     def extremes(self) -> tuple[float, float]:
@@ -328,21 +313,3 @@ def _smallest(values: np.ndarray, k: int) -> np.ndarray:
     if len(values) <= k:
         return values.copy()
     return np.partition(values, k - 1)[:k].copy()
-
-
-def bin_range(vmin: float, vmax: float, metric: str, max_norm: float,
-              offsets: tuple[float, float] | None = None) -> tuple[float, float]:  # fmt: skip
-    """[lo, hi] of the bins: the sample's range widened by 5% each side, inside the provable range (cosine with
-    score offsets in [omin, omax]: [-1 - 2 omax, 1 - 2 omin])."""
-    margin = 0.05 * (vmax - vmin) or 1e-6 * max(1.0, abs(vmax))
-    if metric == "l2":
-        lo, hi = max(vmin - margin, 0.0), min(vmax + margin, 4.0 * max_norm**2 * (1 + 1e-4) + 1e-30)
-    elif offsets is None:
-        lo, hi = max(vmin - margin, -1.0 - 1e-4), min(vmax + margin, 1.0 + 1e-4)
-    else:
-        floor, ceil = -1.0 - 2.0 * offsets[1], 1.0 - 2.0 * offsets[0]
-        lo = max(vmin - margin, floor - 1e-4 * max(1.0, abs(floor)))
-        hi = min(vmax + margin, ceil + 1e-4 * max(1.0, abs(ceil)))
-    if not hi > lo:
-        hi = lo + max(1e-6, abs(lo) * 1e-6)
-    return float(lo), float(hi)

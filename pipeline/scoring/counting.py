@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.metrics.roc import Binning, HistogramROC
+from pipeline.metrics.binning import Binning
+from pipeline.metrics.intervals import COARSE
+from pipeline.metrics.roc import HistogramROC
 from pipeline.metrics.tail import Tail
 
 if TYPE_CHECKING:
@@ -184,9 +186,6 @@ class ThreadCounts:
     (`pipeline.metrics.intervals`; in the same counters as the bins: one pass counts both)."""
 
     def __init__(self, bins: int, tail_k: int, metric: str, n_ids: int = 0, bound: float | None = None):
-        from pipeline.metrics.intervals import COARSE
-        from pipeline.metrics.tail import Tail
-
         self.all, self.pos = BinCounts(bins, n_ids, COARSE), BinCounts(bins, n_ids, COARSE)
         self.best: tuple = (float("nan"), -1, -1, -1)
         self.tail = Tail(tail_k, metric, bound) if tail_k else None

@@ -9,14 +9,9 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.metrics.roc import (
-    exact_counts,
-    roc_metrics,
-)
-from pipeline.scoring.blockmath import (
-    Tile,
-)
-from pipeline.scoring.memory import Prepared
+from pipeline.metrics.curve import exact_counts, roc_metrics
+from pipeline.scoring.blockmath import Tile
+from pipeline.scoring.memory import MemoryRows
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +27,16 @@ def check_exact_fits(n_pairs: int) -> None:
         )
 
 
-def exact_all_pairs(prep: Prepared, plan: list[Tile]) -> dict:
+def exact_all_pairs(rows: MemoryRows, plan: list[Tile]) -> dict:
     """The exact AUC over float64 scores of every pair (cosines minus the rows' score offsets), by sorting
     (memory: about 32 bytes per pair)."""
-    x = torch.from_numpy(prep.x).double()
-    o = None if prep.offsets is None else torch.from_numpy(prep.offsets).double()
-    lab = torch.from_numpy(prep.labels.cpu().numpy())
+    x = torch.from_numpy(rows.x).double()
+    o = None if rows.offsets is None else torch.from_numpy(rows.offsets).double()
+    lab = torch.from_numpy(rows.stats.labels)
     sq = (x * x).sum(1)
     values, positive = [], []
     for t in plan:
-        if prep.metric == "l2":
+        if rows.score.euclidean:
             v = (sq[t.r0 : t.r1, None] + sq[None, t.c0 : t.c1] - 2 * x[t.r0 : t.r1] @ x[t.c0 : t.c1].T).clamp_min(0)
         else:
             v = x[t.r0 : t.r1] @ x[t.c0 : t.c1].T
@@ -53,5 +48,5 @@ def exact_all_pairs(prep: Prepared, plan: list[Tile]) -> dict:
             v, same = v[m], same[m]
         values.append(v.reshape(-1).numpy())
         positive.append(same.reshape(-1).numpy())
-    pos, neg, thr = exact_counts(np.concatenate(values), np.concatenate(positive), prep.metric)
+    pos, neg, thr = exact_counts(np.concatenate(values), np.concatenate(positive), rows.score.metric)
     return {"auc_exact": roc_metrics(pos, neg, thr, float("nan"), exact=True)["auc"]}

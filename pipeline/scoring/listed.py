@@ -6,50 +6,34 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.metrics.binning import L2, Binning
+from pipeline.metrics.curve import FAR_LEVELS, check_defined, exact_counts, roc_metrics
 from pipeline.metrics.intervals import bootstrap_listed
-from pipeline.metrics.roc import (
-    FAR_LEVELS,
-    Binning,
-    HistogramROC,
-    check_defined,
-    exact_counts,
-    roc_metrics,
-    value_to_distance,
-)
-from pipeline.scoring.memory import normalise, read_rows
+from pipeline.metrics.roc import HistogramROC
+from pipeline.scoring.config import ScoreConfig
+from pipeline.scoring.definition import ScoreDefinition
+from pipeline.scoring.memory import read_rows
 from pipeline.store.layout import Store
-
-if TYPE_CHECKING:
-    from pipeline.scoring.stage import ScoreConfig
 
 log = logging.getLogger(__name__)
 
 
-def listed_pairs(store: Store, metric: str, score_norm: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def listed_pairs(store: Store, score: ScoreDefinition) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(binned values in float64, same-person flags, folds) of the pairs the store lists; cosines minus the rows'
-    score offsets when the store has them (unless `score_norm` is False)."""
-    offsets = store.score_offsets(metric, score_norm)
+    score offsets when `score` has them."""
     pairs, pair_labels, folds = store.pairs()
     if len(pairs) == 0:
         raise PipelineError(f"{store.path} lists no pairs")
     if pairs.min() < 0 or pairs.max() >= store.n:
         raise PipelineError(f"{store.path}: /pairs indexes rows outside 0..{store.n - 1}: the store is corrupt")
     x = read_rows(store).astype(np.float64)
-    a, b = x[pairs[:, 0]], x[pairs[:, 1]]
-    if metric == "l2":
-        values = ((a - b) ** 2).sum(1)
-    else:
-        normalise(x[np.unique(pairs)], str(store.path))  # zero rows: error
-        values = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-        if offsets is not None:
-            o = offsets.astype(np.float64)
-            values -= o[pairs[:, 0]] + o[pairs[:, 1]]
-    return values, pair_labels.astype(bool), folds
+    used = np.unique(pairs)
+    score.refuse_zero_rows(store.path, np.einsum("ij,ij->i", x[used], x[used]), lambda i: used[i])
+    return score.listed_values(x, pairs), pair_labels.astype(bool), folds
 
 
 def tenfold_accuracy(distance: np.ndarray, positive: np.ndarray, folds: np.ndarray) -> dict:
@@ -57,7 +41,7 @@ def tenfold_accuracy(distance: np.ndarray, positive: np.ndarray, folds: np.ndarr
     accs = []
     for k in np.unique(folds):
         train, test = folds != k, folds == k
-        pos, neg, thr = exact_counts(distance[train] ** 2, positive[train], "l2")  # ascending distance groups
+        pos, neg, thr = exact_counts(distance[train] ** 2, positive[train], L2)  # ascending distance groups
         correct = np.cumsum(pos) + neg.sum() - np.cumsum(neg)
         best = int(np.argmax(np.r_[neg.sum(), correct]))  # 0 = accept none
         if best == 0:
@@ -75,18 +59,22 @@ def tenfold_accuracy(distance: np.ndarray, positive: np.ndarray, folds: np.ndarr
     }
 
 
-def score_listed_pairs(store: Store, cfg: ScoreConfig) -> tuple[HistogramROC, dict, dict]:
-    """The listed pairs: exact metrics (every score known), their histogram, and 10-fold accuracy."""
+def score_listed_pairs(store: Store, cfg: ScoreConfig,
+                       score: ScoreDefinition | None = None) -> tuple[HistogramROC, dict, dict]:  # fmt: skip
+    """The listed pairs: exact metrics (every score known), their histogram, and 10-fold accuracy. `score`: the
+    store's `ScoreDefinition` under `cfg` (built here when None)."""
     t0 = time.perf_counter()
-    values, positive, folds = listed_pairs(store, cfg.metric, cfg.score_norm)
+    score = score or ScoreDefinition.of(store, cfg.metric, cfg.score_norm)
+    metric = score.metric
+    values, positive, folds = listed_pairs(store, score)
     check_defined(int(positive.sum()), int((~positive).sum()))
-    distance = value_to_distance(values, cfg.metric)
+    distance = metric.to_distance(values)
     max_distance = float(distance.max())
-    pos, neg, thr = exact_counts(values, positive, cfg.metric)
+    pos, neg, thr = exact_counts(values, positive, metric)
     metrics = roc_metrics(pos, neg, thr, max_distance, exact=True)
-    metrics.update(bootstrap_listed(values, positive, cfg.metric, FAR_LEVELS, seed=cfg.seed))
+    metrics.update(bootstrap_listed(values, positive, metric, FAR_LEVELS, seed=cfg.seed))
     lo, hi = float(values.min()), float(values.max())
-    acc = HistogramROC(Binning(lo, hi if hi > lo else lo + 1e-6, cfg.bins, cfg.metric))
+    acc = HistogramROC(Binning(lo, hi if hi > lo else lo + 1e-6, cfg.bins, metric))
     acc.update(values, positive)
     acc.max_distance = max_distance
     extra = {"backend": "numpy", "auc_exact": metrics["auc"], "seconds": time.perf_counter() - t0}

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.metrics.roc import HistogramROC, check_defined
+from pipeline.metrics.binning import as_metric
+from pipeline.metrics.curve import check_defined
+from pipeline.metrics.roc import HistogramROC
 from pipeline.outputs import claim
 from pipeline.report.results import (
     PART_FILE,
@@ -21,7 +23,7 @@ from pipeline.report.results import (
     write_folder,
     write_results,
 )
-from pipeline.scoring.assemble import assemble_metrics, edge_bin_fraction
+from pipeline.scoring.assemble import full_metrics
 from pipeline.scoring.blockmath import better_extreme
 
 log = logging.getLogger(__name__)
@@ -117,7 +119,7 @@ def write_part(out: Path, parts: list[dict], acc: HistogramROC, log_fpr: bool = 
     ranges = covered(parts)
     extreme = (float("nan"), -1, -1, -1)
     for p in parts:
-        extreme = better_extreme(extreme, tuple(p["extreme"]), first["metric"])
+        extreme = better_extreme(extreme, tuple(p["extreme"]), as_metric(first["metric"]))
     summed = ("rows", "extreme", "n_pairs", "n_positive", "seconds", "seconds_prepare", "seconds_tiles")
     info = {k: v for k, v in first.items() if k not in summed}
     max_d = next((p["max_distance"] for p in parts if list(p["extreme"]) == list(extreme)), acc.max_distance)
@@ -144,26 +146,3 @@ def write_part(out: Path, parts: list[dict], acc: HistogramROC, log_fpr: bool = 
         write_results(out, metrics, roc, acc, log_fpr=log_fpr, part=info)
     else:
         write_folder(out, {PART_FILE: json_writer(info, null_nan=False)}, acc)
-
-
-def full_metrics(info: dict, acc: HistogramROC) -> dict:
-    """metrics.json of a complete result, with the keys `score` writes."""
-    metrics = acc.compute()
-    extra = {
-        "backend": "numpy-out-of-core",
-        "max_distance_pair": info["extreme"][2:],
-        "bin_lo": info["bin_lo"],
-        "bin_hi": info["bin_hi"],
-        "n_tiles": info.get("n_tiles"),  # None: parts of an older version
-        "edge_bin_fraction": edge_bin_fraction(acc, metrics["n_pairs"]),
-        "parts": info["parts"],
-        "seconds_prepare": info["seconds_prepare"],
-        "seconds_tiles": info["seconds_tiles"],
-    }
-    config = dict(
-        info.get("config", {}), rows=info["ranges"] if info["parts"] > 1 else info.get("config", {}).get("rows")
-    )
-    return assemble_metrics(metrics, extra, metric=info["metric"], score_norm=info.get("score_norm"),
-                            bins=info["bins"], device="cpu", seconds=info["seconds"], mode="all-pairs", world_size=1,
-                            attrs=info.get("provenance", {}), store=info["store"], label=info.get("label"),
-                            variant=info.get("variant"), config=config)  # fmt: skip

@@ -29,22 +29,26 @@ log = logging.getLogger(__name__)
 COPY_ROWS = 1 << 14  # rows scattered per memory map: at most this many pages of the copy are resident at once
 
 
-def is_sorted(labels: np.ndarray) -> bool:
-    return not (np.diff(labels) < 0).any()
+def label_order(labels: np.ndarray) -> np.ndarray | None:
+    """Sorted position -> store row (a stable sort by label); None when the labels are sorted already (stores
+    of `embed` are sorted by person)."""
+    return None if not (np.diff(labels) < 0).any() else np.argsort(labels, kind="stable")
 
 
 class LabelOrder:
     """The rows of `store` in label order: `rows(s, e)` of sorted positions, `take(positions)`, the sorted
     `labels`, and `store_rows` (sorted position -> store row). Close it to release the temporary copy."""
 
-    def __init__(self, store: Store, tmp_dir: str | None = None, progress: bool = True):
+    def __init__(self, store: Store, tmp_dir: str | None = None, progress: bool = True,
+                 order: np.ndarray | None = None):  # fmt: skip
+        """`order`: `label_order(store.labels)` when known."""
         self.store, self.n, self.dim = store, store.n, store.dim
         labels = store.labels
         self.fd = -1
-        if is_sorted(labels):
-            self.order, self.labels = None, labels
+        self.order = label_order(labels) if order is None else order
+        if self.order is None:
+            self.labels = labels
             return
-        self.order = np.argsort(labels, kind="stable")
         self.labels = labels[self.order]
         self.dtype = np.dtype(store.embeddings.dtype)
         self._copy(tmp_dir or tempfile.gettempdir(), progress)

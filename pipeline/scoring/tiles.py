@@ -14,20 +14,22 @@ branch of the same loop, not a second one. Torch is imported only for the latter
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, wait
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.metrics.intervals import COARSE, GROUPS, identity_groups
-from pipeline.metrics.roc import Binning
-from pipeline.metrics.tail import ExactTies, Tail, start_bound, zero_coordinate
-from pipeline.scoring.blockmath import Tile, better_extreme, wait_all
+from pipeline.metrics.binning import Binning
+from pipeline.metrics.intervals import COARSE, GROUPS
+from pipeline.metrics.tail import Tail, exact_ties, start_bound
+from pipeline.scoring.blockmath import Tile, better_extreme, single_threaded_blas, wait_all
 from pipeline.scoring.counting import Stager, ThreadCounts, TilePass, added, as_int64, group_totals
 from pipeline.scoring.tile_pairs import (
     clip_to_span,
@@ -43,6 +45,8 @@ from pipeline.scoring.tile_pairs import (
 if TYPE_CHECKING:
     import torch
 
+    from pipeline.scoring.sources import RowSource, RowStats
+
 Product = Callable[..., Any]
 """product(t, a2, b2, on_block=None, pending=None): rows [a2, b2) of tile t against its columns c0..c1
 ([b2-a2, c1-c0], float32 bin coordinates). With `on_block` a source that computes blocks
@@ -56,25 +60,72 @@ _NONE = np.zeros(0, dtype=np.int64)
 _NO_VALUES = np.zeros(0, dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class _TilePart:
+    """The part of tile `t` (plan index `k`) a CPU pass counts: product rows [lo, hi) (of the rows multiplied,
+    from `a2`); on a diagonal tile a pair (r, c) of the product needs c > r + `below`; the same-person pairs of
+    the product, sorted by row (`pos_r`), then column (`pos_c`)."""
+
+    k: int
+    t: Tile
+    lo: int
+    hi: int
+    a2: int
+    below: int | None
+    pos_r: np.ndarray
+    pos_c: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A block of a tile's product: its first pair's rows (`i0`, `j0`, sorted rows), its `width`, and the
+    block rows before the first one counted (`skip`)."""
+
+    i0: int
+    j0: int
+    width: int
+    skip: int
+
+    def pair(self, flat):
+        """Sorted rows (i, j) of the values at flat block positions `flat` (an int or an array)."""
+        return self.i0 + flat // self.width, self.j0 + flat % self.width
+
+
+def _block_values(v: np.ndarray, r0: int, c0: int, width: int, lo: int, hi: int,
+                  below: int | None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """The values of product rows [lo, hi) of block `v` (rows from r0, columns from c0): every column (flat
+    positions None), or on a diagonal tile the columns c > r + below (with their flat block positions)."""
+    if below is None or c0 > hi - 1 + below:  # every column of these rows
+        return v[lo - r0 : hi - r0], None
+    rows = np.arange(lo, hi)  # a triangle: columns c > r + below
+    flat = ranges(rows - r0, np.maximum(rows + below + 1, c0) - c0, np.full(len(rows), width), width)
+    return v.reshape(-1).take(flat), flat
+
+
 class TileLoop:
     """Scores tiles of a plan from one row source into a `TilePass`.
 
-    `labels` are the source's labels in its row order; `order` maps a source row to its store row (None: the
-    same). Counting: "numpy" (CPU), "torch" (the GPU's; also runs on the CPU), "auto" by `device`. `side`: the
-    product side (`chunk_side(block)`), which a span's rows are rounded out to. `tail_k`: size of the exact
-    tail (`pipeline.metrics.tail`; 0: none)."""
+    `rows`: the source's statistics (`pipeline.scoring.sources.RowStats`: labels in label order, the map to
+    store rows, duplicate rows, score offsets, identity groups). Counting: "numpy" (CPU), "torch" (the GPU's;
+    also runs on the CPU), "auto" by `device`. `side`: the product side (`chunk_side(block)`), which a span's
+    rows are rounded out to. `tail_k`: size of the exact tail (`pipeline.metrics.tail`; 0: none)."""
 
-    def __init__(self, binning: Binning, product: Product, labels: np.ndarray, metric: str,
-                 order: np.ndarray | None = None, device: Any = "cpu", counting: str = "auto",
-                 side: int = 1, tail_k: int = 0, ties: ExactTies | None = None) -> None:  # fmt: skip
-        self.binning, self.product, self.labels, self.metric, self.side = binning, product, labels, metric, side
-        self.order, self.device, self.tail_k = order, device, tail_k
-        self.ties = ties or ExactTies(None, zero_coordinate(binning.lo, binning.hi, binning.bins, metric), metric)
+    def __init__(self, binning: Binning, product: Product, rows: RowStats, device: Any = "cpu",
+                 counting: str = "auto", side: int = 1, tail_k: int = 0) -> None:  # fmt: skip
+        self.binning, self.product, self.labels, self.side = binning, product, rows.labels, side
+        self.metric, self.order, self.device, self.tail_k = binning.metric, rows.order, device, tail_k
+        self.ties = exact_ties(binning, rows.dups, rows.offsets)
         # identity groups of the rows (the jackknife's intervals come with the exact tail)
-        self.groups = identity_groups(labels) if tail_k else None
+        self.groups = rows.groups if tail_k else None
         on_cpu = getattr(device, "type", device) == "cpu"
         self.numpy = counting == "numpy" or (counting == "auto" and on_cpu)
         self._triu: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, Any]] = {}
+
+    @classmethod
+    def over(cls, source: RowSource, tiles: Any, binning: Binning, counting: str = "auto", side: int = 1,
+             tail_k: int = 0) -> TileLoop:  # fmt: skip
+        """The loop over a row source (`pipeline.scoring.sources`) whose tiles `tiles` multiplies (its `values`)."""
+        return cls(binning, tiles.values, source.stats, source.device, counting, side, tail_k)
 
     def store_row(self, i: int) -> int:
         return int(i) if self.order is None else int(self.order[i])
@@ -98,18 +149,33 @@ class TileLoop:
         indices = range(len(plan)) if select is None else list(select)
         if span is not None and not self.numpy:
             raise ValueError("a span of rows is scored with NumPy counting (out of core, on the CPU)")
-        bins = self.binning.bins
-        extremes = None
         self._threads: dict[int, ThreadCounts] = {}
         self._group_dev: dict[str, Any] = {}
+        counts, extremes = None, None
         if self.numpy:
             res = TilePass(self.binning, None, None)
         else:
-            counts = (Stager(bins, self.device), Stager(bins, self.device))
+            counts = (Stager(self.binning.bins, self.device), Stager(self.binning.bins, self.device))
             res = TilePass(self.binning, counts[0].counts, counts[1].counts)
             import torch  # each tile's extreme stays on the device (no wait per tile); the pair is found at the end
 
             extremes = torch.full((len(indices),), math.nan, device=self.device)
+        with single_threaded_blas():  # the product threads' BLAS calls, queued ones too
+            self._tiles(plan, indices, span, progress, res, counts, extremes)
+        if self.numpy:
+            self._gather(res)
+        else:
+            counts[0].flush()
+            counts[1].flush()
+            if res.n_pairs:
+                self._find_extreme(plan, indices, extremes, res)
+        self._tail_and_groups(res)
+        self._threads = {}
+        return res
+
+    def _tiles(self, plan: list[Tile], indices: Iterable[int], span: tuple[int, int] | None, progress: bool,
+               res: TilePass, counts: tuple[Stager, Stager] | None, extremes: Any) -> None:  # fmt: skip
+        """Count the selected tiles, on the CPU with up to `TILES_IN_FLIGHT` tiles' block jobs queued."""
         total = sum(pairs_in(plan[i], span) for i in indices)
         queued: deque[tuple[int, list]] = deque()  # CPU: (pairs, block jobs) of the tiles in flight
         with tqdm(total=total, unit="pair", unit_scale=True, disable=not progress, mininterval=1.0,
@@ -132,13 +198,9 @@ class TileLoop:
                     res.n_pairs += self._finish(queued.popleft(), bar)
             finally:  # on an error, no block job is left running
                 wait([f for _, jobs in queued for f in jobs])
-        if self.numpy:
-            self._gather(res)
-        else:
-            counts[0].flush()
-            counts[1].flush()
-            if res.n_pairs:
-                self._find_extreme(plan, indices, extremes, res)
+
+    def _tail_and_groups(self, res: TilePass) -> None:
+        """The threads' exact tails merged, and the jackknife's counts per pair of identity groups."""
         if self.tail_k:
             res.tail = Tail(self.tail_k, self.metric)
             for c in self._threads.values():
@@ -146,15 +208,12 @@ class TileLoop:
             res.tail.finish()
         if self.groups is not None:
             size = GROUPS * GROUPS * COARSE
-            names = ("all", "pos")
             if self.numpy:
                 counts = group_totals(list(self._threads.values()), size)
             else:
                 counts = [as_int64(self._group_dev[k]) if k in self._group_dev else np.zeros(size, np.int64)
-                          for k in names]  # fmt: skip
+                          for k in ("all", "pos")]  # fmt: skip
             res.groups = (*counts, np.bincount(self.groups, minlength=GROUPS))
-        self._threads = {}
-        return res
 
     @staticmethod
     def _finish(queued: tuple[int, list], bar: tqdm) -> int:
@@ -182,8 +241,8 @@ class TileLoop:
         if c is None:
             n_ids = 0 if self.groups is None else GROUPS * GROUPS
             b = self.binning
-            bound = start_bound(b.near, b.lo, b.hi, b.bins, self.metric)
-            c = self._threads[threading.get_ident()] = ThreadCounts(b.bins, self.tail_k, self.metric, n_ids, bound)
+            c = self._threads[threading.get_ident()] = ThreadCounts(b.bins, self.tail_k, self.metric, n_ids,
+                                                                    start_bound(b))  # fmt: skip
         return c
 
     def _tile_numpy(self, k: int, t: Tile, a: int, b: int) -> list[Future]:
@@ -191,74 +250,80 @@ class TileLoop:
         (in its worker threads, while each block is in cache), or from the whole product when it hands one.
         Returns the jobs still queued (the caller waits for them)."""
         a2, b2 = multiplied(t, a, b, self.side)
-        below = a2 - t.r0 if t.diagonal else None  # a pair (r, c) of the product needs c > r + below
-        pf = same_label_flat(self.labels, a, b, t, a2, t.c1 - t.c0)
         w = t.c1 - t.c0
-        pos_r, pos_c = pf // w, pf % w  # same-person pairs: sorted by row, then column
-
-        def on_block(r0: int, r1: int, c0: int, c1: int, v: np.ndarray) -> None:
-            lo, hi = max(r0, a - a2), min(r1, b - a2)  # rows of the span
-            if below is not None:
-                hi = min(hi, c1 - 1 - below)  # rows with a column above the diagonal
-            if hi <= lo:
-                return
-            cnt = self._counting()
-            width = c1 - c0
-            if below is None or c0 > hi - 1 + below:  # every column of these rows
-                vals = v[lo - r0 : hi - r0]
-                flat = None
-            else:  # a triangle: columns c > r + below
-                rows = np.arange(lo, hi)
-                flat = ranges(rows - r0, np.maximum(rows + below + 1, c0) - c0, np.full(len(rows), width), width)
-                vals = v.reshape(-1).take(flat)
-            if not vals.size:
-                return
-            gr = gc = None
-            if self.groups is not None:  # the identity groups of the rows and columns (the jackknife's)
-                gr, gc = self.groups[a2 + lo : a2 + hi], self.groups[t.c0 + c0 : t.c0 + c1]
-            j = int(vals.argmax() if self.metric == "l2" else vals.argmin())
-            f = j + (lo - r0) * width if flat is None else int(flat[j])
-            cnt.best = better_extreme(cnt.best, (float(vals.reshape(-1)[j]), k, a2 + r0 + f // width,
-                                                 t.c0 + c0 + f % width), self.metric)  # fmt: skip
-            if gr is None:
-                cnt.all.add(vals)
-            elif flat is None:  # rows sorted by label: groups in runs, one id per rectangle of runs
-                cnt.all.add(vals, [(rs, re_, cs, ce, int(gr[rs]) * GROUPS + int(gc[cs])) for rs, re_ in runs(gr)
-                                   for cs, ce in runs(gc)])  # fmt: skip
-            else:
-                cnt.all.add(vals, pair_ids(flat, width, lo - r0, gr, gc))
-            s0, s1 = np.searchsorted(pos_r, [lo, hi])
-            pflat, pvals, pids = _NONE, _NO_VALUES, None
-            if s1 > s0:
-                pr, pc = pos_r[s0:s1], pos_c[s0:s1]
-                keep = (pc >= c0) & (pc < c1)
-                if keep.any():
-                    pflat = (pr[keep] - r0) * width + (pc[keep] - c0)
-                    pvals = v.reshape(-1)[pflat]
-                    if self.groups is not None:
-                        pids = self.groups[a2 + pr[keep]] * (GROUPS + 1)  # a same-person pair: one group
-                    cnt.pos.add(pvals, pids)
-            if cnt.tail is not None:  # the exact tail: values at least as similar as its bound, positives apart
-                if pvals.size:
-                    pvals = self.ties(pvals, a2 + r0 + pflat // width, t.c0 + c0 + pflat % width)
-                near = np.flatnonzero(cnt.tail.candidates(vals))
-                pk = cnt.tail.candidates(pvals)
-                pk_ids = None if pids is None else pids[pk]
-                if near.size:
-                    at = near + (lo - r0) * width if flat is None else flat[near]
-                    negative = ~in_sorted(at, pflat)
-                    nids = None if gr is None else pair_ids(at[negative], width, lo - r0, gr, gc)
-                    at = at[negative]
-                    nv = self.ties(vals.reshape(-1)[near][negative], a2 + r0 + at // width, t.c0 + c0 + at % width)
-                    cnt.tail.add(nv, pvals[pk], nids, pk_ids)
-                elif pvals.size:
-                    cnt.tail.add(_NO_VALUES, pvals[pk], None, pk_ids)
-
+        pf = same_label_flat(self.labels, a, b, t, a2, w)
+        # a pair (r, c) of the product needs c > r + below on a diagonal tile
+        tile = _TilePart(k, t, a - a2, b - a2, a2, a2 - t.r0 if t.diagonal else None, pf // w, pf % w)
+        on_block = functools.partial(self._count_block, tile)
         jobs: list[Future] = []
         u = self.product(t, a2, b2, on_block, jobs)
         if u is not None:  # a source without blocks (FAISS): the whole product is one block
             on_block(0, b2 - a2, 0, w, u if isinstance(u, np.ndarray) else u.numpy())
         return jobs
+
+    def _count_block(self, tile: _TilePart, r0: int, r1: int, c0: int, c1: int, v: np.ndarray) -> None:
+        """Count one block of a tile's product (rows r0..r1, columns c0..c1 of it, values `v`): its pairs, its
+        extreme pair, its same-person pairs and, with the tail, its most similar pairs."""
+        lo, hi = max(r0, tile.lo), min(r1, tile.hi)  # rows of the span
+        if tile.below is not None:
+            hi = min(hi, c1 - 1 - tile.below)  # rows with a column above the diagonal
+        if hi <= lo:
+            return
+        cnt = self._counting()
+        blk = _Block(tile.a2 + r0, tile.t.c0 + c0, c1 - c0, lo - r0)
+        vals, flat = _block_values(v, r0, c0, blk.width, lo, hi, tile.below)
+        if not vals.size:
+            return
+        gr = gc = None
+        if self.groups is not None:  # the identity groups of the rows and columns (the jackknife's)
+            gr, gc = self.groups[tile.a2 + lo : tile.a2 + hi], self.groups[blk.j0 : blk.j0 + blk.width]
+        j = int(self.metric.least_similar_at(vals))
+        f = j + blk.skip * blk.width if flat is None else int(flat[j])
+        cnt.best = better_extreme(cnt.best, (float(vals.reshape(-1)[j]), tile.k, *blk.pair(f)), self.metric)
+        if gr is None:
+            cnt.all.add(vals)
+        elif flat is None:  # rows sorted by label: groups in runs, one id per rectangle of runs
+            cnt.all.add(vals, [(rs, re_, cs, ce, int(gr[rs]) * GROUPS + int(gc[cs])) for rs, re_ in runs(gr)
+                               for cs, ce in runs(gc)])  # fmt: skip
+        else:
+            cnt.all.add(vals, pair_ids(flat, blk.width, blk.skip, gr, gc))
+        pflat, pvals, pids = self._positives(tile, blk, lo, hi, r0, c0, v)
+        if pvals.size:
+            cnt.pos.add(pvals, pids)
+        if cnt.tail is not None:
+            self._tail_block(cnt.tail, blk, vals, flat, (pflat, pvals, pids), gr, gc)
+
+    def _positives(self, tile: _TilePart, blk: _Block, lo: int, hi: int, r0: int, c0: int,
+                   v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:  # fmt: skip
+        """(flat positions, values, group-pair ids) of the block's same-person pairs of rows [lo, hi)."""
+        s0, s1 = np.searchsorted(tile.pos_r, [lo, hi])
+        if s1 > s0:
+            pr, pc = tile.pos_r[s0:s1], tile.pos_c[s0:s1]
+            keep = (pc >= c0) & (pc < c0 + blk.width)
+            if keep.any():
+                pflat = (pr[keep] - r0) * blk.width + (pc[keep] - c0)
+                pids = None if self.groups is None else self.groups[tile.a2 + pr[keep]] * (GROUPS + 1)  # one group
+                return pflat, v.reshape(-1)[pflat], pids
+        return _NONE, _NO_VALUES, None
+
+    def _tail_block(self, tail: Tail, blk: _Block, vals: np.ndarray, flat: np.ndarray | None,
+                    positives: tuple, gr: np.ndarray | None, gc: np.ndarray | None) -> None:  # fmt: skip
+        """The exact tail: the block's values at least as similar as its bound, positives apart."""
+        pflat, pvals, pids = positives
+        if pvals.size:
+            pvals = self.ties(pvals, *blk.pair(pflat))
+        near = np.flatnonzero(tail.candidates(vals))
+        pk = tail.candidates(pvals)
+        pk_ids = None if pids is None else pids[pk]
+        if near.size:
+            at = near + blk.skip * blk.width if flat is None else flat[near]
+            negative = ~in_sorted(at, pflat)
+            nids = None if gr is None else pair_ids(at[negative], blk.width, blk.skip, gr, gc)
+            at = at[negative]
+            nv = self.ties(vals.reshape(-1)[near][negative], *blk.pair(at))
+            tail.add(nv, pvals[pk], nids, pk_ids)
+        elif pvals.size:
+            tail.add(_NO_VALUES, pvals[pk], None, pk_ids)
 
     def _upper_values(self, t: Tile, values: torch.Tensor) -> torch.Tensor:
         if not t.diagonal:
@@ -271,7 +336,7 @@ class TileLoop:
 
         tv = self.product(t, t.r0, t.r1)
         vals = self._upper_values(t, tv)
-        ext = vals.max() if self.metric == "l2" else vals.min()
+        ext = self.metric.least_similar(vals)
         pf = same_label_flat(self.labels, t.r0, t.r1, t, t.r0, t.c1 - t.c0)
         ids = None
         if self.groups is not None:
@@ -306,7 +371,7 @@ class TileLoop:
         import torch
 
         k = min(vals.numel(), self.tail_k + len(pf))
-        top, at = torch.topk(vals, k, largest=self.metric != "l2", sorted=False)
+        top, at = torch.topk(vals, k, largest=not self.metric.low_is_similar, sorted=False)
         flat = at if not t.diagonal else self.triu(t.r1 - t.r0)[3].index_select(0, at)
         nids = None if ids is None else ids.index_select(0, at).cpu().numpy()
         top, flat = top.cpu().numpy(), flat.cpu().numpy()
@@ -324,13 +389,13 @@ class TileLoop:
     def _find_extreme(self, plan: list[Tile], indices: list[int], extremes, res: TilePass) -> None:
         """The extreme pair from the per-tile extremes: the first tile holding it, the first pair in that tile
         (as the CPU's sequential scan finds it); that tile's values are computed once more."""
-        find_max = self.metric == "l2"
-        filled = extremes.nan_to_num(-math.inf if find_max else math.inf)
-        k = int(filled.argmax() if find_max else filled.argmin())  # the first occurrence
+        m = self.metric
+        filled = extremes.nan_to_num(-m.unbounded)  # a tile without pairs: never the least similar
+        k = int(m.least_similar_at(filled))  # the first occurrence
         t = plan[indices[k]]
         vals = self._upper_values(t, self.product(t, t.r0, t.r1))
-        res.extreme = float(vals.max() if find_max else vals.min())
-        p = int(vals.argmax() if find_max else vals.argmin())
+        res.extreme = float(m.least_similar(vals))
+        p = int(m.least_similar_at(vals))
         if t.diagonal:
             r, c, _, _ = self.triu(t.r1 - t.r0)
             r, c = int(r[p]), int(c[p])

@@ -13,10 +13,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.embedding.cohort import OFFSET_ROWS, Cohort
 from pipeline.errors import PipelineError
 from pipeline.outputs import io_cause
-from pipeline.store.layout import CHUNK_BYTES, OFFSETS, STR, _attr, partial_path, recognise_partial
+from pipeline.store.layout import CHUNK_BYTES, STR, _attr, partial_path, recognise_partial
 
 log = logging.getLogger(__name__)
 
@@ -148,31 +147,40 @@ class StoreWriter:
             self.file.attrs["rows_done"] = start + len(rows)
             self.file.flush()
 
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as stored (in the store's dtype), of those written so far."""
+        if stop > self.rows_done:
+            raise RuntimeError(f"rows {start}:{stop} asked, {self.rows_done} written")
+        with self._writing():
+            return self.embeddings[start:stop]
+
     def finish(
-        self, extra_attrs: dict | None = None, drop_rows: list[int] | None = None, cohort: Cohort | None = None
+        self,
+        extra_attrs: dict | None = None,
+        drop_rows: list[int] | None = None,
+        arrays: dict[str, np.ndarray] | None = None,
     ) -> Path:
-        """Mark complete and rename to the output path; `drop_rows` (bad images) are removed first. With a
-        `cohort`, the rows' score offsets (`pipeline.embedding.cohort`) are computed from the stored rows and written."""
+        """Mark complete and rename to the output path. `arrays` are per-row datasets written beside the
+        embeddings (the score offsets, `pipeline.store.layout.OFFSETS`); `drop_rows` (bad images) are then
+        removed from the embeddings and from them."""
         if self.rows_done != self.n:
             raise RuntimeError(f"store has {self.rows_done} of {self.n} rows")
+        arrays = arrays or {}
+        if any(len(v) != self.n for v in arrays.values()):
+            raise RuntimeError(f"per-row arrays must have {self.n} rows")
         f = self.file
         with self._writing():
-            if cohort is not None:
-                offsets = np.concatenate(
-                    [cohort.offsets(self.embeddings[s : s + OFFSET_ROWS]) for s in range(0, self.n, OFFSET_ROWS)]
-                    or [np.zeros(0, dtype=np.float32)]
-                )
-                if OFFSETS in f:  # a resumed file killed while finishing
-                    del f[OFFSETS]
-                f.create_dataset(OFFSETS, data=offsets)
-                f.attrs.update({k: _attr(v) for k, v in cohort.attrs().items()})
+            for name, values in arrays.items():
+                if name in f:  # a resumed file killed while finishing
+                    del f[name]
+                f.create_dataset(name, data=values)
             del self.embeddings
             f.attrs.update({k: _attr(v) for k, v in (extra_attrs or {}).items()})
             f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             f.attrs["complete"] = True
             f.close()
             if drop_rows:
-                _drop_rows(self.partial, drop_rows)
+                _drop_rows(self.partial, drop_rows, list(arrays))
             os.replace(self.partial, self.out)
         return self.out
 
@@ -186,17 +194,18 @@ def differing_settings(f: h5py.File, identity: dict) -> list[str]:
     return [k for k, v in identity.items() if k not in f.attrs or _attr(f.attrs[k]) != _attr(v)]
 
 
-def _drop_rows(path: Path, drop: list[int]) -> None:
-    """Rewrite a store in place without rows `drop`, re-indexing pairs (pairs using a dropped row go)."""
+def _drop_rows(path: Path, drop: list[int], row_arrays: list[str]) -> None:
+    """Rewrite a store in place without rows `drop` (of the embeddings, labels, paths and the per-row
+    `row_arrays`), re-indexing pairs (pairs using a dropped row go)."""
     tmp = path.with_name(path.name + ".compact")
     try:
-        _copy_without(path, tmp, drop)
+        _copy_without(path, tmp, drop, row_arrays)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _copy_without(path: Path, tmp: Path, drop: list[int]) -> None:
+def _copy_without(path: Path, tmp: Path, drop: list[int], row_arrays: list[str]) -> None:
     with h5py.File(path, "r") as src, h5py.File(tmp, "w") as dst:
         n = src["embeddings"].shape[0]
         keep = np.setdiff1d(np.arange(n), np.asarray(drop, dtype=np.int64))
@@ -205,8 +214,8 @@ def _copy_without(path: Path, tmp: Path, drop: list[int]) -> None:
             "embeddings", data=emb[...][keep], chunks=(min(max(len(keep), 1), emb.chunks[0]), emb.shape[1])
         )
         dst.create_dataset("labels", data=src["labels"][...][keep])
-        if OFFSETS in src:
-            dst.create_dataset(OFFSETS, data=src[OFFSETS][...][keep])
+        for name in row_arrays:
+            dst.create_dataset(name, data=src[name][...][keep])
         dst.create_dataset("identities", data=src["identities"][...], dtype=STR)
         paths = src["paths"][...]
         dst.create_dataset("paths", data=paths[keep], dtype=STR)

@@ -1,0 +1,77 @@
+"""A results folder read back, and the names a report gives its result: the protocol's name, a figure's title,
+the study's cells. Below the results-folder writer, the tables and the page, which all name results alike."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_NAMES = {"pairs": "LFWPairs", "people": "LFWPeople", "10fold": "LFW View 2", "folder": "folder (all pairs)",
+                  "pairs-file": "folder (listed pairs)", "bin": ".bin pairs"}  # fmt: skip
+VARIANTS = ("pretrained", "finetuned")
+
+
+def protocol_name(metrics: dict) -> str:
+    p = str(metrics.get("protocol") or "")
+    return PROTOCOL_NAMES.get(p, p or metrics.get("mode", "pairs"))
+
+
+def title_of(metrics: dict) -> str:
+    label = str(metrics.get("label") or metrics.get("model") or "embeddings")
+    parts = [label]
+    if metrics.get("variant") and metrics["variant"].replace("finetuned", "fine-tuned") not in label:
+        parts.append(f"({'fine-tuned' if metrics['variant'] == 'finetuned' else metrics['variant']})")
+    parts.append(f"- {protocol_name(metrics)}")
+    if metrics.get("image_set"):
+        parts.append(f"[{metrics['image_set']}]")
+    return " ".join(parts)
+
+
+def read_result(folder: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(metrics, fpr, tpr) of a results folder."""
+    folder = Path(folder)
+    mpath, rpath = folder / "metrics.json", folder / "roc.csv"
+    if not mpath.is_file() or not rpath.is_file():
+        raise PipelineError(f"{folder} is not a results folder of `score` (no metrics.json / roc.csv)")
+    metrics = json.loads(mpath.read_text())
+    data = np.loadtxt(rpath, delimiter=",", skiprows=1, ndmin=2)
+    return metrics, data[:, 0], data[:, 1]
+
+
+def study_cells(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The study's layout: header and rows (one per model; per protocol pretrained / fine-tuned / improvement)."""
+    protocols: list[str] = []
+    rows: dict[str, dict[tuple[str, str], float]] = {}
+    for m in results:
+        proto = protocol_name(m)
+        if proto not in protocols:
+            protocols.append(proto)
+        row = str(m.get("model") or m.get("label") or "?")
+        if m.get("image_set"):
+            row += f" ({m['image_set']})"
+        cell = (proto, m.get("variant") or "pretrained")
+        if cell in rows.setdefault(row, {}):
+            log.warning("two results for %s %s %s: keeping the later one", row, *cell)
+        rows[row][cell] = float(m["auc"])
+    header = ["model"]
+    for p in protocols:
+        header += [f"{p} pretrained", f"{p} fine-tuned", f"{p} improvement"]
+    body = []
+    for row, cells in rows.items():
+        vals = [row]
+        for p in protocols:
+            pre, fine = cells.get((p, "pretrained")), cells.get((p, "finetuned"))
+            vals += [f"{pre:.4f}" if pre is not None else "-", f"{fine:.4f}" if fine is not None else "-"]
+            vals.append(f"{fine - pre:+.4f}" if pre is not None and fine is not None else "-")
+        body.append(vals)
+    return header, body
+
+
+__all__ = ["PROTOCOL_NAMES", "VARIANTS", "protocol_name", "title_of", "read_result", "study_cells"]
