@@ -11,15 +11,13 @@ from pathlib import Path
 import click
 
 from benchmarks import BenchmarkGroup
+from cli_config import ConfigCommand, config_file_option, stage_kwargs
 from cli_options import (
-    ConfigCommand,
-    config_file_option,
     device_option,
     embed_options,
     finetune_options,
     network_source_options,
     recipe_notes,
-    stage_kwargs,
     tta_resizes_option,
     workers_option,
 )

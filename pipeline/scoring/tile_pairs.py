@@ -4,6 +4,8 @@ ids of the jackknife."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from pipeline.metrics.intervals import GROUPS
@@ -83,3 +85,45 @@ def in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
         return np.zeros(len(values), dtype=bool)
     i = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
     return sorted_set[i] == values
+
+
+@dataclass(frozen=True)
+class TilePart:
+    """The part of tile `t` (plan index `k`) a CPU pass counts: product rows [lo, hi) (of the rows multiplied,
+    from `a2`); on a diagonal tile a pair (r, c) of the product needs c > r + `below`; the same-person pairs of
+    the product, sorted by row (`pos_r`), then column (`pos_c`)."""
+
+    k: int
+    t: Tile
+    lo: int
+    hi: int
+    a2: int
+    below: int | None
+    pos_r: np.ndarray
+    pos_c: np.ndarray
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block of a tile's product: its first pair's rows (`i0`, `j0`, sorted rows), its `width`, and the
+    block rows before the first one counted (`skip`)."""
+
+    i0: int
+    j0: int
+    width: int
+    skip: int
+
+    def pair(self, flat):
+        """Sorted rows (i, j) of the values at flat block positions `flat` (an int or an array)."""
+        return self.i0 + flat // self.width, self.j0 + flat % self.width
+
+
+def block_values(v: np.ndarray, r0: int, c0: int, width: int, lo: int, hi: int,
+                  below: int | None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """The values of product rows [lo, hi) of block `v` (rows from r0, columns from c0): every column (flat
+    positions None), or on a diagonal tile the columns c > r + below (with their flat block positions)."""
+    if below is None or c0 > hi - 1 + below:  # every column of these rows
+        return v[lo - r0 : hi - r0], None
+    rows = np.arange(lo, hi)  # a triangle: columns c > r + below
+    flat = ranges(rows - r0, np.maximum(rows + below + 1, c0) - c0, np.full(len(rows), width), width)
+    return v.reshape(-1).take(flat), flat

@@ -20,7 +20,6 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, wait
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,12 +31,14 @@ from pipeline.metrics.tail import Tail, exact_ties, start_bound
 from pipeline.scoring.blockmath import Tile, better_extreme, single_threaded_blas, wait_all
 from pipeline.scoring.counting import Stager, ThreadCounts, TilePass, added, as_int64, group_totals
 from pipeline.scoring.tile_pairs import (
+    Block,
+    TilePart,
+    block_values,
     clip_to_span,
     in_sorted,
     multiplied,
     pair_ids,
     pairs_in,
-    ranges,
     runs,
     same_label_flat,
 )
@@ -58,48 +59,6 @@ NumPy array or a torch tensor."""
 TILES_IN_FLIGHT = 2  # CPU: tiles whose block jobs may be queued at once (their rows stay in memory meanwhile)
 _NONE = np.zeros(0, dtype=np.int64)
 _NO_VALUES = np.zeros(0, dtype=np.float32)
-
-
-@dataclass(frozen=True)
-class _TilePart:
-    """The part of tile `t` (plan index `k`) a CPU pass counts: product rows [lo, hi) (of the rows multiplied,
-    from `a2`); on a diagonal tile a pair (r, c) of the product needs c > r + `below`; the same-person pairs of
-    the product, sorted by row (`pos_r`), then column (`pos_c`)."""
-
-    k: int
-    t: Tile
-    lo: int
-    hi: int
-    a2: int
-    below: int | None
-    pos_r: np.ndarray
-    pos_c: np.ndarray
-
-
-@dataclass(frozen=True)
-class _Block:
-    """A block of a tile's product: its first pair's rows (`i0`, `j0`, sorted rows), its `width`, and the
-    block rows before the first one counted (`skip`)."""
-
-    i0: int
-    j0: int
-    width: int
-    skip: int
-
-    def pair(self, flat):
-        """Sorted rows (i, j) of the values at flat block positions `flat` (an int or an array)."""
-        return self.i0 + flat // self.width, self.j0 + flat % self.width
-
-
-def _block_values(v: np.ndarray, r0: int, c0: int, width: int, lo: int, hi: int,
-                  below: int | None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
-    """The values of product rows [lo, hi) of block `v` (rows from r0, columns from c0): every column (flat
-    positions None), or on a diagonal tile the columns c > r + below (with their flat block positions)."""
-    if below is None or c0 > hi - 1 + below:  # every column of these rows
-        return v[lo - r0 : hi - r0], None
-    rows = np.arange(lo, hi)  # a triangle: columns c > r + below
-    flat = ranges(rows - r0, np.maximum(rows + below + 1, c0) - c0, np.full(len(rows), width), width)
-    return v.reshape(-1).take(flat), flat
 
 
 class TileLoop:
@@ -253,7 +212,7 @@ class TileLoop:
         w = t.c1 - t.c0
         pf = same_label_flat(self.labels, a, b, t, a2, w)
         # a pair (r, c) of the product needs c > r + below on a diagonal tile
-        tile = _TilePart(k, t, a - a2, b - a2, a2, a2 - t.r0 if t.diagonal else None, pf // w, pf % w)
+        tile = TilePart(k, t, a - a2, b - a2, a2, a2 - t.r0 if t.diagonal else None, pf // w, pf % w)
         on_block = functools.partial(self._count_block, tile)
         jobs: list[Future] = []
         u = self.product(t, a2, b2, on_block, jobs)
@@ -261,7 +220,7 @@ class TileLoop:
             on_block(0, b2 - a2, 0, w, u if isinstance(u, np.ndarray) else u.numpy())
         return jobs
 
-    def _count_block(self, tile: _TilePart, r0: int, r1: int, c0: int, c1: int, v: np.ndarray) -> None:
+    def _count_block(self, tile: TilePart, r0: int, r1: int, c0: int, c1: int, v: np.ndarray) -> None:
         """Count one block of a tile's product (rows r0..r1, columns c0..c1 of it, values `v`): its pairs, its
         extreme pair, its same-person pairs and, with the tail, its most similar pairs."""
         lo, hi = max(r0, tile.lo), min(r1, tile.hi)  # rows of the span
@@ -270,8 +229,8 @@ class TileLoop:
         if hi <= lo:
             return
         cnt = self._counting()
-        blk = _Block(tile.a2 + r0, tile.t.c0 + c0, c1 - c0, lo - r0)
-        vals, flat = _block_values(v, r0, c0, blk.width, lo, hi, tile.below)
+        blk = Block(tile.a2 + r0, tile.t.c0 + c0, c1 - c0, lo - r0)
+        vals, flat = block_values(v, r0, c0, blk.width, lo, hi, tile.below)
         if not vals.size:
             return
         gr = gc = None
@@ -293,7 +252,7 @@ class TileLoop:
         if cnt.tail is not None:
             self._tail_block(cnt.tail, blk, vals, flat, (pflat, pvals, pids), gr, gc)
 
-    def _positives(self, tile: _TilePart, blk: _Block, lo: int, hi: int, r0: int, c0: int,
+    def _positives(self, tile: TilePart, blk: Block, lo: int, hi: int, r0: int, c0: int,
                    v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:  # fmt: skip
         """(flat positions, values, group-pair ids) of the block's same-person pairs of rows [lo, hi)."""
         s0, s1 = np.searchsorted(tile.pos_r, [lo, hi])
@@ -306,7 +265,7 @@ class TileLoop:
                 return pflat, v.reshape(-1)[pflat], pids
         return _NONE, _NO_VALUES, None
 
-    def _tail_block(self, tail: Tail, blk: _Block, vals: np.ndarray, flat: np.ndarray | None,
+    def _tail_block(self, tail: Tail, blk: Block, vals: np.ndarray, flat: np.ndarray | None,
                     positives: tuple, gr: np.ndarray | None, gc: np.ndarray | None) -> None:  # fmt: skip
         """The exact tail: the block's values at least as similar as its bound, positives apart."""
         pflat, pvals, pids = positives
