@@ -43,16 +43,6 @@ def pair_ids(groups: int = GROUPS) -> np.ndarray:
     return t
 
 
-def without_group(groups: int = GROUPS) -> np.ndarray:
-    """[G, P] mask: the pair-of-groups ids that do not touch group g."""
-    t = pair_ids(groups)
-    n = int(t.max()) + 1
-    keep = np.ones((groups, n), dtype=bool)
-    for g in range(groups):
-        keep[g, np.unique(t[g])] = False
-    return keep
-
-
 def jackknife(full: float, replicates: list[float]) -> list[float] | None:
     r = np.array([x for x in replicates if x is not None and math.isfinite(x)], dtype=np.float64)
     if len(r) < 2 or not math.isfinite(full):
