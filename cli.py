@@ -1,4 +1,4 @@
-"""Command line: finetune, embed, score, report, run, bench. Each command parses options, builds its
+"""Command line: finetune, embed, score, identify, merge, report, run, bench. Each command parses options, builds its
 stage's config and calls the stage; library code does the work."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import click
 
 from benchmarks import BenchmarkGroup
 from cli_config import ConfigCommand, config_file_option, stage_kwargs
+from cli_identify import identify
 from cli_options import (
     device_option,
     embed_options,
@@ -234,10 +235,15 @@ def _score_rows(cfg) -> None:
 )
 @click.option("--log-fpr", is_flag=True, help="Logarithmic false-positive-rate axis in roc.png.")
 def merge(**options) -> None:
-    """Add `score --all-pairs --rows A:B` parts (job arrays) into one result; the full results folder when they
-    cover every row."""
+    """Add `score --all-pairs --rows A:B` parts (job arrays) into one result, or join `identify --rows A:B`
+    parts; the full results folder when they cover every row."""
     import json
 
+    from pipeline.identify.merge import is_identify_part
+
+    if is_identify_part(options["parts"][0]):
+        _merge_identify(options)
+        return
     from pipeline.scoring.merge import MergeConfig
     from pipeline.scoring.merge import merge as run_merge
 
@@ -251,6 +257,17 @@ def merge(**options) -> None:
         )
     else:
         click.echo(f"rows {info['ranges']} of {info['store_n']}: {info['n_pairs']} pairs (partial) -> {out}")
+
+
+def _merge_identify(options: dict) -> None:
+    from pipeline.identify.merge import merge_identify
+
+    m = merge_identify(list(options["parts"]), options["out"], options["overwrite"])
+    if "cmc" in m:
+        click.echo(f"rank 1 {m['cmc'][0]:.4f}, FNIR at FPIR 0.01 {m['fnir_at_fpir']['0.01']:.4f} from "
+                   f"{m['parts']} parts -> {options['out']}")  # fmt: skip
+    else:
+        click.echo(f"gallery rows {m['ranges']} of {m['gallery_rows']} (partial) -> {options['out']}")
 
 
 @main.command()
@@ -345,6 +362,8 @@ def run(ctx: click.Context, config_file: Path | None, **options) -> None:
         f"LFWPeople test AUC {summary['people']['pretrained']:.4f} -> {summary['people']['finetuned']:.4f}"
     )
 
+
+main.add_command(identify)
 
 if __name__ == "__main__":
     main()

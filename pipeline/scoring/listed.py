@@ -16,7 +16,7 @@ from pipeline.metrics.intervals import bootstrap_listed
 from pipeline.metrics.roc import HistogramROC
 from pipeline.scoring.config import ScoreConfig
 from pipeline.scoring.definition import ScoreDefinition
-from pipeline.scoring.memory import read_rows
+from pipeline.scoring.sources import read_rows
 from pipeline.store.layout import Store
 
 log = logging.getLogger(__name__)

@@ -25,25 +25,11 @@ from pipeline.scoring.blockmath import (
 from pipeline.scoring.config import ScoreConfig
 from pipeline.scoring.definition import ScoreDefinition
 from pipeline.scoring.sorted_rows import label_order
-from pipeline.scoring.sources import RowSource, nonfinite_rows, refuse_nonfinite
+from pipeline.scoring.sources import RowSource, read_rows
 from pipeline.store.layout import Store
 
 log = logging.getLogger(__name__)
-READ_ROWS_BYTES = 64 << 20  # rows read from the store at a time
 SORT_ROWS = 1024  # rows gathered into label order at a time
-
-
-def read_rows(store: Store, out: np.ndarray | None = None) -> np.ndarray:
-    """All rows as float32 into `out` (C-contiguous [n, D] float32; new when None), read in blocks straight from
-    the store. NaN or infinite rows are an error that names them."""
-    n, d = store.n, store.dim
-    out = np.empty((n, d), dtype=np.float32) if out is None else out
-    step = max(1, READ_ROWS_BYTES // max(1, d * 4))
-    bad: list[int] = []
-    for s in range(0, n, step):
-        bad.extend((nonfinite_rows(store.read_into(s, min(s + step, n), out)) + s).tolist())
-    refuse_nonfinite(store, bad)
-    return out
 
 
 class MemoryRows(RowSource):

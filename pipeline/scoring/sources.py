@@ -26,6 +26,8 @@ from pipeline.scoring.config import ScoreConfig
 from pipeline.scoring.definition import ScoreDefinition
 from pipeline.store.layout import Store, bad_rows_error
 
+READ_ROWS_BYTES = 64 << 20  # rows read from the store at a time
+
 
 def nonfinite_rows(block: np.ndarray) -> np.ndarray:
     """Indices of the rows of `block` that hold NaN or infinite values."""
@@ -39,6 +41,19 @@ def refuse_nonfinite(store: Store, store_rows: list[int]) -> None:
     """NaN or infinite rows (by store row) are an error naming them."""
     if store_rows:
         raise bad_rows_error(store, sorted(store_rows))
+
+
+def read_rows(store: Store, out: np.ndarray | None = None) -> np.ndarray:
+    """All rows as float32 into `out` (C-contiguous [n, D] float32; new when None), read in blocks straight from
+    the store. NaN or infinite rows are an error that names them."""
+    n, d = store.n, store.dim
+    out = np.empty((n, d), dtype=np.float32) if out is None else out
+    step = max(1, READ_ROWS_BYTES // max(1, d * 4))
+    bad: list[int] = []
+    for s in range(0, n, step):
+        bad.extend((nonfinite_rows(store.read_into(s, min(s + step, n), out)) + s).tolist())
+    refuse_nonfinite(store, bad)
+    return out
 
 
 @dataclass

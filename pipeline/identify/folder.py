@@ -1,0 +1,91 @@
+"""The results folder of `identify` and of merged identify parts (metrics.json, split.csv, searches.csv,
+cmc.png, iet.png), and the part folder of `identify --rows A:B` (part.json, search.npz, split.csv): where it may
+go, when an existing one may be replaced, and its writer (a temporary folder beside it, renamed into place)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import outputs
+from pipeline.errors import PipelineError
+from pipeline.report import figures
+from pipeline.report.results import PART_FILE, json_writer
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "search.npz"
+IDENTIFY_FILES = ("metrics.json", "split.csv", "searches.csv", "cmc.png", "iet.png", PART_FILE, STATE_FILE)
+"""Everything an identify results or part folder holds; a folder holding anything else is not replaced."""
+MODE = "identify"
+
+
+def recognise_identify_folder(path: Path) -> str | None:
+    """None when `path` is an empty folder or an identify results/part folder; else what it holds."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return "it is not a folder" if not path.is_symlink() else "it is a symbolic link"
+    entries = list(path.iterdir())
+    foreign = sorted(p.name for p in entries if p.name not in IDENTIFY_FILES or p.is_symlink() or not p.is_file())
+    if foreign:
+        return f"it holds {', '.join(foreign[:5])}, which identify does not write"
+    if not entries:
+        return None
+    for name in ("metrics.json", PART_FILE):
+        try:
+            if json.loads((path / name).read_text()).get("mode") == MODE:
+                return None
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+    return "it has no metrics.json or part.json written by identify"
+
+
+def check_identify_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Before anything is created: a safe location, and an existing folder only with `overwrite` when identify
+    wrote it."""
+    outputs.check_folder_out(out, inputs=inputs)
+    outputs.check_replaceable(out, overwrite, recognise_identify_folder, "identify results folder")
+
+
+def write_identify_folder(out: Path, files: dict[str, Callable[[Path], None]]) -> Path:
+    """Write `files` (name -> writer of that path) into a temporary folder beside `out`, then move it into
+    place; on any error nothing is left."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        tmp.chmod(0o755)
+        for name, write in files.items():
+            write(tmp / name)
+        outputs.replace_folder(tmp, out, recognise_identify_folder, IDENTIFY_FILES)
+    except OSError as e:
+        outputs.remove_own_files(tmp, IDENTIFY_FILES)
+        raise PipelineError(
+            f"cannot write the results folder {out}: {outputs.io_cause(e)}; nothing was written"
+        ) from None
+    except BaseException:
+        outputs.remove_own_files(tmp, IDENTIFY_FILES)
+        raise
+    log.info("wrote %s", out)
+    return out
+
+
+def figure_writers(metrics: dict) -> dict[str, Callable[[Path], None]]:
+    """cmc.png and iet.png of a result."""
+    label, title = metrics.get("label", ""), f"{metrics.get('label', '')}: open-set identification"
+    cmc = np.asarray(metrics["cmc"], dtype=np.float64)
+    ranks = np.arange(1, len(cmc) + 1)
+    iet = metrics["iet"]
+    return {
+        "cmc.png": lambda p: figures.draw_cmc([(ranks, cmc, f"{label} rank 1 = {cmc[0]:.4f}")], p, title),
+        "iet.png": lambda p: figures.draw_iet([(np.asarray(iet["fpir"]), np.asarray(iet["fnir"]), label)], p, title),
+    }
+
+
+__all__ = ["IDENTIFY_FILES", "STATE_FILE", "MODE", "check_identify_out", "write_identify_folder", "figure_writers",
+           "recognise_identify_folder", "json_writer"]  # fmt: skip
