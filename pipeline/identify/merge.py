@@ -64,7 +64,7 @@ def _merge(parts: list[Path], out: Path) -> dict:
         if differ:
             raise PipelineError(f"cannot merge {folder} with {parts[0]}: {'; '.join(differ)}. Search every part of "
                                 f"one gallery with the same store, options and split.")  # fmt: skip
-    ranges = sorted(r for info in infos for r in info.get("ranges", [info["rows"]]))
+    ranges = sorted(r for info in infos for r in (info["ranges"] if "ranges" in info else [info["rows"]]))
     for (a0, b0), (a1, b1) in zip(ranges, ranges[1:], strict=False):
         if a1 < b0:
             raise PipelineError(f"parts overlap: gallery rows {a0}:{b0} and {a1}:{b1}")

@@ -1,7 +1,8 @@
 """Every figure the tool draws, in one place: ROC, DET and score distributions of a result (`score`, `merge`,
-`report`), and the training curves of `finetune` and `run`. Each is a PNG written by matplotlib (Agg) with a
-`Description` text chunk naming this tool and the kind of figure, so a later run can tell its own figures from
-a user's (`recognise_figure`). A target is a path or a binary file object (the HTML report renders to memory).
+`report`), CMC and identification error tradeoff of an identification result (`identify`, `report`), and the
+training curves of `finetune` and `run`. Each is a PNG written by matplotlib (Agg) with a `Description` text
+chunk naming this tool and the kind of figure, so a later run can tell its own figures from a user's
+(`recognise_figure`). A target is a path or a binary file object (the HTML report renders to memory).
 """
 
 from __future__ import annotations
@@ -117,6 +118,80 @@ def draw_det(curves: Sequence[Curve], target, title: str) -> None:
     ax.grid(which="minor", alpha=0.12)
     fig.tight_layout()
     save(fig, target, "det")
+
+
+IET_FPIR = (1e-3, 1e-2, 1e-1)
+"""The FPIR levels marked in the identification error tradeoff (those of metrics.json's `fnir_at_fpir`)."""
+
+
+def _decade_below(value: float) -> float:
+    return 10.0 ** math.floor(math.log10(max(value, 1e-9)))
+
+
+def draw_cmc(curves: Sequence[Curve], target, title: str) -> None:
+    """Cumulative match characteristic of open-set searches: the identification rate (mated searches whose mate
+    is within the top k) over the rank k = 1..R, rank 1 marked. Curves are (ranks, rates, legend label). The y
+    axis starts at 0, or, when every rate is above 0.5, at a multiple of 0.05 just below the lowest."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    lowest, last = 1.0, 1
+    for ranks, rates, label in curves:
+        ranks, rates = np.asarray(ranks, dtype=np.float64), np.asarray(rates, dtype=np.float64)
+        keep = np.isfinite(ranks) & np.isfinite(rates)
+        if not keep.any():
+            continue
+        ranks, rates = ranks[keep], rates[keep]
+        (line,) = ax.plot(ranks, rates, lw=1.5, label=label)
+        ax.plot(ranks[:1], rates[:1], "o", ms=5, color=line.get_color())
+        lowest, last = min(lowest, float(rates.min())), max(last, int(ranks.max()))
+    ax.set_ylim(max(0.0, math.floor((lowest - 0.02) * 20) / 20) if lowest > 0.5 else 0.0, 1.01)
+    ax.set_xlim(0.5, last + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("Rank")
+    ax.set_ylabel("Identification rate (mate within the rank)")
+    ax.set_title(title, fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save(fig, target, "cmc")
+
+
+def draw_iet(curves: Sequence[Curve], target, title: str) -> None:
+    """Identification error tradeoff (NIST FRTE 1:N): false negative identification rate (FNIR, rank 1) over
+    false positive identification rate (FPIR), both axes logarithmic, lower left is better, dotted lines at FPIR
+    1e-3, 1e-2 and 1e-1. Curves are (FPIR, FNIR, legend label). Points with FPIR 0 have no place on the log axis
+    and are dropped; FNIR 0 (no mate missed) is drawn on the bottom edge. FPIR runs from 1e-4 (or the decade
+    below the smallest positive FPIR) to 1."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    kept = []
+    for fpir, fnir, label in curves:
+        fpir, fnir = np.asarray(fpir, dtype=np.float64), np.asarray(fnir, dtype=np.float64)
+        keep = np.isfinite(fpir) & np.isfinite(fnir) & (fpir > 0)
+        kept.append((fpir[keep], fnir[keep], label))
+    xs = [f.min() for f, _, _ in kept if f.size]
+    ys = [n[n > 0].min() for _, n, _ in kept if (n > 0).any()]
+    xlo = _decade_below(min([1e-4, *xs]))
+    ylo = min(_decade_below(min(ys)), 0.1) if ys else 1e-3
+    for fpir, fnir, label in kept:
+        ax.plot(fpir, np.clip(fnir, ylo, 1.0), lw=1.5, label=label)
+    for k, level in enumerate(IET_FPIR):
+        ax.axvline(level, color="grey", ls=":", lw=1, label="FPIR 0.001, 0.01, 0.1" if k == 0 else None)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(xlo, 1)
+    ax.set_ylim(ylo, 1.05)
+    ax.set_xlabel("False positive identification rate (FPIR, log)")
+    ax.set_ylabel("False negative identification rate (FNIR, rank 1, log)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(which="major", alpha=0.4)
+    ax.grid(which="minor", alpha=0.12)
+    fig.tight_layout()
+    save(fig, target, "iet")
 
 
 def operating_thresholds(metrics: dict, roc: dict | None) -> dict[str, float]:
@@ -298,9 +373,12 @@ def training_title(config: dict) -> str:
 
 
 __all__ = [
+    "IET_FPIR",
     "MARK",
     "VAL_FAR",
+    "draw_cmc",
     "draw_det",
+    "draw_iet",
     "draw_roc",
     "draw_scores",
     "draw_training",

@@ -1,20 +1,20 @@
 """`report --html`: one self-contained HTML page (no scripts, no external files: CSS inline, figures as base64 PNG
 data URIs) with the study's table, the operating points (with 95% intervals where metrics.json has them), the
-ROC of all results, the training curves, and each result's figures and provenance."""
+ROC of all results, the training curves, and each result's figures and provenance; for results of `identify`,
+the identification table and figures (`pipeline.report.identification`)."""
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import html
-import io
 import json
 import logging
 from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.metrics.roc import HistogramROC
-from pipeline.report import figures
+from pipeline.report import figures, identification
+from pipeline.report.identification import Identifications
+from pipeline.report.markup import data_uri, esc, figure, interval, render, table, with_ci
 from pipeline.report.read import protocol_name, read_result, study_cells, title_of
 from pipeline.report.results import FIGURE_FILES
 
@@ -51,39 +51,7 @@ code { font-size: 0.9em; } .note { color: #666; font-size: 0.9em; }
 line in their cell and may break at the comma, paths and provenance values break anywhere."""
 
 
-def esc(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def img(png: bytes, alt: str) -> str:
-    return f'<img src="{data_uri(png)}" alt="{esc(alt)}">'
-
-
-def figure(png: bytes, caption: str) -> str:
-    return f"<figure>{img(png, caption)}<figcaption>{esc(caption)}</figcaption></figure>"
-
-
-def table(header: list[str], rows: list[list[str]], raw: bool = False, css_class: str = "") -> str:
-    """An HTML table; cells are escaped unless `raw` (already HTML); `css_class` "wrap" lets cells break long
-    words anywhere (paths, hashes), so the table fits the window."""
-    cell = (lambda c: c) if raw else esc
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
-    opening = f'<table class="{esc(css_class)}">' if css_class else "<table>"
-    return f"{opening}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 # ---------------------------------------------------------------------------------------------------- figures
-
-
-def render(draw, *args) -> bytes:
-    buf = io.BytesIO()
-    draw(*args[:1], buf, *args[1:])
-    return buf.getvalue()
 
 
 def result_figures(folder: Path, metrics: dict) -> list[tuple[str, bytes]]:
@@ -114,25 +82,6 @@ def result_figures(folder: Path, metrics: dict) -> list[tuple[str, bytes]]:
 
 
 # ---------------------------------------------------------------------------------------------------- tables
-
-
-def interval(value) -> tuple[float, float] | None:
-    """A 95% interval as (lo, hi) from [lo, hi] or {"lo"/"low": .., "hi"/"high": ..}; None otherwise."""
-    if isinstance(value, dict):
-        value = [value.get("lo", value.get("low")), value.get("hi", value.get("high"))]
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
-        return float(value[0]), float(value[1])
-    return None
-
-
-def with_ci(value, ci) -> str:
-    if value is None:
-        return "-"
-    text = f"{float(value):.4f}"
-    bounds = interval(ci)
-    if bounds is not None:
-        text += f' <span class="ci">[{bounds[0]:.4f}, {bounds[1]:.4f}]</span>'
-    return text
 
 
 def far_levels(results: list[dict]) -> list[str]:
@@ -206,18 +155,10 @@ def provenance(folder: Path, m: dict) -> str:
 # ---------------------------------------------------------------------------------------------------- page
 
 
-def page(folders: list[Path], results: list[dict], roc_png: bytes, training: list[tuple[str, bytes]]) -> str:
-    """The HTML text of the report."""
+def verification_summary(folders: list[Path], results: list[dict], roc_png: bytes) -> list[str]:
+    """The study's table, the operating points and the ROC of all verification results."""
     header, body = study_cells(results)
-    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        GENERATOR,
-        "<title>Face-verification report</title>",
-        f"<style>{STYLE}</style></head><body>",
-        "<h1>Face-verification report</h1>",
-        f'<p class="note">{len(results)} results, written {esc(now)} by <code>cli.py report --html</code>.</p>',
+    return [
         "<h2>AUC in the study's layout</h2>",
         table(header, body),
         "<h2>Operating points</h2>",
@@ -227,24 +168,74 @@ def page(folders: list[Path], results: list[dict], roc_png: bytes, training: lis
         "<h2>ROC of all results</h2>",
         f'<div class="figs">{figure(roc_png, "ROC of " + ", ".join(sorted({protocol_name(m) for m in results})))}</div>',
     ]
-    if training:
-        parts.append("<h2>Training</h2>")
-        parts.append('<p class="note">Training loss, validation AUC and TAR at FAR 1e-3 per epoch.</p>')
-        parts.append('<div class="figs">' + "".join(figure(png, source) for source, png in training) + "</div>")
-    parts.append("<h2>Results</h2>")
+
+
+def verification_sections(folders: list[Path], results: list[dict]) -> list[str]:
+    """One section per verification result: its figures and provenance."""
+    parts = ["<h2>Results</h2>"]
     for k, (folder, m) in enumerate(zip(folders, results, strict=True)):
         parts.append(f'<section id="result-{k}"><h3>{esc(title_of(m))}: AUC {float(m["auc"]):.4f}</h3>')
         figs = result_figures(folder, m)
         parts.append('<div class="figs">' + "".join(figure(png, cap) for cap, png in figs) + "</div>")
         parts.append(provenance(folder, m) + "</section>")
+    return parts
+
+
+def page(
+    folders: list[Path],
+    results: list[dict],
+    roc_png: bytes | None,
+    training: list[tuple[str, bytes]],
+    identified: Identifications | None = None,
+) -> str:
+    """The HTML text of the report: the verification results' tables and ROC (`roc_png`), the identification
+    results' table and figures (`identified`), the training curves, then each result's section. A report without
+    verification results (`results` empty, `roc_png` None) has no verification parts, one without identification
+    results (`identified` None or empty) no identification parts."""
+    ident = identified if identified is not None and identified.results else None
+    kinds = ["verification"] * bool(results) + ["identification"] * (ident is not None)
+    name = f"Face-{' and '.join(kinds or ['verification'])} report"
+    counted = f"{len(results)} results"
+    if ident is not None:
+        counted = " and ".join(
+            [f"{len(results)} verification"] * bool(results) + [f"{len(ident.results)} identification"]
+        )
+        counted += " results"
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        GENERATOR,
+        f"<title>{name}</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>{name}</h1>",
+        f'<p class="note">{counted}, written {esc(now)} by <code>cli.py report --html</code>.</p>',
+    ]
+    if results:
+        parts += verification_summary(folders, results, roc_png)
+    if ident is not None:
+        parts += identification.summary(ident)
+    if training:
+        parts.append("<h2>Training</h2>")
+        parts.append('<p class="note">Training loss, validation AUC and TAR at FAR 1e-3 per epoch.</p>')
+        parts.append('<div class="figs">' + "".join(figure(png, source) for source, png in training) + "</div>")
+    if results or ident is None:
+        parts += verification_sections(folders, results)
+    if ident is not None:
+        parts += identification.sections(ident)
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
 def write_page(
-    path: Path, folders: list[Path], results: list[dict], roc_png: bytes, training: list[tuple[str, bytes]]
+    path: Path,
+    folders: list[Path],
+    results: list[dict],
+    roc_png: bytes | None,
+    training: list[tuple[str, bytes]],
+    identified: Identifications | None = None,
 ) -> None:
-    Path(path).write_text(page(folders, results, roc_png, training), encoding="utf-8")
+    Path(path).write_text(page(folders, results, roc_png, training, identified), encoding="utf-8")
 
 
 __all__ = [
@@ -254,6 +245,8 @@ __all__ = [
     "operating_points",
     "page",
     "provenance",
+    "verification_sections",
+    "verification_summary",
     "result_figures",
     "write_page",
 ]

@@ -1,5 +1,6 @@
-"""A results folder read back, and the names a report gives its result: the protocol's name, a figure's title,
-the study's cells. Below the results-folder writer, the tables and the page, which all name results alike."""
+"""A results folder (of `score` or of `identify`) read back, and the names a report gives its result: the
+protocol's name, a figure's title, the study's cells. Below the results-folder writer, the tables and the page,
+which all name results alike."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ log = logging.getLogger(__name__)
 PROTOCOL_NAMES = {"pairs": "LFWPairs", "people": "LFWPeople", "10fold": "LFW View 2", "folder": "folder (all pairs)",
                   "pairs-file": "folder (listed pairs)", "bin": ".bin pairs"}  # fmt: skip
 VARIANTS = ("pretrained", "finetuned")
+IDENTIFY_MODE = "identify"
+"""metrics.json's `mode` in a results folder of `identify`."""
 
 
 def protocol_name(metrics: dict) -> str:
@@ -43,6 +46,40 @@ def read_result(folder: Path) -> tuple[dict, np.ndarray, np.ndarray]:
     metrics = json.loads(mpath.read_text())
     data = np.loadtxt(rpath, delimiter=",", skiprows=1, ndmin=2)
     return metrics, data[:, 0], data[:, 1]
+
+
+def is_identification(folder: Path) -> bool:
+    """Whether `folder` is a results folder of `identify` (its metrics.json says `"mode": "identify"`)."""
+    try:
+        metrics = json.loads((Path(folder) / "metrics.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(metrics, dict) and metrics.get("mode") == IDENTIFY_MODE
+
+
+def read_identification(folder: Path) -> dict:
+    """The metrics of a results folder of `identify` (metrics.json with `mode` "identify" and a `cmc` list)."""
+    path = Path(folder) / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PipelineError(f"{folder} is not a results folder of `identify` ({path}: {e})") from e
+    if (
+        not isinstance(metrics, dict)
+        or metrics.get("mode") != IDENTIFY_MODE
+        or not isinstance(metrics.get("cmc"), list)
+    ):
+        raise PipelineError(f"{folder} is not a results folder of `identify` (no mode identify and cmc in {path})")
+    return metrics
+
+
+def identification_title(metrics: dict) -> str:
+    """An identification result's name in figures and headings: label, metric, template, distractors."""
+    label = str(metrics.get("label") or metrics.get("model") or "embeddings")
+    how = [str(metrics["metric"])] if metrics.get("metric") else []
+    how += [f"{metrics['template']} template"] if metrics.get("template") else []
+    how += [f"{int(metrics['n_distractors']):,} distractors"] if metrics.get("n_distractors") else []
+    return f"{label} - identification" + (f" ({', '.join(how)})" if how else "")
 
 
 def study_cells(results: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -74,4 +111,15 @@ def study_cells(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-__all__ = ["PROTOCOL_NAMES", "VARIANTS", "protocol_name", "title_of", "read_result", "study_cells"]
+__all__ = [
+    "PROTOCOL_NAMES",
+    "VARIANTS",
+    "protocol_name",
+    "title_of",
+    "read_result",
+    "study_cells",
+    "IDENTIFY_MODE",
+    "identification_title",
+    "is_identification",
+    "read_identification",
+]

@@ -1,6 +1,7 @@
 """`report` of several results folders (or `run` folders, which stand for their four results): one ROC figure,
 the study's table, the training curves when a result comes from a fine-tuning that drew them, and with `html`
-one self-contained page (`pipeline.report.html`). Figures are drawn by `pipeline.report.figures`."""
+one self-contained page (`pipeline.report.html`); results folders of `identify` add the identification table and
+figures (`pipeline.report.identification`). Figures are drawn by `pipeline.report.figures`."""
 
 from __future__ import annotations
 
@@ -11,14 +12,26 @@ from pathlib import Path
 
 from pipeline import outputs
 from pipeline.errors import PipelineError
-from pipeline.report import figures
+from pipeline.report import figures, identification
 from pipeline.report.html import GENERATOR, write_page
-from pipeline.report.read import VARIANTS, protocol_name, read_result, study_cells, title_of
+from pipeline.report.identification import Identifications
+from pipeline.report.read import (
+    VARIANTS,
+    is_identification,
+    protocol_name,
+    read_identification,
+    read_result,
+    study_cells,
+    title_of,
+)
 
 log = logging.getLogger(__name__)
 
 REPORT_FILES = ("table.md", "roc.png")
-"""What every report writes."""
+"""What every report with verification results writes (one of identification results only: table.md, cmc.png,
+iet.png)."""
+TABLE_STARTS = (b"| model |", b"| identification |")
+"""How table.md starts: with the study's table, or, with identification results only, the identification table."""
 TRAINING_FILE = "training.png"
 """Written when the results come from one fine-tuning whose training figure exists."""
 HTML_FILE = "report.html"
@@ -43,11 +56,13 @@ def recognise_report_file(path: Path) -> str | None:
     with open(path, "rb") as f:
         head = f.read(4096)
     if path.suffix == ".md":
-        return None if head.startswith(b"| model |") else "it is not a table written by report"
+        return None if head.startswith(TABLE_STARTS) else "it is not a table written by report"
     if path.suffix == ".html":
         return None if GENERATOR.encode() in head else "it is not a page written by report"
     if path.name == TRAINING_FILE:
         return figures.recognise_figure(path, "training")
+    if path.name in identification.FIGURES:
+        return figures.recognise_figure(path, identification.FIGURES[path.name])
     return figures.recognise_figure(path, legacy=True)  # roc.png of versions that did not mark their figures
 
 
@@ -121,6 +136,46 @@ def draw_run_history(run: Path) -> tuple[str, bytes] | None:
 # ---------------------------------------------------------------------------------------------------- report
 
 
+def read_verification(folders: list[Path]) -> tuple[list[dict], list[figures.Curve]]:
+    """The metrics and ROC curves (legend: title and AUC) of verification results folders."""
+    results, curves = [], []
+    for folder in folders:
+        metrics, fpr, tpr = read_result(folder)
+        results.append(metrics)
+        curves.append((fpr, tpr, f"{title_of(metrics)}: AUC = {metrics['auc']:.4f}"))
+    return results, curves
+
+
+def report_table(results: list[dict], ident: Identifications) -> str:
+    """table.md: the study's table of the verification results, then, after an empty line, the identification
+    table; either alone when the report has results of one kind only."""
+    tables = [study_table(results)] if results or not ident.results else []
+    if ident.results:
+        tables.append(identification.markdown_table(ident.folders, ident.results))
+    return "\n".join(tables)
+
+
+def output_names(verified: bool, identified: bool, n_training: int, training: bool, html: bool) -> list[str]:
+    """The files a report writes, table.md first: roc.png with verification results (`verified`), cmc.png and
+    iet.png with identification results (`identified`), training.png with `training` when one training figure was
+    found, report.html with `html`."""
+    names = ["table.md", *(["roc.png"] if verified else []), *(identification.FIGURES if identified else [])]
+    if training and n_training == 1:
+        names.append(TRAINING_FILE)
+    elif training and n_training > 1:
+        log.info("%d training figures found: report.html (--html) shows them all", n_training)
+    return names + ([HTML_FILE] if html else [])
+
+
+def write_identification_figures(out: Path, ident: Identifications) -> None:
+    """out/cmc.png and out/iet.png: the CMC and IET of all identification results, kept in `ident.figures` for
+    the page."""
+    for name, kind in identification.FIGURES.items():
+        outputs.replace_file(lambda p, kind=kind: identification.draw_all(kind, ident.results, p), out / name)
+        caption = f"{identification.CAPTIONS[kind]} of all identification results"
+        ident.figures.append((caption, (out / name).read_bytes()))
+
+
 def report(
     folders: list[Path],
     out: Path,
@@ -132,25 +187,24 @@ def report(
     """One ROC figure (out/roc.png) and the study's table (out/table.md) from results or run folders; with
     `training`, the training figure (out/training.png) when the results come from one fine-tuning that drew
     it; with `html`, out/report.html (tables, every result's figures and provenance, training curves, all in
-    one file). An existing output is replaced only with `overwrite`, and only when this tool wrote it."""
+    one file). An existing output is replaced only with `overwrite`, and only when this tool wrote it.
+
+    Results folders of `identify` (metrics.json with mode "identify") may come among them: table.md then holds
+    the identification table below the study's (one row per identification result), out/cmc.png and out/iet.png
+    hold the CMC and the identification error tradeoff of all identification results, and report.html has their
+    table, figures, distractor curves and descriptions. A report of identification results only has no ROC:
+    table.md is the identification table alone, and cmc.png and iet.png are its figures (no roc.png)."""
     if not folders:
         raise PipelineError("report needs at least one results folder")
     out = Path(out)
     result_dirs, runs = expand_folders(folders)
     outputs.check_folder_out(out, inputs=list(folders) + result_dirs, holds_inputs=False)
-    results, curves = [], []
-    for folder in result_dirs:
-        metrics, fpr, tpr = read_result(folder)
-        results.append(metrics)
-        curves.append((fpr, tpr, f"{title_of(metrics)}: AUC = {metrics['auc']:.4f}"))
-    found = training_figures(runs, results) if training or html else []
-    names = list(REPORT_FILES)
-    if training and len(found) == 1:
-        names.append(TRAINING_FILE)
-    elif training and len(found) > 1:
-        log.info("%d training figures found: report.html (--html) shows them all", len(found))
-    if html:
-        names.append(HTML_FILE)
+    ident_dirs = [d for d in result_dirs if is_identification(d)]
+    verification = [d for d in result_dirs if d not in ident_dirs]
+    results, curves = read_verification(verification)
+    ident = Identifications(ident_dirs, [read_identification(d) for d in ident_dirs])
+    found = training_figures(runs, results + ident.results) if training or html else []
+    names = output_names(bool(results), bool(ident.results), len(found), training, html)
 
     def check() -> None:
         for name in names:
@@ -158,18 +212,21 @@ def report(
 
     check()
     out.mkdir(parents=True, exist_ok=True)
-    table = study_table(results)
+    table = report_table(results, ident)
     title = "ROC of " + ", ".join(sorted({protocol_name(m) for m in results}))
     with outputs.output_lock(out / "table.md"):
         check()  # again under the lock: another run may have written them since
         for name in names[1:]:
             outputs.recover_leftovers(out / name, ())  # temporaries of killed runs
         outputs.replace_file(lambda p: p.write_text(table), out / "table.md")
-        outputs.replace_file(lambda p: figures.draw_roc(curves, p, title, log_fpr), out / "roc.png")
+        if results:
+            outputs.replace_file(lambda p: figures.draw_roc(curves, p, title, log_fpr), out / "roc.png")
+        if ident.results:
+            write_identification_figures(out, ident)
         if TRAINING_FILE in names:
             outputs.replace_file(lambda p: p.write_bytes(found[0][1]), out / TRAINING_FILE)
         if html:
-            roc_png = (out / "roc.png").read_bytes()
-            outputs.replace_file(lambda p: write_page(p, result_dirs, results, roc_png, found), out / HTML_FILE)
+            roc_png = (out / "roc.png").read_bytes() if results else None
+            outputs.replace_file(lambda p: write_page(p, verification, results, roc_png, found, ident), out / HTML_FILE)
     log.info("wrote %s", ", ".join(str(out / n) for n in names))
     return table
