@@ -74,27 +74,40 @@ class Search:
                                 "trials enrol different numbers of images")  # fmt: skip
 
     def run(self, span: tuple[int, int]) -> SearchState:
-        """The state of the gallery span `span` (the whole gallery: (0, gallery_rows))."""
+        """The state of the gallery span `span` (the whole gallery: (0, gallery_rows)). The enrolled images come
+        first: each probe's lowest mate score over the trials is its floor in the distractors' search (no
+        distractor below it changes a rank; a search's best is kept whatever its floor)."""
         q, r = len(self.probe_rows), self.cfg.max_rank
         mates, vals, ids = [], [], []
-        for trial in self.enrolled:
-            reducer = IdentityScores(q, trial.ids, len(trial.people))
-            lo, hi = span[0], min(span[1], trial.gallery.n)
-            if hi > lo:
-                search(self.left, trial.gallery, (lo, hi), reducer)
-            at = np.searchsorted(trial.people, self.labels[self.probe_rows])
-            found = trial.people[np.minimum(at, len(trial.people) - 1)] == self.labels[self.probe_rows]
-            m, v, i = enrolled_state(reducer.best, np.where(found, at, -1), r)
+        floor = np.full(q, np.inf, np.float32)
+        for trial, gallery in zip(self.trials, self.enrolled, strict=True):
+            at = np.searchsorted(gallery.people, self.labels[self.probe_rows])
+            found = gallery.people[np.minimum(at, len(gallery.people) - 1)] == self.labels[self.probe_rows]
+            mate_ids = np.where(found, at, -1)
+            whole = (0, gallery.gallery.n)
+            m, v, i = enrolled_state(self._identity_scores(gallery, whole), mate_ids, r)
+            mated = np.isin(self.probe_rows, trial.mated)
+            floor[mated] = np.minimum(floor[mated], m[mated])
+            mine = (span[0], min(span[1], gallery.gallery.n))
+            if mine != whole:  # a part: its own span of the enrolled images
+                m, v, i = enrolled_state(self._identity_scores(gallery, mine), mate_ids, r)
             mates.append(m), vals.append(v), ids.append(i)
         e = self.enrolled_rows or 0
         lo, hi = max(span[0] - e, 0), min(span[1] - e, self.distractors.n)
         if span == (0, self.gallery_rows):
             lo, hi = 0, self.distractors.n  # the whole gallery, whatever the trials' gallery sizes
-        top = TopScores(q, r, self.cuts)
+        top = TopScores(q, r, self.cuts, floor)
         if hi > lo:
             search(self.left, self.distractors, (lo, hi), top, progress=self.cfg.progress)
         d, seg = top.finish()
         return SearchState(np.stack(mates), np.stack(vals), np.stack(ids), d, seg)
+
+    def _identity_scores(self, enrolled, span: tuple[int, int]) -> np.ndarray:
+        """[probes, people]: each probe's best score per enrolled person over the gallery rows in `span`."""
+        reducer = IdentityScores(len(self.probe_rows), enrolled.ids, len(enrolled.people))
+        if span[1] > span[0]:
+            search(self.left, enrolled.gallery, span, reducer)
+        return reducer.best
 
     def outcomes(self, state: SearchState) -> list:
         return outcomes(state, self.trials, self.probe_rows, self.labels)

@@ -44,10 +44,12 @@ def gallery_chunks(n: int, span: tuple[int, int], rows: int = CHUNK_ROWS, side: 
 
 def search(left: np.ndarray, gallery, span: tuple[int, int], reducer, progress: bool = False,
            rows: int = CHUNK_ROWS) -> None:  # fmt: skip
-    """Every probe row of `left` against the gallery rows in `span`, each product block handed to
-    `reducer.block(g0, lo, hi, i0, i1, j0, j1, values)` (chunk start g0; the span's columns [lo, hi) of the chunk;
-    the block's probe rows and chunk columns), in the product threads. `gallery.n` rows; `gallery.right(a, b)` their
-    operand rows. Two chunks are in flight: the next is read while the threads multiply the last."""
+    """Every probe row of `left` against the gallery rows in `span`. Each product block, gallery rows against
+    probes (so that a probe's maxima over gallery rows are column-wise, vectorised maxima), goes to
+    `reducer.block(g0, lo, hi, i0, i1, j0, j1, values)` in the product thread that computed it: chunk start g0,
+    the span's rows [lo, hi) of the chunk, the block's gallery rows [i0, i1) (chunk coordinates) and probes
+    [j0, j1). `gallery.n` rows; `gallery.right(a, b)` their operand rows. Two chunks are in flight: the next is
+    read while the threads multiply the last."""
     chunks = gallery_chunks(gallery.n, span, rows)
     queued: deque[tuple[int, list]] = deque()
     with single_threaded_blas(), tqdm(total=span[1] - span[0], unit="row", unit_scale=True, disable=not progress,
@@ -58,7 +60,7 @@ def search(left: np.ndarray, gallery, span: tuple[int, int], reducer, progress: 
                 lo, hi = max(span[0], g0) - g0, min(span[1], g1) - g0
                 jobs: list = []
                 on_block = functools.partial(reducer.block, g0, lo, hi)
-                fixed_matmul(left, right, None, side=CHUNK, on_block=on_block, pending=jobs)
+                fixed_matmul(right, left, None, side=CHUNK, on_block=on_block, pending=jobs)
                 queued.append((hi - lo, jobs))
                 while len(queued) > 1:
                     done, jobs = queued.popleft()
@@ -72,71 +74,139 @@ def search(left: np.ndarray, gallery, span: tuple[int, int], reducer, progress: 
             wait([f for _, jobs in queued for f in jobs])
 
 
-def _span_columns(lo: int, hi: int, j0: int, j1: int) -> tuple[int, int]:
-    """The block's columns [a, b) (chunk coordinates) inside the span's [lo, hi)."""
-    return max(j0, lo), min(j1, hi)
+def _span_rows(lo: int, hi: int, i0: int, i1: int) -> tuple[int, int]:
+    """The block's gallery rows [a, b) (chunk coordinates) inside the span's [lo, hi)."""
+    return max(i0, lo), min(i1, hi)
+
+
+SPARE = 64  # candidates a probe holds beside its r best before they are folded in
+GROUP = 16  # gallery rows whose maximum is taken first: only groups above a probe's bound are looked into
+
+
+class _Best:
+    """One product thread's running best scores: per probe its r best as of its last fold (`vals[:, :r]`,
+    unordered), up to `SPARE` candidates since (`vals[:, r:]`, -inf where empty), and the r-th best at the last
+    fold (`thr`: a lower bound of the final one, so a value not above it never enters). Appending a candidate
+    costs a store; the r best are sorted out (a partition) only when a probe's spare places run out."""
+
+    def __init__(self, n: int, r: int, segments: int, floor: np.ndarray | None):
+        self.r = r
+        self.vals = np.full((n, r + SPARE), -np.inf, np.float32)
+        self.fill = np.zeros(n, np.int64)
+        self.thr = np.full(n, -np.inf, np.float32)
+        self.seg = np.full((n, segments), -np.inf, np.float32)  # best per segment
+        # v > below_floor <=> v >= floor
+        self.below_floor = None if floor is None else np.nextafter(floor.astype(np.float32), np.float32(-np.inf))
+
+    def first(self, j0: int, blk: np.ndarray) -> None:
+        """The first block of probes j0.. (nothing kept yet; at least r rows): each probe's r best of it."""
+        best = np.partition(blk, len(blk) - self.r, axis=0)[-self.r :].T
+        self.vals[j0 : j0 + best.shape[0], : self.r] = best
+        self._bound(np.arange(j0, j0 + best.shape[0]), best)
+
+    def add(self, probes: np.ndarray, values: np.ndarray) -> None:
+        """Candidates (each a probe and a value above its bound), sorted by probe, a probe any number of times."""
+        p, v = probes, values
+        starts = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])
+        count = np.diff(np.r_[starts, len(p)])
+        u, rank = p[starts], np.arange(len(p)) - np.repeat(starts, count)
+        full = self.fill[u] + count > SPARE
+        if full.any():  # fold these probes' spare places and new values into their r best
+            sel = np.repeat(full, count)
+            extra = np.full((int(full.sum()), int(count[full].max())), -np.inf, np.float32)
+            extra[np.repeat(np.arange(len(extra)), count[full]), rank[sel]] = v[sel]
+            self._fold(u[full], extra)
+            p, v, rank, u, count = p[~sel], v[~sel], rank[~sel], u[~full], count[~full]
+        self.vals[p, self.r + self.fill[p] + rank] = v
+        self.fill[u] += count
+
+    def _fold(self, rows: np.ndarray, extra: np.ndarray | None = None) -> None:
+        both = self.vals[rows] if extra is None else np.concatenate([self.vals[rows], extra], axis=1)
+        best = np.partition(both, both.shape[1] - self.r, axis=1)[:, -self.r :]
+        self.vals[rows, : self.r] = best
+        self.vals[rows, self.r :] = -np.inf
+        self.fill[rows] = 0
+        self._bound(rows, best)
+
+    def _bound(self, rows: np.ndarray, best: np.ndarray) -> None:
+        """A value enters only above the probe's r-th best, or, where that lies below the probe's floor (no value
+        under it counts), only at or above the floor, or, for the probe's best, above its best."""
+        rth = best.min(axis=1)
+        if self.below_floor is not None:
+            rth = np.minimum(best.max(axis=1), np.maximum(self.below_floor[rows], rth))
+        self.thr[rows] = rth
+
+    def best(self) -> np.ndarray:
+        """[n, r]: every probe's r best (unordered)."""
+        self._fold(np.arange(len(self.vals)))
+        return self.vals[:, : self.r]
 
 
 class TopScores:
     """Per probe, its `r` best scores (values: the gallery rows are identities of their own) and its best score in
     each segment of gallery positions (`cuts`: the segments' ends, increasing, the last the gallery's end), kept
-    per product thread and merged by `finish`. A block's values enter only for the probes whose block maximum
-    beats their r-th best so far (most blocks of a long search hold none)."""
+    per product thread (`_Best`) and merged by `finish`. Of a block, the maxima of groups of `GROUP` gallery rows
+    come first; only groups whose maximum beats a probe's bound are looked into (late in a long search, few)."""
 
-    def __init__(self, n_probes: int, r: int, cuts: list[int]):
-        self.n, self.r, self.cuts = n_probes, r, list(cuts)
-        self._states: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    def __init__(self, n_probes: int, r: int, cuts: list[int], floor: np.ndarray | None = None):
+        self.n, self.r, self.cuts, self.floor = n_probes, r, list(cuts), floor
+        self._states: dict[int, _Best] = {}
 
-    def _state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _state(self) -> _Best:
         st = self._states.get(threading.get_ident())
         if st is None:
-            st = self._states[threading.get_ident()] = (
-                np.full((self.n, self.r), -np.inf, np.float32),  # the r best (unordered)
-                np.full(self.n, -np.inf, np.float32),  # the r-th best
-                np.full((self.n, len(self.cuts)), -np.inf, np.float32),  # best per segment
-            )
+            st = self._states[threading.get_ident()] = _Best(self.n, self.r, len(self.cuts), self.floor)
         return st
 
     def block(self, g0: int, lo: int, hi: int, i0: int, i1: int, j0: int, j1: int, v: np.ndarray) -> None:
-        a, b = _span_columns(lo, hi, j0, j1)
+        a, b = _span_rows(lo, hi, i0, i1)
         if b <= a:
             return
-        vals, thr, seg = self._state()
-        blk = v[:, a - j0 : b - j0]
-        start, stop = g0 + a, g0 + b  # gallery positions
+        st = self._state()
+        blk = v[a - i0 : b - i0]  # [gallery rows, probes]
+        n, whole = len(blk), len(blk) // GROUP * GROUP
+        groups = blk[:whole].reshape(-1, GROUP, blk.shape[1]).max(axis=1)
+        if whole < n:
+            groups = np.concatenate([groups, blk[whole:].max(axis=0, keepdims=True)])
+        top = self._segments(st, g0 + a, g0 + b, blk, groups, j0, j1)
+        thr = st.thr[j0:j1]
+        if n >= self.r and thr[0] == -np.inf and (thr == -np.inf).all():
+            st.first(j0, blk)
+            return
+        hot = np.flatnonzero(top > thr)  # probes with a value above their bound
+        if not hot.size:
+            return
+        pj, gi = np.nonzero((groups[:, hot] > thr[hot]).T)  # by probe
+        pj = hot[pj]
+        at = gi[:, None] * GROUP + np.arange(GROUP)
+        vals = np.take(blk.reshape(-1), np.minimum(at, n - 1) * blk.shape[1] + pj[:, None])
+        if whole < n:
+            vals[at >= n] = -np.inf  # the short last group
+        keep = vals > thr[pj][:, None]
+        st.add(np.broadcast_to((j0 + pj)[:, None], vals.shape)[keep], vals[keep])
+
+    def _segments(self, st: _Best, start: int, stop: int, blk: np.ndarray, groups: np.ndarray, j0: int,
+                  j1: int) -> np.ndarray:  # fmt: skip
+        """Each probe's best in the segments of gallery positions [start, stop) (the block's rows); returns each
+        probe's best of the block."""
+        top = groups.max(axis=0)
         s = bisect.bisect_right(self.cuts, start)
-        rowmax = None
+        if self.cuts[s] >= stop:  # the block lies in one segment
+            np.maximum(st.seg[j0:j1, s], top, out=st.seg[j0:j1, s])
+            return top
+        first = start
         while start < stop:
             end = min(self.cuts[s], stop)
-            m = blk[:, start - g0 - a : end - g0 - a].max(axis=1)
-            np.maximum(seg[i0:i1, s], m, out=seg[i0:i1, s])
-            rowmax = m if rowmax is None else np.maximum(rowmax, m)
+            np.maximum(st.seg[j0:j1, s], blk[start - first : end - first].max(axis=0), out=st.seg[j0:j1, s])
             start, s = end, s + 1
-        rows = np.flatnonzero(rowmax > thr[i0:i1])
-        if rows.size:
-            _insert(vals, thr, i0 + rows, blk[rows])
+        return top
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         """(best scores [n, r] sorted best first, best per segment [n, segments]) over every thread."""
         states = list(self._states.values()) or [self._state()]
-        vals = top_columns(np.concatenate([s[0] for s in states], axis=1), self.r)
-        seg = functools.reduce(np.maximum, [s[2] for s in states])
+        vals = top_columns(np.concatenate([s.best() for s in states], axis=1), self.r)
+        seg = functools.reduce(np.maximum, [s.seg for s in states])
         return vals, seg
-
-
-def _insert(vals: np.ndarray, thr: np.ndarray, rows: np.ndarray, sub: np.ndarray) -> None:
-    """The values of `sub` (one row per probe in `rows`) above each probe's r-th best into its r best."""
-    above = sub > thr[rows][:, None]
-    count = above.sum(axis=1)
-    width = int(count.max())
-    r_at, c_at = np.nonzero(above)
-    first = np.cumsum(count) - count
-    cand = np.full((len(rows), width), -np.inf, np.float32)
-    cand[r_at, np.arange(len(r_at)) - first[r_at]] = sub[r_at, c_at]
-    both = np.concatenate([vals[rows], cand], axis=1)
-    best = np.partition(both, width, axis=1)[:, width:]
-    vals[rows] = best
-    thr[rows] = best.min(axis=1)
 
 
 def top_columns(values: np.ndarray, r: int, ids: np.ndarray | None = None):
@@ -168,14 +238,14 @@ class IdentityScores:
         self._lock = threading.Lock()
 
     def block(self, g0: int, lo: int, hi: int, i0: int, i1: int, j0: int, j1: int, v: np.ndarray) -> None:
-        a, b = _span_columns(lo, hi, j0, j1)
+        a, b = _span_rows(lo, hi, i0, i1)
         if b <= a:
             return
-        cols = self.ids[g0 + a : g0 + b]
-        starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
-        reduced = np.maximum.reduceat(v[:, a - j0 : b - j0], starts, axis=1)
-        idx = cols[starts]
+        rows = self.ids[g0 + a : g0 + b]
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        reduced = np.maximum.reduceat(v[a - i0 : b - i0], starts, axis=0).T  # [probes, identities]
+        idx = rows[starts]
         with self._lock:
-            lock = self._locks.setdefault(i0, threading.Lock())
+            lock = self._locks.setdefault(j0, threading.Lock())
         with lock:
-            self.best[i0:i1, idx] = np.maximum(self.best[i0:i1, idx], reduced)
+            self.best[j0:j1, idx] = np.maximum(self.best[j0:j1, idx], reduced)
