@@ -37,6 +37,9 @@ import click
                    "distractors in store order) into a part folder; join the parts with `merge`.")  # fmt: skip
 @click.option("--no-score-norm", "score_norm", flag_value=False, default=True,
               help="Ignore the stores' score offsets (cohort normalisation): plain cosines.")  # fmt: skip
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="cpu: NumPy's BLAS in fixed blocks (the same bits however the work is split); cuda: torch on the "
+                   "GPU (full float32 products).")  # fmt: skip
 @click.option("--label", default=None, help="Name of this result in legends and tables.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing results folder (only one identify wrote).")
 @click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bar.")

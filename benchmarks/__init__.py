@@ -31,6 +31,7 @@ BENCHMARKS = {
     "join-members": "join_members",
     "cohort-norm": "cohort_norm",
     "machine": "machine",
+    "identify": "bench_identify",
 }
 """`cli.py bench NAME` -> the module `benchmarks.MODULE`, whose `command` it runs (as `python -m benchmarks.MODULE`)."""
 

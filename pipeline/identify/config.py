@@ -51,6 +51,9 @@ class IdentifyConfig:
     """Show a progress bar over the distractors."""
     label: str | None = None
     """Name of this result in legends and tables (default: the store's model)."""
+    device: str = "cpu"
+    """cpu (NumPy's BLAS in fixed blocks: the same bits in any split of the work), cuda (torch on the GPU, full
+    float32 products, no TF32), or auto (cuda when there is one)."""
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -67,4 +70,6 @@ class IdentifyConfig:
             raise ValueError(f"--gallery-people must be at least 1, not {self.gallery_people}")
         if self.rows is not None and not 0 <= self.rows[0] < self.rows[1]:
             raise ValueError(f"--rows must satisfy 0 <= A < B, not {self.rows}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
         object.__setattr__(self, "distractors", tuple(Path(p) for p in self.distractors))

@@ -33,6 +33,20 @@ from pipeline.report.results import PART_FILE, describe, json_attrs
 from pipeline.scoring.search import IdentityScores, TopScores, search
 from pipeline.store.layout import Store, open_store
 
+
+@contextlib.contextmanager
+def full_float32(device):
+    """Full float32 products on CUDA (no TF32) while searching."""
+    import torch
+
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 log = logging.getLogger(__name__)
 
 
@@ -40,13 +54,18 @@ class Search:
     """One run's searches: the probes' operand (every row that is a probe in some trial, in store order), each
     trial's enrolled gallery and the distractors."""
 
-    def __init__(self, cfg: IdentifyConfig, store: Store, distractors: list[Store], trials: list[Trial]):
+    def __init__(self, cfg: IdentifyConfig, store: Store, distractors: list[Store], trials: list[Trial],
+                 device=None):  # fmt: skip
         self.cfg, self.trials, self.labels = cfg, trials, store.labels
         ops, x = store_operands(store, cfg.metric, cfg.score_norm, distractors)
         offsets = own_offsets(store, cfg.metric, cfg.score_norm)
         self.probe_rows = np.unique(np.concatenate([t.probes for t in trials]))
         o = None if offsets is None else offsets[self.probe_rows]
         self.left = ops.probes(x[self.probe_rows], o, store.path, self.probe_rows)
+        if device is not None and device.type != "cpu":  # the GPU's branch of the search loop
+            import torch
+
+            self.left = torch.from_numpy(self.left).to(device)
         self.enrolled = [enrolled(x, store.labels, offsets, t, cfg.template, ops, store.path) for t in trials]
         self.distractors = StoreGallery(distractors, ops, cfg.metric, cfg.score_norm)
         self.cuts = distractor_cuts(self.distractors.n)
@@ -107,7 +126,7 @@ class Search:
         reducer = IdentityScores(len(self.probe_rows), enrolled.ids, len(enrolled.people))
         if span[1] > span[0]:
             search(self.left, enrolled.gallery, span, reducer)
-        return reducer.best
+        return reducer.result()
 
     def outcomes(self, state: SearchState) -> list:
         return outcomes(state, self.trials, self.probe_rows, self.labels)
@@ -128,23 +147,23 @@ def identify(cfg: IdentifyConfig) -> dict:
     inputs = [Path(cfg.store), *cfg.distractors, *([cfg.split] if cfg.split else [])]
     if out is not None:
         check_identify_out(out, cfg.overwrite, inputs)
-    world, _ = init_world(resolve_device("cpu"))
+    world, device = init_world(resolve_device(cfg.device))
     if cfg.rows is not None and world.size > 1:
         raise PipelineError("--rows splits the work by hand (job arrays): run it without torchrun")
     world.barrier()
     if out is None or not world.is_main:
-        return _identify(cfg, world)
+        return _identify(cfg, world, device)
     with claim(out, lambda: check_identify_out(out, cfg.overwrite, inputs), ()):
-        return _identify(cfg, world)
+        return _identify(cfg, world, device)
 
 
-def _identify(cfg: IdentifyConfig, world) -> dict:
+def _identify(cfg: IdentifyConfig, world, device) -> dict:
     from pipeline.distributed import all_gather_objects, split_range
 
     t0 = time.perf_counter()
     with open_store(cfg.store) as store, contextlib.ExitStack() as stack:
         others = [stack.enter_context(open_store(p, need_labels=False)) for p in cfg.distractors]
-        s = Search(cfg, store, others, load_trials(cfg, store.labels))
+        s = Search(cfg, store, others, load_trials(cfg, store.labels), device)
         g = s.gallery_rows
         span = cfg.rows or (0, g)
         if world.size > 1:
@@ -152,10 +171,11 @@ def _identify(cfg: IdentifyConfig, world) -> dict:
             span = (share.start, share.stop)
         s.check_span(span)
         t1 = time.perf_counter()
-        state = s.run(span)
+        with full_float32(device):
+            state = s.run(span)
         if world.size > 1:
             state, span = merge_states(all_gather_objects(state)), (0, g)
-        info = _description(cfg, store, others, s, span, world.size)
+        info = _description(cfg, store, others, s, span, world.size, device)
         info.update(seconds=time.perf_counter() - t0, seconds_prepare=t1 - t0, seconds_search=time.perf_counter() - t1)
     if span != (0, g):
         if cfg.out is not None:
@@ -177,7 +197,8 @@ def finish(info: dict, state: SearchState, s, seed: int) -> dict:
     return out
 
 
-def _description(cfg: IdentifyConfig, store: Store, others: list[Store], s: Search, span, world_size: int) -> dict:
+def _description(cfg: IdentifyConfig, store: Store, others: list[Store], s: Search, span, world_size: int,
+                 device) -> dict:  # fmt: skip
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     config["distractors"] = [str(p) for p in cfg.distractors]
     return {
@@ -197,6 +218,7 @@ def _description(cfg: IdentifyConfig, store: Store, others: list[Store], s: Sear
         "gallery_rows": s.gallery_rows,
         "rows": list(span),
         "world_size": world_size,
+        "device": str(device),
         "config": config,
     }
 

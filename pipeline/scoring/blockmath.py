@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import math
 import threading
@@ -119,7 +120,7 @@ OnBlock = Callable[[int, int, int, int, np.ndarray], None]
 
 def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, side: int = CHUNK,
                  below: int | None = None, on_block: OnBlock | None = None,
-                 pending: list[Future] | None = None) -> np.ndarray | None:  # fmt: skip
+                 pending: list[Future] | None = None, strip: int = 1) -> np.ndarray | None:  # fmt: skip
     """`out = a @ b.T` (float32) as single-threaded BLAS calls on the `side` x `side` blocks of `a` and `b`
     counted from their first rows, run by a pool of threads. Callers pass operands that start at multiples of
     `side` of the whole plan, so an entry always comes from a call of the same shape, at the same place in it,
@@ -132,25 +133,35 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, side: int
     With `on_block` and `pending` too, the blocks are queued on the pool and their futures appended to `pending`
     instead of awaited (the caller waits for them, `wait_all`, inside its own `single_threaded_blas` scope): a
     thread that finishes one tile's last block goes on with the next tile's instead of waiting for the other
-    threads."""
+    threads. With `on_block` and `strip` > 1, a job computes one block of `a` against `strip` consecutive blocks
+    of `b` (each by its own call, as always) side by side and hands them over at once (fewer, larger hand-overs)."""
     jobs = [(i, j) for i in block_spans(a.shape[0], side) for j in block_spans(b.shape[0], side)
             if below is None or below + i[0] < j[1]]  # fmt: skip
     k = a.shape[1]
     chunks = -(-k // GEMM_K)
     cuts = [k * c // chunks for c in range(chunks + 1)]
 
-    def one(ij: tuple[tuple[int, int], tuple[int, int]]) -> None:
-        (i0, i1), (j0, j1) = ij
-        ai, bj = a[i0:i1], b[j0:j1]
-        o = out[i0:i1, j0:j1] if on_block is None else _scratch("block", (i1 - i0, j1 - j0))
-        np.matmul(ai[:, cuts[0] : cuts[1]], bj[:, cuts[0] : cuts[1]].T, out=o)
-        if chunks > 1:
-            scratch = _scratch("k", o.shape)
-            for k0, k1 in zip(cuts[1:-1], cuts[2:], strict=True):
-                np.matmul(ai[:, k0:k1], bj[:, k0:k1].T, out=scratch)
-                o += scratch
+    if on_block is not None and strip > 1:  # a job: one block of `a` against `strip` blocks of `b`
+        jobs = [(i, tuple(js)) for i, row in itertools.groupby(jobs, key=lambda ij: ij[0])
+                for js in _strips([j for _, j in row], strip)]  # fmt: skip
+    else:
+        jobs = [(i, (j,)) for i, j in jobs]
+
+    def one(job: tuple[tuple[int, int], tuple[tuple[int, int], ...]]) -> None:
+        (i0, i1), js = job
+        s0, s1 = js[0][0], js[-1][1]
+        ai = a[i0:i1]
+        o = out[i0:i1, s0:s1] if on_block is None else _scratch("block", (i1 - i0, s1 - s0))
+        for j0, j1 in js:
+            bj, oj = b[j0:j1], o[:, j0 - s0 : j1 - s0]
+            np.matmul(ai[:, cuts[0] : cuts[1]], bj[:, cuts[0] : cuts[1]].T, out=oj)
+            if chunks > 1:
+                scratch = _scratch("k", oj.shape)
+                for k0, k1 in zip(cuts[1:-1], cuts[2:], strict=True):
+                    np.matmul(ai[:, k0:k1], bj[:, k0:k1].T, out=scratch)
+                    oj += scratch
         if on_block is not None:
-            on_block(i0, i1, j0, j1, o)
+            on_block(i0, i1, s0, s1, o)
 
     pool = _blas()[2]
     with single_threaded_blas():
@@ -162,6 +173,11 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, side: int
         else:
             list(pool.map(one, jobs))
     return out if on_block is None else None
+
+
+def _strips(spans: list[tuple[int, int]], strip: int) -> list[list[tuple[int, int]]]:
+    """Consecutive runs of at most `strip` spans."""
+    return [spans[k : k + strip] for k in range(0, len(spans), strip)]
 
 
 def wait_all(futures: list[Future]) -> None:

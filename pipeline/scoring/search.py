@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from pipeline.scoring.blockmath import CHUNK, block_spans, fixed_matmul, single_threaded_blas, wait_all
 
 CHUNK_ROWS = 1 << 15  # gallery rows read and multiplied at a time (two chunks in flight)
+STRIP = 8  # probe blocks a product job computes side by side before its reducer takes them (fewer hand-overs)
 Block = Callable[..., None]
 
 
@@ -42,14 +44,16 @@ def gallery_chunks(n: int, span: tuple[int, int], rows: int = CHUNK_ROWS, side: 
     return chunks
 
 
-def search(left: np.ndarray, gallery, span: tuple[int, int], reducer, progress: bool = False,
-           rows: int = CHUNK_ROWS) -> None:  # fmt: skip
+def search(left, gallery, span: tuple[int, int], reducer, progress: bool = False, rows: int = CHUNK_ROWS) -> None:
     """Every probe row of `left` against the gallery rows in `span`. Each product block, gallery rows against
     probes (so that a probe's maxima over gallery rows are column-wise, vectorised maxima), goes to
     `reducer.block(g0, lo, hi, i0, i1, j0, j1, values)` in the product thread that computed it: chunk start g0,
     the span's rows [lo, hi) of the chunk, the block's gallery rows [i0, i1) (chunk coordinates) and probes
     [j0, j1). `gallery.n` rows; `gallery.right(a, b)` their operand rows. Two chunks are in flight: the next is
-    read while the threads multiply the last."""
+    read while the threads multiply the last. With `left` a torch tensor (the GPU's branch), each chunk's span
+    rows are multiplied by one product on its device and go whole to `reducer.tensor(g0 + lo, values)`."""
+    if not isinstance(left, np.ndarray):
+        rows = max(CHUNK, min(rows, (1 << 28) // max(1, left.shape[0])))  # a product of at most 1 GiB
     chunks = gallery_chunks(gallery.n, span, rows)
     queued: deque[tuple[int, list]] = deque()
     with single_threaded_blas(), tqdm(total=span[1] - span[0], unit="row", unit_scale=True, disable=not progress,
@@ -58,9 +62,13 @@ def search(left: np.ndarray, gallery, span: tuple[int, int], reducer, progress: 
             for g0, g1 in chunks:
                 right = gallery.right(g0, g1)
                 lo, hi = max(span[0], g0) - g0, min(span[1], g1) - g0
+                if not isinstance(left, np.ndarray):
+                    _tensor_chunk(left, right[lo:hi], g0 + lo, reducer)
+                    bar.update(hi - lo)
+                    continue
                 jobs: list = []
                 on_block = functools.partial(reducer.block, g0, lo, hi)
-                fixed_matmul(right, left, None, side=CHUNK, on_block=on_block, pending=jobs)
+                fixed_matmul(right, left, None, side=CHUNK, on_block=on_block, pending=jobs, strip=STRIP)
                 queued.append((hi - lo, jobs))
                 while len(queued) > 1:
                     done, jobs = queued.popleft()
@@ -72,6 +80,14 @@ def search(left: np.ndarray, gallery, span: tuple[int, int], reducer, progress: 
                 bar.update(done)
         finally:  # on an error, no block job is left running
             wait([f for _, jobs in queued for f in jobs])
+
+
+def _tensor_chunk(left, right: np.ndarray, start: int, reducer) -> None:
+    """The GPU's branch: gallery rows [start, start + len(right)) against every probe, one product."""
+    import torch
+
+    r = torch.from_numpy(np.ascontiguousarray(right)).to(left.device, non_blocking=True)
+    reducer.tensor(start, r @ left.T)
 
 
 def _span_rows(lo: int, hi: int, i0: int, i1: int) -> tuple[int, int]:
@@ -151,6 +167,7 @@ class TopScores:
     def __init__(self, n_probes: int, r: int, cuts: list[int], floor: np.ndarray | None = None):
         self.n, self.r, self.cuts, self.floor = n_probes, r, list(cuts), floor
         self._states: dict[int, _Best] = {}
+        self._device = None  # the GPU's branch: (r best [r, n], best per segment [segments, n]) on the device
 
     def _state(self) -> _Best:
         st = self._states.get(threading.get_ident())
@@ -201,12 +218,32 @@ class TopScores:
             start, s = end, s + 1
         return top
 
+    def tensor(self, start: int, v) -> None:
+        """The GPU's branch: gallery rows start.. against every probe ([rows, probes] on the device): the r best
+        of each probe by `topk`, its best per segment by `amax`, kept on the device."""
+        import torch
+
+        if self._device is None:
+            self._device = (torch.full((self.r, self.n), -math.inf, device=v.device),
+                            torch.full((max(1, len(self.cuts)), self.n), -math.inf, device=v.device))  # fmt: skip
+        best, seg = self._device
+        both = torch.cat([best, v.topk(min(self.r, len(v)), dim=0).values])
+        self._device = (both.topk(self.r, dim=0).values, seg)
+        base, stop, s = start, start + len(v), bisect.bisect_right(self.cuts, start)
+        while start < stop:
+            end = min(self.cuts[s], stop)
+            seg[s] = torch.maximum(seg[s], v[start - base : end - base].amax(dim=0))
+            start, s = end, s + 1
+
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         """(best scores [n, r] sorted best first, best per segment [n, segments]) over every thread."""
         states = list(self._states.values()) or [self._state()]
-        vals = top_columns(np.concatenate([s.best() for s in states], axis=1), self.r)
+        parts = [s.best() for s in states]
         seg = functools.reduce(np.maximum, [s.seg for s in states])
-        return vals, seg
+        if self._device is not None:
+            parts.append(self._device[0].T.cpu().numpy())
+            seg = np.maximum(seg, self._device[1].T.cpu().numpy()[:, : len(self.cuts)])
+        return top_columns(np.concatenate(parts, axis=1), self.r), seg
 
 
 def top_columns(values: np.ndarray, r: int, ids: np.ndarray | None = None):
@@ -234,6 +271,7 @@ class IdentityScores:
     def __init__(self, n_probes: int, ids: np.ndarray, n_ids: int):
         self.ids = ids
         self.best = np.full((n_probes, n_ids), -np.inf, np.float32)
+        self._device = None  # the GPU's branch: [identities, probes] on the device
         self._locks: dict[int, threading.Lock] = {}
         self._lock = threading.Lock()
 
@@ -249,3 +287,20 @@ class IdentityScores:
             lock = self._locks.setdefault(j0, threading.Lock())
         with lock:
             self.best[j0:j1, idx] = np.maximum(self.best[j0:j1, idx], reduced)
+
+    def tensor(self, start: int, v) -> None:
+        """The GPU's branch: gallery rows start.. against every probe, each identity's best by `scatter_reduce_`
+        on the device (`best` is filled from it when asked for)."""
+        import torch
+
+        if self._device is None:
+            self._device = torch.full(self.best.shape[::-1], -math.inf, device=v.device)
+        idx = torch.from_numpy(self.ids[start : start + len(v)]).to(v.device)
+        self._device.scatter_reduce_(0, idx[:, None].expand_as(v), v, reduce="amax")
+
+    def result(self) -> np.ndarray:
+        """[probes, identities]: each probe's best score per identity."""
+        if self._device is not None:
+            self.best = np.maximum(self.best, self._device.T.cpu().numpy())
+            self._device = None
+        return self.best
