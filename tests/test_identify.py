@@ -589,3 +589,18 @@ def test_identify_real_lfw_people(tmp_path):
     ref = reference(path, out / "split.csv", metric="cosine")
     check_identify(out, ref, max_differing=0.0005)
     assert NEAR == 1e-5
+
+
+@pytest.mark.slow
+def test_identify_real_lfw_slice(shared_data, shared_weights, tmp_path):
+    """Real images, real SqueezeNet: the first 400 peopleDevTest images embedded, 40 people enrolled, 3 trials,
+    cosine and l2; identify equals the reference (near-ties aside)."""
+    from pipeline.embedding.embed import EmbedConfig, embed
+
+    store = embed(EmbedConfig(out=tmp_path / "test.h5", data_root=shared_data, protocol="people", split="test",
+                              weights=str(shared_weights), layer="penultimate", limit=400, workers=0,
+                              device="cpu"))  # fmt: skip
+    for metric in ("cosine", "l2"):
+        out = identify(store, tmp_path / metric, "--gallery-people", 40, "--trials", 3, "--metric", metric)
+        check_identify(out, reference(store, out / "split.csv", metric=metric), max_differing=0.0005)
+        assert read_metrics(out)["n_mated"] > 40
