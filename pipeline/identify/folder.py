@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import outputs
-from pipeline.errors import PipelineError
 from pipeline.report import figures
-from pipeline.report.results import PART_FILE, json_writer
+from pipeline.report.results import PART_FILE, json_writer, write_files
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +53,7 @@ def check_identify_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
 def write_identify_folder(out: Path, files: dict[str, Callable[[Path], None]]) -> Path:
     """Write `files` (name -> writer of that path) into a temporary folder beside `out`, then move it into
     place; on any error nothing is left."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        tmp.chmod(0o755)
-        for name, write in files.items():
-            write(tmp / name)
-        outputs.replace_folder(tmp, out, recognise_identify_folder, IDENTIFY_FILES)
-    except OSError as e:
-        outputs.remove_own_files(tmp, IDENTIFY_FILES)
-        raise PipelineError(
-            f"cannot write the results folder {out}: {outputs.io_cause(e)}; nothing was written"
-        ) from None
-    except BaseException:
-        outputs.remove_own_files(tmp, IDENTIFY_FILES)
-        raise
-    log.info("wrote %s", out)
-    return out
+    return write_files(out, files, recognise_identify_folder, IDENTIFY_FILES)
 
 
 def figure_writers(metrics: dict) -> dict[str, Callable[[Path], None]]:

@@ -33,20 +33,6 @@ from pipeline.report.results import PART_FILE, describe, json_attrs
 from pipeline.scoring.search import IdentityScores, TopScores, search
 from pipeline.store.layout import Store, open_store
 
-
-@contextlib.contextmanager
-def full_float32(device):
-    """Full float32 products on CUDA (no TF32) while searching."""
-    import torch
-
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-
-
 log = logging.getLogger(__name__)
 
 
@@ -141,12 +127,13 @@ def load_trials(cfg: IdentifyConfig, labels: np.ndarray) -> list[Trial]:
 def identify(cfg: IdentifyConfig) -> dict:
     """Search, write the results (or part) folder, return metrics.json's (or part.json's) dict."""
     from pipeline.distributed import init_world
-    from pipeline.runtime import resolve_device
 
     out = None if cfg.out is None else Path(cfg.out)
     inputs = [Path(cfg.store), *cfg.distractors, *([cfg.split] if cfg.split else [])]
     if out is not None:
         check_identify_out(out, cfg.overwrite, inputs)
+    from pipeline.runtime import resolve_device
+
     world, device = init_world(resolve_device(cfg.device))
     if cfg.rows is not None and world.size > 1:
         raise PipelineError("--rows splits the work by hand (job arrays): run it without torchrun")
@@ -159,6 +146,7 @@ def identify(cfg: IdentifyConfig) -> dict:
 
 def _identify(cfg: IdentifyConfig, world, device) -> dict:
     from pipeline.distributed import all_gather_objects, split_range
+    from pipeline.runtime import full_float32
 
     t0 = time.perf_counter()
     with open_store(cfg.store) as store, contextlib.ExitStack() as stack:

@@ -106,18 +106,24 @@ def draw_det(curves: Sequence[Curve], target, title: str) -> None:
     if lo >= 1:
         lo = 1e-3
     ax.plot([lo, 1], [lo, 1], "k--", lw=0.8, label="FMR = FNMR (EER)")
+    _log_log(fig, ax, target, "det", ((lo, 1), (lo, 1)),
+             ("False match rate (FMR, log)", "False non-match rate (FNMR, log)"), title, "lower left")  # fmt: skip
+
+
+def _log_log(fig, ax, target, kind: str, limits: tuple, labels: tuple[str, str], title: str, legend: str) -> None:
+    """Both axes logarithmic with these limits and labels, the title, the legend and grids; saved as `kind`."""
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlim(lo, 1)
-    ax.set_ylim(lo, 1)
-    ax.set_xlabel("False match rate (FMR, log)")
-    ax.set_ylabel("False non-match rate (FNMR, log)")
+    ax.set_xlim(*limits[0])
+    ax.set_ylim(*limits[1])
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc=legend, fontsize=8)
     ax.grid(which="major", alpha=0.4)
     ax.grid(which="minor", alpha=0.12)
     fig.tight_layout()
-    save(fig, target, "det")
+    save(fig, target, kind)
 
 
 IET_FPIR = (1e-3, 1e-2, 1e-1)
@@ -180,18 +186,11 @@ def draw_iet(curves: Sequence[Curve], target, title: str) -> None:
         ax.plot(fpir, np.clip(fnir, ylo, 1.0), lw=1.5, label=label)
     for k, level in enumerate(IET_FPIR):
         ax.axvline(level, color="grey", ls=":", lw=1, label="FPIR 0.001, 0.01, 0.1" if k == 0 else None)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(xlo, 1)
-    ax.set_ylim(ylo, 1.05)
-    ax.set_xlabel("False positive identification rate (FPIR, log)")
-    ax.set_ylabel("False negative identification rate (FNIR, rank 1, log)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="best", fontsize=8)
-    ax.grid(which="major", alpha=0.4)
-    ax.grid(which="minor", alpha=0.12)
-    fig.tight_layout()
-    save(fig, target, "iet")
+    labels = (
+        "False positive identification rate (FPIR, log)",
+        "False negative identification rate (FNIR, rank 1, log)",
+    )
+    _log_log(fig, ax, target, "iet", ((xlo, 1), (ylo, 1.05)), labels, title, "best")
 
 
 def operating_thresholds(metrics: dict, roc: dict | None) -> dict[str, float]:

@@ -123,9 +123,11 @@ def json_writer(obj: dict, null_nan: bool = True):
     return lambda path: Path(path).write_text(text)
 
 
-def write_folder(out: Path, files: dict[str, Callable[[Path], None]], acc: HistogramROC) -> Path:
-    """Write `files` (name -> writer taking the path) and `histogram.npz` into a temporary folder beside `out`,
-    then move it into place (`outputs.replace_folder`)."""
+def write_files(out: Path, files: dict[str, Callable[[Path], None]], recognise: outputs.Recognise,
+                own_files: tuple[str, ...]) -> Path:  # fmt: skip
+    """Write `files` (name -> writer taking the path) into a temporary folder beside `out`, then move it into place
+    (`outputs.replace_folder`: an existing `out` only when `recognise` says it is ours); on any error nothing is
+    left of the new folder."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -133,18 +135,23 @@ def write_folder(out: Path, files: dict[str, Callable[[Path], None]], acc: Histo
         tmp.chmod(0o755)
         for name, write in files.items():
             write(tmp / name)
-        acc.save(tmp / "histogram.npz")
-        outputs.replace_folder(tmp, out, recognise_results_folder, RESULT_FILES)
+        outputs.replace_folder(tmp, out, recognise, own_files)
     except OSError as e:
-        outputs.remove_own_files(tmp, RESULT_FILES)
+        outputs.remove_own_files(tmp, own_files)
         raise PipelineError(
             f"cannot write the results folder {out}: {outputs.io_cause(e)}; nothing was written"
         ) from None
     except BaseException:
-        outputs.remove_own_files(tmp, RESULT_FILES)
+        outputs.remove_own_files(tmp, own_files)
         raise
     log.info("wrote %s", out)
     return out
+
+
+def write_folder(out: Path, files: dict[str, Callable[[Path], None]], acc: HistogramROC) -> Path:
+    """Write `files` (name -> writer taking the path) and `histogram.npz` into a temporary folder beside `out`,
+    then move it into place (`write_files`)."""
+    return write_files(out, {**files, "histogram.npz": acc.save}, recognise_results_folder, RESULT_FILES)
 
 
 def write_results(

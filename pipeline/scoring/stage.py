@@ -22,7 +22,7 @@ from pipeline.metrics.roc import HistogramROC
 from pipeline.metrics.tail import Tail
 from pipeline.outputs import claim
 from pipeline.report.results import RESULT_FILES, check_results_out, json_attrs, write_results
-from pipeline.runtime import resolve_device
+from pipeline.runtime import full_float32, resolve_device
 from pipeline.scoring.all_pairs import count_all_pairs, farthest, score_rows
 from pipeline.scoring.assemble import all_pairs_fields, assemble_metrics
 from pipeline.scoring.blockmath import LEAF, balance, better_extreme, single_threaded_blas, tile_plan
@@ -36,20 +36,6 @@ from pipeline.scoring.rank1 import rank1_accuracy
 from pipeline.store.layout import Store, open_store, recorded_data_root
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _ieee_matmul(device: torch.device):
-    """Full float32 products on CUDA (no TF32) while scoring."""
-    if device.type != "cuda":
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def score_all_pairs(store: Store, cfg: ScoreConfig, device: torch.device, leaf: int = LEAF, world: World | None = None,
@@ -131,7 +117,7 @@ def score(cfg: ScoreConfig) -> dict:
 
 
 def _score_locked(cfg: ScoreConfig, world: World, device: torch.device) -> dict:
-    with open_store(cfg.store, need_labels=cfg.all_pairs or cfg.rank1) as store, _ieee_matmul(device):
+    with open_store(cfg.store, need_labels=cfg.all_pairs or cfg.rank1) as store, full_float32(device):
         score = ScoreDefinition.of(store, cfg.metric, cfg.score_norm)
         t0 = time.perf_counter()
         if cfg.all_pairs:
