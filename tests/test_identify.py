@@ -604,3 +604,27 @@ def test_identify_real_lfw_slice(shared_data, shared_weights, tmp_path):
         out = identify(store, tmp_path / metric, "--gallery-people", 40, "--trials", 3, "--metric", metric)
         check_identify(out, reference(store, out / "split.csv", metric=metric), max_differing=0.0005)
         assert read_metrics(out)["n_mated"] > 40
+
+
+def test_identify_damaged_inputs_and_leftovers(stores, tmp_path):
+    """NaN distractor rows, a truncated distractor store and a missing one are one error line each; what a killed
+    run left (its temporary folder) goes, a foreign folder at --out is never replaced."""
+    x = h5py.File(stores["d1"], "r")["embeddings"][...]
+    x[17, 3] = np.nan
+    nan = write_store(tmp_path / "nan.h5", x, None)
+    check_error([stores["main"], "--out", tmp_path / "o1", "--distractors", nan, "--no-progress"], "NaN", "row")
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(Path(stores["d1"]).read_bytes()[:2000])
+    check_error([stores["main"], "--out", tmp_path / "o2", "--distractors", cut], "HDF5", "truncated")
+    check_error([stores["main"], "--out", tmp_path / "o3", "--distractors", tmp_path / "none.h5"], "does not exist")
+    assert not any(p.name.startswith(("o1", "o2", "o3")) for p in tmp_path.iterdir())
+    left = tmp_path / ".out.123.tmp"
+    left.mkdir()
+    (left / "metrics.json").write_text("{}")
+    identify(stores["main"], tmp_path / "out", "--trials", 1)
+    assert not left.exists() and (tmp_path / "out" / "metrics.json").is_file()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    check_error([stores["main"], "--out", foreign, "--overwrite"], "refusing to replace")
+    assert (foreign / "notes.txt").read_text() == "mine"

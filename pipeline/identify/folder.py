@@ -47,7 +47,7 @@ def check_identify_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Before anything is created: a safe location, and an existing folder only with `overwrite` when identify
     wrote it."""
     outputs.check_folder_out(out, inputs=inputs)
-    outputs.check_replaceable(out, overwrite, recognise_identify_folder, "identify results folder")
+    outputs.check_replaceable(out, overwrite, recognise_identify_folder, "results folder of identify")
 
 
 def write_identify_folder(out: Path, files: dict[str, Callable[[Path], None]]) -> Path:

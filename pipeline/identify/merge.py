@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.identify.folder import MODE, STATE_FILE, check_identify_out
+from pipeline.identify.folder import IDENTIFY_FILES, MODE, STATE_FILE, check_identify_out
 from pipeline.identify.protocol import Trial, read_split
 from pipeline.identify.results import distractor_cuts, outcomes
 from pipeline.identify.stage import finish, write_part, write_results
@@ -50,7 +50,7 @@ class Merged:
 def merge_identify(parts: list[Path], out: Path, overwrite: bool = False) -> dict:
     """Check and merge the parts; write `out`; return metrics.json's dict (complete) or part.json's."""
     out = Path(out)
-    with claim(out, lambda: check_identify_out(out, overwrite, list(parts)), ()):
+    with claim(out, lambda: check_identify_out(out, overwrite, list(parts)), IDENTIFY_FILES):
         return _merge(list(map(Path, parts)), out)
 
 

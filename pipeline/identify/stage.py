@@ -17,6 +17,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.identify.config import IdentifyConfig
 from pipeline.identify.folder import (
+    IDENTIFY_FILES,
     MODE,
     STATE_FILE,
     check_identify_out,
@@ -140,7 +141,7 @@ def identify(cfg: IdentifyConfig) -> dict:
     world.barrier()
     if out is None or not world.is_main:
         return _identify(cfg, world, device)
-    with claim(out, lambda: check_identify_out(out, cfg.overwrite, inputs), ()):
+    with claim(out, lambda: check_identify_out(out, cfg.overwrite, inputs), IDENTIFY_FILES):
         return _identify(cfg, world, device)
 
 
