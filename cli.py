@@ -278,7 +278,8 @@ def _merge_identify(options: dict) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace the files of an earlier report in OUT (ours only).")
 def report(folders: tuple[Path, ...], out: Path, log_fpr: bool, html: bool, overwrite: bool) -> None:
     """The study's table (table.md), one ROC figure (roc.png) and the training curves (training.png, when found)
-    from results folders or run folders (a run folder stands for its four results)."""
+    from results folders or run folders (a run folder stands for its four results); with identify folders, their
+    table and one CMC (cmc.png) and IET (iet.png) figure."""
     from pipeline.report.tables import report as run_report
 
     click.echo(run_report(list(folders), out, log_fpr=log_fpr, overwrite=overwrite, html=html), nl=False)

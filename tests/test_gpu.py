@@ -79,3 +79,22 @@ def test_gpu_finetune_checkpoint_embeds(tiny_lfw, tmp_path):
         layer = "penultimate" if recipe == "best" else "output"
         rows = _embed(tiny_lfw, tmp_path / f"{recipe}.h5", device=DEVICE, weights=str(out), layer=layer)
         assert np.isfinite(rows).all()
+
+
+def test_gpu_identify_matches_the_cpu(tmp_path):
+    """identify on the GPU (the search loop's torch branch) against the CPU, with distractors: the same searches
+    up to float rounding (a mate rank may differ only where the mate ties a non-mate within 1e-5)."""
+    from pipeline.identify.config import IdentifyConfig
+    from pipeline.identify.stage import identify
+
+    path, _, _ = random_store(tmp_path / "s.h5", n=1700, d=48, n_ids=500, signal=0.8)
+    dist, _, _ = random_store(tmp_path / "d.h5", n=3000, d=48, seed=3, signal=0.8, dtype="float16")
+    cpu, gpu = (identify(IdentifyConfig(store=path, out=tmp_path / name, distractors=(dist,), gallery_people=150,
+                                        trials=2, progress=False, device=device))
+                for name, device in (("cpu", "cpu"), ("gpu", DEVICE)))  # fmt: skip
+    assert gpu["device"].startswith(DEVICE)
+    np.testing.assert_allclose(gpu["cmc"], cpu["cmc"], atol=2 / cpu["n_mated"])
+    for f, v in cpu["fnir_at_fpir"].items():
+        assert abs(gpu["fnir_at_fpir"][f] - v) <= 2 / cpu["n_mated"]
+    rank1 = [p["rank1"] for p in gpu["distractor_curve"]]
+    assert all(b <= a for a, b in zip(rank1, rank1[1:], strict=False))
