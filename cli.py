@@ -13,6 +13,7 @@ import click
 from benchmarks import BenchmarkGroup
 from cli_config import ConfigCommand, config_file_option, stage_kwargs
 from cli_identify import identify
+from cli_scorefiles import check_inputs, score_file_options
 from cli_options import (
     device_option,
     embed_options,
@@ -112,7 +113,8 @@ def embed(ctx: click.Context, config_file: Path | None, **options) -> None:
 
 
 @main.command()
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=click.Path(path_type=Path), required=False)
+@score_file_options
 @click.option("--all-pairs", "mode", flag_value="all-pairs", help="Every unordered pair i < j of the store.")
 @click.option("--pairs", "mode", flag_value="pairs", help="The pairs the store lists (embed --protocol pairs|10fold).")
 @click.option(
@@ -180,14 +182,13 @@ def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
     """Score pairs of an embedding store: ROC, AUC, EER, TAR@FAR, accuracy into a results folder."""
     from pipeline.scoring.config import ScoreConfig, parse_rows
 
-    if mode is None:
-        raise click.UsageError("choose --all-pairs or --pairs")
+    check_inputs(store, mode, options["scores"])
     try:
         span = None if rows is None else parse_rows(rows)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--rows") from None
     cfg = ScoreConfig(store=store, all_pairs=mode == "all-pairs", rows=span, **options)
-    if cfg.rows is not None or (cfg.all_pairs and _larger_than_memory(store, options)):
+    if cfg.rows is not None or (cfg.all_pairs and cfg.scores is None and _larger_than_memory(store, options)):
         _score_rows(cfg)
         return
     from pipeline.scoring.stage import score as run_score

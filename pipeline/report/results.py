@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 PART_FILE = "part.json"
 FIGURE_FILES = ("roc.png", "det.png", "scores.png")
 """The figures of a results folder (`pipeline.report.figures`); folders of older versions hold only roc.png."""
-RESULT_FILES = ("metrics.json", "roc.csv", *FIGURE_FILES, "histogram.npz", PART_FILE)
+EXPORT_FILES = ("scores.bob4", "scores.csv")
+"""The listed pairs' scores, written with `score --export`."""
+RESULT_FILES = ("metrics.json", "roc.csv", *FIGURE_FILES, "histogram.npz", PART_FILE, *EXPORT_FILES)
 """Everything a results or part folder holds (some may be missing); a folder holding anything else is not
 replaced."""
 
@@ -155,10 +157,17 @@ def write_folder(out: Path, files: dict[str, Callable[[Path], None]], acc: Histo
 
 
 def write_results(
-    out: Path, metrics: dict, roc: dict, acc: HistogramROC, log_fpr: bool = False, part: dict | None = None
+    out: Path,
+    metrics: dict,
+    roc: dict,
+    acc: HistogramROC,
+    log_fpr: bool = False,
+    part: dict | None = None,
+    more: dict[str, Callable[[Path], None]] | None = None,
 ) -> Path:
     """The full results folder: metrics.json, roc.csv, histogram.npz, the figures roc.png, det.png (FNMR over
-    FMR) and scores.png (the two score distributions), and part.json for merged parts."""
+    FMR) and scores.png (the two score distributions), part.json for merged parts, and `more` files (name ->
+    writer: the exported scores)."""
     fpr, tpr, thr = roc["fpr"], roc["tpr"], roc["threshold"]
     keep = thin_roc(fpr, tpr)
     scale = metrics.get("max_distance") or float("nan")
@@ -190,7 +199,7 @@ def write_results(
     }
     if part is not None:
         files[PART_FILE] = json_writer(part, null_nan=False)
-    return write_folder(out, files, acc)
+    return write_folder(out, {**files, **(more or {})}, acc)
 
 
 def read_json(path: Path, what: str) -> dict:

@@ -29,8 +29,8 @@ def parse_rows(text: str) -> tuple[int, int]:
 class ScoreConfig:
     """Configuration of `score`: which pairs of which store, how, and where the results go."""
 
-    store: Path
-    """The HDF5 embedding store (needs /embeddings and /labels; /pairs for `pairs`)."""
+    store: Path | None
+    """The HDF5 embedding store (needs /embeddings and /labels; /pairs for `pairs`); None with `scores`."""
     out: Path | None = None
     """Results folder (metrics.json, roc.csv, roc.png, histogram.npz); None writes nothing. With `rows`: a part
     folder (part.json, histogram.npz; the full results too when the part covers every row)."""
@@ -73,6 +73,14 @@ class ScoreConfig:
     rows: tuple[int, int] | None = None
     """[A, B): only the pairs i < j with A <= i < B, rows counted in label order, read from the store in blocks
     (out of core, `pipeline.scoring.rows`); the parts add up with `merge`. None: every pair, in memory."""
+    scores: Path | None = None
+    """A score file (another system's scores) scored in place of a store (`pipeline.scoring.scorefiles`)."""
+    score_format: str = "bob4"
+    """The format of `scores`: bob4, bob5, bobcsv, pyeer (with `impostor_scores`) or csv."""
+    impostor_scores: Path | None = None
+    """pyeer's impostor file (`scores` then holds the genuine scores)."""
+    export: str | None = None
+    """Also write the listed pairs' scores into the results folder: bob4 (scores.bob4) or csv (scores.csv)."""
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -93,6 +101,19 @@ class ScoreConfig:
             raise ValueError(f"variant must be pretrained or finetuned, not {self.variant!r}")
         if self.rows is not None:
             self._check_rows()
+        self._check_files()
+
+    def _check_files(self) -> None:
+        if (self.store is None) == (self.scores is None):
+            raise ValueError("score a store or a score file (--scores FILE): exactly one")
+        if self.export is not None and (self.all_pairs or self.scores is not None):
+            raise ValueError(
+                "--export writes the scores of listed pairs (--pairs); all pairs would be N(N-1)/2 lines: the "
+                "results folder already holds their histogram (histogram.npz) with the exact tail of the most "
+                "similar pairs and every same-person score's bin"
+            )
+        if self.scores is not None and (self.rows is not None or self.exact or self.rank1):
+            raise ValueError("--rows, --exact and --rank1 go with a store, not with --scores")
 
     def _check_rows(self) -> None:
         if not 0 <= self.rows[0] < self.rows[1]:

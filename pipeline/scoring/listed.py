@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.metrics.binning import L2, Binning
+from pipeline.metrics.binning import L2, Binning, Metric
 from pipeline.metrics.curve import FAR_LEVELS, check_defined, exact_counts, roc_metrics
 from pipeline.metrics.intervals import bootstrap_listed
 from pipeline.metrics.roc import HistogramROC
@@ -65,19 +65,25 @@ def score_listed_pairs(store: Store, cfg: ScoreConfig,
     store's `ScoreDefinition` under `cfg` (built here when None)."""
     t0 = time.perf_counter()
     score = score or ScoreDefinition.of(store, cfg.metric, cfg.score_norm)
-    metric = score.metric
     values, positive, folds = listed_pairs(store, score)
+    acc, metrics, extra = listed_metrics(values, positive, score.metric, cfg.bins, cfg.seed)
+    if len(np.unique(folds)) > 1:
+        extra.update(tenfold_accuracy(score.metric.to_distance(values), positive, folds))
+    extra["seconds"] = time.perf_counter() - t0
+    return acc, metrics, extra
+
+
+def listed_metrics(values: np.ndarray, positive: np.ndarray, metric: Metric, bins: int,
+                   seed: int) -> tuple[HistogramROC, dict, dict]:  # fmt: skip
+    """Exact metrics and intervals of scores that are all known (listed pairs, score files), and their
+    histogram."""
     check_defined(int(positive.sum()), int((~positive).sum()))
-    distance = metric.to_distance(values)
-    max_distance = float(distance.max())
+    max_distance = float(metric.to_distance(values).max())
     pos, neg, thr = exact_counts(values, positive, metric)
     metrics = roc_metrics(pos, neg, thr, max_distance, exact=True)
-    metrics.update(bootstrap_listed(values, positive, metric, FAR_LEVELS, seed=cfg.seed))
+    metrics.update(bootstrap_listed(values, positive, metric, FAR_LEVELS, seed=seed))
     lo, hi = float(values.min()), float(values.max())
-    acc = HistogramROC(Binning(lo, hi if hi > lo else lo + 1e-6, cfg.bins, metric))
+    acc = HistogramROC(Binning(lo, hi if hi > lo else lo + 1e-6, bins, metric))
     acc.update(values, positive)
     acc.max_distance = max_distance
-    extra = {"backend": "numpy", "auc_exact": metrics["auc"], "seconds": time.perf_counter() - t0}
-    if len(np.unique(folds)) > 1:
-        extra.update(tenfold_accuracy(distance, positive, folds))
-    return acc, metrics, extra
+    return acc, metrics, {"backend": "numpy", "auc_exact": metrics["auc"]}
