@@ -103,10 +103,11 @@ def embed(ctx: click.Context, config_file: Path | None, **options) -> None:
     (/score_offsets), which `score` subtracts from the cosines (cohort score normalisation)."""
     from pipeline.embedding.embed import EmbedConfig
     from pipeline.embedding.embed import embed as run_embed
+    from pipeline.nets.models import embed_network_options
     from pipeline.runtime import sigterm_as_interrupt
 
     values = stage_kwargs(ctx, options, config_file, EmbedConfig)
-    values["weights"] = values["weights"] or ("none" if ":" in values["model"] else "imagenet")
+    values.update(embed_network_options(values["model"], values["weights"], values["layer"], values["input_size"]))
     with sigterm_as_interrupt():
         path = run_embed(EmbedConfig(**values))
     click.echo(str(path))

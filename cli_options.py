@@ -45,8 +45,9 @@ embed_model_option = click.option(
     default="squeezenet1_0",
     show_default=True,
     help="Any torchvision classification model by name (torchvision.models.list_models(); alexnet, vgg16, "
-    "squeezenet1_0, resnet18, resnet50, mobilenet_v3_small, ...) or module:function, a function on the Python "
-    "path (PYTHONPATH) returning a torch.nn.Module that maps a normalised image batch to embeddings.",
+    "squeezenet1_0, resnet18, resnet50, mobilenet_v3_small, ...), module:function, a function on the Python "
+    "path (PYTHONPATH) returning a torch.nn.Module that maps a normalised image batch to embeddings, or "
+    "FILE.onnx, an ONNX network run by onnxruntime (its first output is the embedding; no --weights, --layer).",
 )
 
 
@@ -116,9 +117,8 @@ def network_input_options(f):
             click.option(
                 "--input-size",
                 type=int,
-                default=224,
-                show_default=True,
-                help="Side of the centre crop fed to the network.",
+                default=None,
+                help="Side of the centre crop fed to the network [224; FILE.onnx: the side its graph fixes].",
             ),
             click.option(
                 "--resize",
@@ -286,10 +286,9 @@ def embed_options(f):
             click.option(
                 "--layer",
                 type=click.Choice(["output", "penultimate"]),
-                default="output",
-                show_default=True,
-                help="output: the network output (1000-d for ImageNet classifiers; the study's); penultimate: "
-                "features before the last classifier layer (AlexNet, VGG, SqueezeNet, ResNet networks).",
+                default=None,
+                help="output: the network output (1000-d for ImageNet classifiers; the study's) [default]; "
+                "penultimate: features before the last classifier layer (AlexNet, VGG, SqueezeNet, ResNet networks).",
             ),
             click.option("--out", type=click.Path(path_type=Path), required=True, help="Output HDF5 store."),
             click.option(

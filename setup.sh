@@ -5,4 +5,5 @@ cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch/torchvision pinned exactly (pyproject): on the project's machines they install from local wheels.
+# The dev extra brings the test tools and the optional parts the tests cover: faiss-cpu, onnxruntime and onnx.
 .venv/bin/python -m pip install --quiet -e '.[dev]'

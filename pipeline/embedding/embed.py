@@ -22,6 +22,7 @@ from pipeline.embedding.parts import assemble, complete_part, part_path
 from pipeline.errors import PipelineError
 from pipeline.faces import facesets, images, lfw
 from pipeline.nets import layers, models
+from pipeline.nets.onnx_model import check_input_size, is_onnx, load_onnx
 from pipeline.runtime import autocast, keep_freed_memory, reproducible_kernels, resolve_device, seed_everything
 from pipeline.store.layout import OFFSETS, partial_path, recognise_partial, recognise_store
 from pipeline.store.writer import StoreWriter
@@ -53,9 +54,11 @@ class EmbedConfig:
     pairs_file: Path | None = None
     """folder only: CSV `path_a,path_b,same[,fold]` (paths relative to data_root) of pairs to store."""
     model: str = "squeezenet1_0"
-    """A torchvision classification model (`torchvision.models.list_models`) or `module:function`."""
+    """A torchvision classification model (`torchvision.models.list_models`), `module:function` or `FILE.onnx` (an
+    ONNX network run by onnxruntime: its first output is the embedding)."""
     weights: str = "imagenet"
-    """imagenet | none | PATH (state_dict or finetune checkpoint); module:function takes none or PATH."""
+    """imagenet | none | PATH (state_dict or finetune checkpoint); module:function takes none or PATH, FILE.onnx
+    only none (the file holds its weights)."""
     input_size: int = 224
     """Side of the centre crop the network sees."""
     resize: int | None = None
@@ -65,7 +68,7 @@ class EmbedConfig:
     std: tuple[float, float, float] = images.IMAGENET_STD
     """Per-channel std dividing them."""
     layer: str = "output"
-    """output (1000-d network output, the study's) | penultimate."""
+    """output (1000-d network output, the study's) | penultimate (not for FILE.onnx)."""
     tta_flip: bool = False
     """Test-time flip: each row is the mean of the image's and its mirror image's outputs."""
     tta_resizes: tuple[int, ...] = ()
@@ -107,6 +110,11 @@ class EmbedConfig:
         models.check_model_name(self.model)
         if models.is_factory(self.model) and self.weights == "imagenet":
             raise ValueError(f"--model {self.model} has no ImageNet weights: pass --weights none or --weights PATH")
+        if is_onnx(self.model) and (self.weights, self.layer) != ("none", "output"):
+            raise ValueError(
+                f"--model {self.model} is an ONNX network: it holds its weights (weights must be none) and its "
+                f"first output is the embedding (layer must be output)"
+            )
         if self.dataset not in facesets.DATASETS:
             raise ValueError(f"dataset must be one of {facesets.DATASETS}, got {self.dataset!r}")
         if self.dataset != "lfw" and (self.protocol != "people" or self.download):
@@ -146,7 +154,7 @@ def store_identity(cfg: EmbedConfig, proto: lfw.FaceSet) -> dict:
     """The attributes that define a store's content (a resumed or reused store must match them)."""
     identity = {
         "model": cfg.model,
-        **models.weights_provenance(cfg.weights),
+        **models.network_provenance(cfg.model, cfg.weights),
         "layer": cfg.layer,
         "dataset": cfg.dataset,
         "image_set": proto.image_set,
@@ -211,6 +219,7 @@ def check_out(cfg: EmbedConfig) -> None:
     """OUT may be written: not one of the inputs, and absent or a store this tool wrote (with --overwrite)."""
     out = Path(cfg.out)
     inputs = [Path(cfg.weights)] if cfg.weights not in ("imagenet", "none") else []
+    inputs += [Path(cfg.model)] if is_onnx(cfg.model) else []
     inputs += [Path(p) for p in (cfg.pairs_file, cfg.data_root if cfg.dataset == "bin" else None) if p is not None]
     outputs.check_file_out(out, inputs=inputs)
     if not (cfg.resume and os.path.lexists(out) and recognise_store(out) is None):  # resume checks it later
@@ -251,7 +260,7 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
             raise PipelineError(f"{out} {problem}; pass --overwrite to replace it")
     world, device = init_world(resolve_device(cfg.device))
     seed_everything(cfg.seed)
-    network = models.build_model(cfg.model, cfg.weights)
+    network = load_network(cfg, device)
     embedder = for_inference(layers.Embedder(network, cfg.layer, cfg.tta_flip), device)
     dim = layers.embedding_size(embedder, cfg.preprocess.shape, device)
     extra = store_extra(cfg, proto, device, world.size)
@@ -272,6 +281,15 @@ def _embed(cfg: EmbedConfig, out: Path) -> Path:
         assemble(out, parts, len(proto), dim, identity, store_arrays(proto), extra, cfg.dtype, cohort)
     world.barrier()
     return out
+
+
+def load_network(cfg: EmbedConfig, device: torch.device) -> torch.nn.Module:
+    """The network of `cfg`: an ONNX file's through onnxruntime on `device`, else `models.build_model`."""
+    if not is_onnx(cfg.model):
+        return models.build_model(cfg.model, cfg.weights)
+    network = load_onnx(cfg.model, device, cfg.deterministic)
+    check_input_size(network, cfg.input_size)
+    return network
 
 
 def offsets_as_expected(store: Path, cfg: EmbedConfig) -> bool:

@@ -1,6 +1,7 @@
 """Backbone registry: torchvision's classification networks by name (with their ImageNet weights), the user's own
 networks (`module:function`), weights files (state_dicts, `finetune` checkpoints and their ensembles). The
-embedding layer taken from a network: `pipeline.nets.layers`.
+embedding layer taken from a network: `pipeline.nets.layers`; ONNX networks (`FILE.onnx`, `embed` only):
+`pipeline.nets.onnx_model`.
 
 The five backbones of `BACKBONES` (the study's and the project's) have registered embedding sizes and a
 `penultimate` layer; any other model of `torchvision.models.list_models(module=torchvision.models)` is built with
@@ -24,6 +25,7 @@ from torchvision import models as tvm
 from pipeline.errors import PipelineError
 from pipeline.nets.factory import build_factory
 from pipeline.nets.layers import POOL, add_learned_pool
+from pipeline.nets.onnx_model import fixed_input_size, is_onnx
 from pipeline.nets.split import Ensemble, join_members
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ def registry_models() -> list[str]:
 
 def is_factory(name: str) -> bool:
     """`module:function`: the user's own network."""
-    return ":" in name
+    return ":" in name and not is_onnx(name)
 
 
 def unknown_model(name: str) -> str:
@@ -71,7 +73,10 @@ def unknown_model(name: str) -> str:
 
 
 def check_model_name(name: str) -> None:
-    """ValueError (a configuration error) unless `name` is a torchvision model or a `module:function` spec."""
+    """ValueError (a configuration error) unless `name` is a torchvision model, a `module:function` spec or an
+    ONNX file name (`FILE.onnx`: read when the network is loaded)."""
+    if is_onnx(name):
+        return
     if is_factory(name):
         module, _, func = name.partition(":")
         if not (all(p.isidentifier() for p in module.split(".")) and func.isidentifier()):
@@ -214,6 +219,11 @@ def _builder_reads(weights, state: dict[str, torch.Tensor]):
 def build_model(name: str, weights: str = "imagenet") -> nn.Module:
     """Build `name` with `weights`: `imagenet`, `none` (random init; for `module:function`, the network as the
     function returns it) or a path to a state_dict/checkpoint."""
+    if is_onnx(name):
+        raise PipelineError(
+            f"--model {name}: an ONNX network is run by `embed` only (onnxruntime); fine-tuning and `run` need the "
+            f"PyTorch network (a torchvision name or module:function)"
+        )
     if is_factory(name):
         if weights == "imagenet":
             raise PipelineError(
@@ -248,3 +258,34 @@ def weights_provenance(weights: str) -> dict[str, str]:
     if not Path(weights).is_file():
         raise PipelineError(f"weights file {weights} does not exist; pass imagenet, none, or an existing file")
     return {"weights": str(Path(weights).resolve()), "weights_sha256": sha256(weights)}
+
+
+def network_provenance(model: str, weights: str) -> dict[str, str]:
+    """`weights_provenance`; for an ONNX network, which holds its weights, the model file and its sha256."""
+    if not is_onnx(model):
+        return weights_provenance(weights)
+    if not Path(model).is_file():
+        raise PipelineError(f"ONNX model {model} does not exist; pass --model with an existing .onnx file")
+    return {"weights": str(Path(model).resolve()), "weights_sha256": sha256(model)}
+
+
+def embed_network_options(model: str, weights: str | None, layer: str | None, input_size: int | None) -> dict:
+    """`embed`'s --weights, --layer and --input-size as given (None: left out) -> their values: weights
+    `imagenet` for a torchvision name, `none` for module:function, layer `output`, input size 224. An ONNX file
+    holds its weights and its output is the embedding: passing --weights or --layer is a ValueError; its input
+    size is the one its graph fixes (else 224)."""
+    if is_onnx(model):
+        given = [f"--{name}" for name, value in (("weights", weights), ("layer", layer)) if value is not None]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to an ONNX model: {model} "
+                f"holds its weights and its first output is the embedding; leave {' and '.join(given)} out"
+            )
+        if input_size is None:
+            input_size = fixed_input_size(model) or 224
+        return {"weights": "none", "layer": "output", "input_size": input_size}
+    return {
+        "weights": weights or ("none" if is_factory(model) else "imagenet"),
+        "layer": layer or "output",
+        "input_size": 224 if input_size is None else input_size,
+    }
