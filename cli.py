@@ -13,7 +13,6 @@ import click
 from benchmarks import BenchmarkGroup
 from cli_config import ConfigCommand, config_file_option, stage_kwargs
 from cli_identify import identify
-from cli_scorefiles import check_inputs, score_file_options
 from cli_options import (
     device_option,
     embed_options,
@@ -23,6 +22,7 @@ from cli_options import (
     tta_resizes_option,
     workers_option,
 )
+from cli_scorefiles import check_inputs, score_file_options
 from pipeline.errors import PipelineError
 
 
