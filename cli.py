@@ -189,6 +189,11 @@ def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--rows") from None
     cfg = ScoreConfig(store=store, all_pairs=mode == "all-pairs", rows=span, **options)
+    if cfg.scores is not None:  # without torch
+        from pipeline.scoring.from_scores import score_file
+
+        _echo_scored(score_file(cfg), options["out"])
+        return
     if cfg.rows is not None or (cfg.all_pairs and cfg.scores is None and _larger_than_memory(store, options)):
         _score_rows(cfg)
         return
@@ -197,9 +202,13 @@ def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
     m = run_score(cfg)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
+    _echo_scored(m, options["out"])
+
+
+def _echo_scored(m: dict, out: Path) -> None:
     click.echo(
         f"AUC {m['auc']:.6f} (binning bound {m['auc_error_bound']:.1e}) over {m['n_pairs']} pairs "
-        f"({m['n_positive']} same), EER {m['eer']:.4f}, {m['seconds']:.3f} s -> {options['out']}"
+        f"({m['n_positive']} same), EER {m['eer']:.4f}, {m['seconds']:.3f} s -> {out}"
     )
 
 

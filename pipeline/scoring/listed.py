@@ -20,6 +20,7 @@ from pipeline.scoring.sources import read_rows
 from pipeline.store.layout import Store
 
 log = logging.getLogger(__name__)
+BOOTSTRAP_MAX = 1_000_000  # listed scores above which the pair bootstrap is left out
 
 
 def listed_pairs(store: Store, score: ScoreDefinition) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,7 +82,12 @@ def listed_metrics(values: np.ndarray, positive: np.ndarray, metric: Metric, bin
     max_distance = float(metric.to_distance(values).max())
     pos, neg, thr = exact_counts(values, positive, metric)
     metrics = roc_metrics(pos, neg, thr, max_distance, exact=True)
-    metrics.update(bootstrap_listed(values, positive, metric, FAR_LEVELS, seed=seed))
+    if len(values) <= BOOTSTRAP_MAX:
+        metrics.update(bootstrap_listed(values, positive, metric, FAR_LEVELS, seed=seed))
+    else:  # 1,000 sorts of this many scores would take hours
+        log.warning("%d scores: no bootstrap intervals above %d (auc_ci95 and the others are null)", len(values),
+                    BOOTSTRAP_MAX)  # fmt: skip
+        metrics.update(auc_ci95=None, eer_ci95=None, tar_at_far_ci95=None)
     lo, hi = float(values.min()), float(values.max())
     acc = HistogramROC(Binning(lo, hi if hi > lo else lo + 1e-6, bins, metric))
     acc.update(values, positive)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.distributed import World, all_gather_objects, all_gather_rows, all_reduce_sum, init_world
-from pipeline.metrics.binning import Binning, as_metric
+from pipeline.metrics.binning import Binning
 from pipeline.metrics.roc import HistogramROC
 from pipeline.metrics.tail import Tail
 from pipeline.outputs import claim
@@ -30,10 +30,10 @@ from pipeline.scoring.config import ScoreConfig
 from pipeline.scoring.counting import TilePass, as_int64
 from pipeline.scoring.definition import ScoreDefinition
 from pipeline.scoring.exact import check_exact_fits, exact_all_pairs
-from pipeline.scoring.listed import listed_metrics, listed_pairs, score_listed_pairs, tenfold_accuracy
+from pipeline.scoring.from_scores import export_writers, score_file
+from pipeline.scoring.listed import score_listed_pairs, tenfold_accuracy
 from pipeline.scoring.memory import MemoryRows
 from pipeline.scoring.rank1 import rank1_accuracy
-from pipeline.scoring.scorefiles import read_score_file, write_scores
 from pipeline.store.layout import Store, open_store, recorded_data_root
 
 log = logging.getLogger(__name__)
@@ -154,49 +154,6 @@ def _score_locked(cfg: ScoreConfig, world: World, device: torch.device) -> dict:
     if cfg.out is not None and world.is_main:
         more = export_writers(cfg, score) if cfg.export else None
         write_results(Path(cfg.out), metrics, roc, acc, log_fpr=cfg.log_fpr, more=more)
-    return metrics
-
-
-def export_writers(cfg: ScoreConfig, score: ScoreDefinition) -> dict:
-    """scores.bob4 or scores.csv: the listed pairs' scores (similarities: l2 as minus the distance) with each
-    image's identity (a same-person pair's two identities written equal, as bob reads them)."""
-    with open_store(cfg.store) as store:
-        values, same, _ = listed_pairs(store, score)
-        names, labels, paths = store.strings("identities"), store.labels, store.strings("paths")
-        pairs = store.pairs()[0]
-    who = [names[k] if k < len(names) else str(k) for k in labels] if names else [str(k) for k in labels]
-    a = np.array([who[i] for i in pairs[:, 0]], dtype=object)
-    b = np.where(same, a, np.array([who[j] for j in pairs[:, 1]], dtype=object))
-    b = np.where(~same & (a == b), b + "#other", b)
-    probe = [Path(paths[j]).name if j < len(paths) else str(j) for j in pairs[:, 1]]
-    similarity = -score.metric.to_distance(values) if score.euclidean else values
-    name = f"scores.{cfg.export}"
-    return {name: lambda p: write_scores(p, cfg.export, similarity, same, a, b, probe)}
-
-
-def score_file(cfg: ScoreConfig) -> dict:
-    """Another system's scores (`cfg.scores`, `pipeline.scoring.scorefiles`) as a store's listed pairs: exact
-    metrics, intervals, figures; the same results folder. Scores are similarities (higher: more alike), written
-    as the cosine's are (thresholds as 1 - score)."""
-    out = None if cfg.out is None else Path(cfg.out)
-    inputs = [Path(p) for p in (cfg.scores, cfg.impostor_scores) if p is not None]
-    if out is None:
-        return _score_file(cfg)
-    with claim(out, lambda: check_results_out(out, cfg.overwrite, inputs), RESULT_FILES):
-        return _score_file(cfg)
-
-
-def _score_file(cfg: ScoreConfig) -> dict:
-    t0 = time.perf_counter()
-    sf = read_score_file(cfg.scores, cfg.score_format, cfg.impostor_scores)
-    acc, metrics, extra = listed_metrics(sf.values, sf.same, as_metric("cosine"), cfg.bins, cfg.seed)
-    roc = metrics.pop("roc")
-    attrs = {"score_file": str(cfg.scores), "score_format": cfg.score_format, "model": Path(cfg.scores).stem}
-    metrics = assemble_metrics(metrics, extra, metric="cosine", score_norm=None, bins=cfg.bins, device="cpu",
-                               seconds=time.perf_counter() - t0, mode="scores", world_size=1, attrs=attrs,
-                               store=cfg.scores, label=cfg.label, variant=cfg.variant, config=asdict(cfg))  # fmt: skip
-    if cfg.out is not None:
-        write_results(Path(cfg.out), metrics, roc, acc, log_fpr=cfg.log_fpr)
     return metrics
 
 
