@@ -75,23 +75,6 @@ def blocks(path: Path, size: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:
         yield line, carry + b"\n"
 
 
-def _fields_per_line(block: bytes) -> np.ndarray:
-    """Whitespace-separated fields on each line of the block."""
-    b = np.frombuffer(block, dtype=np.uint8)
-    newlines = np.flatnonzero(b == 10)
-    space = _SPACE[b]
-    starts = np.flatnonzero(~space & np.r_[True, space[:-1]])
-    return np.bincount(np.searchsorted(newlines, starts), minlength=len(newlines))[: len(newlines)]
-
-
-def _without_comments(block: bytes) -> bytes:
-    """The block without its `#` comment lines (rare: a header), as bob's readers skip them."""
-    if b"#" not in block:
-        return block
-    kept = [ln for ln in block.split(b"\n") if not ln.lstrip().startswith(b"#")]
-    return b"\n".join(kept)
-
-
 def _bad_line(path: Path, first: int, block: bytes, ncols: int | None, score_at: int) -> PipelineError:
     """The error naming the first line of `block` (numbered from `first`) with another number of fields than
     `ncols` (None: any number) or no finite number in field `score_at`."""
@@ -99,10 +82,10 @@ def _bad_line(path: Path, first: int, block: bytes, ncols: int | None, score_at:
         fields = ln.split()
         if not fields or fields[0].startswith(b"#"):
             continue
-        if (ncols is not None and len(fields) != ncols) or not _is_finite(fields[score_at]):
+        ncols = ncols or len(fields)
+        if len(fields) != ncols or not _is_finite(fields[score_at]):
             shown = ln.strip()[:120].decode(errors="replace")
-            want = f"{ncols} fields" if ncols else "fields"
-            return PipelineError(f"{path} line {first + k}: expected {want} with a finite score, got {shown!r}")
+            return PipelineError(f"{path} line {first + k}: expected {ncols} fields with a finite score, got {shown!r}")
     return PipelineError(f"{path}: a line from line {first} on is malformed")
 
 
@@ -113,41 +96,57 @@ def _is_finite(s: bytes) -> bool:
         return False
 
 
-def whitespace_columns(path: Path, ncols: int | None, score_at: int) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
-    """Per block, (the file's columns as byte-string arrays, its scores as float64) of a whitespace-separated file
-    with `ncols` fields per line (None: as many as its first line), `#` comments and blank lines skipped."""
+def whitespace_rows(path: Path, ncols: int | None, score_at: int, text: tuple[int, ...]) -> Iterator[np.ndarray]:
+    """Per block, the rows of a whitespace-separated file with `ncols` fields per line (None: as many as its first
+    line) as a structured array: fields `f<k>`, byte strings for those in `text`, float64 for the score
+    (`score_at`); `#` comments and blank lines skipped. NumPy's C `loadtxt` parses each block of whole lines."""
     for first, raw in blocks(path):
-        block = _without_comments(raw)
-        counts = _fields_per_line(block)
-        counts = counts[counts > 0]
-        if not len(counts):
+        b = np.frombuffer(raw, dtype=np.uint8)
+        width = int(np.diff(np.r_[-1, np.flatnonzero(b == 10)]).max())  # no field is longer than a line
+        n = ncols or len(
+            next((ln.split() for ln in raw.split(b"\n") if ln.split() and not ln.lstrip().startswith(b"#")), [])
+        )
+        if not n:
             continue
-        ncols = ncols or int(counts[0])
-        tokens = block.split()
-        if (counts != ncols).any() or len(tokens) != ncols * len(counts):
-            raise _bad_line(path, first, raw, ncols, score_at)
-        cols = [np.array(tokens[k::ncols]) for k in range(ncols)]
+        ncols = n
+        at = score_at % n
+        dtype = [(f"f{k}", f"S{width}" if k in text else ("f8" if k == at else "V0")) for k in range(n)]
         try:
-            scores = cols[score_at].astype(np.float64)
+            rows = np.loadtxt(io.BytesIO(raw), dtype=[d for d in dtype if d[1] != "V0"], comments="#", ndmin=1,
+                              usecols=[k for k in range(n) if dtype[k][1] != "V0"])  # fmt: skip
+            _check_columns(raw, n)
         except ValueError:
-            raise _bad_line(path, first, raw, ncols, score_at) from None
-        if not np.isfinite(scores).all():
-            raise _bad_line(path, first, raw, ncols, score_at)
-        yield cols, scores
+            raise _bad_line(path, first, raw, n, at) from None
+        if not np.isfinite(rows[f"f{at}"]).all():
+            raise _bad_line(path, first, raw, n, at)
+        yield rows
+
+
+def _check_columns(raw: bytes, n: int) -> None:
+    """A ValueError unless every line that is no comment or blank holds n fields (loadtxt reads only the fields
+    it is given, and would not see a line with more)."""
+    b = np.frombuffer(raw, dtype=np.uint8)
+    space = _SPACE[b]
+    starts = ~space
+    starts[1:] &= space[:-1]
+    ends = np.cumsum(starts, dtype=np.int64)[np.flatnonzero(b == 10)]
+    counts = np.diff(np.r_[0, ends])
+    if b"#" in raw:
+        comment = np.array([ln.lstrip().startswith(b"#") for ln in raw.split(b"\n")[: len(counts)]])
+        counts = counts[~comment]
+    if ((counts != 0) & (counts != n)).any():
+        raise ValueError("fields per line")
 
 
 def read_whitespace(path: Path, fmt: str) -> ScoreFile:
     """bob4 (`claimed_id real_id test_label score`) or bob5 (`claimed_id model_label real_id test_label score`):
     same person when claimed_id equals real_id."""
     ncols, claimed, real, at = WHITESPACE[fmt]
-    names = Identities()
-    values, same, a, b = [], [], [], []
-    for cols, scores in whitespace_columns(path, ncols, at):
-        values.append(scores)
-        same.append(cols[claimed] == cols[real])
-        a.append(names(cols[claimed]))
-        b.append(names(cols[real]))
-    return _joined(path, values, same, (a, b))
+    values, same = [], []
+    for rows in whitespace_rows(path, ncols, at, (claimed, real)):
+        values.append(rows[f"f{at}"])
+        same.append(rows[f"f{claimed}"] == rows[f"f{real}"])
+    return _joined(path, values, same, None)
 
 
 def read_pyeer(genuine: Path, impostor: Path | None) -> ScoreFile:
@@ -157,7 +156,7 @@ def read_pyeer(genuine: Path, impostor: Path | None) -> ScoreFile:
         raise PipelineError("--format pyeer reads two files: --scores GENUINE --impostor-scores IMPOSTOR")
     parts = []
     for path, same in ((genuine, True), (impostor, False)):
-        v = [s for _, s in whitespace_columns(path, None, -1)]
+        v = [rows[rows.dtype.names[0]] for rows in whitespace_rows(path, None, -1, ())]
         parts.append((np.concatenate(v) if v else np.zeros(0), same))
     values = np.concatenate([v for v, _ in parts])
     flags = np.concatenate([np.full(len(v), s) for v, s in parts])
