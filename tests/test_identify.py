@@ -10,72 +10,32 @@ searches the reference marks as near-ties (`NEAR`, relative), and each figure wi
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from cli import main
+from tests.identify_checks import (
+    D,
+    add_offsets,
+    check_error,
+    check_identify,
+    csv_lines,
+    distractor_args,
+    identify,
+    read_metrics,
+    run_cli,
+    without,
+)
 from tests.identify_reference import (
-    FARS,
-    FPIRS,
     NEAR,
-    Store,
     Trial,
-    curve_sizes,
-    fpir_k,
-    identity_scores,
     read_split,
     reference,
-    search,
-    to_units,
-    trial_figures,
 )
 from tests.stores import random_store, write_store
-
-D = 37
-IGNORED = {"config", "provenance", "store", "parts", "world_size", "n_tiles", "label", "backend", "ranges"}
-"""metrics.json keys that describe a run rather than its result (and every key starting with `seconds`); `merge`
-adds `parts` and `ranges` (the gallery spans it joined, as `score`'s merge does)."""
-
-
-def run_cli(*args) -> tuple[int, str, str]:
-    """(exit code, stdout and stderr, stderr alone)."""
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    err = r.stderr if hasattr(r, "stderr") else ""
-    return r.exit_code, r.output + err + ("" if r.exception is None else repr(r.exception)), err
-
-
-def distractor_args(paths) -> list:
-    """`--distractors A B` (one option, several stores, as docs/identification.md writes it) or, when the option
-    is click's `multiple`, `--distractors A --distractors B`."""
-    paths = list(paths)
-    if not paths:
-        return []
-    command = main.get_command(None, "identify")
-    option = next(p for p in command.params if "--distractors" in p.opts)
-    if getattr(option, "multiple", False):
-        return [a for p in paths for a in ("--distractors", p)]
-    return ["--distractors", *paths]
-
-
-def identify(store: Path, out: Path, *args) -> Path:
-    code, text, _ = run_cli("identify", store, "--out", out, *args)
-    assert code == 0, text
-    return out
-
-
-def add_offsets(path: Path, seed: int, spread=(-0.1, 0.3)) -> np.ndarray:
-    o = np.random.default_rng(seed).uniform(*spread, size=h5py.File(path, "r")["embeddings"].shape[0])
-    with h5py.File(path, "a") as f:
-        f.create_dataset("score_offsets", data=o.astype(np.float32))
-    return o.astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -94,287 +54,6 @@ def stores(tmp_path_factory) -> dict[str, Path]:
     c1, _, _ = random_store(root / "c1.h5", n=700, d=D, seed=4, signal=0.8)
     c2, _, _ = random_store(root / "c2.h5", n=611, d=D, seed=5, signal=0.8, dtype="float16")
     return dict(main=main_path, offsets=offsets, d1=d1, d1o=d1o, d2=d2, c1=c1, c2=c2)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading the results
-
-
-def read_metrics(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
-
-
-def _number(text: str) -> float:
-    return math.nan if text.strip().lower() in ("", "nan", "none", "null") else float(text)
-
-
-def read_searches(path: Path) -> dict[tuple[int, int], tuple[str, float, int | None, float]]:
-    """searches.csv -> {(trial, row): (role, mate_score, mate_rank or None, top_nonmate_score)}."""
-    out = {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        assert reader.fieldnames == ["trial", "row", "role", "mate_score", "mate_rank", "top_nonmate_score"]
-        for r in reader:
-            key = (int(r["trial"]), int(r["row"]))
-            assert key not in out, f"search {key} listed twice"
-            rank = _number(r["mate_rank"])
-            out[key] = (r["role"], _number(r["mate_score"]), None if math.isnan(rank) else int(rank),
-                        _number(r["top_nonmate_score"]))  # fmt: skip
-    return out
-
-
-def trials_of(m: dict, ref: dict) -> list[tuple[dict, dict]]:
-    """The implementation's per-trial figures beside the reference's, matched by trial number (or position)."""
-    got = m["trials"]
-    assert len(got) == len(ref["trials"])
-    if all(isinstance(t, dict) and "trial" in t for t in got):
-        by = {int(t["trial"]): t for t in got}
-        return [(by[r["trial"]], r) for r in ref["trials"]]
-    return list(zip(got, ref["trials"], strict=True))
-
-
-def float32_close(got: float, want: float) -> bool:
-    """Equal to float32 precision (relative 1e-5, with a floor of 1 for the scale)."""
-    return abs(got - want) <= 1e-5 * max(1.0, abs(want))
-
-
-def check_figures(got: dict, want: dict, slack: dict, where: str) -> None:
-    """cmc, fnir_at_fpir and dir_at_far of one trial (or averaged) within `slack` (keys `cmc` and the levels)."""
-    assert len(got["cmc"]) == len(want["cmc"]), where
-    for k, (g, w) in enumerate(zip(got["cmc"], want["cmc"], strict=True), 1):
-        assert abs(g - w) <= slack["cmc"] + 1e-9, f"{where}: CMC({k}) {g} != {w} (slack {slack['cmc']})"
-    for f in FPIRS:
-        g, w = got["fnir_at_fpir"][f], want["fnir_at_fpir"][f]
-        assert abs(g - w) <= slack[f] + 1e-9, f"{where}: FNIR at FPIR {f}: {g} != {w} (slack {slack[f]})"
-    for f in FARS:
-        g, w = got["dir_at_far"][f], want["dir_at_far"][f]
-        assert abs(g - w) <= slack[f] + 1e-9, f"{where}: DIR at FAR {f}: {g} != {w} (slack {slack[f]})"
-
-
-def check_searches(out: Path, ref: dict, max_differing: float = 0.0) -> dict[int, int]:
-    """Every search of searches.csv against the reference: the same searches and roles, mate and top non-mate
-    scores to float32 precision, mate_rank (R+1 beyond R) exactly except near-ties; at most `max_differing` (a
-    fraction) of the searches may differ, and only near-ties. Returns how many differ per trial."""
-    metric, r_max = ref["metric"], ref["max_rank"]
-    got = read_searches(out / "searches.csv")
-    want = {}
-    for t in ref["trials"]:
-        s = t["searches"]
-        for i, row in enumerate(s.rows):
-            want[(t["trial"], int(row))] = i, s
-    assert set(got) == set(want), f"searches differ: {sorted(set(got) ^ set(want))[:5]}"
-    differing, bad, per_trial = 0, [], {t["trial"]: 0 for t in ref["trials"]}
-    for key, (i, s) in want.items():
-        role, mate, rank, top = got[key]
-        assert role == ("mated" if s.mated[i] else "nonmated"), (key, role)
-        assert float32_close(top, to_units(s.top[i], metric)), (key, "top_nonmate_score", top, s.top[i])
-        if not s.mated[i]:
-            assert math.isnan(mate) and rank is None, (key, mate, rank)
-            continue
-        assert float32_close(mate, to_units(s.mate[i], metric)), (key, "mate_score", mate, s.mate[i])
-        if rank != min(int(s.rank[i]), r_max + 1):
-            differing += 1
-            per_trial[key[0]] += 1
-            if not s.near[i]:
-                bad.append((key, rank, int(s.rank[i]), float(s.mate[i]), float(s.top[i])))
-    assert not bad, f"mate_rank differs beyond near-ties (key, got, reference rank, mate, top): {bad[:5]}"
-    assert differing <= max_differing * len(want), f"{differing} of {len(want)} searches differ"
-    return per_trial
-
-
-def check_identify(out: Path, ref: dict, template: str = "best", max_differing: float = 0.0) -> dict:
-    """searches.csv, then metrics.json (per trial and averaged, distractor curve, iet) against the reference. A
-    figure may differ from the reference by the searches whose mate_rank differs (near-ties) and those whose mate
-    is within NEAR of the figure's threshold, as fractions of the mated searches (its slack)."""
-    differing = check_searches(out, ref, max_differing)
-    m = read_metrics(out)
-    assert m["mode"] == "identify" and m["metric"] == ref["metric"] and m["template"] == template
-    assert m["max_rank"] == ref["max_rank"] and m["n_distractors"] == ref["n_distractors"]
-    slacks = []
-    for got, want in trials_of(m, ref):
-        where = f"trial {want['trial']}"
-        assert (got["n_mated"], got["n_nonmated"]) == (want["n_mated"], want["n_nonmated"]), where
-        flips = differing[want["trial"]] / want["n_mated"]
-        slacks.append({"cmc": flips, **{f: flips + v for f, v in want["near_threshold"].items()}})
-        check_figures(got, want, slacks[-1], where)
-        check_thresholds(got.get("fpir_thresholds"), want["fpir_thresholds"], ref["metric"], where)
-        if "distractor_curve" in want and "distractor_curve" in got:
-            check_curve(got["distractor_curve"], want["distractor_curve"], where)
-    check_figures(m, ref, {k: float(np.mean([s[k] for s in slacks])) for k in slacks[0]}, "averaged")
-    if ref["n_distractors"]:
-        check_curve(m["distractor_curve"], ref["distractor_curve"], "averaged")
-    else:
-        assert not m.get("distractor_curve")
-    check_iet(m, ref)
-    return m
-
-
-def check_curve(got: list, want: list, where: str) -> None:
-    """The distractor curve, each point within its own slack."""
-    assert [p["distractors"] for p in got] == [p["distractors"] for p in want], (where, got)
-    for g, w in zip(got, want, strict=True):
-        for key in ("rank1", "fnir_at_fpir_0.01"):
-            assert abs(g[key] - w[key]) <= w["slack"][key] + 1e-9, (where, key, g, w)
-
-
-def check_thresholds(got, want: dict, metric: str, where: str) -> None:
-    """fpir_thresholds (t_(k+1) per FPIR level, in the metric's units) where they are keyed by level."""
-    if not isinstance(got, dict):
-        return
-    for f, g in got.items():
-        if f in want:
-            w = to_units(want[f], metric)
-            if g is None or not math.isfinite(w):
-                assert g is None and not math.isfinite(w) or g == w, (where, f, g, w)
-            else:
-                assert float32_close(g, w), (where, f, g, w)
-
-
-def check_iet(m: dict, ref: dict) -> None:
-    """iet: FNIR (rank 1) at each FPIR of its grid, averaged over trials, within the slack."""
-    grid = [str(f) for f in m["iet"]["fpir"]]
-    assert len(m["iet"]["fnir"]) == len(grid) and grid
-    figs = [trial_figures(t["searches"], 1, fpirs=tuple(grid), fars=()) for t in ref["trials"]]
-    for i, f in enumerate(grid):
-        want = float(np.mean([fig["fnir_at_fpir"][f] for fig in figs]))
-        slack = float(np.mean([fig["slack"][f] for fig in figs]))
-        got = m["iet"]["fnir"][i]
-        assert abs(got - want) <= slack + 1e-9, f"iet: FNIR at FPIR {f}: {got} != {want} (slack {slack})"
-
-
-def csv_lines(path: Path) -> list[str]:
-    lines = path.read_text().splitlines()
-    return [lines[0], *sorted(lines[1:])]
-
-
-def without(d, ignored=IGNORED):
-    """A JSON value without the keys that describe the run (recursively)."""
-    if isinstance(d, dict):
-        return {k: without(v, ignored) for k, v in d.items() if k not in ignored and not k.startswith("seconds")}
-    if isinstance(d, list):
-        return [without(v, ignored) for v in d]
-    return d
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The reference on hand-worked examples (no project code)
-
-# l2, D = 2, integer rows (every squared distance exact). People A (label 0), B (1) enrolled; C, E, F not.
-HAND_X = np.array([[0, 0], [10, 0], [1, 0], [4, 0], [0, 3], [5, 1], [0, 2], [9, 0]], np.float32)
-HAND_LABELS = np.array([0, 1, 0, 1, 0, 2, 3, 4])
-HAND_DISTRACTOR = np.array([[2, 0]], np.float32)  # G: an identity of its own
-
-
-def hand_split(path: Path) -> Path:
-    rows = [(0, 0, "gallery"), (0, 1, "gallery"), (0, 2, "mated"), (0, 3, "mated"), (0, 4, "mated")]
-    rows += [(1, 4, "gallery"), (1, 1, "gallery"), (1, 0, "mated"), (1, 2, "mated"), (1, 3, "mated")]
-    rows += [(t, r, "nonmated") for t in (0, 1) for r in (5, 6, 7)]
-    path.write_text("trial,row,role\n" + "".join(f"{t},{r},{role}\n" for t, r, role in rows))
-    return path
-
-
-def test_reference_by_hand_l2():
-    """Trial 0 of `hand_split` worked by hand. Gallery A0 (0,0), B0 (10,0); mated A1 (1,0), B1 (4,0), A2 (0,3);
-    non-mated C (5,1), E (0,2), F (9,0). Squared distances: A1: mate 1, B 81 (rank 1); B1: mate 36, A 16 (rank
-    2); A2: mate 9, B 109 (rank 1); best of C, E, F: 26, 4, 1. With distractor G (2,0): A1-G 1 ties the mate (rank
-    2, a near-tie), B1-G 4 (rank 3), A2-G 13 (rank 1); C, E, F best 10, 4, 1."""
-    store = Store(HAND_X.astype(np.float64), HAND_LABELS, None)
-    trial = Trial(np.array([0, 1]), np.array([2, 3, 4]), np.array([5, 6, 7]))
-    s = search(store, trial, metric="l2")
-    assert s.rows.tolist() == [2, 3, 4, 5, 6, 7] and s.mated.tolist() == [True] * 3 + [False] * 3
-    assert to_units(s.mate[:3], "l2").tolist() == [1, 36, 9] and s.rank[:3].tolist() == [1, 2, 1]
-    assert to_units(s.top, "l2").tolist() == [81, 16, 109, 26, 4, 1] and not s.near.any()
-    # sorted non-mated similarities t = -1, -4, -26 (n = 3). f = 0.001: k = 0, t_1 = -1: A1 (distance 1) is not
-    # strictly above it (a near-tie with the threshold); 0.34: k = 1, accepted below distance 4: A1; 0.67: k = 2,
-    # below 26: A1, A2; 1: k = 3 = n, every rank-1 search: A1, A2.
-    fig = trial_figures(s, max_rank=3, fpirs=("0.001", "0.34", "0.67", "1"), fars=("0.67",))
-    assert fig["cmc"] == pytest.approx([2 / 3, 1, 1])
-    assert fig["fnir_at_fpir"] == pytest.approx({"0.001": 1, "0.34": 2 / 3, "0.67": 1 / 3, "1": 1 / 3})
-    assert fig["dir_at_far"] == pytest.approx({"0.67": 2 / 3})
-    assert fig["fpir_thresholds"] == {"0.001": -1, "0.34": -4, "0.67": -26, "1": -math.inf}
-    assert (fig["n_mated"], fig["n_nonmated"]) == (3, 3)
-    assert fig["slack"] == pytest.approx({"cmc": 0, "0.001": 1 / 3, "0.34": 0, "0.67": 0, "1": 0})
-    assert fig["near_threshold"] == pytest.approx({"0.001": 1 / 3, "0.34": 0, "0.67": 0, "1": 0})
-
-    g = Store(HAND_DISTRACTOR.astype(np.float64), None, None)
-    s = search(store, trial, [g], metric="l2")
-    assert to_units(s.mate[:3], "l2").tolist() == [1, 36, 9] and s.rank[:3].tolist() == [2, 3, 1]
-    assert to_units(s.top, "l2").tolist() == [1, 4, 13, 10, 4, 1] and s.near.tolist() == [True] + [False] * 5
-    fig = trial_figures(s, max_rank=3, fpirs=("0.34", "0.67"), fars=())
-    assert fig["cmc"] == pytest.approx([1 / 3, 2 / 3, 1])
-    assert fig["fnir_at_fpir"] == pytest.approx({"0.34": 1, "0.67": 2 / 3})  # A2 (9) below t_3 (10)
-    assert fig["slack"]["cmc"] == pytest.approx(1 / 3)
-    # no distractor at all: as without the store
-    s0 = search(store, trial, [g], metric="l2", n_distractors=0)
-    assert s0.rank[:3].tolist() == [1, 2, 1]
-
-
-def test_reference_by_hand_files(tmp_path):
-    """`reference` from files: trial 0 as above, trial 1 with gallery A2 (0,3), B0 (10,0) and mated A0, A1, B1.
-    Trial 1, squared distances with G: A0: mate 9, G 4 (rank 2); A1: mate 10, G 1 (rank 2); B1: mate 36, A 25,
-    G 4 (rank 3); C, E, F best 10, 1, 1. CMC (R = 3): trial 0 [1/3, 2/3, 1], trial 1 [0, 2/3, 1]. Every FPIR
-    level here has k = 0: t_1 (distance 1) accepts no search, FNIR 1, DIR 0."""
-    store = write_store(tmp_path / "hand.h5", HAND_X, HAND_LABELS)
-    g = write_store(tmp_path / "g.h5", HAND_DISTRACTOR, None)
-    split = hand_split(tmp_path / "split.csv")
-    trials = read_split(split)
-    assert list(trials) == [0, 1] and trials[1].gallery.tolist() == [4, 1] and trials[1].nonmated.tolist() == [5, 6, 7]
-
-    ref = reference(store, split, metric="l2", max_rank=3)
-    assert [t["cmc"] for t in ref["trials"]] == [pytest.approx([2 / 3, 1, 1])] * 2
-    assert ref["cmc"] == pytest.approx([2 / 3, 1, 1]) and "distractor_curve" not in ref
-
-    ref = reference(store, split, [g], metric="l2", max_rank=3)
-    t1 = ref["trials"][1]["searches"]
-    assert t1.rows.tolist() == [0, 2, 3, 5, 6, 7] and t1.rank[:3].tolist() == [2, 2, 3]
-    assert to_units(t1.mate[:3], "l2").tolist() == [9, 10, 36] and to_units(t1.top, "l2").tolist() == [
-        4,
-        1,
-        4,
-        10,
-        1,
-        1,
-    ]
-    assert ref["cmc"] == pytest.approx([1 / 6, 2 / 3, 1])
-    assert ref["fnir_at_fpir"] == pytest.approx(dict.fromkeys(FPIRS, 1.0))
-    assert ref["dir_at_far"] == pytest.approx({"0.01": 0.0})
-    assert ref["slack"]["cmc"] == pytest.approx(1 / 6)  # A1 of trial 0 ties G
-    assert ref["distractor_curve"] == [
-        {"distractors": 1, "rank1": pytest.approx(1 / 6), "fnir_at_fpir_0.01": 1.0,
-         "slack": {"rank1": pytest.approx(1 / 6), "fnir_at_fpir_0.01": pytest.approx(1 / 6)}}
-    ]  # fmt: skip
-    assert ref["n_distractors"] == 1
-
-
-def test_reference_by_hand_cosine_templates():
-    """Cosine with offsets. Person 0's gallery (1,0) o=0.2 and (0,1) o=0.4, person 1's (0,-2) o=0; probe (3,3) of
-    person 0 with o=0.1; non-mated (-1,0) with o=0. best: max(cos45 - 0.1 - 0.2, cos45 - 0.1 - 0.4) = cos45 - 0.3;
-    mean: the mean of the unit rows (0.5, 0.5) has cosine 1 with the probe, template offset (0.2 + 0.4) / 2:
-    1 - 0.1 - 0.3 = 0.6. Person 1: cos135 - 0.1. The non-mated probe: person 0 best max(-1 - 0.2, 0 - 0.4) = -0.4,
-    mean cos135 - 0.3; person 1: cos90 = 0."""
-    x = np.array([[1, 0], [0, 1], [3, 3], [0, -2], [-1, 0]], np.float64)
-    store = Store(x, np.array([0, 0, 0, 1, 2]), np.array([0.2, 0.4, 0.1, 0.0, 0.0]))
-    gallery, probes, c45 = np.array([0, 1, 3]), np.array([2, 4]), math.sqrt(0.5)
-    s, persons = identity_scores(store, gallery, probes, metric="cosine", template="best")
-    assert persons.tolist() == [0, 1]
-    np.testing.assert_allclose(s, [[c45 - 0.3, -c45 - 0.1], [-0.4, 0.0]], atol=1e-12)
-    s, _ = identity_scores(store, gallery, probes, metric="cosine", template="mean")
-    np.testing.assert_allclose(s, [[0.6, -c45 - 0.1], [-c45 - 0.3, 0.0]], atol=1e-12)
-    s, _ = identity_scores(store, gallery, probes, metric="cosine", template="mean", score_norm=False)
-    np.testing.assert_allclose(s, [[1.0, -c45], [-c45, 0.0]], atol=1e-12)
-    d = Store(np.array([[1.0, 1.0], [0.0, 1.0]]), None, np.array([0.5, 0.25]))  # distractors: their own offsets
-    s, persons = identity_scores(store, gallery, probes, [d], metric="cosine", template="best")
-    assert persons.tolist() == [0, 1, -1, -1]
-    np.testing.assert_allclose(s[:, 2:], [[1 - 0.1 - 0.5, c45 - 0.1 - 0.25], [-c45 - 0.5, -0.25]], atol=1e-12)
-
-
-def test_reference_exact_k_and_curve_sizes():
-    """k = floor(f n) in integers: 0.57 * 100 is 56.99999999999999 in floats, k is 57."""
-    assert math.floor(0.57 * 100) == 56 and fpir_k(0.57, 100) == 57
-    assert [fpir_k("0.001", n) for n in (999, 1000, 1999, 2000)] == [0, 1, 1, 2]
-    assert fpir_k("0.1", 30) == 3 and fpir_k("0.01", 7) == 0
-    assert curve_sizes(517) == [517] and curve_sizes(1311) == [1000, 1311] and curve_sizes(1000) == [1000]
-    assert curve_sizes(10001) == [1000, 10000, 10001] and curve_sizes(0) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -533,17 +212,6 @@ def test_identify_unlabelled_distractors(stores, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input
-
-
-def check_error(args: list, *needles: str) -> str:
-    code, text, err = run_cli("identify", *args)
-    assert code == 2, (args, code, text)
-    assert "Traceback" not in text, text
-    lines = [line for line in (err or text).splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and len(lines) == 1, lines
-    assert any(n in errors[0] for n in needles), (errors[0], needles)
-    return errors[0]
 
 
 def test_identify_bad_inputs(stores, tmp_path):
