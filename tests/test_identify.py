@@ -296,3 +296,15 @@ def test_identify_damaged_inputs_and_leftovers(stores, tmp_path):
     (foreign / "notes.txt").write_text("mine")
     check_error([stores["main"], "--out", foreign, "--overwrite"], "refusing to replace")
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_identify_probes_in_chunks_give_the_same(stores, tmp_path, monkeypatch):
+    """The enrolled images searched for 512 probes at a time (a small `ENROLLED_BYTES`): the same result."""
+    from pipeline.identify import stage
+
+    args = ["--trials", 2, "--gallery-images", 2, *distractor_args([stores["d1"], stores["d2"]])]
+    whole = identify(stores["main"], tmp_path / "whole", *args)
+    monkeypatch.setattr(stage, "ENROLLED_BYTES", 4 * 512 * 50)
+    chunked = identify(stores["main"], tmp_path / "chunked", *args)
+    assert without(read_metrics(chunked)) == without(read_metrics(whole))
+    assert csv_lines(chunked / "searches.csv") == csv_lines(whole / "searches.csv")

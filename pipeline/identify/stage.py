@@ -31,10 +31,12 @@ from pipeline.identify.results import distractor_cuts, identification_metrics, o
 from pipeline.identify.state import SearchState, enrolled_state, merge_states, save_state
 from pipeline.outputs import claim
 from pipeline.report.results import PART_FILE, describe, json_attrs
-from pipeline.scoring.search import IdentityScores, TopScores, search
+from pipeline.scoring.blockmath import CHUNK
+from pipeline.scoring.search import IdentityScores, TopScores, gallery_chunks, search
 from pipeline.store.layout import Store, open_store
 
 log = logging.getLogger(__name__)
+ENROLLED_BYTES = 256 << 20  # the [probes, people] scores of one trial's enrolled images, at most, at a time
 
 
 class Search:
@@ -91,12 +93,12 @@ class Search:
             found = gallery.people[np.minimum(at, len(gallery.people) - 1)] == self.labels[self.probe_rows]
             mate_ids = np.where(found, at, -1)
             whole = (0, gallery.gallery.n)
-            m, v, i = enrolled_state(self._identity_scores(gallery, whole), mate_ids, r)
+            m, v, i = self._enrolled_state(gallery, whole, mate_ids)
             mated = np.isin(self.probe_rows, trial.mated)
             floor[mated] = np.minimum(floor[mated], m[mated])
             mine = (span[0], min(span[1], gallery.gallery.n))
             if mine != whole:  # a part: its own span of the enrolled images
-                m, v, i = enrolled_state(self._identity_scores(gallery, mine), mate_ids, r)
+                m, v, i = self._enrolled_state(gallery, mine, mate_ids)
             mates.append(m), vals.append(v), ids.append(i)
         e = self.enrolled_rows or 0
         lo, hi = max(span[0] - e, 0), min(span[1] - e, self.distractors.n)
@@ -108,12 +110,17 @@ class Search:
         d, seg = top.finish()
         return SearchState(np.stack(mates), np.stack(vals), np.stack(ids), d, seg)
 
-    def _identity_scores(self, enrolled, span: tuple[int, int]) -> np.ndarray:
-        """[probes, people]: each probe's best score per enrolled person over the gallery rows in `span`."""
-        reducer = IdentityScores(len(self.probe_rows), enrolled.ids, len(enrolled.people))
-        if span[1] > span[0]:
-            search(self.left, enrolled.gallery, span, reducer)
-        return reducer.result()
+    def _enrolled_state(self, enrolled, span: tuple[int, int], mate_ids: np.ndarray) -> tuple:
+        """`enrolled_state` of the gallery rows in `span`, for the probes in chunks of whole canonical blocks whose
+        [probes, people] scores take at most `ENROLLED_BYTES` (the same products as all probes at once)."""
+        rows = max(1, ENROLLED_BYTES // (4 * max(1, len(enrolled.people))) // CHUNK) * CHUNK
+        parts = []
+        for q0, q1 in gallery_chunks(len(self.probe_rows), (0, len(self.probe_rows)), rows):
+            reducer = IdentityScores(q1 - q0, enrolled.ids, len(enrolled.people))
+            if span[1] > span[0]:
+                search(self.left[q0:q1], enrolled.gallery, span, reducer)
+            parts.append(enrolled_state(reducer.result(), mate_ids[q0:q1], self.cfg.max_rank))
+        return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
 
     def outcomes(self, state: SearchState) -> list:
         return outcomes(state, self.trials, self.probe_rows, self.labels)
