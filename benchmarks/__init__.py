@@ -32,6 +32,7 @@ BENCHMARKS = {
     "cohort-norm": "cohort_norm",
     "machine": "machine",
     "identify": "bench_identify",
+    "scorefiles": "bench_scorefiles",
     "onnx-parity": "onnx_parity",
 }
 """`cli.py bench NAME` -> the module `benchmarks.MODULE`, whose `command` it runs (as `python -m benchmarks.MODULE`)."""
