@@ -9,14 +9,40 @@ from pathlib import Path
 import click
 
 
+class Several(click.Option):
+    """An option that takes one or more values after one flag (`--distractors A B`) and may be repeated
+    (`--distractors A --distractors B`): the values up to the next option are its. It hooks click's parser (its
+    `_long_opt` table); where that is missing it is a plain repeatable option."""
+
+    def add_to_parser(self, parser, ctx) -> None:
+        super().add_to_parser(parser, ctx)
+        table = getattr(parser, "_long_opt", {})
+        prefixes = tuple(getattr(parser, "_opt_prefixes", {"-", "--"}))
+        for name in self.opts:
+            opt = table.get(name)
+            if opt is None:
+                continue
+            one = opt.process
+
+            def process(value, state, one=one) -> None:
+                values = [value]
+                while state.rargs and not state.rargs[0].startswith(prefixes):
+                    values.append(state.rargs.pop(0))
+                for v in values:
+                    one(v, state)
+
+            opt.process = process
+
+
 @click.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Results folder (metrics.json, split.csv, searches.csv, cmc.png, iet.png); with --rows a part "
                    "folder for `merge`.")  # fmt: skip
-@click.option("--distractors", multiple=True, type=click.Path(path_type=Path),
-              help="A store whose rows join every gallery, each an identity of its own (MegaFace's distractors); "
-                   "repeat for more stores. Read in chunks: any size.")  # fmt: skip
+@click.option("--distractors", multiple=True, type=click.Path(path_type=Path), cls=Several, metavar="STORE...",
+              help="Stores whose rows join every gallery, each an identity of its own (MegaFace's distractors): "
+                   "`--distractors A B` or `--distractors A --distractors B` (after STORE). Read in chunks: any "
+                   "size.")  # fmt: skip
 @click.option("--gallery-people", type=int, default=None,
               help="People enrolled per trial, among those with at least K+1 images [default: half of them].")  # fmt: skip
 @click.option("--gallery-images", type=int, default=1, show_default=True, metavar="K",

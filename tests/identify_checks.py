@@ -34,16 +34,9 @@ def run_cli(*args) -> tuple[int, str, str]:
 
 
 def distractor_args(paths) -> list:
-    """`--distractors A B` (one option, several stores, as docs/identification.md writes it) or, when the option
-    is click's `multiple`, `--distractors A --distractors B`."""
+    """`--distractors A B`: one option, several stores (the option may also be repeated)."""
     paths = list(paths)
-    if not paths:
-        return []
-    command = main.get_command(None, "identify")
-    option = next(p for p in command.params if "--distractors" in p.opts)
-    if getattr(option, "multiple", False):
-        return [a for p in paths for a in ("--distractors", p)]
-    return ["--distractors", *paths]
+    return ["--distractors", *paths] if paths else []
 
 
 def identify(store: Path, out: Path, *args) -> Path:

@@ -308,3 +308,12 @@ def test_identify_probes_in_chunks_give_the_same(stores, tmp_path, monkeypatch):
     chunked = identify(stores["main"], tmp_path / "chunked", *args)
     assert without(read_metrics(chunked)) == without(read_metrics(whole))
     assert csv_lines(chunked / "searches.csv") == csv_lines(whole / "searches.csv")
+
+
+def test_identify_distractors_one_flag_or_repeated(stores, tmp_path):
+    """`--distractors A B` and `--distractors A --distractors B` give the same result."""
+    one = identify(stores["main"], tmp_path / "one", "--trials", 1, "--distractors", stores["d1"], stores["d2"])
+    two = identify(stores["main"], tmp_path / "two", "--distractors", stores["d1"], "--trials", 1, "--distractors",
+                   stores["d2"])  # fmt: skip
+    assert read_metrics(one)["n_distractors"] == 517
+    assert without(read_metrics(one)) == without(read_metrics(two))
