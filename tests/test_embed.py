@@ -123,21 +123,26 @@ def test_existing_output_needs_overwrite(tiny_lfw, tmp_path):
     assert read(out)["embeddings"].shape == (3, 1000)
 
 
-def test_interrupted_run_resumes_to_identical_store(tiny_lfw, tmp_path, monkeypatch):
-    whole = read(embed(config(tiny_lfw, tmp_path / "whole.h5", batch_size=3)))
-    out = tmp_path / "resumed.h5"
+def killed_after_rows(monkeypatch, rows: int, run) -> None:
+    """`run()` (an embed) interrupted once its store has `rows` rows written, as a killed run would be."""
     original_write = StoreWriter.write
 
-    def write_then_die(self, start, rows):
-        original_write(self, start, rows)
-        if self.rows_done >= 6:
+    def write_then_die(self, start, block):
+        original_write(self, start, block)
+        if self.rows_done >= rows:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(StoreWriter, "write", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        embed(config(tiny_lfw, out, batch_size=3))
-    assert not out.exists() and partial_path(out).exists()
+        run()
     monkeypatch.setattr(StoreWriter, "write", original_write)
+
+
+def test_interrupted_run_resumes_to_identical_store(tiny_lfw, tmp_path, monkeypatch):
+    whole = read(embed(config(tiny_lfw, tmp_path / "whole.h5", batch_size=3)))
+    out = tmp_path / "resumed.h5"
+    killed_after_rows(monkeypatch, 6, lambda: embed(config(tiny_lfw, out, batch_size=3)))
+    assert not out.exists() and partial_path(out).exists()
     with pytest.raises(PipelineError, match="other settings.*batch_size"):
         embed(config(tiny_lfw, out, batch_size=4, resume=True))
     resumed = read(embed(config(tiny_lfw, out, batch_size=3, resume=True)))

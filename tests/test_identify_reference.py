@@ -23,12 +23,6 @@ from tests.identify_reference import (
 )
 from tests.stores import write_store
 
-D = 37
-IGNORED = {"config", "provenance", "store", "parts", "world_size", "n_tiles", "label", "backend", "ranges"}
-"""metrics.json keys that describe a run rather than its result (and every key starting with `seconds`); `merge`
-adds `parts` and `ranges` (the gallery spans it joined, as `score`'s merge does)."""
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The reference on hand-worked examples (no project code)
 

@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.nets import models
 from pipeline.nets.onnx_model import export_onnx, fixed_input_size, load_onnx
 from pipeline.store.layout import open_store, partial_path
-from pipeline.store.writer import StoreWriter
+from tests.test_embed import killed_after_rows
 from tests.torchrun import ROOT, torchrun
 
 TOLERANCE = 1e-4  # largest absolute difference between a row of ONNX and one of PyTorch
@@ -171,18 +171,8 @@ def test_interrupted_onnx_run_resumes_to_the_same_store(tiny_lfw, tmp_path, expo
     model.write_bytes(exported["onnx"].read_bytes())
     whole = read(embed(config(tiny_lfw, tmp_path / "whole.h5", str(model), batch_size=3)))
     out = tmp_path / "resumed.h5"
-    original_write = StoreWriter.write
-
-    def write_then_die(self, start, rows):
-        original_write(self, start, rows)
-        if self.rows_done >= 6:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(StoreWriter, "write", write_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        embed(config(tiny_lfw, out, str(model), batch_size=3))
+    killed_after_rows(monkeypatch, 6, lambda: embed(config(tiny_lfw, out, str(model), batch_size=3)))
     assert not out.exists() and partial_path(out).exists()
-    monkeypatch.setattr(StoreWriter, "write", original_write)
     model.write_bytes(exported["other"].read_bytes())
     with pytest.raises(PipelineError, match="other settings.*weights_sha256"):
         embed(config(tiny_lfw, out, str(model), batch_size=3, resume=True))

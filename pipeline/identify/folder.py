@@ -4,7 +4,6 @@ go, when an existing one may be replaced, and its writer (a temporary folder bes
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 
 from pipeline import outputs
 from pipeline.report import figures
-from pipeline.report.results import PART_FILE, json_writer, write_files
+from pipeline.report.results import PART_FILE, json_writer, recognise_folder, write_files
 
 log = logging.getLogger(__name__)
 
@@ -25,22 +24,7 @@ MODE = "identify"
 
 def recognise_identify_folder(path: Path) -> str | None:
     """None when `path` is an empty folder or an identify results/part folder; else what it holds."""
-    path = Path(path)
-    if path.is_symlink() or not path.is_dir():
-        return "it is not a folder" if not path.is_symlink() else "it is a symbolic link"
-    entries = list(path.iterdir())
-    foreign = sorted(p.name for p in entries if p.name not in IDENTIFY_FILES or p.is_symlink() or not p.is_file())
-    if foreign:
-        return f"it holds {', '.join(foreign[:5])}, which identify does not write"
-    if not entries:
-        return None
-    for name in ("metrics.json", PART_FILE):
-        try:
-            if json.loads((path / name).read_text()).get("mode") == MODE:
-                return None
-        except (OSError, ValueError, TypeError, AttributeError):
-            continue
-    return "it has no metrics.json or part.json written by identify"
+    return recognise_folder(path, IDENTIFY_FILES, lambda m: m.get("mode") == MODE, "identify")
 
 
 def check_identify_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:

@@ -47,25 +47,32 @@ def plain(v):
     return v
 
 
-def recognise_results_folder(path: Path) -> str | None:
-    """None when `path` is an empty folder or a results/part folder of `score`/`merge`; else what it holds."""
+def recognise_folder(path: Path, own_files: tuple[str, ...], ours: Callable[[dict], bool], tool: str) -> str | None:
+    """None when `path` is an empty folder, or holds only `own_files` (regular files) with a metrics.json or
+    part.json that `ours` accepts; else what it holds. `tool` names the command in the answer."""
     path = Path(path)
     if path.is_symlink() or not path.is_dir():
         return "it is not a folder" if not path.is_symlink() else "it is a symbolic link"
     entries = list(path.iterdir())
-    foreign = sorted(p.name for p in entries if p.name not in RESULT_FILES or p.is_symlink() or not p.is_file())
+    foreign = sorted(p.name for p in entries if p.name not in own_files or p.is_symlink() or not p.is_file())
     if foreign:
         more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        return f"it holds {', '.join(foreign[:5])}{more}, which score does not write"
+        return f"it holds {', '.join(foreign[:5])}{more}, which {tool} does not write"
     if not entries:
         return None
     for name in ("metrics.json", PART_FILE):
         try:
-            if "n_pairs" in json.loads((path / name).read_text()):
-                return None
+            value = json.loads((path / name).read_text())
         except (OSError, ValueError, TypeError):
             continue
-    return "it has no metrics.json or part.json written by score"
+        if isinstance(value, dict) and ours(value):
+            return None
+    return f"it has no metrics.json or part.json written by {tool}"
+
+
+def recognise_results_folder(path: Path) -> str | None:
+    """None when `path` is an empty folder or a results/part folder of `score`/`merge`; else what it holds."""
+    return recognise_folder(path, RESULT_FILES, lambda m: "n_pairs" in m, "score")
 
 
 def json_attrs(attrs: dict) -> dict:
