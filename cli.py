@@ -179,6 +179,14 @@ def embed(ctx: click.Context, config_file: Path | None, **options) -> None:
     "writes), read in blocks (out of core; an unsorted store is first copied sorted into TMPDIR); add the parts "
     "with `merge`.",
 )
+@click.option(
+    "--calibrate-on",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Fit a logistic calibration (score -> log-likelihood ratio) on the histograms of this results folder "
+    "(same network and metric, another set) and apply it here: Cllr, minCllr, calibration.png.",
+)
 def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
     """Score pairs of an embedding store: ROC, AUC, EER, TAR@FAR, accuracy into a results folder."""
     from pipeline.scoring.config import ScoreConfig, parse_rows
@@ -210,6 +218,10 @@ def _echo_scored(m: dict, out: Path) -> None:
         f"AUC {m['auc']:.6f} (binning bound {m['auc_error_bound']:.1e}) over {m['n_pairs']} pairs "
         f"({m['n_positive']} same), EER {m['eer']:.4f}, {m['seconds']:.3f} s -> {out}"
     )
+    if "calibration" in m:
+        c = m["calibration"]
+        click.echo(f"Cllr {c['cllr']:.4f}, minCllr {c['min_cllr']:.4f} (llr = {c['slope']:.4g} s {c['offset']:+.4g} "
+                   f"fitted on {c['source']}: Cllr {c['source_cllr']:.4f} there)")  # fmt: skip
 
 
 def _larger_than_memory(store: Path, options: dict) -> bool:
@@ -226,6 +238,8 @@ def _score_rows(cfg) -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise click.UsageError("--rows splits the work by hand (job arrays): run it without torchrun")
+    if cfg.calibrate_on is not None:
+        raise click.UsageError("--calibrate-on: this store is scored out of core, which does not calibrate yet")
     info = score_rows(cfg)
     done = f"{info['n_pairs']} pairs ({info['n_positive']} same), {info['seconds']:.3f} s -> {cfg.out}"
     metrics = Path(cfg.out) / "metrics.json" if cfg.out else None

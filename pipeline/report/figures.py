@@ -282,6 +282,36 @@ def draw_scores(acc: HistogramROC, target, title: str, thresholds: dict[str, flo
     save(fig, target, "scores")
 
 
+def draw_calibration(groups: dict[str, np.ndarray], target, title: str, note: str) -> None:
+    """Reliability of a calibration (`pipeline.metrics.calibration.reliability`): per group of scores, the
+    observed same-person rate at equal priors over the predicted one (left), and the same in log-likelihood
+    ratios (right, groups of one class left out); the diagonal is perfect calibration. `note`: the legend's
+    text (the fit and its Cllr)."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.8))
+    size = 12 + 60 * np.sqrt(groups["pairs"] / max(float(groups["pairs"].max()), 1.0))
+    left.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+    left.plot(groups["predicted"], groups["observed"], "-", color="tab:blue", lw=1)
+    left.scatter(groups["predicted"], groups["observed"], s=size, color="tab:blue", zorder=3, label=note)
+    left.set_xlim(-0.02, 1.02)
+    left.set_ylim(-0.02, 1.02)
+    left.set_xlabel("predicted same-person probability (equal priors)")
+    left.set_ylabel("observed same-person rate (equal priors)")
+    left.legend(loc="upper left", fontsize=8)
+    finite = np.isfinite(groups["observed_llr"])
+    x, y = groups["predicted_llr"][finite], groups["observed_llr"][finite]
+    span = [float(min(x.min(), y.min())), float(max(x.max(), y.max()))] if finite.any() else [-1.0, 1.0]
+    right.plot(span, span, "k--", lw=0.8)
+    right.plot(x, y, "-o", color="tab:blue", lw=1, ms=4)
+    right.set_xlabel("predicted log-likelihood ratio (mean of the group)")
+    right.set_ylabel("observed log-likelihood ratio")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save(fig, target, "calibration")
+
+
 # ---------------------------------------------------------------------------------------------------- training
 
 

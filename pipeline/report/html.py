@@ -16,7 +16,7 @@ from pipeline.report import figures, identification
 from pipeline.report.identification import Identifications
 from pipeline.report.markup import data_uri, esc, figure, interval, render, table, with_ci
 from pipeline.report.read import protocol_name, read_result, study_cells, title_of
-from pipeline.report.results import FIGURE_FILES
+from pipeline.report.results import CALIBRATION_FILE, FIGURE_FILES
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,9 @@ def result_figures(folder: Path, metrics: dict) -> list[tuple[str, bytes]]:
             log.warning("no %s for %s: %s", name, folder, e)
             continue
         out.append((caption + " (drawn by report)", png))
+    calibration = Path(folder) / CALIBRATION_FILE  # score --calibrate-on only
+    if figures.recognise_figure(calibration, "calibration") is None:
+        out.append(("reliability of the calibration", calibration.read_bytes()))
     return out
 
 

@@ -27,7 +27,9 @@ FIGURE_FILES = ("roc.png", "det.png", "scores.png")
 """The figures of a results folder (`pipeline.report.figures`); folders of older versions hold only roc.png."""
 EXPORT_FILES = ("scores.bob4", "scores.csv")
 """The listed pairs' scores, written with `score --export`."""
-RESULT_FILES = ("metrics.json", "roc.csv", *FIGURE_FILES, "histogram.npz", PART_FILE, *EXPORT_FILES)
+CALIBRATION_FILE = "calibration.png"
+"""The reliability figure of `score --calibrate-on` (`pipeline.scoring.calibrate`)."""
+RESULT_FILES = ("metrics.json", "roc.csv", *FIGURE_FILES, CALIBRATION_FILE, "histogram.npz", PART_FILE, *EXPORT_FILES)
 """Everything a results or part folder holds (some may be missing); a folder holding anything else is not
 replaced."""
 
@@ -221,6 +223,7 @@ def read_json(path: Path, what: str) -> dict:
 
 
 __all__ = [
+    "CALIBRATION_FILE",
     "FIGURE_FILES",
     "PART_FILE",
     "RESULT_FILES",

@@ -81,6 +81,10 @@ class ScoreConfig:
     """pyeer's impostor file (`scores` then holds the genuine scores)."""
     export: str | None = None
     """Also write the listed pairs' scores into the results folder: bob4 (scores.bob4) or csv (scores.csv)."""
+    calibrate_on: Path | None = None
+    """A results folder of `score` (same network and metric, another set) on whose histograms a logistic
+    calibration (score -> log-likelihood ratio) is fitted and applied here: Cllr, minCllr, calibration.png
+    (`pipeline.scoring.calibrate`). None: no calibration."""
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -112,6 +116,8 @@ class ScoreConfig:
                 "results folder already holds their histogram (histogram.npz) with the exact tail of the most "
                 "similar pairs and every same-person score's bin"
             )
+        if self.calibrate_on is not None and (self.scores is not None or self.rows is not None):
+            raise ValueError("--calibrate-on goes with a store scored whole (not yet with --scores or --rows)")
         if self.scores is not None and (self.rows is not None or self.exact or self.rank1):
             raise ValueError("--rows, --exact and --rank1 go with a store, not with --scores")
 

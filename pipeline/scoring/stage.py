@@ -26,6 +26,7 @@ from pipeline.runtime import full_float32, resolve_device
 from pipeline.scoring.all_pairs import count_all_pairs, farthest, score_rows
 from pipeline.scoring.assemble import all_pairs_fields, assemble_metrics
 from pipeline.scoring.blockmath import LEAF, balance, better_extreme, single_threaded_blas, tile_plan
+from pipeline.scoring.calibrate import calibrate, read_source
 from pipeline.scoring.config import ScoreConfig
 from pipeline.scoring.counting import TilePass, as_int64
 from pipeline.scoring.definition import ScoreDefinition
@@ -106,16 +107,19 @@ def score(cfg: ScoreConfig) -> dict:
     if cfg.scores is not None:
         return score_file(cfg)
     out = None if cfg.out is None else Path(cfg.out)
+    inputs = [Path(p) for p in (cfg.store, cfg.calibrate_on) if p is not None]
+    if cfg.calibrate_on is not None:
+        read_source(cfg.calibrate_on)  # a missing or unreadable source fails before the scoring
     if out is not None:
         data_root = recorded_data_root(cfg.store)
-        check_results_out(out, cfg.overwrite, [Path(cfg.store)], data_root)
+        check_results_out(out, cfg.overwrite, inputs, data_root)
     world, device = init_world(resolve_device(cfg.device))  # torchrun: tiles split over the ranks
     world.barrier()  # every rank has checked the results folder before rank 0 writes it
     # all pairs: the whole call (the metrics' float64 sums too) with single-threaded BLAS, as it always ran
     with single_threaded_blas() if cfg.all_pairs else contextlib.nullcontext():
         if out is None or not world.is_main:  # rank 0 alone writes, so it alone holds the output's lock
             return _score_locked(cfg, world, device)
-        with claim(out, lambda: check_results_out(out, cfg.overwrite, [Path(cfg.store)], data_root), RESULT_FILES):
+        with claim(out, lambda: check_results_out(out, cfg.overwrite, inputs, data_root), RESULT_FILES):
             return _score_locked(cfg, world, device)
 
 
@@ -151,8 +155,9 @@ def _score_locked(cfg: ScoreConfig, world: World, device: torch.device) -> dict:
         seconds,
         metrics["pairs_per_second"],
     )
+    more = calibrate(metrics, acc, cfg.calibrate_on) if cfg.calibrate_on is not None else {}
     if cfg.out is not None and world.is_main:
-        more = export_writers(cfg, score) if cfg.export else None
+        more.update(export_writers(cfg, score) if cfg.export else {})
         write_results(Path(cfg.out), metrics, roc, acc, log_fpr=cfg.log_fpr, more=more)
     return metrics
 
