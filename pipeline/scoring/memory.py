@@ -24,6 +24,7 @@ from pipeline.scoring.blockmath import (
 )
 from pipeline.scoring.config import ScoreConfig
 from pipeline.scoring.definition import ScoreDefinition
+from pipeline.scoring.faiss_blas import import_faiss
 from pipeline.scoring.sorted_rows import label_order
 from pipeline.scoring.sources import RowSource, read_rows
 from pipeline.store.layout import Store
@@ -157,14 +158,12 @@ class TorchTiles:
 
 class FaissTiles:
     """Tile values by `faiss.pairwise_distances` (squared L2 or inner product, minus the rows' score offsets) on
-    the CPU."""
+    the CPU; FAISS's OpenBLAS on current kernels (`pipeline.scoring.faiss_blas`)."""
 
     name = "faiss"
 
     def __init__(self, rows: MemoryRows, binning: Binning):
-        import faiss
-
-        self.faiss = faiss
+        self.faiss = faiss = import_faiss()
         self.rows = rows
         self.lo, self.scale = np.float32(binning.lo), np.float32(binning.scale)
         self.x = np.ascontiguousarray(rows.x)
@@ -172,8 +171,9 @@ class FaissTiles:
         self.device = rows.left.device
 
     def values(self, t: Tile, a2: int | None = None, b2: int | None = None, on_block: OnBlock | None = None,
-               pending: list | None = None) -> torch.Tensor:  # fmt: skip
-        """The whole tile's values, in bin coordinates."""
+               pending: list | None = None) -> torch.Tensor | None:  # fmt: skip
+        """The whole tile's values, in bin coordinates; with `on_block`, handed to it in row pieces counted by
+        the product threads at once (None returned)."""
         x, o = self.x, self.rows.offsets
         v = self.faiss.pairwise_distances(x[t.r0 : t.r1], x[t.c0 : t.c1], self.metric)
         if o is not None:  # cos - o_i - o_j
@@ -181,14 +181,17 @@ class FaissTiles:
             v -= o[None, t.c0 : t.c1]
         v -= self.lo
         v *= self.scale  # bin coordinates, as the torch backend's products give them
-        return torch.from_numpy(v).to(self.device)
+        if on_block is None:
+            return torch.from_numpy(v).to(self.device)
+        in_row_pieces(lambda a, b: on_block(a, b, 0, v.shape[1], v[a:b]), v.shape[0])
+        return None
 
 
 def make_backend(name: str, rows: MemoryRows, block: int, binning: Binning, gemm: str = "auto"):
     """The tile backend; FAISS when asked for and importable (CPU), else torch with a message."""
     if name == "faiss":
         try:
-            import faiss  # noqa: F401
+            import_faiss()
         except ImportError:
             log.warning("--backend faiss: faiss is not installed (pip install faiss-cpu); using torch instead")
             return TorchTiles(rows, block, gemm)

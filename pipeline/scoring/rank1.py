@@ -8,6 +8,7 @@ import math
 import numpy as np
 import torch
 
+from pipeline.scoring.faiss_blas import import_faiss
 from pipeline.scoring.memory import MemoryRows
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def rank1_accuracy(rows: MemoryRows, backend: str, block: int) -> dict:
 
 
 def _nearest_faiss(rows: MemoryRows, queries: np.ndarray) -> np.ndarray:
-    import faiss
+    faiss = import_faiss()
 
     x = np.ascontiguousarray(rows.x)
     q = x[queries]
