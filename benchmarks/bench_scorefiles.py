@@ -42,22 +42,33 @@ def write_bob4(path: Path, lines: int, seed: int = 0, block: int = 500_000) -> P
     return path
 
 
-def peak_mib(*args: str) -> tuple[float, float, str]:
-    """(peak resident MiB, wall seconds, stdout) of `cli.py ARGS` under /usr/bin/time -v."""
+def with_bad_line(path: Path, line: int) -> Path:
+    """A copy of `path` whose line `line` has a fifth field."""
+    bad = path.with_name(f"bad{line}_{path.name}")
+    if not bad.is_file():
+        with open(path, "rb") as f, open(bad, "wb") as g:
+            for k, ln in enumerate(f, 1):
+                g.write(ln.replace(b"\n", b" extra\n") if k == line else ln)
+    return bad
+
+
+def peak_mib(*args: str, expect: int = 0) -> tuple[float, float, str]:
+    """(peak resident MiB, wall seconds, stdout and stderr) of `cli.py ARGS` under /usr/bin/time -v."""
     t0 = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-v", sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True,
                        text=True)  # fmt: skip
-    if p.returncode:
+    if p.returncode != expect:
         raise SystemExit(f"cli.py {' '.join(args)} failed:\n{p.stderr[-2000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) / 1024
-    return rss, time.perf_counter() - t0, p.stdout
+    return rss, time.perf_counter() - t0, p.stdout + p.stderr
 
 
 def read_seconds(path: Path) -> dict:
+    from pipeline.metrics.intervals import GROUPS
     from pipeline.scoring.scorefiles import read_score_file
 
     t0 = time.perf_counter()
-    sf = read_score_file(path, "bob4")
+    sf = read_score_file(path, "bob4", groups=GROUPS)  # as score --scores reads it: identities hashed too
     out = {"ours": time.perf_counter() - t0}
     try:
         import pandas as pd
@@ -92,7 +103,11 @@ def command(lines: int, work: Path | None) -> None:
     click.echo(f"| cli.py score --scores (whole command) | {wall:.2f} | {wall / r['pandas']:.2f} |\n")
     click.echo(f"peak resident memory: score --scores {rss:.0f} MiB, cli.py --help {base:.0f} MiB, "
                f"above it {rss - base:.0f} MiB")  # fmt: skip
-    click.echo(f"AUC {m['auc']!r}, scikit-learn {r['sklearn_auc']!r}, equal: {m['auc'] == r['sklearn_auc']}")
+    click.echo(f"AUC {m['auc']!r}, scikit-learn {r['sklearn_auc']!r}, difference {m['auc'] - r['sklearn_auc']:.1e}")
+    bad_at = min(1_234_567, lines)
+    _, _, said = peak_mib("score", "--scores", str(with_bad_line(path, bad_at)), "--out", str(work / "bad"), expect=2)
+    errors = [ln for ln in said.splitlines() if ln.startswith("error:")]
+    click.echo(f"a bad line at line {bad_at:,}: exit 2, {errors[0] if errors else 'no error line'}")
 
 
 if __name__ == "__main__":

@@ -161,3 +161,34 @@ def test_thin_roc_keeps_ends_and_shape():
     keep = thin_roc(fpr, tpr, steps=256)
     assert keep[0] == 0 and keep[-1] == len(fpr) - 1 and len(keep) < 20_000
     assert np.abs(np.interp(fpr, fpr[keep], tpr[keep]) - tpr).max() < 2 / 256
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_exact_metrics_in_chunks_equal_one_chunk(metric, chunk):
+    """The exact groups swept chunk by chunk (as for 10^7 scores) give the figures of one sweep over all groups
+    (`exact_counts` + `roc_metrics`), ties across chunk edges included; AUC equal to scikit-learn's."""
+    from pipeline.metrics.curve import exact_metrics
+
+    rng = np.random.default_rng(chunk)
+    v, y = _scores(rng, n=1999)
+    v = np.abs(v) if metric == "l2" else v
+    pos, neg, thr = exact_counts(v, y, metric)
+    whole = roc_metrics(pos, neg, thr, float(np.max(v if metric == "l2" else 1 - v) ** (0.5 if metric == "l2" else 1)),
+                        exact=True)  # fmt: skip
+    parts = exact_metrics(v[y].copy(), v[~y].copy(), metric, chunk=chunk)
+    for k, want in whole.items():
+        if k == "roc":
+            continue
+        got = parts[k]
+        if isinstance(want, float):
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-15), k
+        else:
+            assert got == want, k
+    auc = roc_auc_score(y, -v if metric == "l2" else v)
+    assert parts["auc"] == pytest.approx(auc, abs=1e-12)
+    # the thinned curve of several chunks runs through the whole curve's points
+    f, t = whole["roc"]["fpr"], whole["roc"]["tpr"]
+    pf, pt = parts["roc"]["fpr"], parts["roc"]["tpr"]
+    assert pf[0] == 0 and pf[-1] == 1 and pt[-1] == 1
+    assert set(zip(pf.tolist(), pt.tolist(), strict=True)) <= set(zip(f.tolist(), t.tolist(), strict=True))

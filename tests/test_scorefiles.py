@@ -134,3 +134,56 @@ def test_bad_inputs_are_one_line(tmp_path, pairs_store):
         assert code == 2 and needle in text and "Traceback" not in text, (args, text)
     code, text = run("score", pairs_store, "--scores", empty, "--out", tmp_path / "o")
     assert code == 2 and "replaces STORE" in text
+
+
+def _bob4(path: Path, values, a, b) -> Path:
+    path.write_text("".join(f"{x} {y} t {v!r}\n" for x, y, v in zip(a, b, values.tolist(), strict=True)))
+    return path
+
+
+def test_identities_give_jackknife_intervals_independent_of_line_order(tmp_path):
+    """With identities the intervals are the jackknife's over hashed identity groups: the same for the lines in
+    any order, around the exact figures; without them (pyeer) the pair bootstrap."""
+    values, same, a, b = _random_scores(4000, seed=3)
+    values = np.round(values, 3)  # ties
+    order = np.random.default_rng(0).permutation(len(values))
+    one = _bob4(tmp_path / "one.bob4", values, a, b)
+    two = _bob4(tmp_path / "two.bob4", values[order], [a[k] for k in order], [b[k] for k in order])
+    results = []
+    for path in (one, two):
+        code, text = run("score", "--scores", path, "--out", tmp_path / path.stem)
+        assert code == 0, text
+        results.append(metrics(tmp_path / path.stem))
+    m = results[0]
+    assert "jackknife" in m["ci_method"] and "hashed" in m["ci_method"]
+    for k in ("auc", "eer", "auc_ci95", "eer_ci95", "tar_at_far", "tar_at_far_ci95"):
+        assert results[1][k] == m[k], k
+    assert m["auc"] == pytest.approx(roc_auc_score(same, values), abs=1e-12)
+    assert m["auc_ci95"][0] < m["auc"] < m["auc_ci95"][1] and m["eer_ci95"][0] < m["eer"] < m["eer_ci95"][1]
+    gen, imp = tmp_path / "g.txt", tmp_path / "i.txt"
+    gen.write_text("".join(f"{v!r}\n" for v in values[same].tolist()))
+    imp.write_text("".join(f"x {v!r}\n" for v in values[~same].tolist()))
+    code, text = run("score", "--scores", gen, "--impostor-scores", imp, "--format", "pyeer", "--out", tmp_path / "p")
+    assert code == 0, text
+    p = metrics(tmp_path / "p")
+    assert "bootstrap" in p["ci_method"] and p["auc"] == m["auc"] and p["tar_at_far"] == m["tar_at_far"]
+
+
+def test_beyond_memory_the_histogram_and_exact_tail(tmp_path):
+    """Above `exact_max` scores the file is read twice into the histogram and the exact tail (as all pairs are):
+    AUC within its bound of the exact one, TAR at low FAR exact, the jackknife's intervals still there."""
+    from pipeline.metrics.intervals import GROUPS
+    from pipeline.scoring.file_metrics import file_metrics
+    from pipeline.scoring.scorefiles import read_blocks
+
+    values, same, a, b = _random_scores(20000, seed=4)
+    path = _bob4(tmp_path / "s.bob4", values, a, b)
+    read = lambda: read_blocks(path, "bob4", groups=GROUPS)  # noqa: E731
+    _, exact, extra = file_metrics(read, str(path), bins=2048, seed=0)
+    acc, streamed, extra2 = file_metrics(read, str(path), bins=2048, seed=0, exact_max=1000)
+    assert extra["scores_held"] and not extra2["scores_held"]
+    assert exact["auc_error_bound"] == 0 and abs(streamed["auc"] - exact["auc"]) <= streamed["auc_error_bound"]
+    for f in ("0.0001", "0.001"):
+        assert streamed["tar_at_far"][f] == exact["tar_at_far"][f], f
+    assert streamed["tail_exact_far"] >= 1e-3 and streamed["auc_ci95"] is not None
+    assert (acc.n_positive, acc.n_negative) == (same.sum(), (~same).sum())

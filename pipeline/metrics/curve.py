@@ -9,6 +9,7 @@ count there is 0, 1/2 or 1, so `|auc - exact| <= sum_k pos_k * neg_k / (2 P N)`:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from pipeline.errors import PipelineError
 from pipeline.metrics.binning import as_metric
 
 FAR_LEVELS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+EXACT_CHUNK = 1 << 16  # scores of each kind per chunk of exact groups (1 MB per array of a chunk)
 
 
 def exact_counts(values: np.ndarray, positive: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -27,6 +29,45 @@ def exact_counts(values: np.ndarray, positive: np.ndarray, metric: str) -> tuple
     pos = np.bincount(inverse, weights=positive, minlength=len(uniq)).round().astype(np.int64)
     neg = np.bincount(inverse, minlength=len(uniq)).astype(np.int64) - pos
     return pos, neg, m.to_distance(m.key(uniq))
+
+
+def exact_groups(genuine: np.ndarray, impostor: np.ndarray, metric: str,
+                 chunk: int = EXACT_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
+    """`exact_counts` of the scores `genuine` (same person) and `impostor` in chunks of at most 2 x `chunk`
+    groups, most similar first. Both arrays are sorted in place (as keys: l2 values, negated cosines) and are all
+    this holds besides one chunk: 8 bytes per score."""
+    m = as_metric(metric)
+    for v in (genuine, impostor):
+        if not m.low_is_similar:
+            np.negative(v, out=v)
+        v.sort()
+    # cut points: every chunk-th key of each, so that between two cuts lie at most `chunk` keys of each
+    cuts = np.unique(np.concatenate([genuine[chunk::chunk], impostor[chunk::chunk]]))
+    g_at = np.r_[0, np.searchsorted(genuine, cuts), len(genuine)]
+    i_at = np.r_[0, np.searchsorted(impostor, cuts), len(impostor)]
+    for k in range(len(cuts) + 1):
+        g, i = genuine[g_at[k] : g_at[k + 1]], impostor[i_at[k] : i_at[k + 1]]
+        keys = np.unique(np.concatenate([g, i]))
+        if not len(keys):  # the keys below the first cut may all be cut points
+            continue
+        pos = np.searchsorted(g, keys, side="right") - np.searchsorted(g, keys, side="left")
+        neg = np.searchsorted(i, keys, side="right") - np.searchsorted(i, keys, side="left")
+        yield pos.astype(np.int64), neg.astype(np.int64), m.to_distance(m.key(keys))
+
+
+def exact_metrics(genuine: np.ndarray, impostor: np.ndarray, metric: str, chunk: int = EXACT_CHUNK) -> dict:
+    """`roc_metrics` of the exact groups of two score arrays (sorted in place, `exact_groups`); `max_distance` is
+    the least similar score's distance."""
+    m = as_metric(metric)
+    sweep = None
+    for pos, neg, thr in exact_groups(genuine, impostor, m, chunk):
+        sweep = sweep or RocSweep(len(genuine), len(impostor), float(thr[0]) if len(thr) else 0.0)
+        sweep.add(pos, neg, thr)
+    if sweep is None:
+        check_defined(len(genuine), len(impostor))
+    last = [v[-1] for v in (genuine, impostor) if len(v)]  # sorted keys: the least similar is last
+    max_distance = float(m.to_distance(m.key(np.array([max(last)])))[0])
+    return sweep.metrics(max_distance, exact=True)
 
 
 def exact_auc(values: np.ndarray, positive: np.ndarray, metric: str) -> float:
@@ -57,43 +98,98 @@ def check_defined(n_pos: int, n_neg: int) -> None:
 def roc_metrics(pos: np.ndarray, neg: np.ndarray, thresholds: np.ndarray, max_distance: float, exact: bool) -> dict:
     """Metrics from per-group counts ordered most similar first; `thresholds[k]` is the distance at or below
     which groups 0..k are accepted as the same person. `exact` groups are distinct values (no binning error)."""
-    n_pos, n_neg = int(pos.sum()), int(neg.sum())
-    check_defined(n_pos, n_neg)
-    auc, bound = auc_and_bound(pos, neg)
-    tpr = np.concatenate([[0.0], np.cumsum(pos) / n_pos])
-    fpr = np.concatenate([[0.0], np.cumsum(neg) / n_neg])
-    thr = np.concatenate([[0.0 if len(thresholds) == 0 else min(0.0, float(thresholds[0]))], thresholds])
-    tp, fp = np.concatenate([[0], np.cumsum(pos)]), np.concatenate([[0], np.cumsum(neg)])
-    acc = (tp + n_neg - fp) / (n_pos + n_neg)  # at the pairs' own mix of same and different
-    balanced = 0.5 * (tp / n_pos + (n_neg - fp) / n_neg)
-    best, best_b = int(np.argmax(acc)), int(np.argmax(balanced))
-    scale = max_distance if (math.isfinite(max_distance) and max_distance > 0) else float("nan")
-    # the largest TPR with FPR <= f: both rise, so the last point with FPR <= f (fpr[0] = 0)
-    tar = {f"{f:g}": float(tpr[np.searchsorted(fpr, f, side="right") - 1]) for f in FAR_LEVELS}
-    return {
-        "auc": auc,
-        "auc_error_bound": 0.0 if exact else bound,
-        "n_pairs": n_pos + n_neg,
-        "n_positive": n_pos,
-        "n_negative": n_neg,
-        "eer": equal_error_rate(fpr, tpr),
-        "tar_at_far": tar,
-        "fnmr_at_fmr": {k: 1.0 - v for k, v in tar.items()},
-        "best_balanced_accuracy": float(balanced[best_b]),
-        "best_balanced_threshold": float(thr[best_b]),
-        "best_balanced_threshold_normalised": float(thr[best_b] / scale),
-        "best_unbalanced_accuracy": float(acc[best]),
-        "best_unbalanced_threshold": float(thr[best]),
-        "best_unbalanced_threshold_normalised": float(thr[best] / scale),
-        "max_distance": float(max_distance),
-        "roc": {"fpr": fpr, "tpr": tpr, "threshold": thr},
-    }
+    sweep = RocSweep(int(pos.sum()), int(neg.sum()), 0.0 if len(thresholds) == 0 else float(thresholds[0]))
+    sweep.add(pos, neg, thresholds)
+    return sweep.metrics(max_distance, exact)
+
+
+class RocSweep:
+    """`roc_metrics` over groups given in chunks, most similar first (`add`), holding one chunk at a time: the
+    exact groups of 10^7 scores and more (`exact_groups`). One chunk gives the whole curve; several give it thinned
+    chunk by chunk (`thin_roc`'s points, and each chunk's last)."""
+
+    def __init__(self, n_pos: int, n_neg: int, first_threshold: float):
+        check_defined(n_pos, n_neg)
+        self.p, self.n = n_pos, n_neg
+        self.tp = self.fp = 0
+        self.auc_sum, self.bound_sum = 0.0, 0.0
+        t0 = min(0.0, first_threshold)  # point 0 accepts nothing
+        self.best = {"acc": (n_neg / (n_pos + n_neg), t0), "bal": (0.5, t0)}
+        self.tar = {f"{f:g}": 0.0 for f in FAR_LEVELS}
+        self.eer: float | None = None
+        self.last = (0.0, 0.0)  # (fpr, tpr) of the last point so far
+        self.chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [(np.zeros(1), np.zeros(1), np.array([t0]))]
+
+    def add(self, pos: np.ndarray, neg: np.ndarray, thresholds: np.ndarray) -> None:
+        p, n = self.p, self.n
+        posf, negf = pos.astype(np.float64), neg.astype(np.float64)
+        tp_before = np.cumsum(posf) - posf + self.tp
+        self.auc_sum += float(np.dot(negf, tp_before + 0.5 * posf))
+        self.bound_sum += float(np.dot(posf, negf))
+        tp, fp = self.tp + np.cumsum(pos), self.fp + np.cumsum(neg)
+        tpr, fpr = tp / p, fp / n
+        for key, rate in (("acc", (tp + n - fp) / (p + n)), ("bal", 0.5 * (tp / p + (n - fp) / n))):
+            k = int(np.argmax(rate))  # the first best point wins, as over the whole curve
+            if rate[k] > self.best[key][0]:
+                self.best[key] = (float(rate[k]), float(thresholds[k]))
+        for f in FAR_LEVELS:  # the last point with FPR <= f: both rates rise
+            k = int(np.searchsorted(fpr, f, side="right")) - 1
+            if k >= 0:
+                self.tar[f"{f:g}"] = float(tpr[k])
+        if self.eer is None:
+            self.eer = _eer_crossing(np.r_[self.last[0], fpr], np.r_[self.last[1], tpr])
+        self.chunks.append((fpr, tpr, np.asarray(thresholds, dtype=np.float64)))
+        if len(self.chunks) > 2:  # several chunks: keep the thinned curve only
+            self.chunks = [_thinned(self.chunks)]
+        self.tp, self.fp, self.last = int(tp[-1]), int(fp[-1]), (float(fpr[-1]), float(tpr[-1]))
+
+    def metrics(self, max_distance: float, exact: bool) -> dict:
+        p, n = self.p, self.n
+        if self.tp != p or self.fp != n:
+            raise ValueError(f"the groups hold {self.tp} same and {self.fp} different, not {p} and {n}")
+        scale = max_distance if (math.isfinite(max_distance) and max_distance > 0) else float("nan")
+        (acc, t_acc), (bal, t_bal) = self.best["acc"], self.best["bal"]
+        fpr, tpr, thr = (np.concatenate(c) for c in zip(*self.chunks, strict=True))
+        return {
+            "auc": self.auc_sum / (p * n),
+            "auc_error_bound": 0.0 if exact else self.bound_sum / (2.0 * p * n),
+            "n_pairs": p + n,
+            "n_positive": p,
+            "n_negative": n,
+            "eer": float(fpr[0]) if self.eer is None else self.eer,
+            "tar_at_far": dict(self.tar),
+            "fnmr_at_fmr": {k: 1.0 - v for k, v in self.tar.items()},
+            "best_balanced_accuracy": bal,
+            "best_balanced_threshold": t_bal,
+            "best_balanced_threshold_normalised": t_bal / scale,
+            "best_unbalanced_accuracy": acc,
+            "best_unbalanced_threshold": t_acc,
+            "best_unbalanced_threshold_normalised": t_acc / scale,
+            "max_distance": float(max_distance),
+            "roc": {"fpr": fpr, "tpr": tpr, "threshold": thr},
+        }
+
+
+def _thinned(chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    fpr, tpr, thr = (np.concatenate(c) for c in zip(*chunks, strict=True))
+    keep = thin_roc(fpr, tpr)
+    return fpr[keep], tpr[keep], thr[keep]
 
 
 def equal_error_rate(fpr: np.ndarray, tpr: np.ndarray) -> float:
     """The rate where false accepts equal false rejects, linearly interpolated between ROC points."""
+    crossing = _eer_crossing(fpr, tpr)
+    return float(fpr[0]) if crossing is None else crossing
+
+
+def _eer_crossing(fpr: np.ndarray, tpr: np.ndarray) -> float | None:
+    """The equal error rate between the first point where false accepts reach false rejects and the point before
+    it; None when no point after the first does (the curve goes on), `fpr[0]` when the first does."""
     diff = fpr - (1.0 - tpr)  # rises from -1 to +1
-    k = int(np.argmax(diff >= 0))
+    hits = np.flatnonzero(diff >= 0)
+    if not len(hits):
+        return None
+    k = int(hits[0])
     if k == 0:
         return float(fpr[0])
     d0, d1 = diff[k - 1], diff[k]

@@ -20,6 +20,7 @@ import numpy as np
 from pipeline.metrics.curve import auc_and_bound, equal_error_rate, exact_counts
 
 ROUNDS = 1000
+BOOTSTRAP_MAX = 1_000_000  # scores above which the pair bootstrap is left out (1,000 sorts of them)
 GROUPS = 10
 COARSE = 1024
 Z95 = 1.959963984540054

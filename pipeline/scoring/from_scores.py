@@ -1,5 +1,5 @@
 """Score files as results (`score --scores FILE`, `score --pairs --export`), without torch: another system's
-scores evaluated as a store's listed pairs are (`pipeline.scoring.listed.listed_metrics`), and the listed pairs'
+scores evaluated exactly as a store's listed pairs are, or as all pairs are beyond memory (`pipeline.scoring.file_metrics`), and the listed pairs'
 scores written out (`pipeline.scoring.scorefiles`)."""
 
 from __future__ import annotations
@@ -10,20 +10,22 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.metrics.binning import as_metric
+from pipeline.metrics.intervals import GROUPS
 from pipeline.outputs import claim
 from pipeline.report.results import RESULT_FILES, check_results_out, write_results
 from pipeline.scoring.assemble import assemble_metrics
 from pipeline.scoring.config import ScoreConfig
 from pipeline.scoring.definition import ScoreDefinition
-from pipeline.scoring.listed import listed_metrics, listed_pairs
-from pipeline.scoring.scorefiles import read_score_file, write_scores
-from pipeline.store.layout import open_store
+from pipeline.scoring.file_metrics import file_metrics
+from pipeline.scoring.scorefiles import read_blocks, write_scores
 
 
 def export_writers(cfg: ScoreConfig, score: ScoreDefinition) -> dict:
     """scores.bob4 or scores.csv: the listed pairs' scores (similarities: l2 as minus the distance) with each
     image's identity (a same-person pair's two identities written equal, as bob reads them)."""
+    from pipeline.scoring.listed import listed_pairs  # here: reading score files needs neither h5py nor stores
+    from pipeline.store.layout import open_store
+
     with open_store(cfg.store) as store:
         values, same, _ = listed_pairs(store, score)
         names, labels, paths = store.strings("identities"), store.labels, store.strings("paths")
@@ -52,8 +54,11 @@ def score_file(cfg: ScoreConfig) -> dict:
 
 def _score_file(cfg: ScoreConfig) -> dict:
     t0 = time.perf_counter()
-    sf = read_score_file(cfg.scores, cfg.score_format, cfg.impostor_scores)
-    acc, metrics, extra = listed_metrics(sf.values, sf.same, as_metric("cosine"), cfg.bins, cfg.seed)
+
+    def read():
+        return read_blocks(cfg.scores, cfg.score_format, cfg.impostor_scores, groups=GROUPS)
+
+    acc, metrics, extra = file_metrics(read, str(cfg.scores), cfg.bins, cfg.seed)
     roc = metrics.pop("roc")
     attrs = {"score_file": str(cfg.scores), "score_format": cfg.score_format, "model": Path(cfg.scores).stem}
     metrics = assemble_metrics(metrics, extra, metric="cosine", score_norm=None, bins=cfg.bins, device="cpu",

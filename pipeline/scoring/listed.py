@@ -11,8 +11,8 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.metrics.binning import L2, Binning, Metric
-from pipeline.metrics.curve import FAR_LEVELS, check_defined, exact_counts, roc_metrics
-from pipeline.metrics.intervals import bootstrap_listed
+from pipeline.metrics.curve import FAR_LEVELS, exact_counts, exact_metrics
+from pipeline.metrics.intervals import BOOTSTRAP_MAX, bootstrap_listed
 from pipeline.metrics.roc import HistogramROC
 from pipeline.scoring.config import ScoreConfig
 from pipeline.scoring.definition import ScoreDefinition
@@ -20,7 +20,6 @@ from pipeline.scoring.sources import read_rows
 from pipeline.store.layout import Store
 
 log = logging.getLogger(__name__)
-BOOTSTRAP_MAX = 1_000_000  # listed scores above which the pair bootstrap is left out
 
 
 def listed_pairs(store: Store, score: ScoreDefinition) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,10 +77,8 @@ def listed_metrics(values: np.ndarray, positive: np.ndarray, metric: Metric, bin
                    seed: int) -> tuple[HistogramROC, dict, dict]:  # fmt: skip
     """Exact metrics and intervals of scores that are all known (listed pairs, score files), and their
     histogram."""
-    check_defined(int(positive.sum()), int((~positive).sum()))
-    max_distance = float(metric.to_distance(values).max())
-    pos, neg, thr = exact_counts(values, positive, metric)
-    metrics = roc_metrics(pos, neg, thr, max_distance, exact=True)
+    metrics = exact_metrics(values[positive], values[~positive], metric)
+    max_distance = metrics["max_distance"]
     if len(values) <= BOOTSTRAP_MAX:
         metrics.update(bootstrap_listed(values, positive, metric, FAR_LEVELS, seed=seed))
     else:  # 1,000 sorts of this many scores would take hours

@@ -2,15 +2,16 @@
 impostor lists, a plain CSV; `.gz` too), read in blocks without torch, and the scores of listed pairs written at
 full precision. A malformed line is a PipelineError naming the file and the line, never a skipped row.
 
-Each block of whole lines is split by Python's C `bytes.split`; that every line holds the format's number of
-fields is checked with NumPy on the block's bytes (field starts counted between newlines), and the columns become
-NumPy arrays: `astype(float64)` for scores, byte-string comparisons for identities."""
+Whitespace-separated files are parsed block by block (whole lines) by NumPy's C `loadtxt`, which also refuses a
+line with another number of fields; CSVs by the csv module. Identities become byte-string arrays: compared for
+same-person flags, hashed into the jackknife's groups (`identity_group`)."""
 
 from __future__ import annotations
 
 import csv
 import gzip
 import io
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,33 +22,46 @@ from pipeline.errors import PipelineError
 
 FORMATS = ("bob4", "bob5", "bobcsv", "pyeer", "csv")
 EXPORTS = ("bob4", "csv")
-BLOCK_BYTES = 8 << 20  # bytes read at a time (whole lines)
-_SPACE = np.zeros(256, dtype=bool)
-_SPACE[[9, 10, 11, 12, 13, 32]] = True
+BLOCK_BYTES = 2 << 20  # bytes read at a time (whole lines): loadtxt holds several times a block while parsing it
 WHITESPACE = {"bob4": (4, 0, 1, 3), "bob5": (5, 0, 2, 4)}
 """format -> (fields per line, claimed identity, real identity, score): same person when the two match."""
 
 
 @dataclass
-class ScoreFile:
-    """Scores read from files: float64 values (higher: more alike), same-person flags, and each score's two
-    identities as integer codes (None where the format has none)."""
+class ScoreBlock:
+    """Scores read from a block of lines: float64 values (higher: more alike), same-person flags, and with the
+    format's identities the jackknife's group pair of each score (`group_pair`, uint8, see `identity_group`)."""
 
     values: np.ndarray
     same: np.ndarray
-    ids: tuple[np.ndarray, np.ndarray] | None = None
+    group_pair: np.ndarray | None = None
 
 
-class Identities:
-    """Integer codes of identity names, the same across blocks."""
+@dataclass
+class ScoreFile:
+    """A whole file's scores (`ScoreBlock`s joined)."""
 
-    def __init__(self):
-        self.codes: dict[bytes, int] = {}
+    values: np.ndarray
+    same: np.ndarray
+    group_pair: np.ndarray | None = None
 
-    def __call__(self, names: np.ndarray) -> np.ndarray:
-        uniq, inverse = np.unique(names, return_inverse=True)
-        table = np.array([self.codes.setdefault(bytes(u), len(self.codes)) for u in uniq], dtype=np.int32)
-        return table[inverse]
+
+def identity_group(names: np.ndarray, groups: int) -> np.ndarray:
+    """Each identity's group (0..groups-1) from a hash of its name (bytes, `S` array): the same name is in the same
+    group in every block and file, without a table of the names seen."""
+    width = -(-max(1, names.dtype.itemsize) // 8) * 8
+    words = np.ascontiguousarray(names.astype(f"S{width}")).view(np.uint64).reshape(len(names), width // 8)
+    h = np.zeros(len(names), dtype=np.uint64)
+    for k in range(words.shape[1]):  # a multiply-xorshift hash of each 8-byte word of the zero-padded name
+        h = (h ^ words[:, k]) * np.uint64(0x9E3779B97F4A7C15)
+        h ^= h >> np.uint64(29)
+    return (h % np.uint64(groups)).astype(np.uint8)
+
+
+def _group_pair(a: np.ndarray, b: np.ndarray, groups: int | None) -> np.ndarray | None:
+    if not groups:
+        return None
+    return identity_group(a, groups) * np.uint8(groups) + identity_group(b, groups)
 
 
 def _open(path: Path):
@@ -96,13 +110,15 @@ def _is_finite(s: bytes) -> bool:
         return False
 
 
-def whitespace_rows(path: Path, ncols: int | None, score_at: int, text: tuple[int, ...]) -> Iterator[np.ndarray]:
+def whitespace_rows(path: Path, ncols: int | None, score_at: int) -> Iterator[np.ndarray]:
     """Per block, the rows of a whitespace-separated file with `ncols` fields per line (None: as many as its first
-    line) as a structured array: fields `f<k>`, byte strings for those in `text`, float64 for the score
-    (`score_at`); `#` comments and blank lines skipped. NumPy's C `loadtxt` parses each block of whole lines."""
+    line) as a structured array: fields `f<k>`, float64 for the score (`score_at`), byte strings as long as the
+    block's longest line for the others; `#` comments and blank lines skipped. NumPy's C `loadtxt` parses each
+    block of whole lines and refuses a line with another number of fields."""
     for first, raw in blocks(path):
         b = np.frombuffer(raw, dtype=np.uint8)
         width = int(np.diff(np.r_[-1, np.flatnonzero(b == 10)]).max())  # no field is longer than a line
+        width = -(-width // 8) * 8  # whole 8-byte words (`identity_group`)
         n = ncols or len(
             next((ln.split() for ln in raw.split(b"\n") if ln.split() and not ln.lstrip().startswith(b"#")), [])
         )
@@ -110,63 +126,43 @@ def whitespace_rows(path: Path, ncols: int | None, score_at: int, text: tuple[in
             continue
         ncols = n
         at = score_at % n
-        dtype = [(f"f{k}", f"S{width}" if k in text else ("f8" if k == at else "V0")) for k in range(n)]
+        dtype = [(f"f{k}", "f8" if k == at else f"S{width}") for k in range(n)]
         try:
-            rows = np.loadtxt(io.BytesIO(raw), dtype=[d for d in dtype if d[1] != "V0"], comments="#", ndmin=1,
-                              usecols=[k for k in range(n) if dtype[k][1] != "V0"])  # fmt: skip
-            _check_columns(raw, n)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # a block of comments only: no rows
+                rows = np.loadtxt(io.BytesIO(raw), dtype=dtype, comments="#", ndmin=1)
         except ValueError:
             raise _bad_line(path, first, raw, n, at) from None
         if not np.isfinite(rows[f"f{at}"]).all():
             raise _bad_line(path, first, raw, n, at)
-        yield rows
+        if len(rows):
+            yield rows
 
 
-def _check_columns(raw: bytes, n: int) -> None:
-    """A ValueError unless every line that is no comment or blank holds n fields (loadtxt reads only the fields
-    it is given, and would not see a line with more)."""
-    b = np.frombuffer(raw, dtype=np.uint8)
-    space = _SPACE[b]
-    starts = ~space
-    starts[1:] &= space[:-1]
-    ends = np.cumsum(starts, dtype=np.int64)[np.flatnonzero(b == 10)]
-    counts = np.diff(np.r_[0, ends])
-    if b"#" in raw:
-        comment = np.array([ln.lstrip().startswith(b"#") for ln in raw.split(b"\n")[: len(counts)]])
-        counts = counts[~comment]
-    if ((counts != 0) & (counts != n)).any():
-        raise ValueError("fields per line")
-
-
-def read_whitespace(path: Path, fmt: str) -> ScoreFile:
+def whitespace_blocks(path: Path, fmt: str, groups: int | None) -> Iterator[ScoreBlock]:
     """bob4 (`claimed_id real_id test_label score`) or bob5 (`claimed_id model_label real_id test_label score`):
     same person when claimed_id equals real_id."""
     ncols, claimed, real, at = WHITESPACE[fmt]
-    values, same = [], []
-    for rows in whitespace_rows(path, ncols, at, (claimed, real)):
-        values.append(rows[f"f{at}"])
-        same.append(rows[f"f{claimed}"] == rows[f"f{real}"])
-    return _joined(path, values, same, None)
+    for rows in whitespace_rows(path, ncols, at):
+        a, b = rows[f"f{claimed}"], rows[f"f{real}"]
+        # a copy: the score field is a view that would keep the whole block's rows alive
+        yield ScoreBlock(rows[f"f{at}"].copy(), a == b, _group_pair(a, b, groups))
 
 
-def read_pyeer(genuine: Path, impostor: Path | None) -> ScoreFile:
+def pyeer_blocks(genuine: Path, impostor: Path | None) -> Iterator[ScoreBlock]:
     """pyeer's lists: every line of `genuine` a same-person score, of `impostor` a different-person one, each in
     the line's last field."""
     if impostor is None:
         raise PipelineError("--format pyeer reads two files: --scores GENUINE --impostor-scores IMPOSTOR")
-    parts = []
     for path, same in ((genuine, True), (impostor, False)):
-        v = [rows[rows.dtype.names[0]] for rows in whitespace_rows(path, None, -1, ())]
-        parts.append((np.concatenate(v) if v else np.zeros(0), same))
-    values = np.concatenate([v for v, _ in parts])
-    flags = np.concatenate([np.full(len(v), s) for v, s in parts])
-    return _joined(genuine, [values], [flags], None)
+        for rows in whitespace_rows(path, None, -1):
+            v = rows[rows.dtype.names[-1]].copy()
+            yield ScoreBlock(v, np.full(len(v), same))
 
 
-def read_csv(path: Path, fmt: str) -> ScoreFile:
+def csv_blocks(path: Path, fmt: str, groups: int | None) -> Iterator[ScoreBlock]:
     """csv (a header with `score` and `same`, 1/0 or true/false, optionally `a` and `b`) or bobcsv (a header with
     `bio_ref_subject_id`, `probe_subject_id` and `score`; other columns are metadata), read by the csv module."""
-    names, values, same, a, b = Identities(), [], [], [], []
     want = ("a", "b") if fmt == "csv" else ("bio_ref_subject_id", "probe_subject_id")
     with _open(path) as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
         reader = csv.reader(text)
@@ -175,18 +171,13 @@ def read_csv(path: Path, fmt: str) -> ScoreFile:
         missing = [k for k in (("score", "same") if fmt == "csv" else (*want, "score")) if k not in at]
         if missing:
             raise PipelineError(f"{path} line 1: the header has no {', '.join(missing)} column (it has {header})")
-        rows = _csv_rows(path, reader, at, len(header), fmt)
-        for chunk in rows:
-            values.append(chunk["score"])
-            ids = [names(chunk[k]) for k in want if k in chunk]
-            same.append(chunk["same"] if fmt == "csv" else ids[0] == ids[1])
-            if len(ids) == 2:
-                a.append(ids[0])
-                b.append(ids[1])
-    return _joined(path, values, same, (a, b) if a else None)
+        for chunk in _csv_rows(path, reader, at, len(header)):
+            ids = [chunk[k] for k in want if k in chunk]
+            same = chunk["same"] if fmt == "csv" else ids[0] == ids[1]
+            yield ScoreBlock(chunk["score"], same, _group_pair(*ids, groups) if len(ids) == 2 else None)
 
 
-def _csv_rows(path: Path, reader, at: dict[str, int], width: int, fmt: str, rows: int = 1 << 16):
+def _csv_rows(path: Path, reader, at: dict[str, int], width: int, rows: int = 1 << 16):
     """The csv rows in chunks of `rows`, as arrays per wanted column."""
     chunk: list[list[str]] = []
     for row in reader:
@@ -228,25 +219,27 @@ def _csv_chunk(path: Path, chunk: list[list[str]], at: dict[str, int], first: in
     return cols
 
 
-def _joined(path: Path, values: list, same: list, ids) -> ScoreFile:
-    if not values or not sum(len(v) for v in values):
-        raise PipelineError(f"{path} holds no scores")
-    joined = ScoreFile(np.concatenate(values), np.concatenate(same).astype(bool))
-    if ids is not None:
-        joined.ids = (np.concatenate(ids[0]), np.concatenate(ids[1]))
-    return joined
-
-
-def read_score_file(path: Path, fmt: str, impostor: Path | None = None) -> ScoreFile:
-    """The scores of `path` in format `fmt` (`FORMATS`)."""
+def read_blocks(path: Path, fmt: str, impostor: Path | None = None, groups: int | None = None) -> Iterator[ScoreBlock]:
+    """The scores of `path` in format `fmt` (`FORMATS`), block by block; with `groups`, each score's group pair
+    where the format names identities."""
     path = Path(path)
     if fmt in WHITESPACE:
-        return read_whitespace(path, fmt)
+        return whitespace_blocks(path, fmt, groups)
     if fmt == "pyeer":
-        return read_pyeer(path, None if impostor is None else Path(impostor))
+        return pyeer_blocks(path, None if impostor is None else Path(impostor))
     if fmt in ("csv", "bobcsv"):
-        return read_csv(path, fmt)
+        return csv_blocks(path, fmt, groups)
     raise PipelineError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+
+
+def read_score_file(path: Path, fmt: str, impostor: Path | None = None, groups: int | None = None) -> ScoreFile:
+    """The whole file (`read_blocks` joined); a PipelineError when it holds no scores."""
+    parts = list(read_blocks(path, fmt, impostor, groups))
+    if not sum(len(p.values) for p in parts):
+        raise PipelineError(f"{path} holds no scores")
+    joined = [np.concatenate([getattr(p, k) for p in parts]) for k in ("values", "same")]
+    pairs = None if parts[0].group_pair is None else np.concatenate([p.group_pair for p in parts])
+    return ScoreFile(joined[0], joined[1].astype(bool), pairs)
 
 
 # ---------------------------------------------------------------------------------------------------- out
