@@ -11,8 +11,13 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
+import multiprocessing
+import os
 import warnings
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from pipeline.errors import PipelineError
 
 FORMATS = ("bob4", "bob5", "bobcsv", "pyeer", "csv")
 EXPORTS = ("bob4", "csv")
+WORKERS = 4  # processes parsing blocks at most
 BLOCK_BYTES = 2 << 20  # bytes read at a time (whole lines): loadtxt holds several times a block while parsing it
 WHITESPACE = {"bob4": (4, 0, 1, 3), "bob5": (5, 0, 2, 4)}
 """format -> (fields per line, claimed identity, real identity, score): same person when the two match."""
@@ -110,54 +116,97 @@ def _is_finite(s: bytes) -> bool:
         return False
 
 
-def whitespace_rows(path: Path, ncols: int | None, score_at: int) -> Iterator[np.ndarray]:
-    """Per block, the rows of a whitespace-separated file with `ncols` fields per line (None: as many as its first
-    line) as a structured array: fields `f<k>`, float64 for the score (`score_at`), byte strings as long as the
-    block's longest line for the others; `#` comments and blank lines skipped. NumPy's C `loadtxt` parses each
-    block of whole lines and refuses a line with another number of fields."""
-    for first, raw in blocks(path):
-        b = np.frombuffer(raw, dtype=np.uint8)
-        width = int(np.diff(np.r_[-1, np.flatnonzero(b == 10)]).max())  # no field is longer than a line
-        width = -(-width // 8) * 8  # whole 8-byte words (`identity_group`)
-        n = ncols or len(
-            next((ln.split() for ln in raw.split(b"\n") if ln.split() and not ln.lstrip().startswith(b"#")), [])
-        )
-        if not n:
-            continue
-        ncols = n
-        at = score_at % n
-        dtype = [(f"f{k}", "f8" if k == at else f"S{width}") for k in range(n)]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # a block of comments only: no rows
-                rows = np.loadtxt(io.BytesIO(raw), dtype=dtype, comments="#", ndmin=1)
-        except ValueError:
-            raise _bad_line(path, first, raw, n, at) from None
-        if not np.isfinite(rows[f"f{at}"]).all():
-            raise _bad_line(path, first, raw, n, at)
-        if len(rows):
-            yield rows
+def parse_rows(path: Path, first: int, raw: bytes, ncols: int, score_at: int) -> np.ndarray:
+    """The rows of a block of whole lines (numbered from `first`) with `ncols` whitespace-separated fields as a
+    structured array: fields `f<k>`, float64 for the score (`score_at`), byte strings as long as the block's
+    longest line for the others; `#` comments and blank lines skipped. NumPy's C `loadtxt` parses the block and
+    refuses a line with another number of fields."""
+    b = np.frombuffer(raw, dtype=np.uint8)
+    width = int(np.diff(np.r_[-1, np.flatnonzero(b == 10)]).max())  # no field is longer than a line
+    width = -(-width // 8) * 8  # whole 8-byte words (`identity_group`)
+    at = score_at % ncols
+    dtype = [(f"f{k}", "f8" if k == at else f"S{width}") for k in range(ncols)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a block of comments only: no rows
+            rows = np.loadtxt(io.BytesIO(raw), dtype=dtype, comments="#", ndmin=1)
+    except ValueError:
+        raise _bad_line(path, first, raw, ncols, at) from None
+    if not np.isfinite(rows[f"f{at}"]).all():
+        raise _bad_line(path, first, raw, ncols, at)
+    return rows
+
+
+def _first_fields(raw: bytes) -> int:
+    """The number of fields of the block's first line that is no comment or blank (0: none)."""
+    return len(next((ln.split() for ln in raw.split(b"\n") if ln.split() and not ln.lstrip().startswith(b"#")), []))
+
+
+def bob_block(job: tuple[Path, int, bytes, str, int | None]) -> ScoreBlock:
+    """bob4 (`claimed_id real_id test_label score`) or bob5 (`claimed_id model_label real_id test_label score`)
+    lines: same person when claimed_id equals real_id."""
+    path, first, raw, fmt, groups = job
+    ncols, claimed, real, at = WHITESPACE[fmt]
+    rows = parse_rows(path, first, raw, ncols, at)
+    a, b = rows[f"f{claimed}"], rows[f"f{real}"]
+    # a copy: the score field is a view that would keep the whole block's rows alive
+    return ScoreBlock(rows[f"f{at}"].copy(), a == b, _group_pair(a, b, groups))
+
+
+def list_block(job: tuple[Path, int, bytes, int, bool]) -> ScoreBlock:
+    """pyeer lines of `ncols` fields, the score in the last."""
+    path, first, raw, ncols, same = job
+    v = parse_rows(path, first, raw, ncols, -1)[f"f{ncols - 1}"].copy()
+    return ScoreBlock(v, np.full(len(v), same))
+
+
+def ordered_map(func: Callable, jobs: Iterator, workers: int | None = None) -> Iterator:
+    """`map(func, jobs)`, in `workers` processes (default: the CPUs, up to `WORKERS`) once there are two jobs or
+    more: the blocks of a file parsed side by side, in order, a few ahead of the reader."""
+    workers = workers or min(WORKERS, os.cpu_count() or 1)
+    jobs = iter(jobs)
+    head = list(itertools.islice(jobs, 2))
+    if workers < 2 or len(head) < 2:
+        yield from map(func, itertools.chain(head, jobs))
+        return
+    # fork where there is one: a worker needs only this module's functions, and spawn would import __main__ again
+    # (impossible for a script read from standard input)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        pending: deque = deque()
+        for job in itertools.chain(head, jobs):
+            pending.append(pool.submit(func, job))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def whitespace_blocks(path: Path, fmt: str, groups: int | None) -> Iterator[ScoreBlock]:
-    """bob4 (`claimed_id real_id test_label score`) or bob5 (`claimed_id model_label real_id test_label score`):
-    same person when claimed_id equals real_id."""
-    ncols, claimed, real, at = WHITESPACE[fmt]
-    for rows in whitespace_rows(path, ncols, at):
-        a, b = rows[f"f{claimed}"], rows[f"f{real}"]
-        # a copy: the score field is a view that would keep the whole block's rows alive
-        yield ScoreBlock(rows[f"f{at}"].copy(), a == b, _group_pair(a, b, groups))
+    """bob4 or bob5 (`bob_block`), block by block."""
+    for blk in ordered_map(bob_block, ((path, first, raw, fmt, groups) for first, raw in blocks(path))):
+        if len(blk.values):
+            yield blk
 
 
 def pyeer_blocks(genuine: Path, impostor: Path | None) -> Iterator[ScoreBlock]:
     """pyeer's lists: every line of `genuine` a same-person score, of `impostor` a different-person one, each in
-    the line's last field."""
+    the line's last field (as many fields on every line of a file as on its first)."""
     if impostor is None:
         raise PipelineError("--format pyeer reads two files: --scores GENUINE --impostor-scores IMPOSTOR")
     for path, same in ((genuine, True), (impostor, False)):
-        for rows in whitespace_rows(path, None, -1):
-            v = rows[rows.dtype.names[-1]].copy()
-            yield ScoreBlock(v, np.full(len(v), same))
+        ncols = 0
+
+        def jobs(path=path, same=same):
+            nonlocal ncols
+            for first, raw in blocks(path):
+                ncols = ncols or _first_fields(raw)
+                if ncols:
+                    yield path, first, raw, ncols, same
+
+        for blk in ordered_map(list_block, jobs()):
+            if len(blk.values):
+                yield blk
 
 
 def csv_blocks(path: Path, fmt: str, groups: int | None) -> Iterator[ScoreBlock]:
