@@ -187,3 +187,25 @@ def test_beyond_memory_the_histogram_and_exact_tail(tmp_path):
         assert streamed["tar_at_far"][f] == exact["tar_at_far"][f], f
     assert streamed["tail_exact_far"] >= 1e-3 and streamed["auc_ci95"] is not None
     assert (acc.n_positive, acc.n_negative) == (same.sum(), (~same).sum())
+
+
+def test_csv_quotes_crlf_and_lines_across_blocks(tmp_path, monkeypatch):
+    """CSV parsed in blocks: CRLF line ends and quoted commas read; a flag or a score that is wrong is named by
+    its line in any block; a quoted field over two lines is refused, never misread."""
+    monkeypatch.setattr(scorefiles.blocks, "__defaults__", (301,))
+    values, same, a, b = _random_scores(700, seed=5)
+    lines = ["a,b,same,score\r\n"] + [
+        f'"{x}, Jr",{y},{"TRUE" if s else 0},{v!r}\r\n' for x, y, s, v in zip(a, b, same, values.tolist(), strict=True)
+    ]
+    path = tmp_path / "s.csv"
+    path.write_text("".join(lines), newline="")
+    sf = read_score_file(path, "csv", groups=10)
+    np.testing.assert_array_equal(sf.values, values)
+    np.testing.assert_array_equal(sf.same, same)
+    for k, bad, needle in ((500, "x,y,maybe,0.5\r\n", "same must be"), (613, "x,y,1,abc\r\n", "finite score"),
+                           (77, 'x,"y\r\n', "runs over lines")):  # fmt: skip
+        broken = lines.copy()
+        broken[k - 1] = bad
+        path.write_text("".join(broken), newline="")
+        with pytest.raises(PipelineError, match=f"line {k}: .*{needle}"):
+            read_score_file(path, "csv")

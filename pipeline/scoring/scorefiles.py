@@ -95,17 +95,30 @@ def blocks(path: Path, size: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:
         yield line, carry + b"\n"
 
 
-def _bad_line(path: Path, first: int, block: bytes, ncols: int | None, score_at: int) -> PipelineError:
+def _fields(line: bytes, sep: bytes | None) -> list[bytes]:
+    """A line's fields: split at whitespace, or by the csv module at `sep` (quotes as CSV has them)."""
+    if sep is None:
+        return line.split()
+    return [f.encode() for f in next(csv.reader([line.decode(errors="replace")], delimiter=sep.decode()), [])]
+
+
+def _lines(block: bytes, first: int, sep: bytes | None, skip: int) -> Iterator[tuple[int, bytes, list[bytes]]]:
+    """(line number, line, fields) of the block's lines that hold data: no blank line, no `#` comment
+    (whitespace-separated files), none of the first `skip`."""
+    for k, ln in enumerate(block.split(b"\n")[skip:], skip):
+        fields = _fields(ln, sep)
+        if fields and not (sep is None and fields[0].startswith(b"#")):
+            yield first + k, ln, fields
+
+
+def _bad_line(path: Path, first: int, block: bytes, ncols: int, score_at: int, sep: bytes | None = None,
+              skip: int = 0) -> PipelineError:  # fmt: skip
     """The error naming the first line of `block` (numbered from `first`) with another number of fields than
-    `ncols` (None: any number) or no finite number in field `score_at`."""
-    for k, ln in enumerate(block.split(b"\n")):
-        fields = ln.split()
-        if not fields or fields[0].startswith(b"#"):
-            continue
-        ncols = ncols or len(fields)
+    `ncols` or no finite number in field `score_at`."""
+    for number, ln, fields in _lines(block, first, sep, skip):
         if len(fields) != ncols or not _is_finite(fields[score_at]):
             shown = ln.strip()[:120].decode(errors="replace")
-            return PipelineError(f"{path} line {first + k}: expected {ncols} fields with a finite score, got {shown!r}")
+            return PipelineError(f"{path} line {number}: expected {ncols} fields with a finite score, got {shown!r}")
     return PipelineError(f"{path}: a line from line {first} on is malformed")
 
 
@@ -116,11 +129,13 @@ def _is_finite(s: bytes) -> bool:
         return False
 
 
-def parse_rows(path: Path, first: int, raw: bytes, ncols: int, score_at: int) -> np.ndarray:
-    """The rows of a block of whole lines (numbered from `first`) with `ncols` whitespace-separated fields as a
-    structured array: fields `f<k>`, float64 for the score (`score_at`), byte strings as long as the block's
-    longest line for the others; `#` comments and blank lines skipped. NumPy's C `loadtxt` parses the block and
-    refuses a line with another number of fields."""
+def parse_rows(path: Path, first: int, raw: bytes, ncols: int, score_at: int, sep: bytes | None = None,
+               skip: int = 0) -> np.ndarray:  # fmt: skip
+    """The rows of a block of whole lines (numbered from `first`) with `ncols` fields, whitespace-separated (`#`
+    comments skipped) or CSV (`sep`, quotes as CSV has them), as a structured array: fields `f<k>`, float64 for
+    the score (`score_at`), byte strings as long as the block's longest line for the others; blank lines and the
+    first `skip` lines skipped. NumPy's C `loadtxt` parses the block and refuses a line with another number of
+    fields."""
     b = np.frombuffer(raw, dtype=np.uint8)
     width = int(np.diff(np.r_[-1, np.flatnonzero(b == 10)]).max())  # no field is longer than a line
     width = -(-width // 8) * 8  # whole 8-byte words (`identity_group`)
@@ -129,11 +144,12 @@ def parse_rows(path: Path, first: int, raw: bytes, ncols: int, score_at: int) ->
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # a block of comments only: no rows
-            rows = np.loadtxt(io.BytesIO(raw), dtype=dtype, comments="#", ndmin=1)
+            rows = np.loadtxt(io.BytesIO(raw), dtype=dtype, ndmin=1, skiprows=skip, delimiter=sep and sep.decode(),
+                              comments=None if sep else "#", quotechar='"' if sep else None)  # fmt: skip
     except ValueError:
-        raise _bad_line(path, first, raw, ncols, at) from None
+        raise _bad_line(path, first, raw, ncols, at, sep, skip) from None
     if not np.isfinite(rows[f"f{at}"]).all():
-        raise _bad_line(path, first, raw, ncols, at)
+        raise _bad_line(path, first, raw, ncols, at, sep, skip)
     return rows
 
 
@@ -211,61 +227,74 @@ def pyeer_blocks(genuine: Path, impostor: Path | None) -> Iterator[ScoreBlock]:
 
 def csv_blocks(path: Path, fmt: str, groups: int | None) -> Iterator[ScoreBlock]:
     """csv (a header with `score` and `same`, 1/0 or true/false, optionally `a` and `b`) or bobcsv (a header with
-    `bio_ref_subject_id`, `probe_subject_id` and `score`; other columns are metadata), read by the csv module."""
+    `bio_ref_subject_id`, `probe_subject_id` and `score`; other columns are metadata), block by block
+    (`csv_block`); a quoted field may not run over lines."""
     want = ("a", "b") if fmt == "csv" else ("bio_ref_subject_id", "probe_subject_id")
-    with _open(path) as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
-        reader = csv.reader(text)
-        header = next(reader, None) or []
-        at = {k: header.index(k) for k in (*want, "score", "same") if k in header}
-        missing = [k for k in (("score", "same") if fmt == "csv" else (*want, "score")) if k not in at]
-        if missing:
-            raise PipelineError(f"{path} line 1: the header has no {', '.join(missing)} column (it has {header})")
-        for chunk in _csv_rows(path, reader, at, len(header)):
-            ids = [chunk[k] for k in want if k in chunk]
-            same = chunk["same"] if fmt == "csv" else ids[0] == ids[1]
-            yield ScoreBlock(chunk["score"], same, _group_pair(*ids, groups) if len(ids) == 2 else None)
+    header: list[str] = []
+
+    def jobs():
+        for first, raw in blocks(path):
+            skip = 0
+            if not header:
+                header.extend(
+                    f.decode("utf-8", errors="replace").strip() for f in _fields(raw[: raw.find(b"\n")], b",")
+                )
+                skip = 1
+            if b'"' in raw:
+                _check_quotes(path, first, raw)
+            yield path, first, raw, _columns(path, header, fmt, want), len(header), skip, groups
+
+    for blk in ordered_map(csv_block, jobs()):
+        if len(blk.values):
+            yield blk
 
 
-def _csv_rows(path: Path, reader, at: dict[str, int], width: int, rows: int = 1 << 16):
-    """The csv rows in chunks of `rows`, as arrays per wanted column."""
-    chunk: list[list[str]] = []
-    for row in reader:
-        if len(row) != width:
-            if not row:
-                continue
-            raise PipelineError(f"{path} line {reader.line_num}: {len(row)} fields, the header has {width}")
-        chunk.append(row)
-        if len(chunk) == rows:
-            yield _csv_chunk(path, chunk, at, reader.line_num - len(chunk) + 1)
-            chunk = []
-    if chunk:
-        yield _csv_chunk(path, chunk, at, reader.line_num - len(chunk) + 1)
+def _columns(path: Path, header: list[str], fmt: str, want: tuple[str, str]) -> dict[str, int]:
+    """Where the wanted columns are: `score`, `same` (csv), the two identities (`a`/`b` optional for csv)."""
+    at = {k: header.index(k) for k in ("score", "same", *want) if k in header}
+    missing = [k for k in (("score", "same") if fmt == "csv" else (*want, "score")) if k not in at]
+    if missing:
+        raise PipelineError(f"{path} line 1: the header has no {', '.join(missing)} column (it has {header})")
+    at["a"], at["b"] = at.pop(want[0], None), at.pop(want[1], None)
+    return at
 
 
-def _csv_chunk(path: Path, chunk: list[list[str]], at: dict[str, int], first: int) -> dict[str, np.ndarray]:
-    cols = {k: np.array([r[i] for r in chunk]) for k, i in at.items()}
-    try:
-        cols["score"] = cols["score"].astype(np.float64)
-        bad = np.flatnonzero(~np.isfinite(cols["score"]))
-    except ValueError:
-        bad = [next(k for k, s in enumerate(cols["score"]) if not _is_finite(s.encode()))]
-    if len(bad):
-        raise PipelineError(
-            f"{path} line {first + bad[0]}: the score {chunk[bad[0]][at['score']]!r} is no finite number"
-        )
-    if "same" in cols:
-        flag = np.char.lower(cols["same"].astype(str))
-        ok = np.isin(flag, ("1", "0", "true", "false"))
-        if not ok.all():
-            k = int(np.flatnonzero(~ok)[0])
-            raise PipelineError(
-                f"{path} line {first + k}: same must be 1, 0, true or false, not {chunk[k][at['same']]!r}"
-            )
-        cols["same"] = np.isin(flag, ("1", "true"))
-    for k in ("a", "b", "bio_ref_subject_id", "probe_subject_id"):
-        if k in cols:
-            cols[k] = np.char.encode(cols[k], "utf-8")
-    return cols
+def _check_quotes(path: Path, first: int, raw: bytes) -> None:
+    for k, ln in enumerate(raw.split(b"\n")):
+        if ln.count(b'"') % 2:
+            raise PipelineError(f"{path} line {first + k}: a quoted field runs over lines; write one score per line")
+
+
+def csv_block(job: tuple) -> ScoreBlock:
+    """The scores of a block of CSV lines; same person from `same` (csv) or the two identities (bobcsv)."""
+    path, first, raw, at, ncols, skip, groups = job
+    rows = parse_rows(path, first, raw, ncols, at["score"], b",", skip)
+    a, b = (None if at[k] is None else rows[f"f{at[k]}"] for k in ("a", "b"))
+    if "same" in at:
+        same = _flags(rows[f"f{at['same']}"], lambda: _bad_flag(path, first, raw, at["same"], skip))
+    else:
+        same = a == b
+    v = rows[f"f{at['score']}"].copy()
+    return ScoreBlock(v, same, None if a is None or b is None else _group_pair(a, b, groups))
+
+
+def _flags(col: np.ndarray, bad: Callable[[], PipelineError]) -> np.ndarray:
+    """1/0 or true/false (any case, spaces around) as booleans."""
+    one = col == b"1"
+    if (one | (col == b"0")).all():
+        return one
+    low = np.char.lower(np.char.strip(col))
+    one = (low == b"1") | (low == b"true")
+    if not (one | (low == b"0") | (low == b"false")).all():
+        raise bad()
+    return one
+
+
+def _bad_flag(path: Path, first: int, raw: bytes, same_at: int, skip: int) -> PipelineError:
+    for number, _, fields in _lines(raw, first, b",", skip):
+        if fields[same_at].strip().lower() not in (b"1", b"0", b"true", b"false"):
+            return PipelineError(f"{path} line {number}: same must be 1, 0, true or false, not {fields[same_at]!r}")
+    return PipelineError(f"{path}: a same flag from line {first} on is malformed")
 
 
 def read_blocks(path: Path, fmt: str, impostor: Path | None = None, groups: int | None = None) -> Iterator[ScoreBlock]:
