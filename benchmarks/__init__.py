@@ -34,6 +34,7 @@ BENCHMARKS = {
     "identify": "bench_identify",
     "scorefiles": "bench_scorefiles",
     "onnx-parity": "onnx_parity",
+    "oracles": "bench_oracles",
 }
 """`cli.py bench NAME` -> the module `benchmarks.MODULE`, whose `command` it runs (as `python -m benchmarks.MODULE`)."""
 
