@@ -30,6 +30,7 @@ from pipeline.scoring.scorefiles import ScoreBlock
 
 log = logging.getLogger(__name__)
 EXACT_MAX = 50_000_000  # scores held for exact metrics (500 MB); beyond, the histogram and exact tail
+FILE_TAIL = 1 << 18  # negatives the exact tail holds at least (1.5 MB)
 NO_INTERVALS = {"auc_ci95": None, "eer_ci95": None, "tar_at_far_ci95": None}
 
 
@@ -41,7 +42,9 @@ class FileCounts:
         n_ids = GROUPS * GROUPS if grouped else 0
         self.binning, self.grouped = binning, grouped
         self.all, self.pos = BinCounts(binning.bins, n_ids, COARSE), BinCounts(binning.bins, n_ids, COARSE)
-        self.tail = Tail(tail_size(n_pairs, n_positive), binning.metric)
+        # every negative up to FILE_TAIL (a file's scores are few next to all pairs'): the jackknife's TAR at every
+        # FAR level up to FILE_TAIL / negatives, and at all of them for files of that many negatives
+        self.tail = Tail(max(tail_size(n_pairs, n_positive), min(FILE_TAIL, n_pairs - n_positive)), binning.metric)
         self.group_scores = np.zeros(GROUPS, dtype=np.int64)
 
     def add(self, blk: ScoreBlock) -> None:
