@@ -1,5 +1,5 @@
-"""Command line: finetune, embed, score, identify, merge, report, run, bench. Each command parses options, builds its
-stage's config and calls the stage; library code does the work."""
+"""Command line: finetune, embed, score, identify, compare, merge, report, run, bench. Each command parses options,
+builds its stage's config and calls the stage; library code does the work."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from benchmarks import BenchmarkGroup
+from cli_compare import compare
 from cli_config import ConfigCommand, config_file_option, stage_kwargs
 from cli_identify import identify
 from cli_options import (
@@ -390,6 +391,7 @@ def run(ctx: click.Context, config_file: Path | None, **options) -> None:
 
 
 main.add_command(identify)
+main.add_command(compare)
 
 if __name__ == "__main__":
     main()

@@ -58,6 +58,19 @@ def percentile(samples: list[float]) -> list[float] | None:
     return None if len(s) < 2 else [float(np.percentile(s, 2.5)), float(np.percentile(s, 97.5))]
 
 
+def resampled_metrics(values: np.ndarray, positive: np.ndarray, metric: str,
+                      far_levels) -> tuple[float, float, dict[str, float]] | None:  # fmt: skip
+    """(AUC, EER, TAR at each FAR level) of a resample of scores; None when it lacks pairs of one kind."""
+    pos, neg, _ = exact_counts(values, positive, metric)
+    p, q = pos.sum(), neg.sum()
+    if p == 0 or q == 0:
+        return None
+    tp_before = np.cumsum(pos) - pos
+    auc = float(np.dot(neg, tp_before + 0.5 * pos) / (p * q))
+    tpr, fpr = np.r_[0.0, np.cumsum(pos) / p], np.r_[0.0, np.cumsum(neg) / q]
+    return auc, equal_error_rate(fpr, tpr), {f"{f:g}": float(tpr[fpr <= f].max()) for f in far_levels}
+
+
 def bootstrap_listed(values: np.ndarray, positive: np.ndarray, metric: str, far_levels, seed: int = 0,
                      rounds: int = ROUNDS) -> dict:  # fmt: skip
     """Percentile bootstrap over the listed pairs: `auc_ci95`, `eer_ci95`, `tar_at_far_ci95`."""
@@ -66,16 +79,13 @@ def bootstrap_listed(values: np.ndarray, positive: np.ndarray, metric: str, far_
     aucs, eers, tars = [], [], {f"{f:g}": [] for f in far_levels}
     for _ in range(rounds):
         i = rng.integers(0, n, size=n)
-        pos, neg, _ = exact_counts(values[i], positive[i], metric)
-        p, q = pos.sum(), neg.sum()
-        if p == 0 or q == 0:
+        r = resampled_metrics(values[i], positive[i], metric, far_levels)
+        if r is None:
             continue
-        tp_before = np.cumsum(pos) - pos
-        aucs.append(float(np.dot(neg, tp_before + 0.5 * pos) / (p * q)))
-        tpr, fpr = np.r_[0.0, np.cumsum(pos) / p], np.r_[0.0, np.cumsum(neg) / q]
-        eers.append(equal_error_rate(fpr, tpr))
-        for f in far_levels:
-            tars[f"{f:g}"].append(float(tpr[fpr <= f].max()))
+        aucs.append(r[0])
+        eers.append(r[1])
+        for k, v in r[2].items():
+            tars[k].append(v)
     return {
         "auc_ci95": percentile(aucs),
         "eer_ci95": percentile(eers),
@@ -84,10 +94,11 @@ def bootstrap_listed(values: np.ndarray, positive: np.ndarray, metric: str, far_
     }
 
 
-def jackknife_all_pairs(acc, metrics: dict) -> dict:
-    """Delete-a-group jackknife intervals of an all-pairs result (`HistogramROC` with group counts and a tail):
-    AUC and EER from the coarse counts of the pairs that do not touch the group, TAR at FAR from the exact tail
-    (a level is left out where a replicate's tail does not reach it)."""
+def group_replicates(acc, metrics: dict) -> tuple[list[int], list[float], list[float], dict[str, list]]:
+    """The jackknife's replicates of an all-pairs result (`HistogramROC` with group counts): (groups, AUCs, EERs,
+    TARs per FAR level) without every pair that touches each group, for the groups that leave pairs of both kinds
+    (fewer identities than groups: the empty groups are no replicates). AUC and EER from the coarse counts, TAR at
+    FAR from the exact tail (None where a replicate's tail does not reach the level; no TARs without a tail)."""
     all_c, pos_c = (c.reshape(GROUPS * GROUPS, COARSE).astype(np.float64) for c in acc.groups[:2])  # exact
     group_rows = np.asarray(acc.groups[2], dtype=np.int64)
     a, b = np.divmod(np.arange(GROUPS * GROUPS), GROUPS)
@@ -97,17 +108,26 @@ def jackknife_all_pairs(acc, metrics: dict) -> dict:
     pos_g, neg_g = m.most_similar_first(pos_g), m.most_similar_first(neg_g)
     tail = acc.tail
     complete = tail is not None and len(tail.neg) >= metrics["n_negative"]
-    aucs, eers, tars = [], [], {k: [] for k in metrics["tar_at_far"]}
-    for g in np.flatnonzero(group_rows):  # fewer identities than groups: the empty groups are no replicates
+    groups, aucs, eers, tars = [], [], [], {k: [] for k in metrics["tar_at_far"]} if tail is not None else {}
+    for g in np.flatnonzero(group_rows):
         pos, neg = pos_g[g], neg_g[g]
         p, q = int(round(pos.sum())), int(round(neg.sum()))  # exact counts of the pairs without group g
         if p == 0 or q == 0:
             continue
+        groups.append(int(g))
         aucs.append(auc_and_bound(pos, neg)[0])
         eers.append(equal_error_rate(np.r_[0.0, np.cumsum(neg) / q], np.r_[0.0, np.cumsum(pos) / p]))
         if tail is not None:
             for k, tar in zip(tars, tail.tar_without([float(k) for k in tars], keeps[g], q, p, complete), strict=True):
                 tars[k].append(tar)
+    return groups, aucs, eers, tars
+
+
+def jackknife_all_pairs(acc, metrics: dict) -> dict:
+    """Delete-a-group jackknife intervals of an all-pairs result (`HistogramROC` with group counts and a tail):
+    AUC and EER from the coarse counts of the pairs that do not touch the group, TAR at FAR from the exact tail
+    (a level is left out where a replicate's tail does not reach it)."""
+    _, aucs, eers, tars = group_replicates(acc, metrics)
     out = {
         "auc_ci95": jackknife(metrics["auc"], aucs),
         "eer_ci95": jackknife(metrics["eer"], eers),
@@ -116,7 +136,6 @@ def jackknife_all_pairs(acc, metrics: dict) -> dict:
     }
     if acc.tail is not None:
         out["tar_at_far_ci95"] = {
-            k: jackknife(metrics["tar_at_far"][k], v) if len(v) == len(aucs) and None not in v else None
-            for k, v in tars.items()
+            k: jackknife(metrics["tar_at_far"][k], v) if None not in v else None for k, v in tars.items()
         }
     return out

@@ -31,6 +31,9 @@ from pipeline.metrics.intervals import jackknife_all_pairs
 from pipeline.metrics.tail import Tail
 
 GROUP_ARRAYS = ("group_all", "group_pos", "group_rows")  # histogram.npz names
+PAIR_ARRAYS = ("pair_scores", "pair_labels", "pair_set")
+"""histogram.npz names of the listed pairs' own scores (similarities, float64, in the pairs' order), their
+same-person flags and the id of the pair set (`pipeline.scoring.listed.pair_arrays`)."""
 
 
 def _negatives(neg: np.ndarray) -> np.ndarray:
@@ -58,6 +61,8 @@ class HistogramROC:
         self.groups: tuple | None = None
         """The jackknife's coarse counts per pair of identity groups (all pairs, same-person pairs) and rows per
         group (`pipeline.metrics.intervals`)."""
+        self.arrays: dict[str, np.ndarray] = {}
+        """Saved beside the histograms (`PAIR_ARRAYS`: the listed pairs' per-pair scores)."""
 
     @property
     def n_positive(self) -> int:
@@ -144,7 +149,7 @@ class HistogramROC:
             arrays.update(tail_k=t.k, tail_neg=t.neg, tail_pos=t.pos, tail_neg_ids=t.neg_ids, tail_pos_ids=t.pos_ids)
         if self.groups is not None:
             arrays.update(zip(GROUP_ARRAYS, self.groups, strict=True))
-        np.savez_compressed(path, **arrays, **extra)
+        np.savez_compressed(path, **arrays, **self.arrays, **extra)
 
     @classmethod
     def load(cls, path: Path | str) -> HistogramROC:
@@ -161,6 +166,7 @@ class HistogramROC:
                     acc.tail.finish()
                 if GROUP_ARRAYS[0] in z.files:
                     acc.groups = tuple(z[k].astype(np.int64) for k in GROUP_ARRAYS)
+                acc.arrays = {k: z[k] for k in PAIR_ARRAYS if k in z.files}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise PipelineError(f"cannot read histograms {path} (truncated or not written by score?): {e}") from None
         return acc
@@ -183,6 +189,7 @@ def exact_tail_metrics(metrics: dict, tail: Tail, binning: Binning) -> None:
 __all__ = [
     "FAR_LEVELS",
     "GROUP_ARRAYS",
+    "PAIR_ARRAYS",
     "METRICS",
     "Binning",
     "HistogramROC",

@@ -3,9 +3,11 @@ accuracy."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
+from pathlib import PurePath
 
 import numpy as np
 
@@ -67,10 +69,32 @@ def score_listed_pairs(store: Store, cfg: ScoreConfig,
     score = score or ScoreDefinition.of(store, cfg.metric, cfg.score_norm)
     values, positive, folds = listed_pairs(store, score)
     acc, metrics, extra = listed_metrics(values, positive, score.metric, cfg.bins, cfg.seed)
+    acc.arrays = pair_arrays(store, score.metric, values, positive)
     if len(np.unique(folds)) > 1:
         extra.update(tenfold_accuracy(score.metric.to_distance(values), positive, folds))
     extra["seconds"] = time.perf_counter() - t0
     return acc, metrics, extra
+
+
+def pair_set_id(store: Store) -> str:
+    """sha256 of the listed pairs as lines `image<TAB>image<TAB>same`, in order, each image named by the last two
+    parts of its path (person/file: the same in every image set and store of the same images; its row where the
+    store names no paths): two stores give the same id when they list the same pairs."""
+    pairs, labels, _ = store.pairs()
+    paths = store.strings("paths")
+    names = [str(PurePath(*PurePath(p).parts[-2:])) for p in paths] if len(paths) == store.n else None
+    h = hashlib.sha256()
+    for (i, j), same in zip(pairs.tolist(), labels.tolist(), strict=True):
+        h.update(f"{names[i] if names else i}\t{names[j] if names else j}\t{int(same)}\n".encode())
+    return h.hexdigest()
+
+
+def pair_arrays(store: Store, metric: Metric, values: np.ndarray, positive: np.ndarray) -> dict[str, np.ndarray]:
+    """What histogram.npz keeps of the listed pairs (`PAIR_ARRAYS`): each pair's score as a similarity in the score's
+    own unit (the cosine after score offsets, or minus the Euclidean distance; float64, in the pairs' order), its
+    same-person flag and the pair set's id (`pair_set_id`)."""
+    scores = -metric.to_distance(values) if metric.low_is_similar else np.asarray(values, dtype=np.float64)
+    return {"pair_scores": scores, "pair_labels": positive.astype(np.int8), "pair_set": np.array(pair_set_id(store))}
 
 
 def listed_metrics(values: np.ndarray, positive: np.ndarray, metric: Metric, bins: int,
