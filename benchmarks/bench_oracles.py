@@ -69,7 +69,7 @@ def rows(path: Path, fmt: str, impostor: Path | None, python: str) -> list[str]:
 def _row(name: str, lib: str, auc, eer, fnmr: dict, points: str) -> str:
     auc = "-" if auc is None else f"{auc:.9f}"
     eer = eer if isinstance(eer, str) else f"{eer:.6f}"
-    cells = " | ".join(f"{fnmr[f'{f:g}']:.6f}" for f in LEVELS)
+    cells = " | ".join("not measurable" if fnmr[f"{f:g}"] is None else f"{fnmr[f'{f:g}']:.6f}" for f in LEVELS)
     return f"| {name} | {lib} | {auc} | {eer} | {cells} | {points} |"
 
 

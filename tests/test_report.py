@@ -218,6 +218,7 @@ def test_html_report_is_self_contained(tmp_path):
     assert "rank1 [0.4000, 0.5000]" in text  # other intervals are listed too
     assert "drawn by report" in text and str(tmp_path / "fine.h5") in text and "alexnet" in text
     assert "commit" in text and "TAR at FAR 0.001" in text and "EER" in text
+    assert "not measurable" in text  # about 3,900 different-person pairs: TAR at FAR 1e-6..1e-4 (tests/test_measurable)
 
 
 def test_html_report_replaces_only_its_own_page(tmp_path):
@@ -322,6 +323,7 @@ def test_html_report_renders_in_a_headless_browser(tmp_path):
     dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert dom.stdout.count("<table") >= 2 + len(dirs) and dom.stdout.count("<img") == 1 + 3 * len(dirs)
+    assert dom.stdout.count("not measurable") == 3 * len(dirs)  # TAR at FAR 1e-6..1e-4 of each, in the table too
     shot = tmp_path / "shot.png"
     res = subprocess.run(
         [*base, "--window-size=1200,2400", f"--screenshot={shot}", url], capture_output=True, timeout=180

@@ -114,7 +114,9 @@ def test_metrics_on_a_hand_example():
     assert m["best_unbalanced_threshold"] == 2.0 and m["best_unbalanced_threshold_normalised"] == 0.5
     assert m["best_balanced_accuracy"] == 1.0 and m["best_balanced_threshold"] == 2.0
     levels = ("1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1")
-    assert m["tar_at_far"] == dict.fromkeys(levels, 1.0) and m["fnmr_at_fmr"] == dict.fromkeys(levels, 0.0)
+    # two different-person pairs: no level down to 0.1 allows a false accept, so none is measurable
+    assert m["tar_at_far"] == dict.fromkeys(levels) and m["fnmr_at_fmr"] == dict.fromkeys(levels)
+    assert m["smallest_measurable_far"] == 0.5 and m["not_measurable"].startswith("TAR at FAR 1e-6..1e-1: not meas")
     # reversed: all same pairs farther than all different ones
     pos, neg, thr = exact_counts(np.array([1.0, 4.0, 9.0, 16.0]), np.array([0, 0, 1, 1], bool), "l2")
     m = roc_metrics(pos, neg, thr, max_distance=4.0, exact=True)

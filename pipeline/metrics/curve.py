@@ -4,6 +4,10 @@ histogram bins): AUC with its binning bound, EER, TAR at FAR, best accuracies; a
 AUC counts a (positive, negative) pair of pairs as 1 when the positive is more similar, 1/2 on a tie. From
 histograms every such pair is decided exactly unless both fall in the same bin, where it counts 1/2; the true
 count there is 0, 1/2 or 1, so `|auc - exact| <= sum_k pos_k * neg_k / (2 P N)`: `auc_error_bound`.
+
+With N different-person pairs a false accept rate f is observed only when it allows one false accept, f N >= 1
+(`measurable`); below, TAR at FAR f and FNMR at FMR f are null, `smallest_measurable_far` (1/N) stands beside them
+and `not_measurable` says why (`at_far`, the one place every path's values pass through).
 """
 
 from __future__ import annotations
@@ -157,8 +161,7 @@ class RocSweep:
             "n_positive": p,
             "n_negative": n,
             "eer": float(fpr[0]) if self.eer is None else self.eer,
-            "tar_at_far": dict(self.tar),
-            "fnmr_at_fmr": {k: 1.0 - v for k, v in self.tar.items()},
+            **at_far(self.tar, n),
             "best_balanced_accuracy": bal,
             "best_balanced_threshold": t_bal,
             "best_balanced_threshold_normalised": t_bal / scale,
@@ -168,6 +171,44 @@ class RocSweep:
             "max_distance": float(max_distance),
             "roc": {"fpr": fpr, "tpr": tpr, "threshold": thr},
         }
+
+
+def measurable(far: float, n_negative: int) -> bool:
+    """Whether `n_negative` different-person pairs can show a false accept rate `far`: f N >= 1, one false accept
+    allowed (1e-9 absorbs the rounding of decimal levels, as `Tail.tar_at`'s floor does)."""
+    return far * n_negative >= 1.0 - 1e-9
+
+
+def null_unmeasurable(by_level: dict, n_negative: int) -> dict:
+    """`by_level` (a value per FAR level, keys `f"{f:g}"`) with null at the levels that `n_negative`
+    different-person pairs cannot show (`measurable`)."""
+    return {k: v if measurable(float(k), n_negative) else None for k, v in by_level.items()}
+
+
+def _far_text(key: str) -> str:
+    f = float(key)
+    return f"{f:.0e}".replace("e-0", "e-") if f"{f:.0e}".startswith("1e") else f"{f:g}"
+
+
+def at_far(tar: dict[str, float | None], n_negative: int) -> dict:
+    """metrics.json's `tar_at_far`, `fnmr_at_fmr` (1 - TAR) and `smallest_measurable_far` (1/N) from TAR per level
+    (keys `f"{f:g}"`), null where `n_negative` pairs cannot show the level (`measurable`), with the note
+    `not_measurable` when some level is null."""
+    tar = null_unmeasurable(tar, n_negative)
+    smallest = 1.0 / n_negative
+    out = {
+        "tar_at_far": tar,
+        "fnmr_at_fmr": {k: None if v is None else 1.0 - v for k, v in tar.items()},
+        "smallest_measurable_far": smallest,
+    }
+    null = [k for k, v in tar.items() if v is None]
+    if null:
+        levels = _far_text(null[0]) + (f"..{_far_text(null[-1])}" if len(null) > 1 else "")
+        out["not_measurable"] = (
+            f"TAR at FAR {levels}: not measurable with {n_negative:,} different-person pairs "
+            f"(smallest measurable FAR {smallest:.3g})"
+        )
+    return out
 
 
 def _thinned(chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:

@@ -9,6 +9,9 @@
   `theta +- 1.96 se`. The engine counts, in the same pass and the same counters as the bins, coarse histograms
   (`COARSE` bins) of all pairs and of the same-person pairs per pair of groups, which is all the jackknife needs
   for AUC and EER. TAR at FAR uses the exact tail, whose pairs carry their group pair.
+
+A level the pairs cannot show (`pipeline.metrics.curve.measurable`: f x different-person pairs < 1) has a null
+value and a null interval (`null_unmeasurable`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import math
 
 import numpy as np
 
-from pipeline.metrics.curve import auc_and_bound, equal_error_rate, exact_counts
+from pipeline.metrics.curve import auc_and_bound, equal_error_rate, exact_counts, null_unmeasurable
 
 ROUNDS = 1000
 BOOTSTRAP_MAX = 1_000_000  # scores above which the pair bootstrap is left out (1,000 sorts of them)
@@ -44,7 +47,10 @@ def pair_ids(groups: int = GROUPS) -> np.ndarray:
     return t
 
 
-def jackknife(full: float, replicates: list[float]) -> list[float] | None:
+def jackknife(full: float | None, replicates: list[float]) -> list[float] | None:
+    """`full +- 1.96 se` of the replicates (clipped to [0, 1]); None for a value that is null (not measurable)."""
+    if full is None:
+        return None
     r = np.array([x for x in replicates if x is not None and math.isfinite(x)], dtype=np.float64)
     if len(r) < 2 or not math.isfinite(full):
         return None
@@ -89,7 +95,9 @@ def bootstrap_listed(values: np.ndarray, positive: np.ndarray, metric: str, far_
     return {
         "auc_ci95": percentile(aucs),
         "eer_ci95": percentile(eers),
-        "tar_at_far_ci95": {k: percentile(v) for k, v in tars.items()},
+        "tar_at_far_ci95": null_unmeasurable(
+            {k: percentile(v) for k, v in tars.items()}, n - int(np.count_nonzero(positive))
+        ),
         "ci_method": f"percentile bootstrap over the listed pairs, {rounds} rounds, seed {seed}",
     }
 

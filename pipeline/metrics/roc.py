@@ -24,6 +24,7 @@ from pipeline.metrics.curve import (
     equal_error_rate,
     exact_auc,
     exact_counts,
+    measurable,
     roc_metrics,
     thin_roc,
 )
@@ -173,10 +174,11 @@ class HistogramROC:
 
 
 def exact_tail_metrics(metrics: dict, tail: Tail, binning: Binning) -> None:
-    """Replace the binned TAR at FAR (and FNMR at FMR) by the exact tail's wherever it reaches; say how far."""
+    """Replace the binned TAR at FAR (and FNMR at FMR) by the exact tail's wherever it reaches; say how far. Levels
+    the pairs cannot show stay null (`measurable`)."""
     n_neg, n_pos = metrics["n_negative"], metrics["n_positive"]
     for f in FAR_LEVELS:
-        exact = tail.tar_at(f, n_neg, n_pos)
+        exact = tail.tar_at(f, n_neg, n_pos) if measurable(f, n_neg) else None
         if exact is not None:
             metrics["tar_at_far"][f"{f:g}"] = exact
             metrics["fnmr_at_fmr"][f"{f:g}"] = 1.0 - exact
@@ -202,6 +204,7 @@ __all__ = [
     "exact_auc",
     "exact_counts",
     "exact_tail_metrics",
+    "measurable",
     "roc_metrics",
     "thin_roc",
     "value_to_distance",

@@ -196,15 +196,18 @@ def draw_iet(curves: Sequence[Curve], target, title: str) -> None:
 def operating_thresholds(metrics: dict, roc: dict | None) -> dict[str, float]:
     """Distance thresholds (the metric's unit: Euclidean distance, or 1 - cosine) of the EER and of TAR at FAR
     1e-3: `eer_threshold` / `threshold_at_far["0.001"]` when metrics.json holds them, else read off the ROC
-    points (`fpr`, `tpr`, `threshold`, most similar first). A point that accepts nothing is left out."""
+    points (`fpr`, `tpr`, `threshold`, most similar first). A point that accepts nothing is left out, and so is
+    FAR 1e-3 where metrics.json holds its TAR as null (not measurable: the ROC would give the threshold at FAR 0)."""
     out: dict[str, float] = {}
     far_key = f"{VAL_FAR:g}"
+    tar = metrics.get("tar_at_far") or {}
+    unmeasurable = far_key in tar and tar[far_key] is None
     given_far = (metrics.get("threshold_at_far") or {}).get(far_key) if isinstance(metrics, dict) else None
     if metrics.get("eer_threshold") is not None:
         out["eer"] = float(metrics["eer_threshold"])
     if given_far is not None:
         out["far"] = float(given_far)
-    if roc is None or ("eer" in out and "far" in out):
+    if roc is None or ("eer" in out and ("far" in out or unmeasurable)):
         return out
     fpr, tpr, thr = (np.asarray(roc[k], dtype=np.float64) for k in ("fpr", "tpr", "threshold"))
     if len(fpr) < 2:
@@ -214,7 +217,7 @@ def operating_thresholds(metrics: dict, roc: dict | None) -> dict[str, float]:
         k = int(np.argmax(diff >= 0))
         if k > 0:
             out["eer"] = float(thr[k])
-    if "far" not in out:
+    if "far" not in out and not unmeasurable:
         k = int(np.flatnonzero(fpr <= VAL_FAR)[-1])
         if k > 0 and tpr[k] > 0:
             out["far"] = float(thr[k])

@@ -101,6 +101,25 @@ ACCURACIES = (
 """Accuracy keys of metrics.json shown when some result has them."""
 
 
+NOT_MEASURABLE_NOTE = (
+    " Not measurable: with N different-person pairs a FAR f is observed only when f &times; N &ge; 1 (one false "
+    "accept); below that the pairs show only the rate at FAR 0, so no TAR is given (grey: the smallest FAR that "
+    "is, 1/N)."
+)
+"""Added to the operating points' note when some result has levels it cannot measure."""
+
+
+def tar_cell(m: dict, level: str) -> str:
+    """TAR at FAR `level` with its interval; "not measurable" (and the smallest FAR that is) where metrics.json holds
+    the level as null, "-" where it lacks it."""
+    tar, tar_ci = m.get("tar_at_far") or {}, m.get("tar_at_far_ci95")
+    if level in tar and tar[level] is None:
+        smallest = m.get("smallest_measurable_far")
+        below = f'<span class="ci">FAR &ge; {float(smallest):.3g}</span>' if smallest is not None else ""
+        return f"not measurable{below}"
+    return with_ci(tar.get(level), tar_ci.get(level) if isinstance(tar_ci, dict) else None)
+
+
 def operating_points(folders: list[Path], results: list[dict]) -> str:
     """One row per result: pairs, AUC, EER, TAR at each FAR, best accuracy (95% intervals where recorded)."""
     levels = far_levels(results)
@@ -111,13 +130,12 @@ def operating_points(folders: list[Path], results: list[dict]) -> str:
     header += [label for _, label in accuracies] + (["other 95% intervals"] if extra else [])
     rows = []
     for folder, m in zip(folders, results, strict=True):
-        tar, tar_ci = m.get("tar_at_far") or {}, m.get("tar_at_far_ci95") or {}
         row = [
             f"{esc(m.get('label') or m.get('model') or folder.name)}<br><code>{esc(folder)}</code>",
             f"{m.get('n_pairs', 0):,} ({m.get('n_positive', 0):,})",
             with_ci(m.get("auc"), m.get("auc_ci95")),
             with_ci(m.get("eer"), m.get("eer_ci95")),
-            *[with_ci(tar.get(f), tar_ci.get(f) if isinstance(tar_ci, dict) else None) for f in levels],
+            *[tar_cell(m, f) for f in levels],
             *[with_ci(m.get(k), m.get(f"{k}_ci95")) for k, _ in accuracies],
         ]
         if extra:
@@ -166,7 +184,9 @@ def verification_summary(folders: list[Path], results: list[dict], roc_png: byte
         table(header, body),
         "<h2>Operating points</h2>",
         '<p class="note">TAR: same-person pairs accepted at a false accept rate (FAR); EER: equal error rate; '
-        "best accuracy over all thresholds. Grey: 95% intervals, where metrics.json records them.</p>",
+        "best accuracy over all thresholds. Grey: 95% intervals, where metrics.json records them."
+        + (NOT_MEASURABLE_NOTE if any(m.get("not_measurable") for m in results) else "")
+        + "</p>",
         operating_points(folders, results),
         "<h2>ROC of all results</h2>",
         f'<div class="figs">{figure(roc_png, "ROC of " + ", ".join(sorted({protocol_name(m) for m in results})))}</div>',
