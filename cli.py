@@ -188,6 +188,15 @@ def embed(ctx: click.Context, config_file: Path | None, **options) -> None:
     help="Fit a logistic calibration (score -> log-likelihood ratio) on the histograms of this results folder "
     "(same network and metric, another set) and apply it here: Cllr, minCllr, calibration.png.",
 )
+@click.option(
+    "--threshold-from",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Take the threshold that gives FAR --at-far on this results folder (same network and metric, another "
+    "set) and report the FAR and FRR it gives here, with 95%% upper bounds and whether the claim holds.",
+)
+@click.option("--at-far", type=float, default=None, metavar="F", help="The FAR of --threshold-from's threshold.")
 def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
     """Score pairs of an embedding store: ROC, AUC, EER, TAR@FAR, accuracy into a results folder."""
     from pipeline.scoring.config import ScoreConfig, parse_rows
@@ -223,6 +232,19 @@ def _echo_scored(m: dict, out: Path) -> None:
         c = m["calibration"]
         click.echo(f"Cllr {c['cllr']:.4f}, minCllr {c['min_cllr']:.4f} (llr = {c['slope']:.4g} s {c['offset']:+.4g} "
                    f"fitted on {c['source']}: Cllr {c['source_cllr']:.4f} there)")  # fmt: skip
+    if "carried_threshold" in m:
+        _echo_carried(m["carried_threshold"])
+
+
+def _echo_carried(c: dict) -> None:
+    def rate(name: str) -> str:
+        r, b = c[name], c.get(f"{name}_bounds")
+        value = f"{r:.4g}" if r is not None else f"in [{b[0]:.6g}, {b[1]:.6g}] (bins)"
+        return f"{name.upper()} {value} (95% upper bound {c[f'{name}_upper95']:.4g})"
+
+    click.echo(f"Threshold {c['threshold']:.6g} ({c['score']}) from FAR {c['target_far']:g} on {c['source']} "
+               f"(FAR {c['source_far']:.4g} there): {rate('far')}, {rate('frr')} here; FAR <= {c['target_far']:g} "
+               f"{'holds' if c['claim_holds'] else 'does not hold'}")  # fmt: skip
 
 
 def _larger_than_memory(store: Path, options: dict) -> bool:
@@ -239,8 +261,9 @@ def _score_rows(cfg) -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise click.UsageError("--rows splits the work by hand (job arrays): run it without torchrun")
-    if cfg.calibrate_on is not None:
-        raise click.UsageError("--calibrate-on: this store is scored out of core, which does not calibrate yet")
+    for flag, given in (("--calibrate-on", cfg.calibrate_on), ("--threshold-from", cfg.threshold_from)):
+        if given is not None:
+            raise click.UsageError(f"{flag}: this store is scored out of core, which does not take it yet")
     info = score_rows(cfg)
     done = f"{info['n_pairs']} pairs ({info['n_positive']} same), {info['seconds']:.3f} s -> {cfg.out}"
     metrics = Path(cfg.out) / "metrics.json" if cfg.out else None

@@ -23,30 +23,31 @@ SAME_SYSTEM = ("model", "layer", "weights")
 """metrics.json keys that should agree between the calibration's source and the scored set."""
 
 
-def read_source(folder: Path | str) -> tuple[HistogramROC, dict]:
-    """The histograms and metrics.json of the results folder a calibration is fitted on."""
+def read_source(folder: Path | str, flag: str = "--calibrate-on") -> tuple[HistogramROC, dict]:
+    """The histograms and metrics.json of the results folder a calibration is fitted on (or that `flag` reads)."""
     folder = Path(folder)
     if not (folder / "histogram.npz").is_file():
-        raise PipelineError(f"--calibrate-on {folder}: no histogram.npz there (give a results folder of `score`)")
+        raise PipelineError(f"{flag} {folder}: no histogram.npz there (give a results folder of `score`)")
     metrics = read_json(folder / "metrics.json", "results") if (folder / "metrics.json").is_file() else {}
     return HistogramROC.load(folder / "histogram.npz"), metrics
 
 
-def _check_source(folder: Path, src: HistogramROC, src_metrics: dict, acc: HistogramROC, metrics: dict) -> None:
+def check_source(folder: Path, src: HistogramROC, src_metrics: dict, acc: HistogramROC, metrics: dict,
+                 flag: str = "--calibrate-on", what: str = "a calibration") -> None:  # fmt: skip
     """Refuse a source whose scores are of another kind (metric, score offsets, a score file); warn when it
-    comes from another network."""
+    comes from another network (`flag` and `what` name the option and what it carries in the messages)."""
     if src.binning.metric != acc.binning.metric:
-        raise PipelineError(f"--calibrate-on {folder}: its scores are {src.binning.metric}, these "
-                            f"{acc.binning.metric}: calibrate on a result of the same --metric")  # fmt: skip
+        raise PipelineError(f"{flag} {folder}: its scores are {src.binning.metric}, these "
+                            f"{acc.binning.metric}: give a result of the same --metric")  # fmt: skip
     if src_metrics.get("mode") == "scores":
-        raise PipelineError(f"--calibrate-on {folder}: it holds another system's scores (score --scores)")
+        raise PipelineError(f"{flag} {folder}: it holds another system's scores (score --scores)")
     if "score_norm" in src_metrics and src_metrics["score_norm"] != metrics.get("score_norm"):
-        raise PipelineError(f"--calibrate-on {folder}: its score offsets ({src_metrics['score_norm']}) are not "
+        raise PipelineError(f"{flag} {folder}: its score offsets ({src_metrics['score_norm']}) are not "
                             f"these ({metrics.get('score_norm')}): use --no-score-norm on both or neither")  # fmt: skip
     differ = [k for k in SAME_SYSTEM if k in src_metrics and src_metrics[k] != metrics.get(k)]
     if differ:
-        log.warning("--calibrate-on %s: its %s differ from this store's: a calibration holds for one network",
-                    folder, ", ".join(differ))  # fmt: skip
+        log.warning("%s %s: its %s differ from this store's: %s holds for one network", flag, folder,
+                    ", ".join(differ), what)  # fmt: skip
 
 
 def calibrate(metrics: dict, acc: HistogramROC, source: Path | str) -> dict[str, Callable[[Path], None]]:
@@ -55,7 +56,7 @@ def calibrate(metrics: dict, acc: HistogramROC, source: Path | str) -> dict[str,
     figure's writer (calibration.png)."""
     source = Path(source)
     src, src_metrics = read_source(source)
-    _check_source(source, src, src_metrics, acc, metrics)
+    check_source(source, src, src_metrics, acc, metrics)
     try:
         slope, offset = logistic_fit(bin_scores(src.binning), src.pos, src.neg, PRIOR)
     except ValueError as e:

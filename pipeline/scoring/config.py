@@ -85,6 +85,12 @@ class ScoreConfig:
     """A results folder of `score` (same network and metric, another set) on whose histograms a logistic
     calibration (score -> log-likelihood ratio) is fitted and applied here: Cllr, minCllr, calibration.png
     (`pipeline.scoring.calibrate`). None: no calibration."""
+    threshold_from: Path | None = None
+    """A results folder of `score` (same network and metric, another set) whose threshold for FAR `at_far` is
+    carried here: the FAR and FRR it gives on these pairs, their 95% upper bounds, whether the claim holds
+    (`pipeline.scoring.carry`). None: none."""
+    at_far: float | None = None
+    """The FAR (0 < F < 1) whose threshold `threshold_from` gives."""
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -118,6 +124,12 @@ class ScoreConfig:
             )
         if self.calibrate_on is not None and (self.scores is not None or self.rows is not None):
             raise ValueError("--calibrate-on goes with a store scored whole (not yet with --scores or --rows)")
+        if (self.threshold_from is None) != (self.at_far is None):
+            raise ValueError("--threshold-from DIR and --at-far F go together")
+        if self.at_far is not None and not 0 < self.at_far < 1:
+            raise ValueError(f"--at-far must be a rate between 0 and 1, not {self.at_far}")
+        if self.threshold_from is not None and (self.scores is not None or self.rows is not None):
+            raise ValueError("--threshold-from goes with a store scored whole (not yet with --scores or --rows)")
         if self.scores is not None and (self.rows is not None or self.exact or self.rank1):
             raise ValueError("--rows, --exact and --rank1 go with a store, not with --scores")
 

@@ -27,6 +27,7 @@ from pipeline.scoring.all_pairs import count_all_pairs, farthest, score_rows
 from pipeline.scoring.assemble import all_pairs_fields, assemble_metrics
 from pipeline.scoring.blockmath import LEAF, balance, better_extreme, single_threaded_blas, tile_plan
 from pipeline.scoring.calibrate import calibrate, read_source
+from pipeline.scoring.carry import Source, carry, read_threshold
 from pipeline.scoring.config import ScoreConfig
 from pipeline.scoring.counting import TilePass, as_int64
 from pipeline.scoring.definition import ScoreDefinition
@@ -107,9 +108,10 @@ def score(cfg: ScoreConfig) -> dict:
     if cfg.scores is not None:
         return score_file(cfg)
     out = None if cfg.out is None else Path(cfg.out)
-    inputs = [Path(p) for p in (cfg.store, cfg.calibrate_on) if p is not None]
+    inputs = [Path(p) for p in (cfg.store, cfg.calibrate_on, cfg.threshold_from) if p is not None]
     if cfg.calibrate_on is not None:
         read_source(cfg.calibrate_on)  # a missing or unreadable source fails before the scoring
+    carried = None if cfg.threshold_from is None else read_threshold(cfg.threshold_from, cfg.at_far, cfg.metric)
     if out is not None:
         data_root = recorded_data_root(cfg.store)
         check_results_out(out, cfg.overwrite, inputs, data_root)
@@ -118,12 +120,12 @@ def score(cfg: ScoreConfig) -> dict:
     # all pairs: the whole call (the metrics' float64 sums too) with single-threaded BLAS, as it always ran
     with single_threaded_blas() if cfg.all_pairs else contextlib.nullcontext():
         if out is None or not world.is_main:  # rank 0 alone writes, so it alone holds the output's lock
-            return _score_locked(cfg, world, device)
+            return _score_locked(cfg, world, device, carried)
         with claim(out, lambda: check_results_out(out, cfg.overwrite, inputs, data_root), RESULT_FILES):
-            return _score_locked(cfg, world, device)
+            return _score_locked(cfg, world, device, carried)
 
 
-def _score_locked(cfg: ScoreConfig, world: World, device: torch.device) -> dict:
+def _score_locked(cfg: ScoreConfig, world: World, device: torch.device, carried: Source | None = None) -> dict:
     with open_store(cfg.store, need_labels=cfg.all_pairs or cfg.rank1) as store, full_float32(device):
         score = ScoreDefinition.of(store, cfg.metric, cfg.score_norm)
         t0 = time.perf_counter()
@@ -156,6 +158,8 @@ def _score_locked(cfg: ScoreConfig, world: World, device: torch.device) -> dict:
         metrics["pairs_per_second"],
     )
     more = calibrate(metrics, acc, cfg.calibrate_on) if cfg.calibrate_on is not None else {}
+    if carried is not None:
+        carry(metrics, acc, carried)
     if cfg.out is not None and world.is_main:
         more.update(export_writers(cfg, score) if cfg.export else {})
         write_results(Path(cfg.out), metrics, roc, acc, log_fpr=cfg.log_fpr, more=more)
