@@ -228,6 +228,7 @@ def _echo_scored(m: dict, out: Path) -> None:
         f"AUC {m['auc']:.6f} (binning bound {m['auc_error_bound']:.1e}) over {m['n_pairs']} pairs "
         f"({m['n_positive']} same), EER {m['eer']:.4f}, {m['seconds']:.3f} s -> {out}"
     )
+    _echo_not_measurable(m)
     if "calibration" in m:
         c = m["calibration"]
         click.echo(f"Cllr {c['cllr']:.4f}, minCllr {c['min_cllr']:.4f} (llr = {c['slope']:.4g} s {c['offset']:+.4g} "
@@ -245,6 +246,12 @@ def _echo_carried(c: dict) -> None:
     click.echo(f"Threshold {c['threshold']:.6g} ({c['score']}) from FAR {c['target_far']:g} on {c['source']} "
                f"(FAR {c['source_far']:.4g} there): {rate('far')}, {rate('frr')} here; FAR <= {c['target_far']:g} "
                f"{'holds' if c['claim_holds'] else 'does not hold'}")  # fmt: skip
+
+
+def _echo_not_measurable(m: dict) -> None:
+    """The levels of TAR at FAR that the different-person pairs cannot show (null in metrics.json), and why."""
+    if m.get("not_measurable"):
+        click.echo(m["not_measurable"])
 
 
 def _larger_than_memory(store: Path, options: dict) -> bool:
@@ -272,6 +279,7 @@ def _score_rows(cfg) -> None:
 
         m = json.loads(metrics.read_text())
         click.echo(f"AUC {m['auc']:.6f} (binning bound {m['auc_error_bound']:.1e}) over {done}")
+        _echo_not_measurable(m)
     else:
         click.echo(f"rows {info['rows'][0]}:{info['rows'][1]}: {done}")
 
@@ -304,6 +312,7 @@ def merge(**options) -> None:
             f"AUC {m['auc']:.6f} (binning bound {m['auc_error_bound']:.1e}) over {m['n_pairs']} pairs "
             f"({m['n_positive']} same) from {info['parts']} parts -> {out}"
         )
+        _echo_not_measurable(m)
     else:
         click.echo(f"rows {info['ranges']} of {info['store_n']}: {info['n_pairs']} pairs (partial) -> {out}")
 
