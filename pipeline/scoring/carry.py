@@ -184,10 +184,10 @@ def _rates(counts: tuple, jack: tuple, n_neg: int, n_pos: int) -> dict:
         if rate is None:
             out[f"{name}_bounds"] = [lo / n, hi / n]
     out["exact"] = out["far"] is not None and out["frr"] is not None
+    both = f" and the delete-a-group jackknife over {GROUPS} identity groups (rate + z se), the larger counting"
     out["bound_method"] = (
         f"one-sided {stats.LEVEL:.0%} upper bounds: Clopper-Pearson over the pairs"
-        + ("" if jack[0] is None else f" and the delete-a-group jackknife over {GROUPS} identity groups (rate + z se)")
-        + ", the larger counting"
+        + ("" if jack[0] is None else both)
         + ("" if out["exact"] else "; a rate only bounded by the bins is bounded at its most")
     )
     return out
