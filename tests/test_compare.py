@@ -113,8 +113,8 @@ def test_normal_p():
 
 
 def test_all_pairs_jackknife_equals_brute_force(tmp_path):
-    n, d = 200, 8
-    pa, x, labels = random_store(tmp_path / "a.h5", n, d, n_ids=50, seed=11, signal=1.0)
+    n, d = 600, 8
+    pa, x, labels = random_store(tmp_path / "a.h5", n, d, n_ids=150, seed=11, signal=1.0)
     rng = np.random.default_rng(12)
     x2 = (x + 0.6 * rng.standard_normal(x.shape)).astype(np.float32)  # another system: the same images, noisier
     pb = write_store(tmp_path / "b.h5", x2, labels)
@@ -128,8 +128,9 @@ def test_all_pairs_jackknife_equals_brute_force(tmp_path):
     sa, sb = similarities(x, "cosine")[iu], similarities(x2, "l2")[iu]
     g = identity_groups(labels)
     gi, gj = g[iu[0]], g[iu[1]]
-    fars = [f for f in (1e-4, 1e-3) if c["tar_at_far"][f"{f:g}"]["ci95"] is not None]
-    assert fars == [1e-4, 1e-3]  # the exact tail reaches these in every replicate
+    fars = [f for f in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1) if c["tar_at_far"][f"{f:g}"]["ci95"] is not None]
+    assert fars == [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    tail = {"1e-05", "0.0001", "0.001"}  # the exact tail reaches these in every replicate; beyond, the coarse bins
     full = {k: metric_values(y, sb, fars)[k] - v for k, v in metric_values(y, sa, fars).items()}
     reps = []
     for grp in range(GROUPS):
@@ -140,10 +141,13 @@ def test_all_pairs_jackknife_equals_brute_force(tmp_path):
         e = c[key] if key in ("auc", "eer") else c["tar_at_far"][key]
         r = np.array([rep[key] for rep in reps])
         se = math.sqrt((GROUPS - 1) / GROUPS * ((r - r.mean()) ** 2).sum())
-        exact = key not in ("auc", "eer")  # TAR from the exact tail; AUC and EER replicates from 1024 coarse bins
-        assert e["difference"] == pytest.approx(full[key], abs=1e-12 if exact else 3e-4), key
-        assert e["se"] == pytest.approx(se, rel=1e-9 if exact else 0.01 if key == "auc" else 0.05), key
-        assert se > 0.005 or key == "0.0001", key
+        exact = key in tail  # TAR from the exact tail; AUC, EER and the other TARs' replicates from 1024 coarse bins
+        assert e["difference"] == pytest.approx(full[key], abs=1e-12 if exact or key[0] == "0" else 3e-4), key
+        # coarse: AUC within 1%, EER within 5%; TAR beyond the tail within 15% (this store's 176 pairs a coarse bin;
+        # 1% on the 6.9 M pairs of LFWPeople test, docs/scoring.md)
+        rel = 1e-9 if exact else {"auc": 0.01, "eer": 0.05}.get(key, 0.15)
+        assert e["se"] == pytest.approx(se, rel=rel), key
+        assert se > 0.001, key
         lo, hi = e["ci95"]
         assert (lo + hi) / 2 == pytest.approx(e["difference"], abs=1e-12)
         assert (hi - lo) / 2 == pytest.approx(Z95 * e["se"], rel=1e-12)
@@ -234,6 +238,11 @@ def test_listed_pairs_keep_their_scores_and_bootstrap_equals_brute_force(tmp_pat
     for e in [s["auc"], s["eer"], *(s["tar_at_far"][f"{f:g}"] for f in fars)]:
         assert e["difference"] == 0 and e["ci95"] == [0, 0] and e["p_value"] == 1
     assert s["delong"]["p_value"] == 1
+    # report compares the results of the same pairs it is given
+    code, text = cli("report", tmp_path / "ra", tmp_path / "rb", "--out", tmp_path / "report")
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert code == 0 and "## Paired comparisons" in table and "DeLong" in table and table in text
+    assert f"| AUC | {c['auc']['a']:.4f} | {c['auc']['b']:.4f} | {c['auc']['difference']:+.4f} |" in table
 
 
 def test_listed_pairs_of_other_pairs_are_refused(tmp_path):

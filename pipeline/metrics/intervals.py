@@ -102,11 +102,13 @@ def bootstrap_listed(values: np.ndarray, positive: np.ndarray, metric: str, far_
     }
 
 
-def group_replicates(acc, metrics: dict) -> tuple[list[int], list[float], list[float], dict[str, list]]:
+def group_replicates(acc, metrics: dict,
+                     coarse_tar: bool = False) -> tuple[list[int], list[float], list[float], dict[str, list]]:  # fmt: skip
     """The jackknife's replicates of an all-pairs result (`HistogramROC` with group counts): (groups, AUCs, EERs,
     TARs per FAR level) without every pair that touches each group, for the groups that leave pairs of both kinds
     (fewer identities than groups: the empty groups are no replicates). AUC and EER from the coarse counts, TAR at
-    FAR from the exact tail (None where a replicate's tail does not reach the level; no TARs without a tail)."""
+    FAR from the exact tail (None where a replicate's tail does not reach the level; no TARs without a tail); with
+    `coarse_tar`, the levels beyond the tail from the coarse counts (`coarse_tar_at`)."""
     all_c, pos_c = (c.reshape(GROUPS * GROUPS, COARSE).astype(np.float64) for c in acc.groups[:2])  # exact
     group_rows = np.asarray(acc.groups[2], dtype=np.int64)
     a, b = np.divmod(np.arange(GROUPS * GROUPS), GROUPS)
@@ -127,8 +129,20 @@ def group_replicates(acc, metrics: dict) -> tuple[list[int], list[float], list[f
         eers.append(equal_error_rate(np.r_[0.0, np.cumsum(neg) / q], np.r_[0.0, np.cumsum(pos) / p]))
         if tail is not None:
             for k, tar in zip(tars, tail.tar_without([float(k) for k in tars], keeps[g], q, p, complete), strict=True):
-                tars[k].append(tar)
+                tars[k].append(coarse_tar_at(pos, neg, float(k)) if tar is None and coarse_tar else tar)
     return groups, aucs, eers, tars
+
+
+def coarse_tar_at(pos: np.ndarray, neg: np.ndarray, far: float) -> float:
+    """TAR at FAR `far` from counts per bin ordered most similar first, the ROC taken as straight within a bin
+    (pairs of a bin spread evenly over it): for levels beyond the exact tail, where the coarse bins hold many
+    pairs each."""
+    tpr, fpr = np.r_[0.0, np.cumsum(pos)] / pos.sum(), np.r_[0.0, np.cumsum(neg)] / neg.sum()
+    k = int(np.searchsorted(fpr, far, side="right")) - 1  # the last point with FPR <= far
+    if k + 1 >= len(fpr):
+        return float(tpr[k])
+    step = fpr[k + 1] - fpr[k]
+    return float(tpr[k] + (far - fpr[k]) / step * (tpr[k + 1] - tpr[k]))
 
 
 def jackknife_all_pairs(acc, metrics: dict) -> dict:

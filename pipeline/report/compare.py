@@ -9,6 +9,7 @@ DeLong's test of the AUC beside it. Results of different pairs are refused."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from pipeline.metrics.intervals import COARSE, GROUPS, ROUNDS, group_replicates
 from pipeline.metrics.roc import HistogramROC
 from pipeline.report.read import title_of
 from pipeline.report.results import json_writer, read_json, write_files
+
+log = logging.getLogger(__name__)
 
 COMPARISON_FILE = "comparison.json"
 MODES = {"all-pairs": "all pairs", "pairs": "listed pairs", "scores": "a score file's pairs"}
@@ -103,8 +106,8 @@ def _levels(a: Scored, b: Scored) -> dict[str, tuple[float | None, float | None]
 
 
 def _jackknife(a: Scored, b: Scored) -> dict:
-    ga, *ra = group_replicates(a.acc, a.metrics)
-    gb, *rb = group_replicates(b.acc, b.metrics)
+    ga, *ra = group_replicates(a.acc, a.metrics, coarse_tar=True)
+    gb, *rb = group_replicates(b.acc, b.metrics, coarse_tar=True)
     if ga != gb:
         raise PipelineError(f"{a.folder} and {b.folder}: their identity groups leave different replicates")
     out = {k: paired.jackknife_difference(a.metrics[k], b.metrics[k], x, y)
@@ -119,7 +122,7 @@ def _jackknife(a: Scored, b: Scored) -> dict:
         f"paired delete-a-group jackknife over {GROUPS} groups of identities ({len(ga)} replicates): the difference "
         f"recomputed without each group in both results, se from the replicates of the difference, 95% interval "
         f"difference +- 1.96 se, p-value from the normal approximation; AUC and EER replicates from {COARSE} coarse "
-        f"bins, TAR at FAR from the exact tail"
+        f"bins, TAR at FAR from the exact tail (beyond it, from the coarse bins, the ROC straight within a bin)"
     )
     return out
 
@@ -171,8 +174,8 @@ def _p(v: float | None) -> str:
 def comparison_table(c: dict) -> str:
     """Markdown: one row per compared metric (A, B, B - A, 95% interval, p), DeLong's test and the method below."""
     rows = [("AUC", c["auc"]), ("EER", c["eer"])] + [(f"TAR at FAR {k}", e) for k, e in c["tar_at_far"].items()]
-    lines = [f"A: {c['a_label']} ({c['a']})", f"B: {c['b_label']} ({c['b']})",
-             f"{c['n_pairs']:,} pairs ({c['n_positive']:,} same): {MODES.get(c['mode'], c['mode'])}", "",
+    lines = [f"- A: {c['a_label']} ({c['a']})", f"- B: {c['b_label']} ({c['b']})",
+             f"- {c['n_pairs']:,} pairs ({c['n_positive']:,} same): {MODES.get(c['mode'], c['mode'])}", "",
              "| metric | A | B | B - A | 95% interval | p |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for name, e in rows:
         ci = "-" if e["ci95"] is None else f"[{_num(e['ci95'][0], True)}, {_num(e['ci95'][1], True)}]"
@@ -183,6 +186,38 @@ def comparison_table(c: dict) -> str:
         lines += ["", f"DeLong's test of AUC: B - A {_num(d['difference'], True)}, 95% interval "
                       f"[{_num(d['ci95'][0], True)}, {_num(d['ci95'][1], True)}], p {_p(d['p_value'])}"]  # fmt: skip
     return "\n".join([*lines, "", f"Method: {c['method']}.", ""])
+
+
+def report_comparisons(folders: list[Path], results: list[dict]) -> str:
+    """Markdown of `report`'s comparisons: among its results folders (`results`: their metrics) of the same pairs,
+    each against the first pretrained one (else the first); "" when there are none. Results that cannot be
+    compared (other pairs, folders of older versions) are left out."""
+    metrics = {Path(f): m for f, m in zip(folders, results, strict=True)}
+    sets: dict[tuple, list[Path]] = {}
+    for folder, m in metrics.items():
+        sets.setdefault((m.get("mode"), m.get("n_pairs"), m.get("n_positive")), []).append(folder)
+    parts = []
+    for members in (m for m in sets.values() if len(m) > 1):
+        comparable = []
+        for folder in members:
+            try:
+                s = read_scored(folder)
+            except PipelineError as e:
+                log.info("report: %s not compared: %s", folder, e)
+                continue
+            if _method(s) is None:  # a folder of an older version: neither identity groups nor per-pair scores
+                log.info("report: %s not compared: scored by an older version", folder)
+                continue
+            comparable.append(s)
+        if len(comparable) < 2:
+            continue
+        base = next((s for s in comparable if s.metrics.get("variant") == "pretrained"), comparable[0])
+        for other in (s for s in comparable if s is not base):
+            try:
+                parts.append(comparison_table(compare(base, other)))
+            except PipelineError as e:
+                log.info("report: %s and %s not compared: %s", base.folder, other.folder, e)
+    return "\n## Paired comparisons\n\n" + "\n".join(parts) if parts else ""
 
 
 def recognise_comparison_folder(path: Path) -> str | None:
@@ -227,5 +262,6 @@ __all__ = [
     "comparison_table",
     "read_scored",
     "recognise_comparison_folder",
+    "report_comparisons",
     "write_comparison",
 ]

@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline import outputs
 from pipeline.errors import PipelineError
 from pipeline.report import figures, identification
+from pipeline.report.compare import report_comparisons
 from pipeline.report.html import GENERATOR, write_page
 from pipeline.report.identification import Identifications
 from pipeline.report.read import (
@@ -193,7 +194,10 @@ def report(
     the identification table below the study's (one row per identification result), out/cmc.png and out/iet.png
     hold the CMC and the identification error tradeoff of all identification results, and report.html has their
     table, figures, distractor curves and descriptions. A report of identification results only has no ROC:
-    table.md is the identification table alone, and cmc.png and iet.png are its figures (no roc.png)."""
+    table.md is the identification table alone, and cmc.png and iet.png are its figures (no roc.png).
+
+    Results of the same pairs are compared (`pipeline.report.compare.report_comparisons`: each against the first
+    pretrained one): table.md ends with their paired differences, intervals and p-values."""
     if not folders:
         raise PipelineError("report needs at least one results folder")
     out = Path(out)
@@ -212,7 +216,7 @@ def report(
 
     check()
     out.mkdir(parents=True, exist_ok=True)
-    table = report_table(results, ident)
+    table = report_table(results, ident) + report_comparisons(verification, results)
     title = "ROC of " + ", ".join(sorted({protocol_name(m) for m in results}))
     with outputs.output_lock(out / "table.md"):
         check()  # again under the lock: another run may have written them since
