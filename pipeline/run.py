@@ -34,6 +34,7 @@ from pipeline.finetune.recipes import RECIPES
 from pipeline.nets import models
 from pipeline.report.results import read_json
 from pipeline.report.tables import TRAINING_FILE, report
+from pipeline.runtime import log_memory
 from pipeline.scoring.stage import score_store
 from pipeline.store.layout import open_store
 
@@ -187,11 +188,14 @@ def _run(cfg: RunConfig, t: FinetuneConfig, out: Path) -> dict:
     checkpoint = finetune(t)
     if _mtime(checkpoint) != before:
         seconds["finetune"] = round(time.perf_counter() - t0, 1)
+    memory = {"finetune": log_memory("fine-tuning")}  # peaks so far, MiB (`cli.py bench memory`)
     stores = _test_stores(cfg, t, checkpoint, out)
     fresh = _embed(cfg, stores, t.train_blocks, seconds)
+    memory["embed"] = log_memory("embedding the test stores")
     results = _score_all(t, stores, fresh, out, seconds)
+    memory["score"] = log_memory("scoring")
     table, ckpt = _report(out, checkpoint)
-    summary = _summary(cfg, t, results, checkpoint, ckpt, seconds)
+    summary = {**_summary(cfg, t, results, checkpoint, ckpt, seconds), "peak_rss_mib": memory}
     outputs.check_replaceable(out / "summary.json", True, recognise_summary, "summary")
     outputs.replace_file(lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"), out / "summary.json")
     log.info(

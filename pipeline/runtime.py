@@ -1,10 +1,12 @@
-"""Device selection, mixed precision and seeding: the one place every stage gets them from."""
+"""Device selection, mixed precision, seeding and memory: the one place every stage gets them from."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import random
+import resource
 import signal
 import sys
 import threading
@@ -13,6 +15,23 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB (Linux gives KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def log_memory(stage: str, **held: int) -> float:
+    """Log the peak resident memory after `stage` and the bytes of what the stage holds (`held`: name -> bytes,
+    e.g. `images=bank.nbytes`); `cli.py bench memory` reads these lines. Returns the peak, MiB."""
+    peak = peak_rss_mib()
+    parts = "".join(f", {k} {v / 2**20:.0f} MiB" for k, v in held.items())
+    log.info("memory after %s: peak RSS %.0f MiB%s", stage, peak, parts)
+    return peak
 
 
 def keep_freed_memory() -> None:

@@ -39,6 +39,8 @@ def test_run_end_to_end_and_reuse(tiny_lfw, tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
+    peaks = summary["peak_rss_mib"]  # the peak so far after each step: it never falls
+    assert list(peaks) == ["finetune", "embed", "score"] and 0 < peaks["finetune"] <= peaks["embed"] <= peaks["score"]
     for protocol in ("pairs", "people"):
         assert set(summary[protocol]) == {"pretrained", "finetuned"}
         assert all(0 <= v <= 1 for v in summary[protocol].values())

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.faces import images, lfw
-from pipeline.runtime import autocast
+from pipeline.runtime import autocast, log_memory
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class Handover:
             t0 = time.perf_counter()
             cache = compute_features(frozen, bank, device, dtype, flip, "cache features")
             log.info("cached frozen features of %d images in %.1f s", len(bank), time.perf_counter() - t0)
+            log_memory("caching frozen features", features=cache.nbytes, images=bank.images.nbytes)
             return cache
 
         return self.get("features", (id(bank), fingerprint(frozen), dtype, flip), make)
@@ -84,6 +85,7 @@ class ImageBank:
             if bad:
                 raise PipelineError(bad[0])
             self.images[idx] = x
+        log_memory(f"decoding {len(self)} images", images=self.images.nbytes)
 
     def __len__(self) -> int:
         return len(self.images)

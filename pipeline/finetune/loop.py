@@ -33,7 +33,7 @@ from pipeline.finetune.hooks import RecipeHooks
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics, validation_rows
 from pipeline.nets import layers, models
 from pipeline.nets.split import split_model
-from pipeline.runtime import autocast
+from pipeline.runtime import autocast, log_memory
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,7 @@ class Trainer(RecipeHooks):
                         save_atomic({**best, "val_auc": auc}, self.best_path)
                 self.draw()  # before the checkpoint, which stays the last write of an epoch
                 self.save()
+                log_memory(f"epoch {self.epoch}")
                 self.check_stop()
         return self.finish()
 
