@@ -35,6 +35,7 @@ BENCHMARKS = {
     "scorefiles": "bench_scorefiles",
     "onnx-parity": "onnx_parity",
     "oracles": "bench_oracles",
+    "paired-jackknife": "paired_jackknife",
     "memory": "bench_memory",
 }
 """`cli.py bench NAME` -> the module `benchmarks.MODULE`, whose `command` it runs (as `python -m benchmarks.MODULE`)."""

@@ -57,9 +57,11 @@ def read_scored(folder: Path | str) -> Scored:
 
 
 def _method(s: Scored) -> str | None:
-    if "pair_scores" in s.acc.arrays:
-        return "bootstrap"
-    return "jackknife" if s.acc.groups is not None else None
+    """How `s` is compared: over identity groups where it counts them (pairs that share people are not
+    independent), else over its per-pair scores; None with neither."""
+    if s.acc.groups is not None:
+        return "jackknife"
+    return "bootstrap" if "pair_scores" in s.acc.arrays else None
 
 
 def check_same_pairs(a: Scored, b: Scored) -> str:
