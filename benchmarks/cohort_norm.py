@@ -97,7 +97,9 @@ def command(
     click.echo("| --- | --- | --- | --- | --- | --- |")
     for (name, k), ms in results.items():
         aucs, tars = [m["auc"] for m in ms], [m["tar_at_far"] for m in ms]
+        tar_text = [f"{t:.3f}" if t is not None else "not measurable" for t in tars]  # under 1,000 different pairs
+        mean_tar = "not measurable" if None in tars else f"{np.mean(tars):.3f}"
         click.echo(
-            f"| {name} | {k or '-'} | {' / '.join(f'{a:.4f}' for a in aucs)} | {' / '.join(f'{t:.3f}' for t in tars)}"
-            f" | {np.mean(aucs):.4f} | {np.mean(tars):.3f} |"
+            f"| {name} | {k or '-'} | {' / '.join(f'{a:.4f}' for a in aucs)} | {' / '.join(tar_text)}"
+            f" | {np.mean(aucs):.4f} | {mean_tar} |"
         )

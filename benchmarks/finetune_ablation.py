@@ -115,7 +115,7 @@ def command(data_root: Path, weights: str, model: str, variants, seed: int, extr
     for r in rows:
         click.echo(
             f"| {r['variant']} | {json.dumps(r['values'])} | {r['epochs']} | {r['best_epoch']} | {r['val_auc']:.4f} "
-            f"| {r['val_tar']:.4f} | {r['minutes']:.1f} |"
+            f"| {'not measurable' if r['val_tar'] is None else format(r['val_tar'], '.4f')} | {r['minutes']:.1f} |"
         )
 
 

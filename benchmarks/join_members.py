@@ -44,4 +44,5 @@ def command(data_root: Path, checkpoints: tuple[Path, ...]) -> None:
         click.echo(json.dumps(rows[-1]))
     click.echo("\n| networks | validation AUC | validation TAR@1e-3 |\n| --- | --- | --- |")
     for r in rows:
-        click.echo(f"| {' + '.join(r['networks'])} | {r['val_auc']:.4f} | {r[TAR_KEY]:.4f} |")
+        tar = "not measurable" if r[TAR_KEY] is None else f"{r[TAR_KEY]:.4f}"  # under 1,000 different-person pairs
+        click.echo(f"| {' + '.join(r['networks'])} | {r['val_auc']:.4f} | {tar} |")

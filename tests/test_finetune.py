@@ -296,7 +296,9 @@ def test_history_and_training_figure_survive_resume(tiny_lfw, tmp_path, monkeypa
         return [{k: r.get(k) for k in keys} for r in torch.load(path, weights_only=True)["history"]]
 
     assert curves(out) == curves(whole) and len(curves(out)) == 3
-    assert all(r["val_auc"] is not None and r["val_tar_at_far_0.001"] is not None for r in curves(out))
+    # TAR at FAR 1e-3 recorded, null where the validation images give under 1,000 different-person pairs
+    history = torch.load(out, weights_only=True)["history"]
+    assert all(r["val_auc"] is not None and "val_tar_at_far_0.001" in r for r in history)
     assert [r["phase"] for r in curves(out)] == [0, 1, 2]
     assert recognise_figure(tmp_path / "part.training.png", "training") is None
     log = [json.loads(line) for line in (tmp_path / "part.log").read_text().splitlines()]
