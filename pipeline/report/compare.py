@@ -19,6 +19,7 @@ import numpy as np
 from pipeline import outputs
 from pipeline.errors import PipelineError
 from pipeline.metrics import paired
+from pipeline.metrics.curve import measurable
 from pipeline.metrics.intervals import COARSE, GROUPS, ROUNDS, group_replicates
 from pipeline.metrics.roc import HistogramROC
 from pipeline.report.read import title_of
@@ -102,7 +103,7 @@ def _levels(a: Scored, b: Scored) -> dict[str, tuple[float | None, float | None]
     out = {}
     for k, va in a.metrics["tar_at_far"].items():
         vb = b.metrics["tar_at_far"].get(k)
-        shown = float(k) * n >= 1.0 - 1e-9
+        shown = measurable(float(k), n)
         out[k] = (va, vb) if shown and va is not None and vb is not None else (None, None)
     return out
 
