@@ -196,3 +196,38 @@ def test_ema_weights_are_validated_kept_and_resumed_exactly(tiny_lfw, tmp_path, 
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     assert [r.get("val_auc") for r in a["history"]] == [r.get("val_auc") for r in b["history"]]
+
+
+def test_feature_file_holds_the_bytes_of_the_memory_cache(tiny_lfw, tmp_path):
+    """The cache in a file (`FeatureFile`, unlinked at once: no file left beside --out) reads back the rows the
+    in-memory cache holds, bit for bit, for every variant pattern the trainer asks for."""
+    from pipeline.finetune import features
+
+    cfg = config(tiny_lfw, tmp_path / "t.pt", recipe="best", val_images=600, val_fraction=0.4)
+    trainer = ft.RECIPES["best"].trainer(cfg.resolved(), torch.device("cpu"))
+    args = (trainer.frozen, trainer.bank, torch.device("cpu"), "float16")
+    before = set(os.listdir(tmp_path))
+    for flip in (True, False):
+        memory = features.compute_features(*args, flip, "memory")
+        on_disk = features.compute_features(*args, flip, "file", tmp_path)
+        assert isinstance(on_disk, features.FeatureFile) and on_disk.nbytes == memory.nbytes
+        assert set(os.listdir(tmp_path)) == before  # nameless from the start
+        idx = torch.tensor([3, 0, 3, len(trainer.bank) - 1])
+        for mirror in (None, torch.tensor([True, False, False, True])):
+            want = features.cached_rows(memory, idx, mirror, flip, torch.device("cpu"))
+            got = features.cached_rows(on_disk, idx, mirror, flip, torch.device("cpu"))
+            assert got.shape == want.shape and torch.equal(got, want) and got.stride() == want.stride()
+
+
+def test_training_on_the_feature_file_equals_training_in_memory(tiny_lfw, tmp_path, monkeypatch):
+    """The best recipe trained on the file cache and on the in-memory cache: the same weights, bit for bit."""
+    from pipeline.finetune import features
+    from tests.test_finetune import weights
+
+    kw = dict(recipe="best", phase1_epochs=2, batch_size=4, val_images=600, val_fraction=0.4)
+    on_disk = ft.finetune(config(tiny_lfw, tmp_path / "disk.pt", **kw))
+    made = features._feature_cache
+    monkeypatch.setattr(features, "_feature_cache", lambda folder, *a: made(None, *a))  # the heap, as before
+    in_memory = ft.finetune(config(tiny_lfw, tmp_path / "memory.pt", **kw))
+    wa, wb = weights(on_disk), weights(in_memory)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

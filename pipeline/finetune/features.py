@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -60,14 +65,16 @@ class Handover:
         key = (str(proto.data_root), proto.image_set, tuple(proto.paths))
         return self.get("images", key, lambda: ImageBank(proto, workers))
 
-    def features(self, frozen: nn.Module, bank: ImageBank, device: torch.device, dtype: str, flip: bool):
-        """`compute_features` of `frozen` (the same weights) over `bank`."""
+    def features(self, frozen: nn.Module, bank: ImageBank, device: torch.device, dtype: str, flip: bool,
+                 folder: Path | None = None):  # fmt: skip
+        """`compute_features` of `frozen` (the same weights) over `bank` (in a `FeatureFile` in `folder`)."""
 
-        def make() -> torch.Tensor:
+        def make() -> torch.Tensor | FeatureFile:
             t0 = time.perf_counter()
-            cache = compute_features(frozen, bank, device, dtype, flip, "cache features")
+            cache = compute_features(frozen, bank, device, dtype, flip, "cache features", folder)
             log.info("cached frozen features of %d images in %.1f s", len(bank), time.perf_counter() - t0)
-            log_memory("caching frozen features", features=cache.nbytes, images=bank.images.nbytes)
+            where = "features_file" if isinstance(cache, FeatureFile) else "features"
+            log_memory("caching frozen features", **{where: cache.nbytes}, images=bank.images.nbytes)
             return cache
 
         return self.get("features", (id(bank), fingerprint(frozen), dtype, flip), make)
@@ -98,11 +105,65 @@ class ImageBank:
         return x.contiguous(memory_format=torch.channels_last)
 
 
+class FeatureFile:
+    """Cached features [N, V, *shape] (V variants: the image, its mirror) in a file instead of the heap: written row
+    by row, read row by row into one batch's tensor, so that the page cache, which the system may reclaim, holds
+    them rather than the process. The file is created beside `--out` and unlinked at once: nothing is left
+    whatever ends the run, and no name is taken. Rows hold the bytes the in-memory cache would hold (C order), so
+    what training reads is the same."""
+
+    def __init__(self, folder: Path, n: int, variants: int, shape: tuple[int, ...], dtype: torch.dtype):
+        self.n, self.variants, self.shape, self.dtype = n, variants, tuple(shape), dtype
+        self.row_bytes = math.prod(self.shape) * torch.empty(0, dtype=dtype).element_size()
+        fd, path = tempfile.mkstemp(prefix=".features.", suffix=".tmp", dir=folder)
+        os.unlink(path)  # open, nameless: removed by the system when closed, or when the process ends
+        self.fd = fd
+        try:
+            if hasattr(os, "posix_fallocate"):  # a full disk fails here, not in the middle of caching
+                os.posix_fallocate(fd, 0, self.nbytes)
+            else:
+                os.ftruncate(fd, self.nbytes)
+        except OSError:
+            os.close(fd)
+            raise
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * self.variants * self.row_bytes
+
+    def write(self, idx: torch.Tensor, variant: int, rows: torch.Tensor) -> None:
+        data = rows.contiguous().numpy().view(np.uint8).reshape(len(idx), -1)
+        for k, i in enumerate(idx.tolist()):
+            os.pwrite(self.fd, data[k], (i * self.variants + variant) * self.row_bytes)
+
+    def rows(self, idx: torch.Tensor, variant: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `idx` ([len(idx), *shape]) of variant `variant` (per row; None: 0), or of every variant
+        ([len(idx), V, *shape]) when the file has one variant per row and `variant` is None."""
+        per = 1 if variant is not None or self.variants == 1 else self.variants
+        out = torch.empty((len(idx), per * math.prod(self.shape)), dtype=self.dtype)
+        buf = out.numpy().view(np.uint8).reshape(len(idx), -1)
+        vs = [0] * len(idx) if variant is None else variant.tolist()
+        for k, (i, v) in enumerate(zip(idx.tolist(), vs, strict=True)):
+            if os.preadv(self.fd, [buf[k]], (i * self.variants + v) * self.row_bytes) != len(buf[k]):
+                raise PipelineError("the feature cache file ended early (removed or truncated while training?)")
+        return out.reshape(len(idx), *((per,) if per > 1 else ()), *self.shape)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        self.close()
+
+
 @torch.no_grad()
 def compute_features(
-    module: nn.Module, bank: ImageBank, device: torch.device, dtype: str, flip: bool, desc: str
-) -> torch.Tensor:
-    """`module` (in eval mode) over every image of the bank, once: [N, ...] (or [N, 2, ...] with flips)."""
+    module: nn.Module, bank: ImageBank, device: torch.device, dtype: str, flip: bool, desc: str,
+    folder: Path | None = None,
+) -> torch.Tensor | FeatureFile:  # fmt: skip
+    """`module` (in eval mode) over every image of the bank, once: [N, ...] (or [N, 2, ...] with flips), in a
+    `FeatureFile` in `folder` when one is given (in memory where that file cannot be made)."""
     module.eval()
     out = None
     variants = (False, True) if flip else (False,)
@@ -115,17 +176,34 @@ def compute_features(
             with autocast(device):
                 y = module(x).to("cpu", getattr(torch, dtype))
             if out is None:
-                out = torch.empty((len(bank), len(variants), *y.shape[1:]), dtype=y.dtype)
-            out[idx, v] = y
-    return out if flip else out[:, 0]
+                out = _feature_cache(folder, len(bank), len(variants), tuple(y.shape[1:]), y.dtype)
+            if isinstance(out, FeatureFile):
+                out.write(idx, v, y)
+            else:
+                out[idx, v] = y
+    return out if flip or isinstance(out, FeatureFile) else out[:, 0]
+
+
+def _feature_cache(folder: Path | None, n: int, variants: int, shape: tuple[int, ...], dtype: torch.dtype):
+    if folder is not None:
+        try:
+            return FeatureFile(folder, n, variants, shape, dtype)
+        except OSError as e:
+            log.warning("cannot keep the feature cache in a file in %s (%s): keeping it in memory", folder, e)
+    return torch.empty((n, variants, *shape), dtype=dtype)
 
 
 def cached_rows(
-    cache: torch.Tensor, idx: torch.Tensor, flip: torch.Tensor | None, flipped: bool, device: torch.device
-) -> torch.Tensor:
+    cache: torch.Tensor | FeatureFile, idx: torch.Tensor, flip: torch.Tensor | None, flipped: bool,
+    device: torch.device,
+) -> torch.Tensor:  # fmt: skip
     """Cached features of bank rows `idx` on `device` in float32 (the mirrored variant where `flip`, when
     the cache holds both: `flipped`)."""
-    if flipped:
+    if isinstance(cache, FeatureFile):
+        x = cache.rows(
+            idx, (flip.long() if flip is not None else torch.zeros(len(idx), dtype=torch.long)) if flipped else None
+        )
+    elif flipped:
         x = cache[idx, flip.long() if flip is not None else 0]
     else:
         x = cache[idx]

@@ -28,7 +28,7 @@ from pipeline.finetune.checkpoint import (
     write_training_figure,
 )
 from pipeline.finetune.config import FinetuneConfig, TrainingInterrupted
-from pipeline.finetune.features import Handover, ImageBank, cached_rows, random_shift, set_phase
+from pipeline.finetune.features import FeatureFile, Handover, ImageBank, cached_rows, random_shift, set_phase
 from pipeline.finetune.hooks import RecipeHooks
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics, validation_rows
 from pipeline.nets import layers, models
@@ -72,7 +72,7 @@ class Trainer(RecipeHooks):
         """The epoch the training figure was last drawn at."""
         self.flag = {"stop": False}
         self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-        self.cache: torch.Tensor | None = None
+        self.cache: torch.Tensor | FeatureFile | None = None
         self.optimizer: torch.optim.Optimizer
         self.bank: ImageBank
         self.val_rows, self.val_labels = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
@@ -124,7 +124,9 @@ class Trainer(RecipeHooks):
         """Train modes and gradients of `phase`; phase 1 computes the frozen part's features once (cache)."""
         set_phase(self.model, self.frozen, phase)
         if phase == 1 and self.cfg.cache_features and self.cache is None:
-            self.cache = self.shared.features(self.frozen, self.bank, self.device, self.cfg.cache_dtype, self.flips)
+            # in a file beside --out, not the heap (`FeatureFile`): the same bytes, a fraction of the memory
+            self.cache = self.shared.features(self.frozen, self.bank, self.device, self.cfg.cache_dtype, self.flips,
+                                              self.out.parent)  # fmt: skip
             self.frozen.eval()
         if phase == 2:
             self.cache = None
