@@ -101,16 +101,22 @@ def embed(ctx: click.Context, config_file: Path | None, **options) -> None:
     """Embed every image of a face set (LFW protocol split, folder tree, .bin) once into an HDF5 store.
 
     With a finetune checkpoint that holds a cohort (--cohort-top), the store also gets each image's score offset
-    (/score_offsets), which `score` subtracts from the cosines (cohort score normalisation)."""
+    (/score_offsets), which `score` subtracts from the cosines (cohort score normalisation). With a fine-tuned
+    checkpoint, an LFW set that holds its training people (View 2: --protocol 10fold) is embedded with a warning
+    that says how many."""
     from pipeline.embedding.embed import EmbedConfig
     from pipeline.embedding.embed import embed as run_embed
+    from pipeline.finetune.overlap import warn_training_overlap
     from pipeline.nets.models import embed_network_options
     from pipeline.runtime import sigterm_as_interrupt
 
     values = stage_kwargs(ctx, options, config_file, EmbedConfig)
     values.update(embed_network_options(values["model"], values["weights"], values["layer"], values["input_size"]))
+    cfg = EmbedConfig(**values)
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 warns
+        warn_training_overlap(cfg)
     with sigterm_as_interrupt():
-        path = run_embed(EmbedConfig(**values))
+        path = run_embed(cfg)
     click.echo(str(path))
 
 

@@ -22,7 +22,9 @@ name), `loop` (the one training loop, `Trainer`), `hooks` (what a recipe answers
 `checkpoint` (the files a run writes, RNG states, signals), `features` (image bank, feature cache), `validation`
 (held-out people, AUC), `averaging` (the optional moving average of the trained weights), `ensemble` (several
 members of one recipe and the checkpoint that joins them), `joined` (their joined embedding), `cohort` (the
-cohort a checkpoint keeps). Splitting a backbone into a frozen part and a tail: `pipeline.nets.split`.
+cohort a checkpoint keeps), `split` (the images each recipe trains and validates on), `overlap` (`embed`'s warning
+where a face set holds a checkpoint's training people). Splitting a backbone into a frozen part and a tail:
+`pipeline.nets.split`.
 """
 
 from __future__ import annotations

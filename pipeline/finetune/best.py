@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ from pipeline.finetune.features import Handover
 from pipeline.finetune.loop import Trainer
 from pipeline.finetune.losses import LOSSES
 from pipeline.finetune.recipes import KNOBS_OFF, Recipe, register
-from pipeline.finetune.validation import random_people
+from pipeline.finetune.split import TrainingSplit, training_split
+from pipeline.finetune.validation import random_people, validation_rows
 from pipeline.nets import models
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,22 @@ def cosine_lr(step: int, total: int, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
+def best_split(faces: Mapping[str, lfw.FaceSet], cfg: FinetuneConfig) -> TrainingSplit:
+    """The best recipe's images: a random `val_fraction` of peopleDevTrain's people held out (seeded by
+    `split_seed`, else `seed`), up to `val_images` of their images for validation; the other people's images train
+    (those with two or more images only, for a per-identity loss without `singletons`), the first `max_pairs`."""
+    people = faces["people"]
+    seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    held = random_people(len(people.identities), cfg.val_fraction, seed)
+    train = ~np.isin(people.labels, held)
+    if LOSSES[cfg.loss].per_identity and not cfg.singletons:  # pairs need two images of a person
+        train &= np.bincount(people.labels)[people.labels] >= 2
+    train_rows = np.flatnonzero(train)[: cfg.max_pairs]
+    validation = people.subset(validation_rows(people.labels, held, cfg.val_images))
+    source = f"{len(held):,} of peopleDevTrain's {len(people.identities):,} people held out by split seed {seed}"
+    return TrainingSplit(people.subset(train_rows), validation, held, source)
+
+
 class BestTrainer(Trainer):
     """The project's recipe: identities of peopleDevTrain, a cosine pair loss (or CosFace) on the penultimate
     features, flips, cosine learning rate, the last `train_blocks` blocks trained on cached early features."""
@@ -52,23 +70,16 @@ class BestTrainer(Trainer):
     def __init__(self, cfg: FinetuneConfig, device: torch.device, shared: Handover | None = None):
         super().__init__(cfg, device, shared)
         self.flips = cfg.flip
-        people = lfw.load_protocol(cfg.data_root, cfg.image_set, "people", "train")
-        held = random_people(
-            len(people.identities), cfg.val_fraction, cfg.seed if cfg.split_seed is None else cfg.split_seed
-        )
-        train = ~np.isin(people.labels, held)
-        loss = LOSSES[cfg.loss]
-        if loss.per_identity and not cfg.singletons:  # pairs need two images of a person
-            train &= np.bincount(people.labels)[people.labels] >= 2
-        train_rows = np.flatnonzero(train)[: cfg.max_pairs]
-        self.load_images(people.subset(train_rows), people, held)
-        classes, labels = np.unique(people.labels[train_rows], return_inverse=True)
+        split = training_split(cfg)
+        self.load_images(split)
+        classes, labels = np.unique(split.train.labels, return_inverse=True)
         self.train_labels = torch.as_tensor(labels, dtype=torch.int64)
         by_person = torch.as_tensor(labels).argsort(stable=True).split(np.bincount(labels).tolist())
         self.groups = [g for g in by_person if len(g) >= 2]
         self.singles = torch.cat([g for g in by_person if len(g) == 1] or [torch.zeros(0, dtype=torch.int64)])
         """With `singletons`: images of people with one image, added to the batches as different-person pairs."""
-        self.n_train = len(train_rows)
+        self.n_train = len(split.train)
+        loss = LOSSES[cfg.loss]
         b = models.backbone(cfg.model)
         dim = b.penultimate_dim if cfg.layer == "penultimate" else b.output_dim
         self.head = loss.from_config(cfg, dim=dim, n_classes=len(classes)).to(device)
@@ -79,7 +90,7 @@ class BestTrainer(Trainer):
             self.n_train,
             len(classes),
             len(self.val_rows),
-            len(held),
+            len(split.held),
         )
 
     def batches(self, epoch: int) -> list[torch.Tensor]:
@@ -129,6 +140,8 @@ BEST = register(
         name="best",
         trainer=BestTrainer,
         summary="the project's recipe (docs/finetuning.md)",
+        protocols=("people",),
+        split=best_split,
         preset=dict(
             KNOBS_OFF,
             batch_size=128,

@@ -30,7 +30,8 @@ from pipeline.finetune.checkpoint import (
 from pipeline.finetune.config import FinetuneConfig, TrainingInterrupted
 from pipeline.finetune.features import FeatureFile, Handover, ImageBank, cached_rows, random_shift, set_phase
 from pipeline.finetune.hooks import RecipeHooks
-from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics, validation_rows
+from pipeline.finetune.split import TrainingSplit
+from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics
 from pipeline.nets import layers, models
 from pipeline.nets.split import split_model
 from pipeline.runtime import autocast, log_memory
@@ -81,9 +82,9 @@ class Trainer(RecipeHooks):
         self.average = WeightAverage(cfg.ema or 0.0)
 
     # ---- what recipes build on
-    def load_images(self, train: lfw.FaceSet, people: lfw.FaceSet, held: np.ndarray) -> None:
-        """Decode the training images, then up to `val_images` images of the `held` people (validation)."""
-        val = people.subset(validation_rows(people.labels, held, self.cfg.val_images))
+    def load_images(self, split: TrainingSplit) -> None:
+        """Decode the training images, then the validation images, of the recipe's `split`."""
+        train, val = split.train, split.validation
         paths, labels = train.paths + val.paths, np.concatenate([train.labels, val.labels])
         proto = lfw.FaceSet(train.data_root, train.image_set, train.protocol, train.split, paths, labels, [])
         self.bank = self.shared.bank(proto, self.cfg.workers)

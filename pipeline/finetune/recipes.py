@@ -1,11 +1,12 @@
-"""The recipes of `finetune`, one entry each in `RECIPES`: the trainer (the loop's hooks), the values of the
-options it leaves to the recipe (its preset), the losses it trains with and the test-time scales `run` embeds
-its networks with. Each recipe's module registers its entry (`pipeline.finetune.study`, `pipeline.finetune.best`);
-the package imports them all, so `RECIPES` is complete once `pipeline.finetune` is imported."""
+"""The recipes of `finetune`, one entry each in `RECIPES`: the trainer (the loop's hooks), the images it trains
+and validates on (its split, `pipeline.finetune.split`), the values of the options it leaves to the recipe (its
+preset), the losses it trains with and the test-time scales `run` embeds its networks with. Each recipe's module
+registers its entry (`pipeline.finetune.study`, `pipeline.finetune.best`); the package imports them all, so
+`RECIPES` is complete once `pipeline.finetune` is imported."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,11 @@ class Recipe:
     """The `pipeline.finetune.loop.Trainer` subclass whose hooks make the recipe."""
     summary: str
     """One line for `--help`."""
+    protocols: tuple[str, ...]
+    """The View 1 training files it reads (`people`: peopleDevTrain, `pairs`: pairsDevTrain)."""
+    split: Callable[..., Any]
+    """(faces, cfg) -> `pipeline.finetune.split.TrainingSplit`: its training, validation and cohort images, a pure
+    function of the training face sets of `protocols` (protocol -> `FaceSet`) and the resolved configuration."""
     preset: Mapping[str, Any]
     """Values of the `FinetuneConfig` fields the user leaves unset (None)."""
     model_presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)

@@ -6,6 +6,7 @@ the whole network."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -16,7 +17,8 @@ from pipeline.finetune.features import Handover
 from pipeline.finetune.loop import Trainer
 from pipeline.finetune.losses import LOSSES
 from pipeline.finetune.recipes import KNOBS_OFF, Recipe, register
-from pipeline.finetune.validation import unpaired_people
+from pipeline.finetune.split import TrainingSplit, training_split
+from pipeline.finetune.validation import unpaired_people, validation_rows
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,17 @@ def study_pairs(proto: lfw.FaceSet, max_pairs: int | None) -> lfw.FaceSet:
     return proto.select_pairs(np.concatenate([same, diff]))
 
 
+def study_split(faces: Mapping[str, lfw.FaceSet], cfg: FinetuneConfig) -> TrainingSplit:
+    """The study recipe's images: those of the pairsDevTrain pairs it trains on (`study_pairs`); validation: up to
+    `val_images` images of the peopleDevTrain people that appear in no pairsDevTrain pair (the study trains on all
+    pairs). No seed enters: every run holds out the same people."""
+    people, all_pairs = faces["people"], faces["pairs"]
+    held = unpaired_people(people, all_pairs)
+    validation = people.subset(validation_rows(people.labels, held, cfg.val_images))
+    source = "the pairs of pairsDevTrain; held out: the peopleDevTrain people in no pair"
+    return TrainingSplit(study_pairs(all_pairs, cfg.max_pairs), validation, held, source)
+
+
 class StudyTrainer(Trainer):
     """The study's Siamese recipe on pairsDevTrain."""
 
@@ -37,11 +50,9 @@ class StudyTrainer(Trainer):
 
     def __init__(self, cfg: FinetuneConfig, device: torch.device, shared: Handover | None = None):
         super().__init__(cfg, device, shared)
-        all_pairs = lfw.load_protocol(cfg.data_root, cfg.image_set, "pairs", "train")
-        pairs = study_pairs(all_pairs, cfg.max_pairs)
-        people = lfw.load_protocol(cfg.data_root, cfg.image_set, "people", "train")
-        # Validation: training people that appear in no pairsDevTrain pair (the study trains on all pairs).
-        self.load_images(pairs, people, unpaired_people(people, all_pairs))
+        split = training_split(cfg)
+        self.load_images(split)
+        pairs = split.train
         self.pairs = torch.as_tensor(pairs.pairs)
         self.different = torch.as_tensor(1 - pairs.pair_labels.astype(np.int64))
         self.loss = LOSSES[cfg.loss].from_config(cfg).to(device)
@@ -81,6 +92,8 @@ STUDY = register(
         name="study",
         trainer=StudyTrainer,
         summary="the study's Siamese recipe",
+        protocols=("pairs", "people"),
+        split=study_split,
         # The study's values (AlexNet's; VGG-16 below); other models take AlexNet's.
         preset=dict(
             KNOBS_OFF,
