@@ -51,7 +51,9 @@ def test_run_end_to_end_and_reuse(tiny_lfw, tmp_path):
     people = json.loads((out / "results" / "finetuned-people" / "metrics.json").read_text())
     assert people["n_pairs"] == 10 * 9 // 2  # all pairs of the 10 test images
     table = (out / "table.md").read_text()
-    assert "improvement" in table and table.count("\n") == 3
+    study, _, paired = table.partition("\n## Paired comparisons\n")
+    assert "improvement" in study and study.count("\n") == 3
+    assert paired.count("| AUC |") == 2  # each protocol's fine-tuned result against its pretrained one
     assert (out / "roc.png").is_file() and (out / "finetune" / "model.log").is_file()
 
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.h5")}
