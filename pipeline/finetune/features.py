@@ -144,7 +144,7 @@ class FeatureFile:
         buf = out.numpy().view(np.uint8).reshape(len(idx), -1)
         vs = [0] * len(idx) if variant is None else variant.tolist()
         for k, (i, v) in enumerate(zip(idx.tolist(), vs, strict=True)):
-            if os.preadv(self.fd, [buf[k]], (i * self.variants + v) * self.row_bytes) != len(buf[k]):
+            if _read_into(self.fd, buf[k], (i * self.variants + v) * self.row_bytes) != len(buf[k]):
                 raise PipelineError("the feature cache file ended early (removed or truncated while training?)")
         return out.reshape(len(idx), *((per,) if per > 1 else ()), *self.shape)
 
@@ -155,6 +155,15 @@ class FeatureFile:
 
     def __del__(self):
         self.close()
+
+
+def _read_into(fd: int, buf: np.ndarray, offset: int) -> int:
+    """Read len(buf) bytes at `offset` into `buf` (preadv where there is one: Linux, the BSDs; else seek and readv:
+    macOS)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buf], offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.readv(fd, [buf])
 
 
 @torch.no_grad()
