@@ -4,6 +4,7 @@ registries that the CLI and the configs read."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 
 from cli import main
 from pipeline import finetune as ft
-from pipeline.finetune.recipes import RECIPES, Recipe
+from pipeline.finetune.recipes import RECIPES
 
 
 @pytest.fixture
@@ -109,7 +110,7 @@ def test_help_lists_the_fields_without_options_and_the_recipes():
 def test_a_recipe_is_one_registry_entry(tmp_path, captured, monkeypatch):
     """A registered recipe is a `--recipe` choice, resolves to its preset and builds its trainer."""
     best = RECIPES["best"]
-    tiny = Recipe("tiny", best.trainer, "a test recipe", {**best.preset, "lr": 0.25}, losses=best.losses)
+    tiny = dataclasses.replace(best, name="tiny", summary="a test recipe", preset={**best.preset, "lr": 0.25})
     monkeypatch.setitem(RECIPES, "tiny", tiny)
     res = invoke("finetune", "--out", tmp_path / "m.pt", "--recipe", "tiny")
     assert res.exit_code == 0, res.output
