@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from cli import main
 from pipeline.errors import PipelineError
 from pipeline.metrics.roc import HistogramROC
-from pipeline.report import figures
+from pipeline.report import figures, training
 from pipeline.report.read import read_result
 from pipeline.report.results import RESULT_FILES, recognise_results_folder
 from pipeline.report.tables import report, study_table
@@ -153,9 +153,9 @@ def test_training_figure_marks_the_phases(tmp_path):
         {"epoch": 1, "phase": 1, "loss": 0.7, "val_auc": 0.72, "val_tar_at_far_0.001": 0.02},
         {"epoch": 2, "phase": 2, "loss": 0.6, "val_auc": 0.75, "val_tar_at_far_0.001": None},
     ]
-    assert figures.phase_boundary(history) == 1 and figures.phase_boundary(history[:2]) is None
-    figures.draw_training(history, tmp_path / "t.png", "t", best_epoch=2)
-    figures.draw_training([], tmp_path / "empty.png", "nothing yet")
+    assert training.phase_boundary(history) == 1 and training.phase_boundary(history[:2]) is None
+    training.draw_training(history, tmp_path / "t.png", "t", best_epoch=2)
+    training.draw_training([], tmp_path / "empty.png", "nothing yet")
     assert figures.recognise_figure(tmp_path / "t.png", "training") is None
     assert figures.recognise_figure(tmp_path / "empty.png", "training") is None
 
@@ -249,7 +249,7 @@ def _fake_run_folder(tmp_path, with_figure: bool):
     summary = {"pairs": {}, "people": {}, "recipe": "study", "finetune": {"config": {"model": "m"}, "history": history}}
     (run / "summary.json").write_text(json.dumps(summary))
     if with_figure:
-        figures.draw_training(history, run / "training.png", "a run")
+        training.draw_training(history, run / "training.png", "a run")
     return run
 
 

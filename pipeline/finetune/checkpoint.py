@@ -20,7 +20,7 @@ import torch
 from pipeline import outputs
 from pipeline.errors import PipelineError
 from pipeline.finetune.config import FinetuneConfig
-from pipeline.report import figures
+from pipeline.report import figures, training
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def load_checkpoint(path: Path, cfg: FinetuneConfig) -> dict:
 def side_files(out: Path) -> tuple[Path, Path, Path]:
     """(validation log, best-epoch checkpoint, training figure) written beside the checkpoint `out`:
     NAME.log, NAME.best.pt, NAME.training.png."""
-    return out.with_suffix(".log"), out.with_name(out.stem + ".best.pt"), figures.training_figure_path(out)
+    return out.with_suffix(".log"), out.with_name(out.stem + ".best.pt"), training.training_figure_path(out)
 
 
 def append_log(path: Path, record: dict) -> None:
@@ -154,8 +154,8 @@ def recognise_training_figure(path: Path) -> str | None:
 
 def write_training_figure(path: Path, history: list[dict], config: dict, best_epoch: int | None = None) -> None:
     """Draw the training curves of `history` into `path` (atomically: temporary file, then rename)."""
-    title = figures.training_title(config)
-    outputs.replace_file(lambda p: figures.draw_training(history, p, title, best_epoch), Path(path))
+    title = training.training_title(config)
+    outputs.replace_file(lambda p: training.draw_training(history, p, title, best_epoch), Path(path))
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Every figure the tool draws, in one place: ROC, DET and score distributions of a result (`score`, `merge`,
-`report`), CMC and identification error tradeoff of an identification result (`identify`, `report`), and the
-training curves of `finetune` and `run`. Each is a PNG written by matplotlib (Agg) with a `Description` text
+`report`), CMC and identification error tradeoff of an identification result (`identify`, `report`), the
+calibration's reliability; the training curves of `finetune` and `run` are in `pipeline.report.training`. Each is a PNG written by matplotlib (Agg) with a `Description` text
 chunk naming this tool and the kind of figure, so a later run can tell its own figures from a user's
 (`recognise_figure`). A target is a path or a binary file object (the HTML report renders to memory).
 """
@@ -25,7 +25,7 @@ Curve = tuple[np.ndarray, np.ndarray, str]
 """(false positive rate, true positive rate, legend label), ROC points ordered most similar first."""
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +36,7 @@ def _pyplot():
 
 def save(fig, target, kind: str) -> None:
     """Write `fig` as a PNG marked as this tool's figure of `kind`, and free it."""
-    plt = _pyplot()
+    plt = pyplot()
     try:
         fig.savefig(target, dpi=DPI, format="png", metadata={"Description": f"{MARK} {kind}"})
     finally:
@@ -66,7 +66,7 @@ def recognise_figure(path: Path | str, kind: str | None = None, legacy: bool = F
 
 def draw_roc(curves: Sequence[Curve], target, title: str, log_fpr: bool = False) -> None:
     """The study's ROC figure: TPR over FPR, chance diagonal, one legend entry per curve with its AUC."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5.5))
     for fpr, tpr, label in curves:
         ax.plot(fpr, tpr, lw=1.5, label=label)
@@ -93,7 +93,7 @@ def draw_roc(curves: Sequence[Curve], target, title: str, log_fpr: bool = False)
 def draw_det(curves: Sequence[Curve], target, title: str) -> None:
     """Detection error trade-off (NIST style): false non-match rate (1 - TPR) over false match rate (FPR), both
     axes logarithmic, lower left is better; the dashed diagonal FMR = FNMR crosses each curve at its EER."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5.5))
     lo = 1.0
     for fpr, tpr, label in curves:
@@ -138,7 +138,7 @@ def draw_cmc(curves: Sequence[Curve], target, title: str) -> None:
     """Cumulative match characteristic of open-set searches: the identification rate (mated searches whose mate
     is within the top k) over the rank k = 1..R, rank 1 marked. Curves are (ranks, rates, legend label). The y
     axis starts at 0, or, when every rate is above 0.5, at a multiple of 0.05 just below the lowest."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 5.5))
@@ -171,7 +171,7 @@ def draw_iet(curves: Sequence[Curve], target, title: str) -> None:
     1e-3, 1e-2 and 1e-1. Curves are (FPIR, FNIR, legend label). Points with FPIR 0 have no place on the log axis
     and are dropped; FNIR 0 (no mate missed) is drawn on the bottom edge. FPIR runs from 1e-4 (or the decade
     below the smallest positive FPIR) to 1."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5.5))
     kept = []
     for fpir, fnir, label in curves:
@@ -251,7 +251,7 @@ def score_densities(acc: HistogramROC, n_bins: int = 120) -> tuple[np.ndarray, n
 def draw_scores(acc: HistogramROC, target, title: str, thresholds: dict[str, float], metrics: dict) -> None:
     """Same-person and different-person score distributions (each density-normalised) from the result's two
     histograms, with the EER threshold and the threshold of TAR at FAR 1e-3 as vertical lines."""
-    plt = _pyplot()
+    plt = pyplot()
     grid, pos, neg, xlabel = score_densities(acc)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.stairs(neg, grid, fill=True, alpha=0.35, color="tab:red", label=f"different person (n = {acc.n_negative:,})")
@@ -290,7 +290,7 @@ def draw_calibration(groups: dict[str, np.ndarray], target, title: str, note: st
     observed same-person rate at equal priors over the predicted one (left), and the same in log-likelihood
     ratios (right, groups of one class left out); the diagonal is perfect calibration. `note`: the legend's
     text (the fit and its Cllr)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.8))
     size = 12 + 60 * np.sqrt(groups["pairs"] / max(float(groups["pairs"].max()), 1.0))
     left.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
@@ -315,95 +315,6 @@ def draw_calibration(groups: dict[str, np.ndarray], target, title: str, note: st
     save(fig, target, "calibration")
 
 
-# ---------------------------------------------------------------------------------------------------- training
-
-
-def phase_boundary(history: Sequence[dict]) -> float | None:
-    """The epoch at which phase 2 starts (the last phase-1 epoch), when the history has epochs of both."""
-    p1 = [r["epoch"] for r in history if r.get("phase") == 1]
-    p2 = [r["epoch"] for r in history if r.get("phase") == 2]
-    if p2:
-        return float(max(p1)) if p1 else float(min(p2) - 1)
-    return None
-
-
-def draw_training(history: Sequence[dict], target, title: str, best_epoch: int | None = None) -> None:
-    """Training curves per epoch: the training loss (top), validation AUC and validation TAR at FAR 1e-3
-    (bottom; epoch 0 is the network before training), the start of phase 2 and the kept epoch marked."""
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    # an ensemble's history (finetune --members): each member's records tagged with its number, then the ensemble's
-    members = sorted({r["member"] for r in history if isinstance(r.get("member"), int)})
-    series = [(f"member {k}", [r for r in history if r.get("member") == k]) for k in members] or [("", history)]
-    joined = [r for r in history if r.get("member") == "ensemble"]
-    styles = ("o-", "s--", "^:", "d-.")
-    trained = [r for r in history if r.get("loss") is not None]
-    for n, (name, records) in enumerate(series):
-        done = [r for r in records if r.get("loss") is not None]
-        style = styles[n % len(styles)]
-        top.plot([r["epoch"] for r in done], [r["loss"] for r in done], style, color="tab:purple", ms=3, label=name)
-    top.set_ylabel("training loss")
-    validated = False
-    for key, label, colour in (
-        ("val_auc", "validation AUC", "tab:blue"),
-        (f"val_tar_at_far_{VAL_FAR:g}", f"validation TAR at FAR {VAL_FAR:g}", "tab:green"),
-    ):
-        for n, (name, records) in enumerate(series):
-            pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
-            if pts:
-                style = styles[n % len(styles)]
-                bottom.plot(*zip(*pts, strict=True), style, ms=3, color=colour, label=f"{label} {name}".strip())
-                validated = True
-        pts = [(r["epoch"], r[key]) for r in joined if r.get(key) is not None]
-        if pts:
-            bottom.plot(*zip(*pts, strict=True), "*", ms=12, color=colour, label=f"{label}, ensemble")
-    if members:
-        top.legend(fontsize=8, loc="best")
-    bottom.set_ylabel("validation")
-    bottom.set_xlabel("epoch (0: before training)")
-    boundary = phase_boundary(history)
-    last = max((r["epoch"] for r in history), default=1)
-    for ax in (top, bottom):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlim(-0.3, max(last, 1) + 0.3)
-        if boundary is not None:
-            ax.axvline(boundary, color="grey", ls="--", lw=1, label="end of phase 1" if ax is bottom else None)
-        if best_epoch is not None:
-            ax.axvline(best_epoch, color="tab:orange", ls=":", lw=1.2, label="kept epoch" if ax is bottom else None)
-    if not trained:
-        top.text(0.5, 0.5, "no epoch trained yet", ha="center", va="center", transform=top.transAxes)
-    if not validated:
-        bottom.text(
-            0.5, 0.5, "not validated (no validation images)", ha="center", va="center", transform=bottom.transAxes
-        )
-    if bottom.get_legend_handles_labels()[0]:
-        bottom.legend(fontsize=8, loc="best")
-    top.set_title(title, fontsize=10)
-    fig.tight_layout()
-    save(fig, target, "training")
-
-
-def training_figure_path(checkpoint: Path | str) -> Path:
-    """The training figure `finetune` writes beside its checkpoint: NAME.pt -> NAME.training.png."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.stem + ".training.png")
-
-
-def training_title(config: dict) -> str:
-    """The title of a training figure from a checkpoint's config dict."""
-    title = f"{config.get('model', 'model')}, {config.get('recipe', '?')} recipe"
-    if config.get("phase1_epochs") is not None:
-        title += f", {config['phase1_epochs']} + {config.get('phase2_epochs', 0)} epochs"
-    if (config.get("members") or 1) > 1:
-        title += f", ensemble of {config['members']}"
-    if config.get("image_set"):
-        title += f" [{config['image_set']}]"
-    return title
-
-
 __all__ = [
     "IET_FPIR",
     "MARK",
@@ -413,12 +324,8 @@ __all__ = [
     "draw_iet",
     "draw_roc",
     "draw_scores",
-    "draw_training",
     "operating_thresholds",
-    "phase_boundary",
     "recognise_figure",
     "save",
     "score_densities",
-    "training_figure_path",
-    "training_title",
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline import outputs
 from pipeline.errors import PipelineError
-from pipeline.report import figures, identification
+from pipeline.report import figures, identification, training
 from pipeline.report.compare import report_comparisons
 from pipeline.report.html import GENERATOR, write_page
 from pipeline.report.identification import Identifications
@@ -104,14 +104,14 @@ def training_figures(runs: list[Path], results: list[dict]) -> list[tuple[str, b
     """(source, PNG) of the training figures behind the results, each once: per run folder its training.png,
     else its checkpoint's, else one drawn now from its summary.json's history (runs of older versions); per
     fine-tuned result the one of the run folder its store lies in, else the one beside its checkpoint."""
-    choices = [[run / TRAINING_FILE, figures.training_figure_path(run / "finetune" / "model.pt")] for run in runs]
+    choices = [[run / TRAINING_FILE, training.training_figure_path(run / "finetune" / "model.pt")] for run in runs]
     for m in results:
         weights = str(m.get("weights") or "")
         if weights in ("", "imagenet", "none"):
             continue
         store = Path(str(m.get("store") or ""))
         alternatives = [store.parent.parent / TRAINING_FILE] if store.parent.name == "embeddings" else []
-        choices.append([*alternatives, figures.training_figure_path(Path(weights))])
+        choices.append([*alternatives, training.training_figure_path(Path(weights))])
     found: dict[Path, tuple[str, bytes]] = {}
     for k, alternatives in enumerate(choices):
         path = next((p for p in alternatives if figures.recognise_figure(p, "training") is None), None)
@@ -130,7 +130,7 @@ def draw_run_history(run: Path) -> tuple[str, bytes] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     buf = io.BytesIO()
-    figures.draw_training(history, buf, figures.training_title(config), ft.get("best_epoch"))
+    training.draw_training(history, buf, training.training_title(config), ft.get("best_epoch"))
     return f"{run / 'summary.json'} (history drawn by report)", buf.getvalue()
 
 
