@@ -13,7 +13,7 @@ import click
 from benchmarks import BenchmarkGroup
 from cli_compare import compare
 from cli_config import ConfigCommand, config_file_option, stage_kwargs
-from cli_identify import identify
+from cli_identify import identify, merge_identify_parts
 from cli_options import (
     device_option,
     embed_options,
@@ -23,6 +23,7 @@ from cli_options import (
     tta_resizes_option,
     workers_option,
 )
+from cli_printed import auc_line, echo_not_measurable, echo_scored
 from cli_scorefiles import check_inputs, score_file_options
 from pipeline.errors import PipelineError
 
@@ -216,7 +217,7 @@ def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
     if cfg.scores is not None:  # without torch
         from pipeline.scoring.from_scores import score_file
 
-        _echo_scored(score_file(cfg), options["out"])
+        echo_scored(score_file(cfg), options["out"])
         return
     if cfg.rows is not None or (cfg.all_pairs and cfg.scores is None and _larger_than_memory(store, options)):
         _score_rows(cfg)
@@ -226,38 +227,7 @@ def score(store: Path, mode: str | None, rows: str | None, **options) -> None:
     m = run_score(cfg)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
-    _echo_scored(m, options["out"])
-
-
-def _echo_scored(m: dict, out: Path) -> None:
-    click.echo(
-        f"AUC {m['auc']:.6f} (binning bound {m['auc_error_bound']:.1e}) over {m['n_pairs']} pairs "
-        f"({m['n_positive']} same), EER {m['eer']:.4f}, {m['seconds']:.3f} s -> {out}"
-    )
-    _echo_not_measurable(m)
-    if "calibration" in m:
-        c = m["calibration"]
-        click.echo(f"Cllr {c['cllr']:.4f}, minCllr {c['min_cllr']:.4f} (llr = {c['slope']:.4g} s {c['offset']:+.4g} "
-                   f"fitted on {c['source']}: Cllr {c['source_cllr']:.4f} there)")  # fmt: skip
-    if "carried_threshold" in m:
-        _echo_carried(m["carried_threshold"])
-
-
-def _echo_carried(c: dict) -> None:
-    def rate(name: str) -> str:
-        r, b = c[name], c.get(f"{name}_bounds")
-        value = f"{r:.4g}" if r is not None else f"in [{b[0]:.6g}, {b[1]:.6g}] (bins)"
-        return f"{name.upper()} {value} (95% upper bound {c[f'{name}_upper95']:.4g})"
-
-    click.echo(f"Threshold {c['threshold']:.6g} ({c['score']}) from FAR {c['target_far']:g} on {c['source']} "
-               f"(FAR {c['source_far']:.4g} there): {rate('far')}, {rate('frr')} here; FAR <= {c['target_far']:g} "
-               f"{'holds' if c['claim_holds'] else 'does not hold'}")  # fmt: skip
-
-
-def _echo_not_measurable(m: dict) -> None:
-    """The levels of TAR at FAR that the different-person pairs cannot show (null in metrics.json), and why."""
-    if m.get("not_measurable"):
-        click.echo(m["not_measurable"])
+    echo_scored(m, options["out"])
 
 
 def _larger_than_memory(store: Path, options: dict) -> bool:
@@ -284,8 +254,8 @@ def _score_rows(cfg) -> None:
         import json
 
         m = json.loads(metrics.read_text())
-        click.echo(f"AUC {m['auc']:.6f} (binning bound {m['auc_error_bound']:.1e}) over {done}")
-        _echo_not_measurable(m)
+        click.echo(auc_line(m, f"over {done}"))
+        echo_not_measurable(m)
     else:
         click.echo(f"rows {info['rows'][0]}:{info['rows'][1]}: {done}")
 
@@ -305,7 +275,7 @@ def merge(**options) -> None:
     from pipeline.identify.merge import is_identify_part
 
     if is_identify_part(options["parts"][0]):
-        _merge_identify(options)
+        merge_identify_parts(options)
         return
     from pipeline.scoring.merge import MergeConfig
     from pipeline.scoring.merge import merge as run_merge
@@ -315,23 +285,11 @@ def merge(**options) -> None:
     if info["complete"]:
         m = json.loads((out / "metrics.json").read_text())
         click.echo(
-            f"AUC {m['auc']:.6f} (binning bound {m['auc_error_bound']:.1e}) over {m['n_pairs']} pairs "
-            f"({m['n_positive']} same) from {info['parts']} parts -> {out}"
+            auc_line(m, f"over {m['n_pairs']} pairs ({m['n_positive']} same) from {info['parts']} parts -> {out}")
         )
-        _echo_not_measurable(m)
+        echo_not_measurable(m)
     else:
         click.echo(f"rows {info['ranges']} of {info['store_n']}: {info['n_pairs']} pairs (partial) -> {out}")
-
-
-def _merge_identify(options: dict) -> None:
-    from pipeline.identify.merge import merge_identify
-
-    m = merge_identify(list(options["parts"]), options["out"], options["overwrite"])
-    if "cmc" in m:
-        click.echo(f"rank 1 {m['cmc'][0]:.4f}, FNIR at FPIR 0.01 {m['fnir_at_fpir']['0.01']:.4f} from "
-                   f"{m['parts']} parts -> {options['out']}")  # fmt: skip
-    else:
-        click.echo(f"gallery rows {m['ranges']} of {m['gallery_rows']} (partial) -> {options['out']}")
 
 
 @main.command()

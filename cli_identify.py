@@ -93,3 +93,15 @@ def identify(rows: str | None, distractors: tuple[Path, ...], **options) -> None
         f"{m['n_nonmated']:.0f} non-mated searches, {m['n_distractors']} distractors), {m['seconds']:.2f} s "
         f"-> {options['out']}"
     )
+
+
+def merge_identify_parts(options: dict) -> None:
+    """`merge` of `identify --rows A:B` parts (`merge`'s options), and what it prints."""
+    from pipeline.identify.merge import merge_identify
+
+    m = merge_identify(list(options["parts"]), options["out"], options["overwrite"])
+    if "cmc" in m:
+        click.echo(f"rank 1 {m['cmc'][0]:.4f}, FNIR at FPIR 0.01 {m['fnir_at_fpir']['0.01']:.4f} from "
+                   f"{m['parts']} parts -> {options['out']}")  # fmt: skip
+    else:
+        click.echo(f"gallery rows {m['ranges']} of {m['gallery_rows']} (partial) -> {options['out']}")
