@@ -244,7 +244,7 @@ def test_refusals(tmp_path):
     refused("--threshold-from", src, "--at-far", "1.5", match="between 0 and 1")
     refused("--threshold-from", src, "--at-far", "1e-3", "--metric", "cosine", match="same --metric")
     refused("--threshold-from", src, "--at-far", "1e-6", match="not measurable")
-    refused("--threshold-from", src, "--at-far", "0.05", match="exact tail reaches")
+    refused("--threshold-from", src, "--at-far", "0.05", match="exact tail holds the")
     with pytest.raises(ValueError, match="threshold-from"):
         ScoreConfig(store=b, rows=(0, 10), threshold_from=src, at_far=1e-3)
     # listed pairs: a level below 1/N; their store gone

@@ -17,10 +17,14 @@ from click.testing import CliRunner
 from cli import main
 from pipeline import finetune as ft
 from pipeline.embedding.embed import EmbedConfig
+from pipeline.errors import PipelineError
 from pipeline.faces import lfw
 from pipeline.finetune.overlap import PHRASE, listed, overlap_warning, warn_training_overlap
 from pipeline.finetune.split import training_faces, training_split
-from pipeline.finetune.validation import random_people
+from pipeline.finetune.validation import random_people, validation_rows
+from pipeline.finetune.validation_folder import validation_outputs
+from pipeline.report.results import read_json
+from pipeline.store.layout import open_store
 from tests.conftest import TRAIN_PEOPLE
 
 SPLIT_SEEDS = range(100)
@@ -70,6 +74,46 @@ def test_presets_share_no_person_with_the_test_splits(shared_data):
             other = training_split(preset(shared_data, "best", seed=5, split_seed=0), faces)
             assert other.validation.paths == split.validation.paths and other.train.paths == split.train.paths
     assert len(helds) == len(SPLIT_SEEDS)  # the seeds do vary it
+
+
+def same_person_share(labels: np.ndarray) -> tuple[float, float]:
+    """(largest share of one person's images, share of same-person pairs among all pairs)."""
+    counts = np.bincount(labels)
+    n = len(labels)
+    return counts.max() / n, (counts * (counts - 1)).sum() / (n * (n - 1))
+
+
+def test_validation_looks_like_the_test(shared_data):
+    """Seeds 0, 1, 2 of both presets: no person above 5% of the images, at most 2% same-person pairs (LFWPeople
+    test: 3.3% and 0.36%), hundreds of people; the rule of older checkpoints (`val_per_person` 0) did not."""
+    faces = training_faces(shared_data, "deepfunneled", ("people", "pairs"))
+    for recipe in ("best", "study"):
+        for seed in (0, 1, 2):
+            split = training_split(preset(shared_data, recipe, seed=seed), faces)
+            largest, same = same_person_share(split.validation.labels)
+            assert len(split.validation) == 600 and largest <= 0.05 and same <= 0.02, (recipe, seed, largest, same)
+            assert len(split.people("validation")) >= 250
+    old = training_split(preset(shared_data, "best", seed=0, val_per_person=0), faces)
+    assert same_person_share(old.validation.labels)[0] > 0.5  # seed 0's: 462 of 600 images of one person
+
+
+@pytest.mark.parametrize(("cap", "per_person"), [(0, 3), (1, 1), (7, 2), (40, 3), (1000, 5), (1000, 1)])
+def test_validation_rows_draw_people_and_cap_them(cap, per_person):
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 30, 200) ** 2 % 37  # uneven people, some absent
+    people = np.unique(labels)[::2]
+    rows = validation_rows(labels, people, cap, per_person, seed=11)
+    assert np.all(np.diff(rows) > 0) and np.isin(labels[rows], people).all()
+    taken = np.bincount(labels[rows], minlength=37)
+    assert taken.max(initial=0) <= per_person
+    available = np.minimum(np.bincount(labels, minlength=37)[people], per_person)
+    assert len(rows) == min(cap, available.sum())
+    partial = (taken[people] > 0) & (taken[people] < available)  # only the last person drawn may give fewer
+    assert partial.sum() <= 1
+    assert rows.tolist() == validation_rows(labels, people, cap, per_person, seed=11).tolist()
+    if 0 < cap < available.sum():
+        others = [validation_rows(labels, people, cap, per_person, seed=s).tolist() for s in range(5)]
+        assert len({tuple(o) for o in others}) > 1  # the seed draws them
 
 
 @pytest.mark.parametrize("recipe", ["study", "best"])
@@ -139,9 +183,12 @@ def test_the_warning_says_where_the_people_were_read_and_what_it_cannot_tell(tin
     assert f"{n} of its {len(faces.people)} people were among them" in message
     old = tmp_path / "old.pt"
     config = preset(tiny_lfw, "best").identity()
-    del config["split_seed"]
+    del config["split_seed"], config["val_per_person"]  # added since: their values before (LATER_FIELDS)
     torch.save({"model": {}, "config": config}, old)
-    assert "its config lacks split_seed" in overlap_warning(str(old), faces, tiny_lfw, "deepfunneled")
+    assert "people trained the network" in overlap_warning(str(old), faces, tiny_lfw, "deepfunneled")
+    del config["val_fraction"]
+    torch.save({"model": {}, "config": config}, old)
+    assert "its config lacks val_fraction" in overlap_warning(str(old), faces, tiny_lfw, "deepfunneled")
     torch.save({"model": {}, "epoch": 1}, old)
     assert "(no finetune config)" in overlap_warning(str(old), faces, tiny_lfw, "deepfunneled")
     assert overlap_warning("imagenet", faces, tiny_lfw, "deepfunneled") is None
@@ -149,7 +196,8 @@ def test_the_warning_says_where_the_people_were_read_and_what_it_cannot_tell(tin
 
 def test_real_view2_overlap_of_the_best_preset(shared_data, tmp_path):
     """View 2 holds 4,281 people, 2,985 of them in peopleDevTrain; `--recipe best` (seed 0) trains on 1,027 of them
-    (its people with two or more images outside the held-out tenth) and validates on 34 more."""
+    (its people with two or more images outside the held-out tenth) and validates on 220 more (34 under the rule
+    before `val_per_person`)."""
     faces = listed(shared_data, "deepfunneled", "10fold", "test")
     dev_train = listed(shared_data, "deepfunneled", "people", "train")
     assert len(faces.people) == 4281 and len(faces.people & dev_train.people) == 2985
@@ -158,9 +206,48 @@ def test_real_view2_overlap_of_the_best_preset(shared_data, tmp_path):
     trained = faces.people & split.people("train")
     assert len(trained) == 1027
     assert f"View 2 (pairs.txt) {PHRASE}" in message and "1,027 of its 4,281 people trained the network" in message
-    assert "34 more were its validation people" in message
+    assert "220 more were its validation people" in message
+    assert len(faces.people & split.people("validation")) == 220
     plain = tmp_path / "plain.pth"
     torch.save({"w": torch.zeros(1)}, plain)
     assert "2,985 of its 4,281 people were among them" in overlap_warning(
         str(plain), faces, shared_data, "deepfunneled"
     )
+
+
+def test_finetune_writes_its_validation_paths_and_results_folder(tiny_lfw, tmp_path):
+    """The checkpoint names its validation images; NAME.validation/ scores all their pairs as `score` does, and
+    `compare` and `score --threshold-from` read it (a threshold from 4 images: refused, and why); a foreign folder
+    there is refused before training."""
+    kw = dict(out=tmp_path / "b.pt", weights="none", workers=0, phase1_epochs=1, batch_size=4, members=1,
+              cohort_top=0, val_fraction=0.4, val_per_person=2, bf16=False)  # fmt: skip
+    cfg = preset(tiny_lfw, "best", **kw)
+    out = ft.finetune(cfg)
+    split = training_split(cfg)
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    assert ckpt["validation_paths"] == split.validation.paths
+    assert all((tiny_lfw / p).is_file() for p in ckpt["validation_paths"])
+    store, folder = validation_outputs(out)
+    with open_store(store) as s:
+        assert s.strings("paths") == split.validation.paths and s.labels.tolist() == split.validation.labels.tolist()
+    n = len(split.validation)
+    metrics = read_json(folder / "metrics.json", "results")
+    assert metrics["n_pairs"] == n * (n - 1) // 2 and metrics["metric"] == "cosine"
+    counts = np.bincount(split.validation.labels)
+    assert metrics["n_positive"] == (counts * (counts - 1) // 2).sum()
+    again = CliRunner().invoke(main, ["compare", str(folder), str(folder), "--out", str(tmp_path / "cmp")])
+    assert again.exit_code == 0, again.output
+    assert read_json(tmp_path / "cmp" / "comparison.json", "comparison")["auc"]["difference"] == 0
+    carried = CliRunner().invoke(main, ["score", str(store), "--all-pairs", "--metric", "cosine", "--threshold-from",
+                                        str(folder), "--at-far", "0.25", "--out", str(tmp_path / "carried")])  # fmt: skip
+    assert carried.exit_code == 2 and "its exact tail holds the 1 most similar of its 4" in carried.output  # tiny
+    written = (folder / "metrics.json").stat().st_mtime_ns
+    resumed = ft.finetune(preset(tiny_lfw, "best", resume=True, **kw))  # complete: the folder stays
+    assert resumed == out and (folder / "metrics.json").stat().st_mtime_ns == written
+    other = tmp_path / "c.pt"
+    foreign = validation_outputs(other)[1]
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(PipelineError, match="finetune writes its validation results folder there"):
+        ft.finetune(preset(tiny_lfw, "best", **{**kw, "out": other}))
+    assert not other.exists() and (foreign / "notes.txt").read_text() == "mine"

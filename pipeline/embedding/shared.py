@@ -33,7 +33,7 @@ from pipeline.embedding.embed import (
     store_identity,
 )
 from pipeline.errors import PipelineError
-from pipeline.faces import facesets, images
+from pipeline.faces import facesets, images, lfw
 from pipeline.nets import models
 from pipeline.nets.split import same_state, split_model
 from pipeline.runtime import autocast, keep_freed_memory, resolve_device, seed_everything
@@ -82,9 +82,12 @@ def build_networks(cfgs: list[EmbedConfig], blocks: int | None, device: torch.de
     return nets
 
 
-def embed_together(cfgs: list[EmbedConfig], blocks: int | None = None) -> list[Path]:
+def embed_together(
+    cfgs: list[EmbedConfig], blocks: int | None = None, faces: list[lfw.FaceSet] | None = None
+) -> list[Path]:
     """Write the store of every config (LFW protocol splits of one data root, one model and preprocessing; any
-    weights, layers, test-time flips and resizes), each image decoded once and shared first layers run once."""
+    weights, layers, test-time flips and resizes), each image decoded once and shared first layers run once.
+    `faces`: each store's face set, instead of the one its config names (finetune's validation images)."""
     base = cfgs[0]
     if any(
         (c.model, replace(c.preprocess, tta_resizes=()), c.data_root, c.image_set, c.dataset)
@@ -98,12 +101,12 @@ def embed_together(cfgs: list[EmbedConfig], blocks: int | None = None) -> list[P
     with contextlib.ExitStack() as stack:
         for cfg in cfgs:
             stack.enter_context(outputs.claim(Path(cfg.out), lambda cfg=cfg: check_out(cfg)))
-        return _embed_together(cfgs, blocks)
+        return _embed_together(cfgs, blocks, faces)
 
 
-def _embed_together(cfgs: list[EmbedConfig], blocks: int | None) -> list[Path]:
+def _embed_together(cfgs: list[EmbedConfig], blocks: int | None, faces: list[lfw.FaceSet] | None) -> list[Path]:
     base = cfgs[0]
-    protos = [
+    protos = faces or [
         facesets.load_faceset(c.dataset, c.data_root, c.image_set, c.protocol, c.split, c.pairs_file).limit(c.limit)
         for c in cfgs
     ]

@@ -23,7 +23,8 @@ name), `loop` (the one training loop, `Trainer`), `hooks` (what a recipe answers
 (held-out people, AUC), `averaging` (the optional moving average of the trained weights), `ensemble` (several
 members of one recipe and the checkpoint that joins them), `joined` (their joined embedding), `cohort` (the
 cohort a checkpoint keeps), `split` (the images each recipe trains and validates on), `overlap` (`embed`'s warning
-where a face set holds a checkpoint's training people). Splitting a backbone into a frozen part and a tail:
+where a face set holds a checkpoint's training people), `validation_folder` (the kept network's validation
+results folder, NAME.validation/). Splitting a backbone into a frozen part and a tail:
 `pipeline.nets.split`.
 """
 
@@ -55,6 +56,12 @@ from pipeline.finetune.losses import LOSSES, BatchPairLoss, CosFaceLoss, StudyLo
 from pipeline.finetune.recipes import RECIPES, Recipe
 from pipeline.finetune.study import StudyTrainer, study_pairs
 from pipeline.finetune.validation import all_pairs_auc, all_pairs_metrics
+from pipeline.finetune.validation_folder import (
+    check_validation_outputs,
+    remove_validation_outputs,
+    validation_folder_done,
+    write_validation_folder,
+)
 from pipeline.runtime import keep_freed_memory, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -97,6 +104,7 @@ def check_outputs(cfg: FinetuneConfig) -> None:
     if out in side_files(out):
         raise PipelineError(f"--out {out} would be its own log, best-epoch file or figure: pass a name ending in .pt")
     figure = side_files(out)[2]
+    check_validation_outputs(out, cfg.overwrite or cfg.resume)
     if cfg.resume and out.exists():  # load_checkpoint checks it; the log and best file go on, the figure is redrawn
         if os.path.lexists(figure):
             outputs.check_replaceable(figure, True, recognise_training_figure, "training figure of finetune")
@@ -117,7 +125,8 @@ def check_outputs(cfg: FinetuneConfig) -> None:
 
 def finetune(cfg: FinetuneConfig) -> Path:
     """Fine-tune `cfg.model` with `cfg.recipe`; returns the final checkpoint (OUT). With `members` > 1, the
-    members one after the other, then OUT holding them all (`pipeline.finetune.ensemble`)."""
+    members one after the other, then OUT holding them all (`pipeline.finetune.ensemble`). Then the kept
+    network's validation results beside it (`pipeline.finetune.validation_folder`)."""
     cfg = cfg.resolved()
     out = Path(cfg.out)
     members = member_configs(cfg)
@@ -127,12 +136,17 @@ def finetune(cfg: FinetuneConfig) -> Path:
             check_outputs(c)
 
     with outputs.claim(out, check):
+        if not (cfg.resume and out.exists()):
+            remove_validation_outputs(out)
         if not members:
-            return _finetune(cfg, out)
-        if cfg.resume and out.exists() and load_checkpoint(out, cfg).get("complete"):
-            log.info("%s is already complete; nothing to do", out)
-            return out
-        return train_ensemble(cfg, members, lambda c, shared: _finetune(c, Path(c.out), shared), _trainer)
+            _finetune(cfg, out)
+        elif cfg.resume and out.exists() and load_checkpoint(out, cfg).get("complete"):
+            log.info("%s is already complete", out)
+        else:
+            train_ensemble(cfg, members, lambda c, shared: _finetune(c, Path(c.out), shared), _trainer)
+        if not validation_folder_done(out):
+            write_validation_folder(cfg, out)
+        return out
 
 
 def _trainer(cfg: FinetuneConfig, shared: Handover | None = None) -> Trainer:

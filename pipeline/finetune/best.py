@@ -47,7 +47,7 @@ def cosine_lr(step: int, total: int, peak: float) -> float:
 
 def best_split(faces: Mapping[str, lfw.FaceSet], cfg: FinetuneConfig) -> TrainingSplit:
     """The best recipe's images: a random `val_fraction` of peopleDevTrain's people held out (seeded by
-    `split_seed`, else `seed`), up to `val_images` of their images for validation; the other people's images train
+    `split_seed`, else `seed`), up to `val_images` of their images for validation (`validation_rows`); the other people's images train
     (those with two or more images only, for a per-identity loss without `singletons`), the first `max_pairs`."""
     people = faces["people"]
     seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
@@ -56,7 +56,7 @@ def best_split(faces: Mapping[str, lfw.FaceSet], cfg: FinetuneConfig) -> Trainin
     if LOSSES[cfg.loss].per_identity and not cfg.singletons:  # pairs need two images of a person
         train &= np.bincount(people.labels)[people.labels] >= 2
     train_rows = np.flatnonzero(train)[: cfg.max_pairs]
-    validation = people.subset(validation_rows(people.labels, held, cfg.val_images))
+    validation = people.subset(validation_rows(people.labels, held, cfg.val_images, cfg.val_per_person, seed))
     source = f"{len(held):,} of peopleDevTrain's {len(people.identities):,} people held out by split seed {seed}"
     return TrainingSplit(people.subset(train_rows), validation, held, source)
 

@@ -81,6 +81,7 @@ LATER_FIELDS = {
     "split_seed": None,
     "members": 1,
     "cohort_top": 0,
+    "val_per_person": 0,
 }
 """Configuration fields added after checkpoints were first written, with the value that trains as before."""
 

@@ -81,6 +81,9 @@ class FinetuneConfig:
     """Best: fraction of the peopleDevTrain people held out for validation."""
     val_images: int = 600
     """At most this many validation images (all pairs among them are scored)."""
+    val_per_person: int = 10
+    """At most this many validation images of one person (the held-out people drawn in a random order until
+    `val_images`, `pipeline.finetune.validation.validation_rows`); 0: the rule before it, no cap."""
     loss: str | None = None
     """Best: pairs (every pair of P identities x K images, logistic on the cosine) | cosface (identities)."""
     images_per_person: int = 4
@@ -144,8 +147,8 @@ class FinetuneConfig:
             raise ValueError(f"cache_dtype must be float32 or float16, got {self.cache_dtype!r}")
         if self.layer not in (None, *layers.LAYERS):
             raise ValueError(f"layer must be one of {layers.LAYERS}")
-        if not 0 <= self.val_fraction < 1 or self.val_images < 0:
-            raise ValueError("val_fraction must be in [0, 1) and val_images >= 0")
+        if not 0 <= self.val_fraction < 1 or self.val_images < 0 or self.val_per_person < 0:
+            raise ValueError("val_fraction must be in [0, 1), val_images and val_per_person >= 0")
         if self.eps <= 0 or self.clip_norm <= 0:
             raise ValueError("eps and clip_norm must be > 0")
         if self.loss not in (None, *RECIPES[self.recipe].losses):

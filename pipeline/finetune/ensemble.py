@@ -94,6 +94,7 @@ def train_ensemble(
         "history": history,
         "epoch": record["epoch"],
         "complete": True,
+        "validation_paths": trainer.val_paths,
     }
     if cfg.cohort_top:
         ckpt.update(cohort_fields(trainer, states, cfg.cohort_top))

@@ -79,6 +79,8 @@ class Trainer(RecipeHooks):
         self.val_rows, self.val_labels = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         self.val_files: list[Path] = []
         """The validation images' files (in `val_rows`' order)."""
+        self.val_paths: list[str] = []
+        """The same, relative to the data root (the checkpoint's `validation_paths`)."""
         self.average = WeightAverage(cfg.ema or 0.0)
 
     # ---- what recipes build on
@@ -90,6 +92,7 @@ class Trainer(RecipeHooks):
         self.bank = self.shared.bank(proto, self.cfg.workers)
         self.val_rows, self.val_labels = np.arange(len(train), len(paths)), val.labels
         self.val_files = [val.absolute(i) for i in range(len(val))]
+        self.val_paths = list(val.paths)
 
     def sgd(self, *heads: nn.Module) -> torch.optim.SGD:
         """SGD over the model's parameters, and over each head's (a group of its own) when it has any. With
@@ -160,6 +163,7 @@ class Trainer(RecipeHooks):
             "complete": complete,
             "config": self.cfg.identity(),
             "ema": self.average.state,
+            "validation_paths": self.val_paths,
             **self.extra_state(),
         }
 

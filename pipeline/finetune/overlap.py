@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline.embedding.embed import EmbedConfig
 from pipeline.errors import PipelineError
 from pipeline.faces import lfw
+from pipeline.finetune.checkpoint import LATER_FIELDS
 from pipeline.finetune.config import RUNTIME_FIELDS, FinetuneConfig
 from pipeline.finetune.split import SPLIT_FIELDS, TrainingSplit, training_split
 from pipeline.nets.models import read_weights_file
@@ -54,6 +55,7 @@ def recorded_split(config: dict, data_root: Path, image_set: str) -> tuple[Train
     """The split of a checkpoint's `config` and where its training files were read: the recorded data root, or
     `data_root` (with the recorded image set, else `image_set`) where the recorded one cannot be read."""
     known = {f.name for f in fields(FinetuneConfig)} - set(RUNTIME_FIELDS)
+    config = {**LATER_FIELDS, **config}  # fields added since: the values that train as before
     cfg = FinetuneConfig(out=Path("unused.pt"), **{k: v for k, v in config.items() if k in known})
     tries = [(cfg, f"the training files of {cfg.data_root}")]
     note = f"the training files of {data_root} (the checkpoint's data root {cfg.data_root} cannot be read here)"
@@ -73,7 +75,7 @@ def overlap_warning(weights: str, faces: Listed, data_root: Path, image_set: str
         return None
     _, meta = read_weights_file(weights)
     config = meta.get("config") or {}
-    missing = [k for k in SPLIT_FIELDS if k not in config]
+    missing = [k for k in SPLIT_FIELDS if k not in config and k not in LATER_FIELDS]
     if missing:
         reason = "no finetune config" if config == {} else f"its config lacks {', '.join(missing)}"
         return _unknown(weights, faces, "a plain state_dict" if not meta else reason, data_root, image_set)

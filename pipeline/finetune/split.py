@@ -16,8 +16,8 @@ from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.recipes import RECIPES
 
 SPLIT_FIELDS = (
-    "data_root", "image_set", "recipe", "seed", "split_seed", "val_fraction", "val_images", "max_pairs", "loss",
-    "singletons",
+    "data_root", "image_set", "recipe", "seed", "split_seed", "val_fraction", "val_images", "val_per_person",
+    "max_pairs", "loss", "singletons",
 )  # fmt: skip
 """The `FinetuneConfig` fields a recipe's split reads: a checkpoint whose config lacks one cannot tell its people."""
 
@@ -30,7 +30,8 @@ class TrainingSplit:
     """The images the network trains on (best: rows of peopleDevTrain; study: the images of the pairsDevTrain
     pairs it trains on, with those pairs)."""
     validation: lfw.FaceSet
-    """Up to `val_images` images of the held-out people (`validation.validation_rows`), rows of peopleDevTrain."""
+    """Up to `val_images` images of the held-out people, at most `val_per_person` of each
+    (`validation.validation_rows`), rows of peopleDevTrain."""
     held: np.ndarray
     """Identity indices (into peopleDevTrain's `identities`) of the held-out people."""
     source: str = ""

@@ -35,10 +35,10 @@ def study_pairs(proto: lfw.FaceSet, max_pairs: int | None) -> lfw.FaceSet:
 def study_split(faces: Mapping[str, lfw.FaceSet], cfg: FinetuneConfig) -> TrainingSplit:
     """The study recipe's images: those of the pairsDevTrain pairs it trains on (`study_pairs`); validation: up to
     `val_images` images of the peopleDevTrain people that appear in no pairsDevTrain pair (the study trains on all
-    pairs). No seed enters: every run holds out the same people."""
+    pairs), drawn as `validation_rows` draws them with seed 0. No seed enters: every run validates on the same images."""
     people, all_pairs = faces["people"], faces["pairs"]
     held = unpaired_people(people, all_pairs)
-    validation = people.subset(validation_rows(people.labels, held, cfg.val_images))
+    validation = people.subset(validation_rows(people.labels, held, cfg.val_images, cfg.val_per_person, 0))
     source = "the pairs of pairsDevTrain; held out: the peopleDevTrain people in no pair"
     return TrainingSplit(study_pairs(all_pairs, cfg.max_pairs), validation, held, source)
 

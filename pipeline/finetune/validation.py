@@ -28,13 +28,23 @@ def random_people(n_people: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n_people)[:n_val])
 
 
-def validation_rows(labels: np.ndarray, people: np.ndarray, cap: int) -> np.ndarray:
-    """Image rows of `people`, those with two or more images first, at most `cap`, in file order."""
-    counts = np.bincount(labels, minlength=labels.max() + 1 if len(labels) else 0)
-    chosen = np.isin(labels, people)
-    multi = np.flatnonzero(chosen & (counts[labels] >= 2))
-    single = np.flatnonzero(chosen & (counts[labels] < 2))
-    return np.sort(np.concatenate([multi, single])[:cap])
+def validation_rows(labels: np.ndarray, people: np.ndarray, cap: int, per_person: int, seed: int) -> np.ndarray:
+    """Image rows of `people` for validation, at most `cap`, in file order: the people in a random order, at most
+    `per_person` random images of each, until `cap` images (`seed` draws both), so that the set looks like
+    LFWPeople test (many people, few images each) for every seed. `per_person` 0: the rule of checkpoints made
+    before it (people with two or more images first, in file order, no cap per person)."""
+    chosen = np.flatnonzero(np.isin(labels, people))
+    if per_person == 0:
+        counts = np.bincount(labels, minlength=labels.max() + 1 if len(labels) else 0)
+        multi = counts[labels[chosen]] >= 2
+        return np.sort(np.concatenate([chosen[multi], chosen[~multi]])[:cap])
+    rng = np.random.default_rng([seed, 1])  # another stream than `random_people`'s
+    place = np.zeros(labels.max() + 1 if len(labels) else 0, dtype=np.int64)
+    place[people] = rng.permutation(len(people))
+    order = chosen[np.lexsort((rng.random(len(chosen)), place[labels[chosen]]))]
+    person = place[labels[order]]  # ascending: each person's rows together
+    rank = np.arange(len(order)) - np.searchsorted(person, person)  # the row's place among its person's
+    return np.sort(order[rank < per_person][:cap])
 
 
 def all_pairs_metrics(

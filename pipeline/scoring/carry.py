@@ -84,8 +84,10 @@ def _tail_scores(folder: Path, roc: HistogramROC, far: float) -> tuple[np.ndarra
         raise PipelineError(f"{FLAG} {folder}: no exact tail in its histogram.npz (an older version wrote it): "
                             f"score it again")  # fmt: skip
     if stats.allowed_false_accepts(far, roc.n_negative) >= len(tail.neg) and len(tail.neg) < roc.n_negative:
-        raise PipelineError(f"{FLAG} {folder}: its exact tail reaches FAR {tail.exact_far(roc.n_negative):.3g}, "
-                            f"not {far:g}: the threshold there is known only to a bin")  # fmt: skip
+        need = stats.allowed_false_accepts(far, roc.n_negative) + 1
+        raise PipelineError(f"{FLAG} {folder}: its exact tail holds the {len(tail.neg):,} most similar of its "
+                            f"{roc.n_negative:,} different-person scores, FAR {far:g} needs the {need:,} most similar: "
+                            f"the threshold there is known only to a bin")  # fmt: skip
     return stats.coordinates_to_scores(tail.neg, roc.binning), stats.coordinates_to_scores(tail.pos, roc.binning)
 
 
