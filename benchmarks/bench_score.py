@@ -178,14 +178,17 @@ def run_method(method: str, path: str, n: int, d: int, device: str, bins: int, p
         cfg = ScoreConfig(store=Path(path), metric=metric, backend=backend, device=device, bins=bins, progress=False)
         # Sub-second runs are noisy on a shared 2-core machine: the median of 3 (the floor averages 3 too).
         repeats = SMALL_REPEATS if n_pairs <= SMALL_PAIRS else 1
-        times, splits = [], []
+        times, splits, parts = [], [], []
         for _ in range(repeats):
             m = score(cfg)
             times.append(m["seconds"])
             splits.append(f"{m['seconds_prepare'] * 1e3:.0f}+{m['seconds_tiles'] * 1e3:.0f}")
+            parts.append((m["seconds_products"], m["seconds_counting"]))
         row.update(
             seconds=float(np.median(times)), auc=m["auc"], bound=m["auc_error_bound"], n_positive=m["n_positive"]
         )
+        if dev.type == "cpu":
+            row.update(product_split(parts, n, d, metric, backend, cfg.block))
         row["note"] = f"bound {m['auc_error_bound']:.1e}, {m['n_positive']} same"
         if repeats > 1:
             row["note"] += (
@@ -217,6 +220,44 @@ def run_method(method: str, path: str, n: int, d: int, device: str, bins: int, p
         return row
     row["peak_mb"] = _peak_mb()
     return row
+
+
+def product_split(parts: list[tuple[float, float]], n: int, d: int, metric: str, backend: str, block: int) -> dict:
+    """Where the tiles' time went (medians over the calls; seconds summed over the product threads): products and
+    counting, and the products' GFLOP/s (per thread) beside NumPy's BLAS on the same block shape, timed here."""
+    from pipeline.scoring.blockmath import LEAF, chunk_side, product_flops, tile_plan
+    from pipeline.scoring.definition import ScoreDefinition
+
+    plan = tile_plan(n, block, LEAF)
+    width = ScoreDefinition(metric).width(d)
+    if backend == "faiss":  # whole tiles of the rows themselves, by FAISS's own threads (no per-thread rate)
+        flops = sum(2 * (t.r1 - t.r0) * (t.c1 - t.c0) * d for t in plan)
+    else:
+        flops = product_flops(plan, width, chunk_side(block))
+    products, counting = (float(np.median(v)) for v in zip(*parts, strict=True))
+    out = {"products": products, "counting": counting, "gflops": flops / products / 1e9}
+    if backend != "faiss":
+        out["blas_gflops"] = bare_block_gflops(min(chunk_side(block), n), width)
+    return out
+
+
+def bare_block_gflops(side: int, width: int, seconds: float = 0.2) -> float:
+    """Single-threaded GFLOP/s of NumPy's BLAS on the products' canonical call: `side` x `side` blocks, the inner
+    dimension in chunks of at most `GEMM_K` (`pipeline.scoring.blockmath.fixed_matmul`), into a reused block."""
+    from pipeline.scoring.blockmath import GEMM_K, single_threaded_blas
+
+    k = -(-width // -(-width // GEMM_K))  # the widest chunk
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((side, k), dtype=np.float32), rng.standard_normal((side, k), dtype=np.float32)
+    out = np.empty((side, side), dtype=np.float32)
+    with single_threaded_blas():
+        np.matmul(a, b.T, out=out)
+        calls, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            np.matmul(a, b.T, out=out)
+            calls += 1
+        elapsed = time.perf_counter() - t0
+    return 2 * side * side * k * calls / elapsed / 1e9
 
 
 def peer_sklearn(x, labels, metric) -> tuple[float, int]:
@@ -325,21 +366,33 @@ def _compare(rows: list[dict], n: int, d: int) -> None:
 def format_row(r: dict) -> str:
     rate = r["pairs"] / r["seconds"]
     diff = r.get("auc_minus_sklearn")
+    split = "| | | "
+    if "products" in r:
+        blas = f" of {r['blas_gflops']:.0f}" if "blas_gflops" in r else ""
+        split = f"| {r['products']:.3f} | {r['gflops']:.0f}{blas} | {r['counting']:.3f} "
     return (
-        f"| {r['n']:,} x {r['d']} | {r['method']} | {r['seconds']:.3f} | {rate:.3g} | {r['seconds'] / r['floor']:.2f} | "
-        f"{r['peak_mb']:.0f} | {r['auc']:.6f} | {'' if diff is None else f'{diff:+.1e}'} | {r['note']} |"
+        f"| {r['n']:,} x {r['d']} | {r['method']} | {r['seconds']:.3f} | {rate:.3g} | {r['seconds'] / r['floor']:.2f} "
+        f"{split}| {r['peak_mb']:.0f} | {r['auc']:.6f} | {'' if diff is None else f'{diff:+.1e}'} | {r['note']} |"
     )
 
 
 def format_table(rows: list[dict]) -> str:
     head = (
-        "| store | method | seconds | pairs/s | x floor | peak RSS MB | AUC | AUC - sklearn | note |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| store | method | seconds | pairs/s | x floor | products s | products GFLOP/s of BLAS's | counting s "
+        "| peak RSS MB | AUC | AUC - sklearn | note |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     floors = sorted({(r["n"], r["d"], r["floor"]) for r in rows if r["method"] == "ours l2"})
     foot = "\n".join(f"\nfloor {n:,} x {d}: {f:.3f} s (measured in each method's own process)" for n, d, f in floors)
     kernels = sorted({r["blas"] for r in rows if r.get("blas")})
     foot += "".join(f"\nBLAS libraries of a method process: {k}" for k in kernels)
+    if any("products" in r for r in rows):
+        foot += (
+            "\nproducts s, counting s: the tiles' BLAS products and the counting of their values (bins, same-person "
+            "pairs, exact tail, group counts), seconds summed over the product threads (median of the calls); "
+            "products GFLOP/s per thread of NumPy's BLAS's single-threaded rate on the same block shape, timed in the "
+            "same process (FAISS: whole tiles by its own threads, rate per second of wall clock)"
+        )
     return "\n".join([head, *(format_row(r) for r in rows)]) + "\n" + foot + "\n"
 
 

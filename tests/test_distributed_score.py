@@ -34,8 +34,8 @@ def same_results(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(ha[k], hb[k], err_msg=k)
     ma, mb = json.loads((a / "metrics.json").read_text()), json.loads((b / "metrics.json").read_text())
     assert ma.keys() == mb.keys()  # every path writes the same keys
-    how = ("seconds", "seconds_prepare", "seconds_tiles", "pairs_per_second", "config", "backend", "parts",
-           "world_size")  # fmt: skip
+    how = ("seconds", "seconds_prepare", "seconds_tiles", "seconds_products", "seconds_counting", "pairs_per_second",
+           "config", "backend", "parts", "world_size")  # fmt: skip
     for k in ma.keys() - set(how):
         assert ma[k] == mb[k], k
 

@@ -25,7 +25,7 @@ from pipeline.metrics.curve import check_defined
 from pipeline.metrics.roc import HistogramROC
 from pipeline.outputs import claim
 from pipeline.report.results import RESULT_FILES, check_results_out
-from pipeline.scoring.assemble import part_info
+from pipeline.scoring.assemble import part_info, timings
 from pipeline.scoring.blockmath import LEAF, chunk_side, single_threaded_blas, tile_plan
 from pipeline.scoring.config import ScoreConfig
 from pipeline.scoring.counting import TilePass
@@ -92,7 +92,7 @@ def score_part(store: Store, cfg: ScoreConfig) -> tuple[HistogramROC, dict]:
     extreme = (res.extreme, res.extreme_tile, *res.extreme_rows)
     info = part_info(store, cfg, score, counted.binning, rows, acc, res.n_pairs, extreme, len(plan), LEAF)
     t2 = time.perf_counter()
-    info.update(seconds=t2 - t0, seconds_prepare=counted.prepared - t0, seconds_tiles=t2 - counted.prepared)
+    info.update(seconds=t2 - t0, **timings(counted.prepared - t0, t2 - counted.prepared, res))
     return acc, info
 
 

@@ -14,6 +14,7 @@ from pipeline.report.results import describe, json_attrs
 
 if TYPE_CHECKING:
     from pipeline.scoring.config import ScoreConfig
+    from pipeline.scoring.counting import TilePass
     from pipeline.scoring.definition import ScoreDefinition
     from pipeline.store.layout import Store
 
@@ -49,11 +50,30 @@ def assemble_metrics(metrics: dict, extra: dict, *, metric: str, score_norm: str
     return metrics
 
 
+TIMINGS = ("seconds_prepare", "seconds_tiles", "seconds_products", "seconds_counting")
+"""The timings of all-pairs scoring beside `seconds`; parts' are added up by `merge` (None where a part has none)."""
+
+
+def timings(seconds_prepare: float, seconds_tiles: float, res: TilePass) -> dict:
+    """The `TIMINGS` of one pass: preparation and tiles (wall clock), and the products' and counting's seconds
+    summed over the product threads (`TilePass`; None on a GPU)."""
+    return dict(zip(TIMINGS, (seconds_prepare, seconds_tiles, res.seconds_products, res.seconds_counting),
+                    strict=True))  # fmt: skip
+
+
+def summed_timings(parts: list[dict]) -> dict:
+    """The parts' `TIMINGS` added up (None where a part lacks one: an older version's)."""
+    out = {}
+    for k in TIMINGS:
+        values = [p.get(k) for p in parts]
+        out[k] = None if any(v is None for v in values) else sum(values)
+    return out
+
+
 def all_pairs_fields(acc: HistogramROC, n_pairs: int, pair: list[int], bin_lo: float, bin_hi: float,
-                     n_tiles: int | None, backend: str, parts: int, seconds_prepare: float,
-                     seconds_tiles: float) -> dict:  # fmt: skip
+                     n_tiles: int | None, backend: str, parts: int, seconds: dict) -> dict:  # fmt: skip
     """The fields every all-pairs result adds to its metrics (`assemble_metrics`'s `extra`): how it was scored,
-    the least similar pair (store rows), the bins and the timings."""
+    the least similar pair (store rows), the bins and the timings (`seconds`: the `TIMINGS`)."""
     return {
         "backend": backend,
         "max_distance_pair": list(pair),
@@ -62,8 +82,7 @@ def all_pairs_fields(acc: HistogramROC, n_pairs: int, pair: list[int], bin_lo: f
         "n_tiles": n_tiles,
         "edge_bin_fraction": edge_bin_fraction(acc, n_pairs),
         "parts": parts,
-        "seconds_prepare": seconds_prepare,
-        "seconds_tiles": seconds_tiles,
+        **{k: seconds.get(k) for k in TIMINGS},
     }
 
 
@@ -103,8 +122,8 @@ def full_metrics(info: dict, acc: HistogramROC) -> dict:
     writes."""
     metrics = acc.compute()
     extra = all_pairs_fields(acc, metrics["n_pairs"], info["extreme"][2:], info["bin_lo"], info["bin_hi"],
-                             info.get("n_tiles"), "numpy-out-of-core", info["parts"], info["seconds_prepare"],
-                             info["seconds_tiles"])  # fmt: skip  # n_tiles None: parts of an older version
+                             info.get("n_tiles"), "numpy-out-of-core", info["parts"], info)  # fmt: skip
+    # n_tiles None: parts of an older version
     config = dict(
         info.get("config", {}), rows=info["ranges"] if info["parts"] > 1 else info.get("config", {}).get("rows")
     )

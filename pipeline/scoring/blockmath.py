@@ -21,7 +21,9 @@ import functools
 import itertools
 import logging
 import math
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -54,7 +56,43 @@ def _blas() -> tuple[Any, int, ThreadPoolExecutor | None]:
     torchrun's default OMP_NUM_THREADS=1), and a pool of as many product threads (None for one)."""
     blas = ThreadpoolController().select(user_api="blas")
     n = max((i["num_threads"] for i in blas.info()), default=1)
-    return blas, n, ThreadPoolExecutor(n, thread_name_prefix="blas") if n > 1 else None
+    pool = ThreadPoolExecutor(n, thread_name_prefix="blas", initializer=_product_thread) if n > 1 else None
+    return blas, n, pool
+
+
+def _product_thread() -> None:
+    _local.product_thread = True
+
+
+@functools.cache
+def _openmp() -> Any:
+    return ThreadpoolController().select(user_api="openmp")
+
+
+def serial_torch_here() -> None:
+    """In a product thread, torch's ops (the counting's `bincount`) run serially from now on: the product threads
+    are the parallelism already, and an OpenMP team per product thread puts 4 spinning threads on 2 cores
+    (torch.bincount of 2^20 values took 23 ns per value instead of 1.2 on a loaded 2-core machine). Only this
+    thread's OpenMP setting changes (`omp_set_num_threads` is per thread); other threads are left alone."""
+    torch = sys.modules.get("torch")
+    if torch is None or not getattr(_local, "product_thread", False) or getattr(_local, "serial_torch", False):
+        return
+    torch.get_num_threads()  # torch sets a thread's OpenMP threads at its first use there: before the limit
+    _openmp().limit(limits=1)
+    _local.serial_torch = True
+
+
+def record_product_seconds(seconds: float) -> None:
+    """Add `seconds` of tile products to this thread's count, taken by the next `take_product_seconds` here."""
+    _local.product_seconds = getattr(_local, "product_seconds", 0.0) + seconds
+
+
+def take_product_seconds() -> float:
+    """Seconds of products this thread computed since the last call (`fixed_matmul` sets them before it hands a
+    block over, so the block's counting takes its own product's time)."""
+    s = getattr(_local, "product_seconds", 0.0)
+    _local.product_seconds = 0.0
+    return s
 
 
 _blas_scope = threading.Lock()
@@ -135,8 +173,7 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, side: int
     thread that finishes one tile's last block goes on with the next tile's instead of waiting for the other
     threads. With `on_block` and `strip` > 1, a job computes one block of `a` against `strip` consecutive blocks
     of `b` (each by its own call, as always) side by side and hands them over at once (fewer, larger hand-overs)."""
-    jobs = [(i, j) for i in block_spans(a.shape[0], side) for j in block_spans(b.shape[0], side)
-            if below is None or below + i[0] < j[1]]  # fmt: skip
+    jobs = block_jobs(a.shape[0], b.shape[0], side, below)
     k = a.shape[1]
     chunks = -(-k // GEMM_K)
     cuts = [k * c // chunks for c in range(chunks + 1)]
@@ -152,6 +189,7 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, side: int
         s0, s1 = js[0][0], js[-1][1]
         ai = a[i0:i1]
         o = out[i0:i1, s0:s1] if on_block is None else _scratch("block", (i1 - i0, s1 - s0))
+        start = time.perf_counter()
         for j0, j1 in js:
             bj, oj = b[j0:j1], o[:, j0 - s0 : j1 - s0]
             np.matmul(ai[:, cuts[0] : cuts[1]], bj[:, cuts[0] : cuts[1]].T, out=oj)
@@ -161,6 +199,7 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, side: int
                     np.matmul(ai[:, k0:k1], bj[:, k0:k1].T, out=scratch)
                     oj += scratch
         if on_block is not None:
+            _local.product_seconds = time.perf_counter() - start  # this block's, taken by its counting
             on_block(i0, i1, s0, s1, o)
 
     pool = _blas()[2]
@@ -173,6 +212,18 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, side: int
         else:
             list(pool.map(one, jobs))
     return out if on_block is None else None
+
+
+def block_jobs(m: int, n: int, side: int, below: int | None = None) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The canonical blocks (rows of `a`, rows of `b`) `fixed_matmul` multiplies for [m, K] x [n, K]^T: all of
+    them, or on a diagonal tile (`below`) those with a pair above the diagonal."""
+    return [(i, j) for i in block_spans(m, side) for j in block_spans(n, side) if below is None or below + i[0] < j[1]]
+
+
+def product_flops(plan: list[Tile], width: int, side: int) -> int:
+    """Floating-point operations of the in-memory products of `plan` (operands of `width` columns)."""
+    return sum(2 * (i1 - i0) * (j1 - j0) * width for t in plan
+               for (i0, i1), (j0, j1) in block_jobs(t.r1 - t.r0, t.c1 - t.c0, side, 0 if t.diagonal else None))  # fmt: skip
 
 
 def _strips(spans: list[tuple[int, int]], strip: int) -> list[list[tuple[int, int]]]:

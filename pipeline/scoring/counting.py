@@ -189,6 +189,7 @@ class ThreadCounts:
         self.all, self.pos = BinCounts(bins, n_ids, COARSE), BinCounts(bins, n_ids, COARSE)
         self.best: tuple = (float("nan"), -1, -1, -1)
         self.tail = Tail(tail_k, metric, bound) if tail_k else None
+        self.seconds_products = self.seconds_counting = 0.0  # this thread's time in its blocks' products, counting
 
 
 def group_totals(threads: list[ThreadCounts], size: int) -> list[np.ndarray]:
@@ -223,6 +224,12 @@ class TilePass:
     groups: tuple | None = None
     """With the tail: the jackknife's coarse counts per pair of identity groups (`pipeline.metrics.intervals`): of the
     sampled pairs, of every same-person pair, of the sampled same-person pairs; and the rows per group."""
+    seconds_products: float | None = None
+    """CPU counting: seconds the tiles' products took, summed over the threads (None where not measured: a GPU's
+    work is asynchronous)."""
+    seconds_counting: float | None = None
+    """CPU counting: seconds the counting of the products' values took (bins, same-person pairs, extreme pair,
+    exact tail, group counts), summed over the threads."""
 
     def roc(self) -> HistogramROC:
         """The pass as a `HistogramROC`; it takes over the count arrays (fresh memory costs page faults)."""

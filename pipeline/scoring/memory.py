@@ -5,6 +5,7 @@ once, sorted by identity and transformed into the two tile operands, multiplied 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -20,6 +21,7 @@ from pipeline.scoring.blockmath import (
     chunk_side,
     fixed_matmul,
     in_row_pieces,
+    record_product_seconds,
     scale_right,
 )
 from pipeline.scoring.config import ScoreConfig
@@ -175,12 +177,14 @@ class FaissTiles:
         """The whole tile's values, in bin coordinates; with `on_block`, handed to it in row pieces counted by
         the product threads at once (None returned)."""
         x, o = self.x, self.rows.offsets
+        start = time.perf_counter()
         v = self.faiss.pairwise_distances(x[t.r0 : t.r1], x[t.c0 : t.c1], self.metric)
         if o is not None:  # cos - o_i - o_j
             v -= o[t.r0 : t.r1, None]
             v -= o[None, t.c0 : t.c1]
         v -= self.lo
         v *= self.scale  # bin coordinates, as the torch backend's products give them
+        record_product_seconds(time.perf_counter() - start)
         if on_block is None:
             return torch.from_numpy(v).to(self.device)
         in_row_pieces(lambda a, b: on_block(a, b, 0, v.shape[1], v[a:b]), v.shape[0])

@@ -23,7 +23,7 @@ from pipeline.report.results import (
     write_folder,
     write_results,
 )
-from pipeline.scoring.assemble import full_metrics
+from pipeline.scoring.assemble import TIMINGS, full_metrics, summed_timings
 from pipeline.scoring.blockmath import better_extreme
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def write_part(out: Path, parts: list[dict], acc: HistogramROC, log_fpr: bool = 
     extreme = (float("nan"), -1, -1, -1)
     for p in parts:
         extreme = better_extreme(extreme, tuple(p["extreme"]), as_metric(first["metric"]))
-    summed = ("rows", "extreme", "n_pairs", "n_positive", "seconds", "seconds_prepare", "seconds_tiles")
+    summed = ("rows", "extreme", "n_pairs", "n_positive", "seconds", *TIMINGS)
     info = {k: v for k, v in first.items() if k not in summed}
     max_d = next((p["max_distance"] for p in parts if list(p["extreme"]) == list(extreme)), acc.max_distance)
     info.update(
@@ -131,8 +131,7 @@ def write_part(out: Path, parts: list[dict], acc: HistogramROC, log_fpr: bool = 
         extreme=list(extreme),
         max_distance=max_d,
         seconds=sum(p["seconds"] for p in parts),
-        seconds_prepare=sum(p.get("seconds_prepare", 0.0) for p in parts),
-        seconds_tiles=sum(p.get("seconds_tiles", p["seconds"]) for p in parts),
+        **summed_timings([{"seconds_prepare": 0.0, "seconds_tiles": p["seconds"], **p} for p in parts]),
     )
     acc.max_distance = max_d
     complete = ranges == [[0, first["store_n"]]]

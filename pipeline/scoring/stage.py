@@ -24,7 +24,7 @@ from pipeline.outputs import claim
 from pipeline.report.results import RESULT_FILES, check_results_out, json_attrs, write_results
 from pipeline.runtime import full_float32, resolve_device
 from pipeline.scoring.all_pairs import count_all_pairs, farthest, score_rows
-from pipeline.scoring.assemble import all_pairs_fields, assemble_metrics
+from pipeline.scoring.assemble import all_pairs_fields, assemble_metrics, timings
 from pipeline.scoring.blockmath import LEAF, balance, better_extreme, single_threaded_blas, tile_plan
 from pipeline.scoring.calibrate import calibrate, read_source
 from pipeline.scoring.carry import Source, carry, read_threshold
@@ -68,7 +68,8 @@ def score_all_pairs(store: Store, cfg: ScoreConfig, device: torch.device, leaf: 
             raise RuntimeError(f"internal error: counted {acc.n_positive} same-person pairs of "
                                f"{source.stats.n_positive}")  # fmt: skip
         extra = all_pairs_fields(acc, res.n_pairs, res.extreme_rows, counted.binning.lo, counted.binning.hi,
-                                 len(plan), counted.backend, 1, counted.prepared - t0, t2 - counted.prepared)  # fmt: skip
+                                 len(plan), counted.backend, 1,
+                                 timings(counted.prepared - t0, t2 - counted.prepared, res))  # fmt: skip
         if cfg.rank1:
             t3 = time.perf_counter()
             extra.update(rank1_accuracy(source, cfg.backend, cfg.block), seconds_rank1=time.perf_counter() - t3)

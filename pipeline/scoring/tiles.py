@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, wait
@@ -28,7 +29,13 @@ from tqdm import tqdm
 from pipeline.metrics.binning import Binning
 from pipeline.metrics.intervals import COARSE, GROUPS
 from pipeline.metrics.tail import Tail, exact_ties, start_bound
-from pipeline.scoring.blockmath import Tile, better_extreme, single_threaded_blas, wait_all
+from pipeline.scoring.blockmath import (
+    Tile,
+    better_extreme,
+    single_threaded_blas,
+    take_product_seconds,
+    wait_all,
+)
 from pipeline.scoring.counting import Stager, ThreadCounts, TilePass, added, as_int64, group_totals
 from pipeline.scoring.tile_pairs import (
     Block,
@@ -119,10 +126,12 @@ class TileLoop:
             import torch  # each tile's extreme stays on the device (no wait per tile); the pair is found at the end
 
             extremes = torch.full((len(indices),), math.nan, device=self.device)
+        take_product_seconds()  # products before this pass (the bin-range sample) are not its tiles'
         with single_threaded_blas():  # the product threads' BLAS calls, queued ones too
             self._tiles(plan, indices, span, progress, res, counts, extremes)
         if self.numpy:
             self._gather(res)
+            res.seconds_products += take_product_seconds()  # products of this thread not counted here (FAISS)
         else:
             counts[0].flush()
             counts[1].flush()
@@ -185,11 +194,14 @@ class TileLoop:
         """The threads' counts added up, their extreme candidates reduced (ties: the earliest tile, then pair)."""
         bins = self.binning.bins
         res.all_counts = res.pos_counts = None
+        res.seconds_products = res.seconds_counting = 0.0
         best = (float("nan"), -1, -1, -1)
         for c in self._threads.values():  # added into the first thread's arrays (fresh memory costs page faults)
             res.all_counts = added(res.all_counts, c.all.flush())
             res.pos_counts = added(res.pos_counts, c.pos.flush())
             best = better_extreme(best, c.best, self.metric)
+            res.seconds_products += c.seconds_products
+            res.seconds_counting += c.seconds_counting
         if res.all_counts is None:
             res.all_counts, res.pos_counts = np.zeros(bins, dtype=np.int64), np.zeros(bins, dtype=np.int64)
         res.extreme, res.extreme_tile = best[0], best[1]
@@ -222,13 +234,20 @@ class TileLoop:
 
     def _count_block(self, tile: TilePart, r0: int, r1: int, c0: int, c1: int, v: np.ndarray) -> None:
         """Count one block of a tile's product (rows r0..r1, columns c0..c1 of it, values `v`): its pairs, its
-        extreme pair, its same-person pairs and, with the tail, its most similar pairs."""
+        extreme pair, its same-person pairs and, with the tail, its most similar pairs; and the time this took."""
+        start = time.perf_counter()
+        cnt = self._counting()
+        cnt.seconds_products += take_product_seconds()
+        self._count_values(cnt, tile, r0, r1, c0, c1, v)
+        cnt.seconds_counting += time.perf_counter() - start
+
+    def _count_values(self, cnt: ThreadCounts, tile: TilePart, r0: int, r1: int, c0: int, c1: int,
+                      v: np.ndarray) -> None:  # fmt: skip
         lo, hi = max(r0, tile.lo), min(r1, tile.hi)  # rows of the span
         if tile.below is not None:
             hi = min(hi, c1 - 1 - tile.below)  # rows with a column above the diagonal
         if hi <= lo:
             return
-        cnt = self._counting()
         blk = Block(tile.a2 + r0, tile.t.c0 + c0, c1 - c0, lo - r0)
         vals, flat = block_values(v, r0, c0, blk.width, lo, hi, tile.below)
         if not vals.size:
