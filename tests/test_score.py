@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from pipeline.errors import PipelineError
 from pipeline.report.results import FIGURE_FILES
-from pipeline.scoring.blockmath import tile_plan
+from pipeline.scoring.blockmath import chunk_side, fixed_matmul, product_flops, tile_plan
 from pipeline.scoring.config import ScoreConfig
 from pipeline.scoring.definition import ScoreDefinition
 from pipeline.scoring.memory import MemoryRows, TorchTiles
@@ -157,6 +157,12 @@ def test_tile_plan_covers_every_pair_once(n, block, leaf):
             assert t.r1 <= t.c0
             seen[t.r0 : t.r1, t.c0 : t.c1] += 1
     assert (seen == np.triu(np.ones((n, n), int), 1)).all()
+    # the products' flop count (the bench's GFLOP/s) is that of the blocks fixed_matmul hands over
+    plan, side, handed = tile_plan(n, block, leaf), chunk_side(block), []
+    for t in plan:
+        a, b = np.ones((t.r1 - t.r0, 3), np.float32), np.ones((t.c1 - t.c0, 3), np.float32)
+        fixed_matmul(a, b, None, side, 0 if t.diagonal else None, on_block=lambda *blk: handed.append(blk[4].size))
+    assert product_flops(plan, 3, side) == 2 * 3 * sum(handed)
 
 
 def test_binning_adapts_to_bunched_scores(tmp_path):
@@ -253,6 +259,8 @@ def test_score_store_api_and_results_folder(tmp_path):
     ]:
         assert key in saved, key
     assert saved["auc"] == m["auc"] and set(saved["tar_at_far"]) == {"1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"}
+    # the tiles' time split: products and counting, summed over the product threads
+    assert saved["seconds_products"] > 0 and saved["seconds_counting"] > 0
 
 
 def test_blas_threads_limited_only_while_scoring(tmp_path):
@@ -329,8 +337,9 @@ def test_bench_score_rows_and_table(tmp_path):
     assert rows[1]["note"].startswith("~")  # 44,850 pairs > 10,000: extrapolated from the first rows
     split = rows[0]["note"].split("preparation + tiles, ms: ")[1].split(", ")  # each call's two parts
     assert "first (cold)" in rows[0]["note"] and len(split) == 3 and all(len(c.split("+")) == 2 for c in split)
+    assert rows[0]["products"] > 0 and rows[0]["counting"] > 0 and rows[0]["gflops"] > 0 and rows[0]["blas_gflops"] > 0
     table = format_table(rows)
-    assert table.startswith("| store | method |") and "ours l2" in table
+    assert table.startswith("| store | method |") and "ours l2" in table and "| products s |" in table
     assert "BLAS libraries of a method process: " in table
 
 

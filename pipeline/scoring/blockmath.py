@@ -21,7 +21,6 @@ import functools
 import itertools
 import logging
 import math
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,30 +55,8 @@ def _blas() -> tuple[Any, int, ThreadPoolExecutor | None]:
     torchrun's default OMP_NUM_THREADS=1), and a pool of as many product threads (None for one)."""
     blas = ThreadpoolController().select(user_api="blas")
     n = max((i["num_threads"] for i in blas.info()), default=1)
-    pool = ThreadPoolExecutor(n, thread_name_prefix="blas", initializer=_product_thread) if n > 1 else None
+    pool = ThreadPoolExecutor(n, thread_name_prefix="blas") if n > 1 else None
     return blas, n, pool
-
-
-def _product_thread() -> None:
-    _local.product_thread = True
-
-
-@functools.cache
-def _openmp() -> Any:
-    return ThreadpoolController().select(user_api="openmp")
-
-
-def serial_torch_here() -> None:
-    """In a product thread, torch's ops (the counting's `bincount`) run serially from now on: the product threads
-    are the parallelism already, and an OpenMP team per product thread puts 4 spinning threads on 2 cores
-    (torch.bincount of 2^20 values took 23 ns per value instead of 1.2 on a loaded 2-core machine). Only this
-    thread's OpenMP setting changes (`omp_set_num_threads` is per thread); other threads are left alone."""
-    torch = sys.modules.get("torch")
-    if torch is None or not getattr(_local, "product_thread", False) or getattr(_local, "serial_torch", False):
-        return
-    torch.get_num_threads()  # torch sets a thread's OpenMP threads at its first use there: before the limit
-    _openmp().limit(limits=1)
-    _local.serial_torch = True
 
 
 def record_product_seconds(seconds: float) -> None:
