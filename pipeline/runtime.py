@@ -10,6 +10,7 @@ import resource
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -79,6 +80,26 @@ def reproducible_kernels(device: torch.device, enabled: bool = True) -> contextl
     if device.type == "cuda":
         return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True)
     return torch.backends.mkldnn.flags(enabled=False)
+
+
+@contextlib.contextmanager
+def repeatable_training(device: torch.device) -> Iterator[None]:
+    """Inside, training gives the same weights on every run with the same thread count: torch's deterministic
+    algorithms and oneDNN's (two runs of one `finetune` command ended with weights up to 0.039 apart without
+    them; with oneDNN's alone, under bfloat16 autocast, still 2.4e-5: docs/finetuning.md#runs-that-repeat), cuDNN
+    without autotuning on CUDA. The previous settings are restored on leaving."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns
+    kernels = (
+        torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True)
+        if device.type == "cuda"
+        else torch.backends.mkldnn.flags(enabled=torch.backends.mkldnn.enabled, deterministic=True)
+    )
+    try:
+        with kernels:
+            yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -62,7 +62,7 @@ from pipeline.finetune.validation_folder import (
     validation_folder_done,
     write_validation_folder,
 )
-from pipeline.runtime import keep_freed_memory, resolve_device, seed_everything
+from pipeline.runtime import keep_freed_memory, repeatable_training, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         for c in (cfg, *members):
             check_outputs(c)
 
-    with outputs.claim(out, check):
+    with outputs.claim(out, check), repeatable_training(resolve_device(cfg.device)):
         if not (cfg.resume and out.exists()):
             remove_validation_outputs(out)
         if not members:
