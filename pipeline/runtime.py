@@ -89,17 +89,20 @@ def repeatable_training(device: torch.device) -> Iterator[None]:
     them; with oneDNN's alone, under bfloat16 autocast, still 2.4e-5: docs/finetuning.md#runs-that-repeat), cuDNN
     without autotuning on CUDA. The previous settings are restored on leaving."""
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    onednn = torch.backends.mkldnn.deterministic  # set alone: its flags() also sets TF32, with a warning
     torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns
-    kernels = (
-        torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True)
-        if device.type == "cuda"
-        else torch.backends.mkldnn.flags(enabled=torch.backends.mkldnn.enabled, deterministic=True)
-    )
+    torch.backends.mkldnn.deterministic = True
+    cuda = device.type == "cuda"
     try:
-        with kernels:
+        with (
+            torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True)
+            if cuda
+            else contextlib.nullcontext()
+        ):
             yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.mkldnn.deterministic = onednn
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +232,26 @@ def test_training_on_the_feature_file_equals_training_in_memory(tiny_lfw, tmp_pa
     in_memory = ft.finetune(config(tiny_lfw, tmp_path / "memory.pt", **kw))
     wa, wb = weights(on_disk), weights(in_memory)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_processes_of_one_command_train_identical_weights(tiny_lfw, tmp_path):
+    """Each run in a fresh process (its own allocations and threads), bfloat16 autocast as in the preset: the
+    weights, the head and the history (timings aside) are the same bit for bit (docs/finetuning.md#runs-that-repeat)."""
+    import subprocess
+    import sys
+
+    args = ["--data-root", str(tiny_lfw), "--weights", "none", "--recipe", "best", "--members", "1", "--cohort-top",
+            "0", "--phase1-epochs", "2", "--batch-size", "8", "--workers", "0", "--bf16"]  # fmt: skip
+    runs = []
+    for name in ("a.pt", "b.pt"):
+        done = subprocess.run([sys.executable, "cli.py", "finetune", *args, "--out", str(tmp_path / name)],
+                              capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(torch.load(tmp_path / name, map_location="cpu", weights_only=True))
+    a, b = runs
+    for part in ("model", "head"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    timing = ("seconds", "imgs_per_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in a["history"]] == [
+        {k: v for k, v in r.items() if k not in timing} for r in b["history"]
+    ]

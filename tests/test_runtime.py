@@ -23,3 +23,17 @@ def test_keep_freed_memory_reuses_large_blocks_without_new_page_faults():
     faults_of_a_new_64mb_array()
     # mapped afresh, every array faults in its pages again: 16,384 (4 kB pages) or 32 huge pages and their tables
     assert faults_of_a_new_64mb_array() < 16
+
+
+def test_repeatable_training_sets_deterministic_kernels_and_restores_them():
+    import torch
+
+    from pipeline.runtime import repeatable_training
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.mkldnn.deterministic)
+    with repeatable_training(torch.device("cpu")):
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.mkldnn.deterministic
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.mkldnn.deterministic) == before
+    with pytest.raises(RuntimeError), repeatable_training(torch.device("cpu")):
+        raise RuntimeError("stopped")  # restored on an error too
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.mkldnn.deterministic) == before
