@@ -7,6 +7,7 @@ Layout of OUT:
 
 ```
 finetune/model.pt (+ model.log, model.best.pt, model.training.png)  the checkpoint, its validation log, figure
+finetune/model.validation/ (+ model.validation.h5)  the kept network's validation results folder and store
 embeddings/{pretrained,finetuned}-{pairs,people}.h5  the stores
 results/{pretrained,finetuned}-{pairs,people}/       score's results folders (metrics.json, roc.png, det.png, ...)
 pairs/roc.png, people/roc.png, roc.png, training.png, table.md, summary.json

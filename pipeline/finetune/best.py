@@ -85,11 +85,13 @@ class BestTrainer(Trainer):
         self.head = loss.from_config(cfg, dim=dim, n_classes=len(classes)).to(device)
         self.optimizer = self.sgd(self.head)
         log.info(
-            "best recipe (%s loss): %d training images of %d people, %d validation images of %d held-out people",
+            "best recipe (%s loss): %d training images of %d people, %d validation images of %d of the %d "
+            "held-out people",
             cfg.loss,
             self.n_train,
             len(classes),
             len(self.val_rows),
+            len(np.unique(self.val_labels)),
             len(split.held),
         )
 
