@@ -20,6 +20,7 @@ from cli import main
 from pipeline.errors import PipelineError
 from pipeline.metrics.roc import HistogramROC
 from pipeline.report import figures, training
+from pipeline.report.compare import compare, comparison_cells, read_scored
 from pipeline.report.read import read_result
 from pipeline.report.results import RESULT_FILES, recognise_results_folder
 from pipeline.report.tables import report, study_table
@@ -219,6 +220,51 @@ def test_html_report_is_self_contained(tmp_path):
     assert "drawn by report" in text and str(tmp_path / "fine.h5") in text and "alexnet" in text
     assert "commit" in text and "TAR at FAR 0.001" in text and "EER" in text
     assert "not measurable" in text  # about 3,900 different-person pairs: TAR at FAR 1e-6..1e-4 (tests/test_measurable)
+    assert "Comparisons" not in text and "Thresholds and calibration" not in text  # other pairs; neither option
+
+
+def test_html_report_shows_comparisons_carried_threshold_and_calibration(tmp_path):
+    src_store, _, _ = random_store(tmp_path / "src.h5", n=300, d=16, n_ids=60, seed=1)
+    path, _, _ = random_store(tmp_path / "s.h5", n=250, d=16, n_ids=50, seed=2)
+    src, l2, cos = tmp_path / "src", tmp_path / "l2", tmp_path / "cos"
+    score(ScoreConfig(store=src_store, out=src, progress=False))
+    m = score(ScoreConfig(store=path, out=l2, variant="pretrained", progress=False, threshold_from=src,
+                          at_far=1e-3, calibrate_on=src))  # fmt: skip
+    score(ScoreConfig(store=path, out=cos, variant="finetuned", metric="cosine", progress=False))
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(main, ["report", str(l2), str(cos), "--out", str(out), "--html"])
+    assert r.exit_code == 0, r.output
+    page = (out / "report.html").read_text()
+    text = " ".join(_check_self_contained(page).text)
+    c = compare(read_scored(l2), read_scored(cos))  # what table.md and the page show
+    rows = comparison_cells(c)
+    assert [row[0] for row in rows][:2] == ["AUC", "EER"] and len(rows) == 2 + len(c["tar_at_far"])
+    section = text[text.index("Comparisons") : text.index("ROC of all results")]
+    for name, key in (("AUC", "auc"), ("EER", "eer"), ("TAR at FAR 0.001", None)):
+        e = c[key] if key else c["tar_at_far"]["0.001"]
+        row = next(row for row in rows if row[0] == name)
+        assert row[3] == f"{e['difference']:+.4f}" and row[4] == f"[{e['ci95'][0]:+.4f}, {e['ci95'][1]:+.4f}]"
+        assert " ".join(row) in section, name  # one table row: metric, A, B, B - A, interval, p
+    assert (
+        "jackknife" in section
+        and c["method"] in section
+        and page.index("Operating points") < page.index("<h2>Comparisons")
+    )
+    carried, table_md = m["carried_threshold"], (out / "table.md").read_text()
+    decisions = text[text.index("Thresholds and calibration") : text.index("Comparisons")]
+    assert f"{carried['far']:.4g} (\u2264 {carried['far_upper95']:.4g})" in decisions
+    assert f"{carried['threshold']:.6g}" in decisions and str(src.resolve()) in decisions
+    assert ("does not hold" if not carried["claim_holds"] else "holds") in decisions
+    assert f"{m['cllr']:.4f}" in decisions and f"{m['min_cllr']:.4f}" in decisions
+    assert "reliability of the calibration" in text and page.count("<img") == 1 + 3 * 2 + 1
+    assert f"{m['cllr']:.4f}" in table_md and f"{carried['far']:.4g}" in table_md
+    assert "## Thresholds and calibration" in table_md and "## Paired comparisons" in table_md
+    assert f"| AUC | {rows[0][1]} | {rows[0][2]} | {rows[0][3]} |" in table_md
+    r = CliRunner().invoke(main, ["report", str(cos), "--out", str(tmp_path / "alone"), "--html"])
+    assert r.exit_code == 0, r.output
+    alone = (tmp_path / "alone" / "report.html").read_text()
+    assert "Comparisons" not in alone and "Thresholds and calibration" not in alone and "Cllr" not in alone
+    assert "Thresholds" not in (tmp_path / "alone" / "table.md").read_text()
 
 
 def test_html_report_replaces_only_its_own_page(tmp_path):

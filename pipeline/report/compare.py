@@ -174,27 +174,43 @@ def _p(v: float | None) -> str:
     return "-" if v is None or not math.isfinite(v) else (f"{v:.3g}" if v >= 1e-4 else f"{v:.1e}")
 
 
+def comparison_cells(c: dict) -> list[list[str]]:
+    """One row per compared metric of a comparison (`compare`'s dict): metric, A, B, B - A, 95% interval, p; the
+    cells of `comparison_table` and of `report --html`'s comparisons."""
+    rows = [("AUC", c["auc"]), ("EER", c["eer"])] + [(f"TAR at FAR {k}", e) for k, e in c["tar_at_far"].items()]
+    out = []
+    for name, e in rows:
+        ci = "-" if e["ci95"] is None else f"[{_num(e['ci95'][0], True)}, {_num(e['ci95'][1], True)}]"
+        out.append([name, _num(e["a"]), _num(e["b"]), _num(e["difference"], True), ci, _p(e["p_value"])])
+    return out
+
+
+def delong_text(c: dict) -> str | None:
+    """DeLong's test of AUC in a sentence (listed pairs' comparisons), None without it."""
+    if "delong" not in c:
+        return None
+    d = c["delong"]
+    return (f"DeLong's test of AUC: B - A {_num(d['difference'], True)}, 95% interval "
+            f"[{_num(d['ci95'][0], True)}, {_num(d['ci95'][1], True)}], p {_p(d['p_value'])}")  # fmt: skip
+
+
 def comparison_table(c: dict) -> str:
     """Markdown: one row per compared metric (A, B, B - A, 95% interval, p), DeLong's test and the method below."""
-    rows = [("AUC", c["auc"]), ("EER", c["eer"])] + [(f"TAR at FAR {k}", e) for k, e in c["tar_at_far"].items()]
     lines = [f"- A: {c['a_label']} ({c['a']})", f"- B: {c['b_label']} ({c['b']})",
              f"- {c['n_pairs']:,} pairs ({c['n_positive']:,} same): {MODES.get(c['mode'], c['mode'])}", "",
              "| metric | A | B | B - A | 95% interval | p |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for name, e in rows:
-        ci = "-" if e["ci95"] is None else f"[{_num(e['ci95'][0], True)}, {_num(e['ci95'][1], True)}]"
-        lines.append(f"| {name} | {_num(e['a'])} | {_num(e['b'])} | {_num(e['difference'], True)} | {ci} | "
-                     f"{_p(e['p_value'])} |")  # fmt: skip
-    if "delong" in c:
-        d = c["delong"]
-        lines += ["", f"DeLong's test of AUC: B - A {_num(d['difference'], True)}, 95% interval "
-                      f"[{_num(d['ci95'][0], True)}, {_num(d['ci95'][1], True)}], p {_p(d['p_value'])}"]  # fmt: skip
+    lines += ["| " + " | ".join(row) + " |" for row in comparison_cells(c)]
+    delong = delong_text(c)
+    if delong is not None:
+        lines += ["", delong]
     return "\n".join([*lines, "", f"Method: {c['method']}.", ""])
 
 
-def report_comparisons(folders: list[Path], results: list[dict]) -> str:
-    """Markdown of `report`'s comparisons: among its results folders (`results`: their metrics) of the same pairs,
-    each against the first pretrained one (else the first); "" when there are none. Results that cannot be
-    compared (other pairs, folders of older versions) are left out."""
+def report_comparison_results(folders: list[Path], results: list[dict]) -> list[dict]:
+    """`report`'s comparisons (`compare`'s dicts): among its results folders (`results`: their metrics) of the same
+    pairs, each against the first pretrained one (else the first); [] when there are none. Results that cannot be
+    compared (other pairs, folders of older versions) are left out. table.md shows them through
+    `comparisons_markdown`, report.html through `pipeline.report.html.comparisons`."""
     metrics = {Path(f): m for f, m in zip(folders, results, strict=True)}
     sets: dict[tuple, list[Path]] = {}
     for folder, m in metrics.items():
@@ -217,10 +233,16 @@ def report_comparisons(folders: list[Path], results: list[dict]) -> str:
         base = next((s for s in comparable if s.metrics.get("variant") == "pretrained"), comparable[0])
         for other in (s for s in comparable if s is not base):
             try:
-                parts.append(comparison_table(compare(base, other)))
+                parts.append(compare(base, other))
             except PipelineError as e:
                 log.info("report: %s and %s not compared: %s", base.folder, other.folder, e)
-    return "\n## Paired comparisons\n\n" + "\n".join(parts) if parts else ""
+    return parts
+
+
+def comparisons_markdown(comparisons: list[dict]) -> str:
+    """table.md's "Paired comparisons" section of `report_comparison_results`' comparisons; "" without any."""
+    tables = [comparison_table(c) for c in comparisons]
+    return "\n## Paired comparisons\n\n" + "\n".join(tables) if tables else ""
 
 
 def recognise_comparison_folder(path: Path) -> str | None:
@@ -262,9 +284,12 @@ __all__ = [
     "check_comparison_out",
     "check_same_pairs",
     "compare",
+    "comparison_cells",
     "comparison_table",
+    "comparisons_markdown",
+    "delong_text",
     "read_scored",
     "recognise_comparison_folder",
-    "report_comparisons",
+    "report_comparison_results",
     "write_comparison",
 ]

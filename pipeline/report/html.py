@@ -1,6 +1,7 @@
 """`report --html`: one self-contained HTML page (no scripts, no external files: CSS inline, figures as base64 PNG
 data URIs) with the study's table, the operating points (with 95% intervals where metrics.json has them), the
-ROC of all results, the training curves, and each result's figures and provenance; for results of `identify`,
+thresholds carried from other pairs and the calibrations (`score --threshold-from`, `--calibrate-on`), the paired
+comparisons of results of the same pairs (`pipeline.report.compare`), the ROC of all results, the training curves, and each result's figures and provenance; for results of `identify`,
 the identification table and figures (`pipeline.report.identification`)."""
 
 from __future__ import annotations
@@ -8,11 +9,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.metrics.roc import HistogramROC
 from pipeline.report import figures, identification
+from pipeline.report.compare import MODES, comparison_cells, delong_text
 from pipeline.report.identification import Identifications
 from pipeline.report.markup import data_uri, esc, figure, interval, render, table, with_ci
 from pipeline.report.read import protocol_name, read_result, study_cells, title_of
@@ -173,11 +176,110 @@ def provenance(folder: Path, m: dict) -> str:
     return table(["", ""], rows, css_class="wrap") + details
 
 
+# ---------------------------------------------------------------------------------------------------- decisions
+
+
+def rate_text(c: dict, name: str) -> str:
+    """A carried threshold's rate ("far", "frr") with its one-sided 95% upper bound; bounds where only the bins
+    bound the rate."""
+    rate = c.get(name)
+    bounds = c.get(f"{name}_bounds") or [math.nan, math.nan]
+    text = f"{rate:.4g}" if rate is not None else f"in [{bounds[0]:.4g}, {bounds[1]:.4g}]"
+    return f"{text} (\u2264 {c[f'{name}_upper95']:.4g})"
+
+
+def carried_cells(c: dict | None) -> list[str]:
+    """Threshold (and its score), source, target FAR, FAR and FRR here with upper bounds, the claim."""
+    if not c:
+        return ["-"] * 6
+    claim = "holds" if c["claim_holds"] else "does not hold"
+    threshold = f"{c['threshold']:.6g}" + (f" ({c['score']})" if c.get("score") else "")
+    return [threshold, str(c["source"]), f"{c['target_far']:g}", rate_text(c, "far"), rate_text(c, "frr"), claim]
+
+
+def calibration_cells(m: dict) -> list[str]:
+    """Cllr, minCllr and the calibration's source with its map."""
+    cal = m.get("calibration")
+    if not cal:
+        return ["-"] * 3
+    source = f"{cal['source']} (llr = {cal['slope']:.4g} s {cal['offset']:+.4g})"
+    return [f"{m['cllr']:.4f}", f"{m['min_cllr']:.4f}", source]
+
+
+def decision_cells(folders: list[Path], results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows), plain text, of the thresholds carried from other pairs (`score --threshold-from`) and the
+    calibrations (`score --calibrate-on`): one row per result that has either, no rows when none has. The cells of
+    the "Thresholds and calibration" table of report.html and of table.md."""
+    carried = any(m.get("carried_threshold") for m in results)
+    calibrated = any(m.get("calibration") for m in results)
+    header = ["result"]
+    if carried:
+        header += ["threshold", "carried from", "target FAR", "FAR here (95% upper)", "FRR here (95% upper)", "claim"]
+    if calibrated:
+        header += ["Cllr", "minCllr", "calibrated on"]
+    rows = []
+    for folder, m in zip(folders, results, strict=True):
+        if not (m.get("carried_threshold") or m.get("calibration")):
+            continue
+        row = [f"{title_of(m)} ({folder})"]
+        row += carried_cells(m.get("carried_threshold")) if carried else []
+        row += calibration_cells(m) if calibrated else []
+        rows.append(row)
+    return header, rows
+
+
+DECISIONS_NOTE = (
+    "Threshold: carried from another set of pairs (<code>score --threshold-from DIR --at-far F</code>), the rates "
+    "it gives here with one-sided 95% upper bounds; the claim holds when the FAR's upper bound is at most the "
+    "target. Cllr: the cost of the scores calibrated on another set (<code>score --calibrate-on DIR</code>); "
+    "minCllr: the least any calibration of these scores reaches."
+)
+
+
+def decisions(folders: list[Path], results: list[dict]) -> list[str]:
+    """The "Thresholds and calibration" section; [] when no result has a carried threshold or a calibration."""
+    header, rows = decision_cells(folders, results)
+    if not rows:
+        return []
+    return [
+        "<h2>Thresholds and calibration</h2>",
+        f'<p class="note">{DECISIONS_NOTE}</p>',
+        table(header, rows, css_class="wrap"),
+    ]
+
+
+def comparisons(compared: list[dict]) -> list[str]:
+    """The "Comparisons" section: per comparison of `pipeline.report.compare.report_comparison_results` (the
+    numbers of table.md's), B - A of AUC, EER and TAR at each FAR with the paired 95% interval and p-value, and the
+    method; [] without comparisons."""
+    if not compared:
+        return []
+    parts = [
+        "<h2>Comparisons</h2>",
+        '<p class="note">Results scored on the same pairs, each (B) against the first pretrained one (A): B - A with '
+        "a paired 95% interval and p-value (as <code>cli.py compare</code>).</p>",
+    ]
+    for c in compared:
+        parts.append(f"<h3>{esc(c['b_label'])} against {esc(c['a_label'])}</h3>")
+        parts.append(
+            f'<p class="note">A: <code>{esc(c["a"])}</code><br>B: <code>{esc(c["b"])}</code><br>'
+            f"{c['n_pairs']:,} pairs ({c['n_positive']:,} same): {esc(MODES.get(c['mode'], c['mode']))}</p>"
+        )
+        parts.append(table(["metric", "A", "B", "B - A", "95% interval", "p"], comparison_cells(c)))
+        notes = [t for t in (delong_text(c), f"Method: {c['method']}.") if t]
+        parts += [f'<p class="note">{esc(t)}</p>' for t in notes]
+    return parts
+
+
 # ---------------------------------------------------------------------------------------------------- page
 
 
-def verification_summary(folders: list[Path], results: list[dict], roc_png: bytes) -> list[str]:
-    """The study's table, the operating points and the ROC of all verification results."""
+def verification_summary(
+    folders: list[Path], results: list[dict], roc_png: bytes, compared: list[dict] | None = None
+) -> list[str]:
+    """The study's table, the operating points, the carried thresholds and calibrations (where results have them),
+    the comparisons (`compared`: `pipeline.report.compare.report_comparison_results`) and the ROC of all
+    verification results."""
     header, body = study_cells(results)
     return [
         "<h2>AUC in the study's layout</h2>",
@@ -188,6 +290,8 @@ def verification_summary(folders: list[Path], results: list[dict], roc_png: byte
         + (NOT_MEASURABLE_NOTE if any(m.get("not_measurable") for m in results) else "")
         + "</p>",
         operating_points(folders, results),
+        *decisions(folders, results),
+        *comparisons(compared or []),
         "<h2>ROC of all results</h2>",
         f'<div class="figs">{figure(roc_png, "ROC of " + ", ".join(sorted({protocol_name(m) for m in results})))}</div>',
     ]
@@ -210,10 +314,11 @@ def page(
     roc_png: bytes | None,
     training: list[tuple[str, bytes]],
     identified: Identifications | None = None,
+    compared: list[dict] | None = None,
 ) -> str:
-    """The HTML text of the report: the verification results' tables and ROC (`roc_png`), the identification
-    results' table and figures (`identified`), the training curves, then each result's section. A report without
-    verification results (`results` empty, `roc_png` None) has no verification parts, one without identification
+    """The HTML text of the report: the verification results' tables, comparisons (`compared`) and ROC (`roc_png`),
+    the identification results' table and figures (`identified`), the training curves, then each result's section.
+    A report without verification results (`results` empty, `roc_png` None) has no verification parts, one without identification
     results (`identified` None or empty) no identification parts."""
     ident = identified if identified is not None and identified.results else None
     kinds = ["verification"] * bool(results) + ["identification"] * (ident is not None)
@@ -235,7 +340,7 @@ def page(
         f'<p class="note">{counted}, written {esc(now)} by <code>cli.py report --html</code>.</p>',
     ]
     if results:
-        parts += verification_summary(folders, results, roc_png)
+        parts += verification_summary(folders, results, roc_png, compared)
     if ident is not None:
         parts += identification.summary(ident)
     if training:
@@ -257,13 +362,17 @@ def write_page(
     roc_png: bytes | None,
     training: list[tuple[str, bytes]],
     identified: Identifications | None = None,
+    compared: list[dict] | None = None,
 ) -> None:
-    Path(path).write_text(page(folders, results, roc_png, training, identified), encoding="utf-8")
+    Path(path).write_text(page(folders, results, roc_png, training, identified, compared), encoding="utf-8")
 
 
 __all__ = [
     "GENERATOR",
+    "comparisons",
     "data_uri",
+    "decision_cells",
+    "decisions",
     "interval",
     "operating_points",
     "page",

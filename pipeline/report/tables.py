@@ -13,8 +13,8 @@ from pathlib import Path
 from pipeline import outputs
 from pipeline.errors import PipelineError
 from pipeline.report import figures, identification, training
-from pipeline.report.compare import report_comparisons
-from pipeline.report.html import GENERATOR, write_page
+from pipeline.report.compare import comparisons_markdown, report_comparison_results
+from pipeline.report.html import GENERATOR, decision_cells, write_page
 from pipeline.report.identification import Identifications
 from pipeline.report.read import (
     VARIANTS,
@@ -43,10 +43,26 @@ RUN_RESULTS = tuple(f"{v}-{p}" for p in ("pairs", "people") for v in VARIANTS)
 
 def study_table(results: list[dict]) -> str:
     """Markdown in the study's layout: one row per model, per protocol pretrained / fine-tuned / improvement."""
-    header, body = study_cells(results)
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(vals) + " |" for vals in body]
-    return "\n".join(lines) + "\n"
+    return markdown_table(*study_cells(results))
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table ("|" in a cell escaped), ending with a newline."""
+    lines = [header, *rows]
+    out = ["| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |" for cells in lines]
+    out.insert(1, "|" + " --- |" * len(header))
+    return "\n".join(out) + "\n"
+
+
+def decisions_markdown(folders: list[Path], results: list[dict]) -> str:
+    """table.md's "Thresholds and calibration" section (`pipeline.report.html.decision_cells`: thresholds carried
+    from other pairs, Cllr and minCllr); "" when no result has either."""
+    header, rows = decision_cells(folders, results)
+    if not rows:
+        return ""
+    note = ("FAR and FRR here with one-sided 95% upper bounds; the claim holds when the FAR's upper bound is at most "
+            "the target FAR. minCllr: the least any calibration of these scores reaches.")  # fmt: skip
+    return "\n## Thresholds and calibration\n\n" + markdown_table(header, rows) + "\n" + note + "\n"
 
 
 def recognise_report_file(path: Path) -> str | None:
@@ -147,13 +163,16 @@ def read_verification(folders: list[Path]) -> tuple[list[dict], list[figures.Cur
     return results, curves
 
 
-def report_table(results: list[dict], ident: Identifications) -> str:
-    """table.md: the study's table of the verification results, then, after an empty line, the identification
-    table; either alone when the report has results of one kind only."""
+def report_table(
+    folders: list[Path], results: list[dict], ident: Identifications, compared: list[dict] | None = None
+) -> str:
+    """table.md: the study's table of the verification results (`folders`, `results`), then, after an empty line,
+    the identification table (either alone when the report has results of one kind only); then the thresholds
+    carried and calibrations (`decisions_markdown`) and the comparisons (`compared`), where there are any."""
     tables = [study_table(results)] if results or not ident.results else []
     if ident.results:
         tables.append(identification.markdown_table(ident.folders, ident.results))
-    return "\n".join(tables)
+    return "\n".join(tables) + decisions_markdown(folders, results) + comparisons_markdown(compared or [])
 
 
 def output_names(verified: bool, identified: bool, n_training: int, training: bool, html: bool) -> list[str]:
@@ -196,8 +215,9 @@ def report(
     table, figures, distractor curves and descriptions. A report of identification results only has no ROC:
     table.md is the identification table alone, and cmc.png and iet.png are its figures (no roc.png).
 
-    Results of the same pairs are compared (`pipeline.report.compare.report_comparisons`: each against the first
-    pretrained one): table.md ends with their paired differences, intervals and p-values."""
+    Then the thresholds carried and calibrations (`score --threshold-from`, `--calibrate-on`) and the paired
+    comparisons of results of the same pairs (`pipeline.report.compare.report_comparison_results`, each against the
+    first pretrained one: differences, intervals, p-values), in table.md and report.html."""
     if not folders:
         raise PipelineError("report needs at least one results folder")
     out = Path(out)
@@ -216,7 +236,8 @@ def report(
 
     check()
     out.mkdir(parents=True, exist_ok=True)
-    table = report_table(results, ident) + report_comparisons(verification, results)
+    compared = report_comparison_results(verification, results)
+    table = report_table(verification, results, ident, compared)
     title = "ROC of " + ", ".join(sorted({protocol_name(m) for m in results}))
     with outputs.output_lock(out / "table.md"):
         check()  # again under the lock: another run may have written them since
@@ -231,6 +252,7 @@ def report(
             outputs.replace_file(lambda p: p.write_bytes(found[0][1]), out / TRAINING_FILE)
         if html:
             roc_png = (out / "roc.png").read_bytes() if results else None
-            outputs.replace_file(lambda p: write_page(p, verification, results, roc_png, found, ident), out / HTML_FILE)
+            args = (verification, results, roc_png, found, ident, compared)
+            outputs.replace_file(lambda p: write_page(p, *args), out / HTML_FILE)
     log.info("wrote %s", ", ".join(str(out / n) for n in names))
     return table
