@@ -237,6 +237,14 @@ def finetune_options(f):
                 help="On the CPU, train under bfloat16 autocast (weights, loss, validation and embedding stay "
                 "float32): faster on CPUs with AVX-512 BF16 or AMX, slower on others [preset].",
             ),
+            click.option(
+                "--study-max",
+                type=click.Choice(["with-batch", "before-batch"]),
+                default="with-batch",
+                show_default=True,
+                help="study: what divides a batch's distances: the largest seen, this batch included (the study's), "
+                "or the largest of the batches before it (distances above it clipped just below 1).",
+            ),
             click.option("--seed", type=int, default=0, show_default=True, help="Seed."),
         ]
     ):

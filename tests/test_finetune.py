@@ -61,6 +61,24 @@ def test_study_loss_is_normalised_and_keeps_running_max():
     assert loss.running_max.item() == pytest.approx(5.01)
 
 
+def test_study_loss_before_batch_divides_by_the_earlier_maximum():
+    loss = ft.StudyLoss(eps=0.01, before_batch=True)
+    a, b = torch.zeros(2, 3), torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0]])
+    first = loss.dissimilarity(a, b)  # no maximum before: the batch's own, as the study's rule
+    assert torch.allclose(first, torch.tensor([5.01 / 5.02, 0.01 / 5.02]))
+    b2 = torch.tensor([[6.0, 8.0, 0.0], [0.3, 0.4, 0.0]], requires_grad=True)
+    d = loss.dissimilarity(a, b2)
+    assert torch.allclose(d, torch.tensor([1 - 0.01 / 5.02, 0.51 / 5.02]))  # 10.01 clipped, not 10.01 / 10.02
+    assert loss.running_max.item() == pytest.approx(10.01)  # updated for the next batch
+    F.binary_cross_entropy(d, torch.zeros(2)).backward()
+    assert b2.grad[0].abs().max().item() == 0  # the pair that set the new maximum is not pulled
+    study = ft.StudyLoss(eps=0.01)
+    study.dissimilarity(a, b)
+    b3 = b2.detach().clone().requires_grad_(True)
+    F.binary_cross_entropy(study.dissimilarity(a, b3), torch.zeros(2)).backward()
+    assert b3.grad[0].norm().item() > 40  # the study's rule: 1/eps (mean of two: 50) on the new maximum's distance
+
+
 def test_one_study_step_lowers_the_loss_on_a_fixed_batch(tiny_lfw, tmp_path):
     cfg = config(tiny_lfw, tmp_path / "m.pt", lr=0.05).resolved()
     torch.manual_seed(0)

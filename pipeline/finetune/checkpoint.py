@@ -82,6 +82,7 @@ LATER_FIELDS = {
     "members": 1,
     "cohort_top": 0,
     "val_per_person": 0,
+    "study_max": "with-batch",
 }
 """Configuration fields added after checkpoints were first written, with the value that trains as before."""
 

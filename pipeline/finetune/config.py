@@ -65,6 +65,9 @@ class FinetuneConfig:
     """Start over although OUT exists."""
     eps: float = 0.01
     """Study: added to the distance and to the running maximum."""
+    study_max: str = "with-batch"
+    """Study: the maximum that normalises a batch's distances: with-batch (the study's: the largest seen, this
+    batch included) | before-batch (the largest of the batches before; distances above it clipped just below 1)."""
     clip_norm: float = 100.0
     """Gradient norm clip."""
     cache_features: bool = True
@@ -149,6 +152,8 @@ class FinetuneConfig:
             raise ValueError(f"layer must be one of {layers.LAYERS}")
         if not 0 <= self.val_fraction < 1 or self.val_images < 0 or self.val_per_person < 0:
             raise ValueError("val_fraction must be in [0, 1), val_images and val_per_person >= 0")
+        if self.study_max not in ("with-batch", "before-batch"):
+            raise ValueError(f"study_max must be with-batch or before-batch, got {self.study_max!r}")
         if self.eps <= 0 or self.clip_norm <= 0:
             raise ValueError("eps and clip_norm must be > 0")
         if self.loss not in (None, *RECIPES[self.recipe].losses):
