@@ -234,6 +234,36 @@ def test_training_on_the_feature_file_equals_training_in_memory(tiny_lfw, tmp_pa
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_images_decoded_for_the_cache_alone_train_as_kept_images(tiny_lfw, tmp_path, monkeypatch):
+    """The best recipe reads only its feature cache: its images are decoded while caching and not kept; kept (as
+    before), they train the same weights bit for bit (torch's global generator drawn as before)."""
+    from pipeline.finetune import features
+    from tests.test_finetune import weights
+
+    kw = dict(recipe="best", phase1_epochs=2, batch_size=4, val_images=600, val_fraction=0.4, workers=1)
+    banks = []
+    made = features.ImageBank.__init__
+
+    def recorded(self, proto, workers, keep=True):
+        made(self, proto, workers, keep)
+        banks.append(self)
+
+    monkeypatch.setattr(features.ImageBank, "__init__", recorded)
+    streamed = ft.finetune(config(tiny_lfw, tmp_path / "streamed.pt", **kw))
+    assert len(banks) == 1 and banks[0].images is None and banks[0].nbytes == 0
+    monkeypatch.setattr(
+        features.ImageBank, "__init__", lambda self, proto, workers, keep=True: recorded(self, proto, workers)
+    )
+    kept = ft.finetune(config(tiny_lfw, tmp_path / "kept.pt", **kw))
+    assert banks[1].images is not None and len(banks[1].images) == len(banks[0])
+    wa, wb = weights(streamed), weights(kept)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    rows = torch.tensor([2, 0, len(banks[0]) - 1])  # a row asked of a bank that keeps nothing is decoded then
+    assert torch.equal(
+        banks[0].batch(rows, torch.tensor([True, False, True])), banks[1].batch(rows, torch.tensor([True, False, True]))
+    )
+
+
 def test_two_processes_of_one_command_train_identical_weights(tiny_lfw, tmp_path):
     """Each run in a fresh process (its own allocations and threads), bfloat16 autocast as in the preset: the
     weights, the head and the history (timings aside) are the same bit for bit (docs/finetuning.md#runs-that-repeat)."""

@@ -10,6 +10,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,9 @@ from pipeline.faces import images, lfw
 from pipeline.runtime import autocast, log_memory
 
 log = logging.getLogger(__name__)
+
+CHUNK = 64
+"""Images per decoding batch and per forward pass of the frozen part when caching."""
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -60,10 +64,10 @@ class Handover:
         self.held[name] = (key, make())
         return self.held[name][1]
 
-    def bank(self, proto: lfw.FaceSet, workers: int) -> ImageBank:
-        """The decoded images of `proto` (`ImageBank`)."""
-        key = (str(proto.data_root), proto.image_set, tuple(proto.paths))
-        return self.get("images", key, lambda: ImageBank(proto, workers))
+    def bank(self, proto: lfw.FaceSet, workers: int, keep: bool = True) -> ImageBank:
+        """The images of `proto` (`ImageBank`: decoded and kept, or decoded when read)."""
+        key = (str(proto.data_root), proto.image_set, tuple(proto.paths), keep)
+        return self.get("images", key, lambda: ImageBank(proto, workers, keep))
 
     def features(self, frozen: nn.Module, bank: ImageBank, device: torch.device, dtype: str, flip: bool,
                  folder: Path | None = None):  # fmt: skip
@@ -74,35 +78,78 @@ class Handover:
             cache = compute_features(frozen, bank, device, dtype, flip, "cache features", folder)
             log.info("cached frozen features of %d images in %.1f s", len(bank), time.perf_counter() - t0)
             where = "features_file" if isinstance(cache, FeatureFile) else "features"
-            log_memory("caching frozen features", **{where: cache.nbytes}, images=bank.images.nbytes)
+            log_memory("caching frozen features", **{where: cache.nbytes}, images=bank.nbytes)
             return cache
 
         return self.get("features", (id(bank), fingerprint(frozen), dtype, flip), make)
 
 
 class ImageBank:
-    """Decoded images (resize 256, centre crop 224) kept as uint8 in memory; normalised per batch."""
+    """Decoded images (resize 256, centre crop 224) of a face set: kept as uint8 in memory (`keep`), or, for a recipe
+    that reads only the feature cache, decoded as `chunks` walks them and let go (the cache is then their only copy).
+    Normalised per batch."""
 
-    def __init__(self, proto: lfw.FaceSet, workers: int):
-        files = images.ImageFiles([proto.absolute(i) for i in range(len(proto))], images.imagenet_crop())
-        self.images = torch.empty((len(proto), 3, 224, 224), dtype=torch.uint8)
-        loader = DataLoader(files, batch_size=64, num_workers=workers)
-        for x, idx, errors in tqdm(images.batches(loader), total=len(loader), desc="decode", unit="batch"):
+    def __init__(self, proto: lfw.FaceSet, workers: int, keep: bool = True):
+        self.files = images.ImageFiles([proto.absolute(i) for i in range(len(proto))], images.imagenet_crop())
+        self.workers = workers
+        self.images: torch.Tensor | None = None
+        self.generator: torch.Generator | None = None
+        if keep:
+            self.images = torch.empty((len(proto), 3, 224, 224), dtype=torch.uint8)
+            for idx, x in self._decoded("decode"):
+                self.images[idx] = x
+            log_memory(f"decoding {len(self)} images", images=self.nbytes)
+        else:
+            # The one draw from torch's global generator that a DataLoader's iteration makes (its workers' base
+            # seed) is made here, where the kept images are decoded, and later decodings draw from a generator
+            # of their own: the networks train as with kept images, and a resumed run as the whole one.
+            torch.empty((), dtype=torch.int64).random_()
+            self.generator = torch.Generator()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.nbytes if self.images is not None else 0
+
+    def _decoded(self, desc: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = DataLoader(self.files, batch_size=CHUNK, num_workers=self.workers, generator=self.generator)
+        for x, idx, errors in tqdm(images.batches(loader), total=len(loader), desc=desc, unit="batch",
+                                   disable=desc is None):  # fmt: skip
             bad = [e for e in errors if e]
             if bad:
                 raise PipelineError(bad[0])
-            self.images[idx] = x
-        log_memory(f"decoding {len(self)} images", images=self.images.nbytes)
+            yield idx, x
 
-    def __len__(self) -> int:
-        return len(self.images)
+    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(rows, uint8 images) of CHUNK consecutive rows at a time, from memory or decoded now."""
+        if self.images is None:
+            yield from self._decoded()
+            return
+        for i in range(0, len(self), CHUNK):
+            idx = torch.arange(i, min(i + CHUNK, len(self)))
+            yield idx, self.images[idx]
 
     def batch(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised float images `idx`; rows where `flip` is true are mirrored left-right."""
-        x = images.normalize(self.images[idx])
-        if flip is not None and flip.any():
-            x[flip] = x[flip].flip(-1)
-        return x.contiguous(memory_format=torch.channels_last)
+        """Normalised float images `idx` (decoded now where they are not kept); rows where `flip` is true are
+        mirrored left-right."""
+        return prepared(self.images[idx] if self.images is not None else self._decode_rows(idx), flip)
+
+    def _decode_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        decoded = [self.files[i] for i in idx.tolist()]
+        bad = [e for _, _, e in decoded if e]
+        if bad:
+            raise PipelineError(bad[0])
+        return torch.stack([x for x, _, _ in decoded])
+
+
+def prepared(raw: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 images as the network takes them: normalised, mirrored where `flip`, channels last."""
+    x = images.normalize(raw)
+    if flip is not None and flip.any():
+        x[flip] = x[flip].flip(-1)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 class FeatureFile:
@@ -176,12 +223,10 @@ def compute_features(
     module.eval()
     out = None
     variants = (False, True) if flip else (False,)
-    for v, mirrored in enumerate(variants):
-        for i in tqdm(
-            range(0, len(bank), 64), desc=desc + (" (flipped)" if mirrored else ""), unit="batch", dynamic_ncols=True
-        ):
-            idx = torch.arange(i, min(i + 64, len(bank)))
-            x = bank.batch(idx, torch.full((len(idx),), mirrored) if mirrored else None).to(device)
+    total = math.ceil(len(bank) / CHUNK)
+    for idx, raw in tqdm(bank.chunks(), total=total, desc=desc, unit="batch", dynamic_ncols=True):
+        for v, mirrored in enumerate(variants):  # each row's value depends on its chunk alone, not on this order
+            x = prepared(raw, torch.full((len(idx),), mirrored) if mirrored else None).to(device)
             with autocast(device):
                 y = module(x).to("cpu", getattr(torch, dtype))
             if out is None:

@@ -85,11 +85,14 @@ class Trainer(RecipeHooks):
 
     # ---- what recipes build on
     def load_images(self, split: TrainingSplit) -> None:
-        """Decode the training images, then the validation images, of the recipe's `split`."""
+        """The training images, then the validation images, of the recipe's `split`: decoded and kept unless the
+        feature cache is all the recipe reads (no whole-network phase; mirror images cached where it embeds them)."""
         train, val = split.train, split.validation
         paths, labels = train.paths + val.paths, np.concatenate([train.labels, val.labels])
         proto = lfw.FaceSet(train.data_root, train.image_set, train.protocol, train.split, paths, labels, [])
-        self.bank = self.shared.bank(proto, self.cfg.workers)
+        cfg = self.cfg
+        cache_only = cfg.cache_features and cfg.phase2_epochs == 0 and (self.flips or not cfg.tta_flip)
+        self.bank = self.shared.bank(proto, cfg.workers, keep=not cache_only)
         self.val_rows, self.val_labels = np.arange(len(train), len(paths)), val.labels
         self.val_files = [val.absolute(i) for i in range(len(val))]
         self.val_paths = list(val.paths)
