@@ -270,10 +270,11 @@ def embed_options(f):
             ),
             click.option(
                 "--split",
-                type=click.Choice(["train", "test"]),
+                type=click.Choice(["train", "test", "validation"]),
                 default="test",
                 show_default=True,
-                help="View 1 split (ignored by 10fold).",
+                help="View 1 split (ignored by 10fold); validation (with --protocol people): the held-out images "
+                "the finetune checkpoint --weights validated on.",
             ),
             embed_model_option,
             click.option(

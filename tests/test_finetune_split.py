@@ -230,6 +230,20 @@ def test_finetune_writes_its_validation_paths_and_results_folder(tiny_lfw, tmp_p
     store, folder = validation_outputs(out)
     with open_store(store) as s:
         assert s.strings("paths") == split.validation.paths and s.labels.tolist() == split.validation.labels.tolist()
+    # `embed --split validation --weights CKPT`: the same images and people, embedded as finetune embedded them
+    args = ["embed", "--data-root", str(tiny_lfw), "--split", "validation", "--weights", str(out), "--layer",
+            "penultimate", "--tta-flip", "--tta-resizes", "240,272", "--workers", "0", "--out", str(tmp_path / "v.h5")]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    with open_store(store) as s, open_store(tmp_path / "v.h5") as v:
+        assert v.strings("paths") == s.strings("paths")
+        who = [[ids[i] for i in st.labels] for st, ids in ((s, s.strings("identities")), (v, v.strings("identities")))]
+        assert who[0] == who[1]
+        assert np.allclose(v.embeddings[:], s.embeddings[:], atol=1e-5)
+    plain = tmp_path / "plain.pth"
+    torch.save(torch.load(out, weights_only=True)["model"], plain)
+    refused = CliRunner().invoke(main, [*args[:6], str(plain), "--out", str(tmp_path / "w.h5")])
+    assert refused.exit_code != 0 and "records no validation images" in refused.output
     n = len(split.validation)
     metrics = read_json(folder / "metrics.json", "results")
     assert metrics["n_pairs"] == n * (n - 1) // 2 and metrics["metric"] == "cosine"

@@ -34,6 +34,10 @@ def default_data_root() -> Path:
     return Path(os.environ.get("LFW_ROOT", "data"))
 
 
+VALIDATION = "validation"
+"""The `split` of a finetune checkpoint's own validation images."""
+
+
 @dataclass(frozen=True)
 class EmbedConfig:
     """Options of `embed` (see `cli.py embed --help`)."""
@@ -48,7 +52,8 @@ class EmbedConfig:
     protocol: str = "people"
     """people (View 1 people) | pairs (View 1 pairs) | 10fold (View 2 pairs.txt); lfw only."""
     split: str = "test"
-    """train | test (lfw only; ignored by 10fold, which is one list)."""
+    """train | test (lfw only; ignored by 10fold, which is one list) | validation (people: the held-out images a
+    finetune checkpoint `weights` records as its `validation_paths`)."""
     dataset: str = "lfw"
     """lfw (protocol files) | folder (a folder per identity) | bin (insightface verification .bin)."""
     pairs_file: Path | None = None
@@ -103,8 +108,14 @@ class EmbedConfig:
             raise ValueError(f"image_set must be one of {sorted(lfw.IMAGE_DIRS)}, got {self.image_set!r}")
         if self.protocol not in lfw.PROTOCOLS:
             raise ValueError(f"protocol must be one of {lfw.PROTOCOLS}, got {self.protocol!r}")
-        if self.split not in lfw.SPLITS:
-            raise ValueError(f"split must be one of {lfw.SPLITS}, got {self.split!r}")
+        if self.split not in (*lfw.SPLITS, VALIDATION):
+            raise ValueError(f"split must be one of {(*lfw.SPLITS, VALIDATION)}, got {self.split!r}")
+        if self.split == VALIDATION and (self.dataset, self.protocol) != ("lfw", "people"):
+            raise ValueError("--split validation embeds LFW images (--dataset lfw --protocol people)")
+        if self.split == VALIDATION and self.weights in ("imagenet", "none"):
+            raise ValueError(
+                "--split validation embeds the validation images of a finetune checkpoint: pass it as --weights"
+            )
         if self.layer not in layers.LAYERS:
             raise ValueError(f"layer must be one of {layers.LAYERS}, got {self.layer!r}")
         models.check_model_name(self.model)
@@ -226,6 +237,31 @@ def check_out(cfg: EmbedConfig) -> None:
         outputs.check_replaceable(out, cfg.overwrite, recognise_store, "embedding store")
 
 
+def load_faces(cfg: EmbedConfig) -> lfw.FaceSet:
+    """The face set `cfg` names (its first `limit` images or pairs)."""
+    if cfg.split == VALIDATION:
+        return validation_faces(cfg.weights, cfg.data_root, cfg.image_set).limit(cfg.limit)
+    return facesets.load_faceset(
+        cfg.dataset, cfg.data_root, cfg.image_set, cfg.protocol, cfg.split, cfg.pairs_file, cfg.skip_missing
+    ).limit(cfg.limit)
+
+
+def validation_faces(weights: str | Path, data_root: Path | str, image_set: str) -> lfw.FaceSet:
+    """The held-out validation images a finetune checkpoint records (`validation_paths`, relative to the data root
+    it trained on), as a people set: each image's person is its folder's name."""
+    _, meta = models.read_weights_file(weights)
+    paths = meta.get("validation_paths")
+    if not paths:
+        raise PipelineError(
+            f"{weights} records no validation images (checkpoints of finetune record them since 2026-12-07, and a "
+            f"run with no held-out people has none): --split validation needs such a checkpoint"
+        )
+    names = [Path(p).parent.name for p in paths]
+    identities = sorted(set(names))
+    labels = np.searchsorted(identities, names).astype(np.int64)
+    return lfw.FaceSet(Path(data_root), image_set, "people", VALIDATION, list(paths), labels, identities)
+
+
 def check_partial(target: Path, resume: bool) -> None:
     """A leftover TARGET.partial is replaced only when this tool wrote it (and continued with `resume`)."""
     partial = partial_path(target)
@@ -239,9 +275,7 @@ def check_partial(target: Path, resume: bool) -> None:
 def _embed(cfg: EmbedConfig, out: Path) -> Path:
     if cfg.download:
         lfw.download_lfw(cfg.data_root, cfg.image_set)
-    proto = facesets.load_faceset(
-        cfg.dataset, cfg.data_root, cfg.image_set, cfg.protocol, cfg.split, cfg.pairs_file, cfg.skip_missing
-    ).limit(cfg.limit)
+    proto = load_faces(cfg)
     if len(proto) == 0:
         raise PipelineError("no images to embed (empty protocol or --limit 0)")
     identity = store_identity(cfg, proto)

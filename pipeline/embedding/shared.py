@@ -28,12 +28,13 @@ from pipeline.embedding.embed import (
     check_out,
     check_partial,
     for_inference,
+    load_faces,
     store_arrays,
     store_extra,
     store_identity,
 )
 from pipeline.errors import PipelineError
-from pipeline.faces import facesets, images, lfw
+from pipeline.faces import images, lfw
 from pipeline.nets import models
 from pipeline.nets.split import same_state, split_model
 from pipeline.runtime import autocast, keep_freed_memory, resolve_device, seed_everything
@@ -106,10 +107,7 @@ def embed_together(
 
 def _embed_together(cfgs: list[EmbedConfig], blocks: int | None, faces: list[lfw.FaceSet] | None) -> list[Path]:
     base = cfgs[0]
-    protos = faces or [
-        facesets.load_faceset(c.dataset, c.data_root, c.image_set, c.protocol, c.split, c.pairs_file).limit(c.limit)
-        for c in cfgs
-    ]
+    protos = faces or [load_faces(c) for c in cfgs]
     index: dict[str, int] = {}  # image file -> row of the union
     names: list[str] = []
     for proto in protos:

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from pipeline.embedding.embed import EmbedConfig
+from pipeline.embedding.embed import VALIDATION, EmbedConfig
 from pipeline.errors import PipelineError
 from pipeline.faces import lfw
 from pipeline.finetune.checkpoint import LATER_FIELDS
@@ -125,8 +125,8 @@ def _unknown(weights: str, faces: Listed, reason: str, data_root: Path, image_se
 def warn_training_overlap(cfg: EmbedConfig) -> str | None:
     """Log (and return) `overlap_warning` for the LFW face set `cfg` embeds; a set that cannot be read is left to
     `embed` to report."""
-    if cfg.dataset != "lfw" or cfg.weights in ("imagenet", "none"):
-        return None
+    if cfg.dataset != "lfw" or cfg.weights in ("imagenet", "none") or cfg.split == VALIDATION:
+        return None  # a checkpoint's validation people are held out of its training
     try:
         faces = listed(cfg.data_root, cfg.image_set, cfg.protocol, cfg.split)
     except PipelineError:
