@@ -358,7 +358,12 @@ def finetune(ctx: click.Context, config_file: Path | None, **options) -> None:
 @device_option
 @workers_option
 @click.option(
-    "--embed-batch-size", type=int, default=64, show_default=True, help="Images per forward pass when embedding."
+    "--embed-batch-size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Images per forward pass when embedding (64 held far more memory than 32 for the same embeddings: "
+    "docs/finetuning.md#memory).",
 )
 @click.option("--limit", type=int, default=None, help="Quick runs: only the first N test pairs / test images.")
 @tta_resizes_option("Applies to the fine-tuned network's stores [the recipe's: best 240,272; study none].", None)

@@ -35,7 +35,7 @@ from pipeline.finetune.recipes import RECIPES
 from pipeline.nets import models
 from pipeline.report.results import read_json
 from pipeline.report.tables import TRAINING_FILE, report
-from pipeline.runtime import log_memory
+from pipeline.runtime import give_back_freed_memory, log_memory
 from pipeline.scoring.stage import score_store
 from pipeline.store.layout import open_store
 
@@ -65,7 +65,7 @@ class RunConfig:
     finetune: Mapping[str, Any] = field(default_factory=dict)
     """Fields of `FinetuneConfig` (data_root, image_set, model, weights, recipe, seed, device, workers, and the
     recipe's values: unset ones take its preset) but `SET_BY_RUN`."""
-    embed_batch_size: int = 64
+    embed_batch_size: int = 32
     """Images per forward pass when embedding."""
     limit: int | None = None
     """Quick runs: embed only the first N test pairs / test images."""
@@ -190,6 +190,7 @@ def _run(cfg: RunConfig, t: FinetuneConfig, out: Path) -> dict:
     if _mtime(checkpoint) != before:
         seconds["finetune"] = round(time.perf_counter() - t0, 1)
     memory = {"finetune": log_memory("fine-tuning")}  # peaks so far, MiB (`cli.py bench memory`)
+    give_back_freed_memory()  # fine-tuning's transient memory, before the embedding's own
     stores = _test_stores(cfg, t, checkpoint, out)
     fresh = _embed(cfg, stores, t.train_blocks, seconds)
     memory["embed"] = log_memory("embedding the test stores")

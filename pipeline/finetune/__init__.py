@@ -62,7 +62,14 @@ from pipeline.finetune.validation_folder import (
     validation_folder_done,
     write_validation_folder,
 )
-from pipeline.runtime import keep_freed_memory, repeatable_training, resolve_device, seed_everything
+from pipeline.runtime import (
+    give_back_freed_memory,
+    keep_freed_memory,
+    log_memory,
+    repeatable_training,
+    resolve_device,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +152,9 @@ def finetune(cfg: FinetuneConfig) -> Path:
         else:
             train_ensemble(cfg, members, lambda c, shared: _finetune(c, Path(c.out), shared), _trainer)
         if not validation_folder_done(out):
+            give_back_freed_memory()  # training's transient memory, before the embedding's own
             write_validation_folder(cfg, out)
+            log_memory("validation results")
         return out
 
 
