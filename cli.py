@@ -360,9 +360,9 @@ def finetune(ctx: click.Context, config_file: Path | None, **options) -> None:
 @click.option(
     "--embed-batch-size",
     type=int,
-    default=32,
+    default=16,
     show_default=True,
-    help="Images per forward pass when embedding (64 held far more memory than 32 for the same embeddings: "
+    help="Images per forward pass when embedding (larger batches held far more memory for the same embeddings: "
     "docs/finetuning.md#memory).",
 )
 @click.option("--limit", type=int, default=None, help="Quick runs: only the first N test pairs / test images.")

@@ -24,7 +24,10 @@ HELD = re.compile(r", (\w+) (\d+) MiB")
 
 
 class TreeSampler(threading.Thread):
-    """The largest resident memory of a process and its children together, sampled every `every` seconds."""
+    """The largest memory of a process and its children together, sampled every `every` seconds: their proportional
+    set sizes (PSS: a page shared by k processes counts 1/k in each) where the system gives them (Linux), else
+    their resident sizes. Forked decoding workers map their parent's pages too; their resident sizes added to the
+    parent's would count those pages twice."""
 
     def __init__(self, pid: int, every: float = 0.2):
         super().__init__(daemon=True)
@@ -38,10 +41,17 @@ class TreeSampler(threading.Thread):
         while not self.done:
             try:
                 procs = (self.proc, *self.proc.children(recursive=True))
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+                self.peak = max(self.peak, sum(_proportional(p) for p in procs))
             except psutil.Error:  # a child that ended meanwhile, or the command itself
                 pass
             time.sleep(self.every)
+
+
+def _proportional(p) -> int:
+    try:
+        return p.memory_full_info().pss
+    except AttributeError:  # no PSS (macOS, Windows)
+        return p.memory_info().rss
 
 
 def measure(argv: list[str]) -> tuple[list[dict], float, float, int]:
@@ -68,12 +78,12 @@ def command(argv: tuple[str, ...]) -> None:
     """Run `cli.py ARGV` (finetune or run) and print, per stage, what it holds and its peak memory so far."""
     rows, tree, seconds, code = measure(list(argv))
     click.echo(f"cli.py {' '.join(argv)}\n")
-    click.echo("| after | seconds | held | peak RSS so far (process) | peak so far (with its workers, sampled) |")
+    click.echo("| after | seconds | held | peak RSS so far (process) | peak so far (with its workers, PSS sampled) |")
     click.echo("| --- | ---: | --- | ---: | ---: |")
     for r in rows:
         held = ", ".join(f"{k} {v:,} MiB" for k, v in r["held"].items()) or "-"
         click.echo(f"| {r['stage']} | {r['seconds']:.0f} | {held} | {r['peak']:,} MiB | {r['tree']:,.0f} MiB |")
-    click.echo(f"\nexit {code}, {seconds:.0f} s; peak of the process and its workers together: {tree:,.0f} MiB")
+    click.echo(f"\nexit {code}, {seconds:.0f} s; peak of the process and its workers together (PSS): {tree:,.0f} MiB")
     if code:
         raise SystemExit(code)
 

@@ -65,7 +65,7 @@ class RunConfig:
     finetune: Mapping[str, Any] = field(default_factory=dict)
     """Fields of `FinetuneConfig` (data_root, image_set, model, weights, recipe, seed, device, workers, and the
     recipe's values: unset ones take its preset) but `SET_BY_RUN`."""
-    embed_batch_size: int = 32
+    embed_batch_size: int = 16
     """Images per forward pass when embedding."""
     limit: int | None = None
     """Quick runs: embed only the first N test pairs / test images."""

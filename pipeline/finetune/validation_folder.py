@@ -59,7 +59,7 @@ def write_validation_folder(cfg: FinetuneConfig, checkpoint: Path) -> Path | Non
     embed = EmbedConfig(
         out=store, data_root=cfg.data_root, image_set=cfg.image_set, protocol="people", split="train",
         model=cfg.model, weights=str(checkpoint), layer=cfg.layer, tta_flip=bool(cfg.tta_flip),
-        tta_resizes=RECIPES[cfg.recipe].tta_resizes, batch_size=32, workers=cfg.workers, device=cfg.device,
+        tta_resizes=RECIPES[cfg.recipe].tta_resizes, batch_size=16, workers=cfg.workers, device=cfg.device,
         overwrite=True, seed=cfg.seed,
     )  # fmt: skip
     log.info("validation results: %d images of %d held-out people -> %s", len(faces), people, folder)
