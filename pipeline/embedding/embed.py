@@ -19,6 +19,7 @@ from pipeline import outputs
 from pipeline.distributed import init_world, split_range
 from pipeline.embedding.cohort import Cohort, finish_store, model_cohort
 from pipeline.embedding.parts import assemble, complete_part, part_path
+from pipeline.embedding.validation_set import VALIDATION, validation_faces
 from pipeline.errors import PipelineError
 from pipeline.faces import facesets, images, lfw
 from pipeline.nets import layers, models
@@ -32,10 +33,6 @@ log = logging.getLogger(__name__)
 
 def default_data_root() -> Path:
     return Path(os.environ.get("LFW_ROOT", "data"))
-
-
-VALIDATION = "validation"
-"""The `split` of a finetune checkpoint's own validation images."""
 
 
 @dataclass(frozen=True)
@@ -244,22 +241,6 @@ def load_faces(cfg: EmbedConfig) -> lfw.FaceSet:
     return facesets.load_faceset(
         cfg.dataset, cfg.data_root, cfg.image_set, cfg.protocol, cfg.split, cfg.pairs_file, cfg.skip_missing
     ).limit(cfg.limit)
-
-
-def validation_faces(weights: str | Path, data_root: Path | str, image_set: str) -> lfw.FaceSet:
-    """The held-out validation images a finetune checkpoint records (`validation_paths`, relative to the data root
-    it trained on), as a people set: each image's person is its folder's name."""
-    _, meta = models.read_weights_file(weights)
-    paths = meta.get("validation_paths")
-    if not paths:
-        raise PipelineError(
-            f"{weights} records no validation images (checkpoints of finetune record them since 2026-12-07, and a "
-            f"run with no held-out people has none): --split validation needs such a checkpoint"
-        )
-    names = [Path(p).parent.name for p in paths]
-    identities = sorted(set(names))
-    labels = np.searchsorted(identities, names).astype(np.int64)
-    return lfw.FaceSet(Path(data_root), image_set, "people", VALIDATION, list(paths), labels, identities)
 
 
 def check_partial(target: Path, resume: bool) -> None:

@@ -15,7 +15,8 @@ import logging
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from pipeline.embedding.embed import VALIDATION, EmbedConfig
+from pipeline.embedding.embed import EmbedConfig
+from pipeline.embedding.validation_set import VALIDATION
 from pipeline.errors import PipelineError
 from pipeline.faces import lfw
 from pipeline.finetune.checkpoint import LATER_FIELDS
