@@ -55,7 +55,7 @@ def embedded(checkpoint: Path, data_root: Path, name: str, resizes: tuple[int, .
     store = checkpoint.with_name(f"{checkpoint.stem}.{name}.h5")
     if not store.is_file():
         embed(EmbedConfig(out=store, data_root=data_root, split="validation", weights=str(checkpoint),
-                          layer="penultimate", tta_flip=True, tta_resizes=resizes, batch_size=64))  # fmt: skip
+                          layer="penultimate", tta_flip=True, tta_resizes=resizes, batch_size=16))  # fmt: skip
     return scored(store, store.with_suffix(""))
 
 
