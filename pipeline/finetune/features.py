@@ -93,7 +93,7 @@ class ImageBank:
         self.files = images.ImageFiles([proto.absolute(i) for i in range(len(proto))], images.imagenet_crop())
         # Decoded for the cache alone, the images are decoded in this process: batches from worker processes left
         # the heap growing by about 0.2 MB an image while caching (1,500 real images: peak 2,468 MiB against 1,617
-        # in-process, which costs a few percent of the caching time; docs/finetuning.md#memory).
+        # in-process; the caching's time: docs/finetuning.md#memory).
         self.workers = workers if keep else 0
         self.images: torch.Tensor | None = None
         self.generator: torch.Generator | None = None
