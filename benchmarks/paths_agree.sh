@@ -4,14 +4,16 @@
 # metric); with REF set to a folder of results named after the stores (an older commit's one-process runs,
 # REF/<store stem>), each is also compared with it (REF_FLAG, default --common: only what both versions write,
 # tar_at_far aside; --ref for a reference of ddca428 or later: tar_at_far too). METRIC: l2 (default) or cosine
-# (a store with score offsets is scored with them).
-# Usage: [METRIC=cosine] [REF=DIR [REF_FLAG=--ref]] [WORK=DIR] bash benchmarks/paths_agree.sh STORE.h5...
+# (a store with score offsets is scored with them). BACKEND=faiss: one process and torchrun with that backend
+# (it scores rows held in memory: no `--rows` parts).
+# Usage: [METRIC=cosine] [BACKEND=faiss] [REF=DIR [REF_FLAG=--ref]] [WORK=DIR] bash benchmarks/paths_agree.sh STORE.h5...
 # (exit 1 when anything differs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-$(mktemp -d)}
 P=.venv/bin/python
 M=(--metric "${METRIC:-l2}")
+if [ -n "${BACKEND:-}" ]; then M+=(--backend "$BACKEND"); fi
 status=0
 for store in "$@"; do
   name=$(basename "$store" .h5)
@@ -20,6 +22,10 @@ for store in "$@"; do
   $P cli.py score "$store" --all-pairs "${M[@]}" --no-progress --out "$WORK/$name-one" >/dev/null 2>&1
   OMP_NUM_THREADS=1 $P -m torch.distributed.run --standalone --nproc-per-node 2 cli.py score "$store" --all-pairs \
     "${M[@]}" --no-progress --out "$WORK/$name-torchrun2" >/dev/null 2>&1
+  if [ -n "${BACKEND:-}" ]; then
+    $P -m benchmarks.same_results "$WORK/$name-one" "$WORK/$name-torchrun2" || status=1
+    continue
+  fi
   for span in 0:$a $a:$b $b:$n; do
     $P cli.py score "$store" --all-pairs "${M[@]}" --rows "$span" --no-progress --out "$WORK/$name-rows-${span%%:*}" \
       >/dev/null 2>&1

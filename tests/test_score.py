@@ -3,6 +3,7 @@ float16, listed pairs with 10 folds, rank-1, bad inputs end to end through the C
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from pipeline.report.results import FIGURE_FILES
 from pipeline.scoring.blockmath import chunk_side, fixed_matmul, product_flops, tile_plan
 from pipeline.scoring.config import ScoreConfig
 from pipeline.scoring.definition import ScoreDefinition
-from pipeline.scoring.memory import MemoryRows, TorchTiles
+from pipeline.scoring.memory import FaissTiles, MemoryRows, TorchTiles
 from pipeline.scoring.sources import choose_binning
 from pipeline.scoring.stage import score, score_all_pairs, score_store, tenfold_accuracy
 from pipeline.scoring.tiles import TileLoop
@@ -75,7 +76,7 @@ def test_all_pairs_match_sklearn(tmp_path, metric, backend, kind):
     path, x, labels = random_store(tmp_path / "s.h5", seed=1, **STORES[kind])
     m = score(ScoreConfig(store=path, metric=metric, backend=backend, block=33, progress=False, exact=True))
     check_against_sklearn(m, x, labels, metric)
-    assert m["backend"] == backend
+    assert m["backend"] == (backend if metric == "l2" else "torch")  # FAISS's inner products are NumPy's
     assert m["auc_exact"] == pytest.approx(roc_auc_score(*brute_force(x, labels, metric)[::-1]), abs=1e-12)
 
 
@@ -100,10 +101,14 @@ def test_diagonal_split_into_leaves_and_tile_subsets_add_up(tmp_path):
     binning = choose_binning(prep, 1 << 12)
     prep.scale_to_bins(binning)
     extremes = {}
-    for counting in ("numpy", "torch"):  # "torch" is the GPU's counting, run here on the CPU
-        scorer = TileLoop.over(prep, TorchTiles(prep, 64), binning, counting=counting)
+    backends = {"torch": lambda: TorchTiles(prep, 64)}
+    if "faiss" in BACKENDS:  # FAISS's products on the same canonical blocks: whole and parts agree too
+        backends["faiss"] = lambda: FaissTiles(prep, 64, binning)
+    for (backend, make), counting in itertools.product(backends.items(), ("numpy", "torch")):
+        # "torch" is the GPU's counting, run here on the CPU
+        scorer = TileLoop.over(prep, make(), binning, counting=counting)
         whole = scorer.run(plan, progress=False)
-        extremes[counting] = (whole.extreme, whole.extreme_rows, whole.extreme_tile)
+        extremes[backend, counting] = (whole.extreme, whole.extreme_rows, whole.extreme_tile)
         parts = [scorer.run(plan, select=range(r, len(plan), 3), progress=False) for r in range(3)]
         merged = parts[0].roc()
         for p in parts[1:]:
@@ -113,7 +118,8 @@ def test_diagonal_split_into_leaves_and_tile_subsets_add_up(tmp_path):
         assert w.n_positive == prep.stats.n_positive and w.n_positive + w.n_negative == 149 * 148 // 2
         exact = roc_auc_score(*brute_force(x, labels, "l2")[::-1])
         assert abs(w.compute()["auc"] - exact) <= w.compute()["auc_error_bound"] + 1e-6
-    assert extremes["numpy"] == extremes["torch"] and extremes["numpy"][2] >= 0
+    for backend in backends:
+        assert extremes[backend, "numpy"] == extremes[backend, "torch"] and extremes[backend, "numpy"][2] >= 0
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])

@@ -135,21 +135,22 @@ OnBlock = Callable[[int, int, int, int, np.ndarray], None]
 
 def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, side: int = CHUNK,
                  below: int | None = None, on_block: OnBlock | None = None,
-                 pending: list[Future] | None = None, strip: int = 1) -> np.ndarray | None:  # fmt: skip
+                 pending: list[Future] | None = None, strip: int = 1,
+                 kernel: Callable[[np.ndarray, np.ndarray, np.ndarray], object] | None = None) -> np.ndarray | None:  # fmt: skip
     """`out = a @ b.T` (float32) as single-threaded BLAS calls on the `side` x `side` blocks of `a` and `b`
     counted from their first rows, run by a pool of threads. Callers pass operands that start at multiples of
     `side` of the whole plan, so an entry always comes from a call of the same shape, at the same place in it,
     whoever computes it: some OpenBLAS kernels (its Haswell ones, which this project's machines select with
     OPENBLAS_CORETYPE) give an entry other bits when the call has other rows, columns or threads. Inner
-    dimensions over `GEMM_K` are cut in equal chunks added in order, as products always were here. On a diagonal tile, `below` is the first
-    row's offset from the diagonal (`a2 - t.r0`): blocks wholly below the diagonal hold no pair and are left
-    out (their part of `out` is not written). With `on_block`, each block is computed into a reused block of its
+    dimensions over `GEMM_K` are cut in equal chunks added in order. On a diagonal tile, `below` is the first row's
+    offset from the diagonal (`a2 - t.r0`): blocks wholly below it hold no pair, are left out (not written). With `on_block`, each block is computed into a reused block of its
     thread instead (still in cache) and handed to `on_block` there; `out` is not used and None is returned.
     With `on_block` and `pending` too, the blocks are queued on the pool and their futures appended to `pending`
     instead of awaited (the caller waits for them, `wait_all`, inside its own `single_threaded_blas` scope): a
     thread that finishes one tile's last block goes on with the next tile's instead of waiting for the other
     threads. With `on_block` and `strip` > 1, a job computes one block of `a` against `strip` consecutive blocks
-    of `b` (each by its own call, as always) side by side and hands them over at once (fewer, larger hand-overs)."""
+    of `b` (each by its own call, as always) side by side and hands them over at once (fewer, larger hand-overs).
+    `kernel(ai, bj, out)`: another block product in place of `ai @ bj.T` (whole inner dimension, one call)."""
     jobs = block_jobs(a.shape[0], b.shape[0], side, below)
     k = a.shape[1]
     chunks = -(-k // GEMM_K)
@@ -169,6 +170,9 @@ def fixed_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, side: int
         start = time.perf_counter()
         for j0, j1 in js:
             bj, oj = b[j0:j1], o[:, j0 - s0 : j1 - s0]
+            if kernel is not None:
+                kernel(ai, bj, oj)
+                continue
             np.matmul(ai[:, cuts[0] : cuts[1]], bj[:, cuts[0] : cuts[1]].T, out=oj)
             if chunks > 1:
                 scratch = _scratch("k", oj.shape)

@@ -11,17 +11,20 @@ set is left alone. `faiss_blas` says which family FAISS's OpenBLAS chose.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib
 import os
 import platform
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np  # noqa: F401  (NumPy's OpenBLAS loaded, and its kernels chosen, before the variable is set)
+from threadpoolctl import ThreadpoolController
 
 CORETYPE = "OPENBLAS_CORETYPE"
 
@@ -136,3 +139,18 @@ def faiss_blas() -> BlasKernels | None:
         return loaded_kernels(import_faiss())
     except ImportError:
         return None
+
+
+@contextlib.contextmanager
+def faiss_single_threaded() -> Iterator[None]:
+    """FAISS's own OpenBLAS limited to one thread inside (NumPy's: `blockmath.single_threaded_blas`); the limit
+    before restored after. Nothing happens where faiss brings no OpenBLAS of its own."""
+    path = _library(import_faiss())
+    same = [] if path is None else [c for c in ThreadpoolController().lib_controllers
+                                    if os.path.realpath(c.filepath) == os.path.realpath(path)]  # fmt: skip
+    limiter = ThreadpoolController._from_controllers(same).limit(limits=1) if same else None
+    try:
+        yield
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()

@@ -4,8 +4,8 @@ once, sorted by identity and transformed into the two tile operands, multiplied 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -21,12 +21,11 @@ from pipeline.scoring.blockmath import (
     chunk_side,
     fixed_matmul,
     in_row_pieces,
-    record_product_seconds,
     scale_right,
 )
 from pipeline.scoring.config import ScoreConfig
 from pipeline.scoring.definition import ScoreDefinition
-from pipeline.scoring.faiss_blas import import_faiss
+from pipeline.scoring.faiss_blas import faiss_single_threaded, import_faiss
 from pipeline.scoring.sorted_rows import label_order
 from pipeline.scoring.sources import RowSource, read_rows
 from pipeline.store.layout import Store
@@ -159,40 +158,63 @@ class TorchTiles:
 
 
 class FaissTiles:
-    """Tile values by `faiss.pairwise_distances` (squared L2 or inner product, minus the rows' score offsets) on
-    the CPU; FAISS's OpenBLAS on current kernels (`pipeline.scoring.faiss_blas`)."""
+    """Squared L2 tile values by FAISS (`faiss.pairwise_L2sqr`, FAISS's OpenBLAS on current kernels:
+    `pipeline.scoring.faiss_blas`) on the default backend's canonical blocks (`fixed_matmul`): each block one
+    single-threaded call in a product thread, turned into bin coordinates there while in cache, and counted by
+    that thread. The blocks do not depend on the path, so one process and torchrun ranks agree bit for bit, and
+    a diagonal tile's blocks below the diagonal are not computed."""
 
     name = "faiss"
 
-    def __init__(self, rows: MemoryRows, binning: Binning):
-        self.faiss = faiss = import_faiss()
-        self.rows = rows
+    def __init__(self, rows: MemoryRows, block: int, binning: Binning):
+        self.faiss = import_faiss()
+        self.rows, self.side = rows, chunk_side(block)
+        self.left = rows.left.numpy()  # its first D columns are the centred rows
         self.lo, self.scale = np.float32(binning.lo), np.float32(binning.scale)
-        self.x = np.ascontiguousarray(rows.x)
-        self.metric = faiss.METRIC_L2 if rows.score.euclidean else faiss.METRIC_INNER_PRODUCT
-        self.device = rows.left.device
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """FAISS single-threaded while a pass's blocks run (the product threads are the parallelism): its
+        OpenBLAS, and its OpenMP teams of this thread (each product thread sets its own, `_block`)."""
+        before = self.faiss.omp_get_max_threads()
+        self.faiss.omp_set_num_threads(1)
+        try:
+            with faiss_single_threaded():
+                yield
+        finally:
+            self.faiss.omp_set_num_threads(before)
+
+    def _block(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        """`out` = bin coordinates of the squared distances between the rows of `a` and `b` (views; any strides)."""
+        f = self.faiss
+        f.omp_set_num_threads(1)  # libgomp keeps the setting per calling thread: this product thread's
+        ptr = f.cast_integer_to_float_ptr
+        f.pairwise_L2sqr(self.rows.dim, len(a), ptr(a.ctypes.data), len(b), ptr(b.ctypes.data), ptr(out.ctypes.data),
+                         a.strides[0] // 4, b.strides[0] // 4, out.strides[0] // 4)  # fmt: skip
+        np.subtract(out, self.lo, out=out)
+        np.multiply(out, self.scale, out=out)
 
     def values(self, t: Tile, a2: int | None = None, b2: int | None = None, on_block: OnBlock | None = None,
                pending: list | None = None) -> torch.Tensor | None:  # fmt: skip
-        """The whole tile's values, in bin coordinates; with `on_block`, handed to it in row pieces counted by
-        the product threads at once (None returned)."""
-        x, o = self.x, self.rows.offsets
-        start = time.perf_counter()
-        v = self.faiss.pairwise_distances(x[t.r0 : t.r1], x[t.c0 : t.c1], self.metric)
-        if o is not None:  # cos - o_i - o_j
-            v -= o[t.r0 : t.r1, None]
-            v -= o[None, t.c0 : t.c1]
-        v -= self.lo
-        v *= self.scale  # bin coordinates, as the torch backend's products give them
-        record_product_seconds(time.perf_counter() - start)
-        if on_block is None:
-            return torch.from_numpy(v).to(self.device)
-        in_row_pieces(lambda a, b: on_block(a, b, 0, v.shape[1], v[a:b]), v.shape[0])
-        return None
+        """As `TorchTiles.values` (the whole tile, or block by block to `on_block`), by FAISS."""
+        a, b = self.left[t.r0 : t.r1], self.left[t.c0 : t.c1]
+        below = 0 if t.diagonal else None
+        if on_block is not None:
+            return fixed_matmul(a, b, None, side=self.side, below=below, on_block=on_block, pending=pending,
+                                kernel=self._block)  # fmt: skip
+        out = np.empty((len(a), len(b)), dtype=np.float32)  # blocks below a diagonal are not read
+        with self.scope():
+            fixed_matmul(a, b, out, side=self.side, below=below, kernel=self._block)
+        return torch.from_numpy(out).to(self.rows.device)
 
 
 def make_backend(name: str, rows: MemoryRows, block: int, binning: Binning, gemm: str = "auto"):
-    """The tile backend; FAISS when asked for and importable (CPU), else torch with a message."""
+    """The tile backend; FAISS when asked for, importable and the metric l2, else torch with a message (FAISS's
+    own inner products are NumPy's matrix product: `faiss.pairwise_distances`)."""
+    if name == "faiss" and not rows.score.euclidean:
+        log.info("--backend faiss: FAISS computes inner products with NumPy's BLAS, as the default backend does; "
+                 "cosine runs on the default backend")  # fmt: skip
+        return TorchTiles(rows, block, gemm)
     if name == "faiss":
         try:
             import_faiss()
@@ -201,5 +223,5 @@ def make_backend(name: str, rows: MemoryRows, block: int, binning: Binning, gemm
             return TorchTiles(rows, block, gemm)
         if rows.left.device.type != "cpu":
             log.warning("--backend faiss computes on the CPU here; the histograms stay on %s", rows.left.device)
-        return FaissTiles(rows, binning)
+        return FaissTiles(rows, block, binning)
     return TorchTiles(rows, block, gemm)

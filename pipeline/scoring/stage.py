@@ -48,9 +48,6 @@ def score_all_pairs(store: Store, cfg: ScoreConfig, device: torch.device, leaf: 
     and the counts and the extreme pair are combined with collectives: every rank returns the whole result.
     `score`: the store's `ScoreDefinition` under `cfg` (built here when None)."""
     world = world or World()
-    if world.size > 1 and cfg.backend == "faiss":
-        log.warning("--backend faiss sums with its own threads: under torchrun the result can differ from one "
-                    "process in the last bit of some pairs (the default backend is exact)")  # fmt: skip
     t0 = time.perf_counter()
     if cfg.exact:
         check_exact_fits(store.n * (store.n - 1) // 2)

@@ -14,6 +14,7 @@ branch of the same loop, not a second one. Torch is imported only for the latter
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -77,8 +78,10 @@ class TileLoop:
     rows are rounded out to. `tail_k`: size of the exact tail (`pipeline.metrics.tail`; 0: none)."""
 
     def __init__(self, binning: Binning, product: Product, rows: RowStats, device: Any = "cpu",
-                 counting: str = "auto", side: int = 1, tail_k: int = 0) -> None:  # fmt: skip
+                 counting: str = "auto", side: int = 1, tail_k: int = 0,
+                 scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:  # fmt: skip
         self.binning, self.product, self.labels, self.side = binning, product, rows.labels, side
+        self.scope = scope  # the product's own thread limits for a pass (FAISS's BLAS)
         self.metric, self.order, self.device, self.tail_k = binning.metric, rows.order, device, tail_k
         self.ties = exact_ties(binning, rows.dups, rows.offsets)
         # identity groups of the rows (the jackknife's intervals come with the exact tail)
@@ -91,7 +94,8 @@ class TileLoop:
     def over(cls, source: RowSource, tiles: Any, binning: Binning, counting: str = "auto", side: int = 1,
              tail_k: int = 0) -> TileLoop:  # fmt: skip
         """The loop over a row source (`pipeline.scoring.sources`) whose tiles `tiles` multiplies (its `values`)."""
-        return cls(binning, tiles.values, source.stats, source.device, counting, side, tail_k)
+        return cls(binning, tiles.values, source.stats, source.device, counting, side, tail_k,
+                   getattr(tiles, "scope", contextlib.nullcontext))  # fmt: skip
 
     def store_row(self, i: int) -> int:
         return int(i) if self.order is None else int(self.order[i])
@@ -127,7 +131,7 @@ class TileLoop:
 
             extremes = torch.full((len(indices),), math.nan, device=self.device)
         take_product_seconds()  # products before this pass (the bin-range sample) are not its tiles'
-        with single_threaded_blas():  # the product threads' BLAS calls, queued ones too
+        with single_threaded_blas(), self.scope():  # the product threads' BLAS calls, queued ones too
             self._tiles(plan, indices, span, progress, res, counts, extremes)
         if self.numpy:
             self._gather(res)
