@@ -215,10 +215,8 @@ def product_split(parts: list[tuple[float, float]], n: int, d: int, metric: str,
 
     plan = tile_plan(n, block, LEAF)
     width = ScoreDefinition(metric).width(d)
-    if backend == "faiss":  # whole tiles of the rows themselves, by FAISS's own threads (no per-thread rate)
-        flops = sum(2 * (t.r1 - t.r0) * (t.c1 - t.c0) * d for t in plan)
-    else:
-        flops = product_flops(plan, width, chunk_side(block))
+    # FAISS: the same canonical blocks, of the rows themselves (its squared distances add the norms)
+    flops = product_flops(plan, d if backend == "faiss" else width, chunk_side(block))
     products, counting = (float(np.median(v)) for v in zip(*parts, strict=True))
     out = {"products": products, "counting": counting, "gflops": flops / products / 1e9}
     if backend != "faiss":
@@ -312,7 +310,8 @@ def format_table(rows: list[dict]) -> str:
             "\nproducts s, counting s: the tiles' BLAS products and the counting of their values (bins, same-person "
             "pairs, exact tail, group counts), seconds summed over the product threads (median of the calls); "
             "products GFLOP/s per thread of NumPy's BLAS's single-threaded rate on the same block shape, timed in the "
-            "same process (FAISS: whole tiles by its own threads, rate per second of wall clock)"
+            "same process (FAISS: its squared distances on the same blocks, per thread, beside no reference rate; "
+            "`cli.py bench machine` gives its OpenBLAS's)"
         )
     return "\n".join([head, *(format_row(r) for r in rows)]) + "\n" + foot + "\n"
 

@@ -6,11 +6,8 @@ clipped to [0, bins-1] (the GPU's histc over [0, bins] is the same for every coo
 
 from __future__ import annotations
 
-import ctypes
 import sys
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -131,23 +128,7 @@ def _bincount(idx: np.ndarray, minlength: int) -> np.ndarray:
     torch = sys.modules.get("torch")
     if torch is None:
         return np.bincount(idx, minlength=minlength)
-    if threading.current_thread() is not threading.main_thread() and not getattr(_local, "one", False):
-        _one_openmp_thread(torch)
-        _local.one = True
     return torch.bincount(torch.from_numpy(idx), minlength=minlength).numpy()
-
-
-_local = threading.local()
-
-
-def _one_openmp_thread(torch) -> None:
-    """Torch's OpenMP team of this thread (a product thread) set to one: the product threads are the
-    parallelism, and a team of two in each of them waits for a descheduled member whenever another process
-    wants the cores (a 24 ms bincount instead of 0.4 ms on a busy 2-core machine). libgomp keeps the setting
-    per thread, so torch's work in other threads keeps its threads."""
-    found = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
-    if found:
-        ctypes.CDLL(str(found[0])).omp_set_num_threads(1)  # the copy torch loaded (same file, same handle)
 
 
 def added(total: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
