@@ -152,7 +152,9 @@ def embed(ctx: click.Context, config_file: Path | None, **options) -> None:
     type=click.Choice(["torch", "faiss"]),
     default="torch",
     show_default=True,
-    help="Tile distances by torch or FAISS (falls back to torch when faiss is missing).",
+    help="Tile distances by the default engine (NumPy's BLAS on the CPU, torch on a GPU) or FAISS's squared L2 "
+    "distances on the same blocks (cosine stays on the default: FAISS's inner products are NumPy's); torch when "
+    "faiss is missing.",
 )
 @device_option
 @click.option(

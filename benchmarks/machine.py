@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -24,6 +25,22 @@ from benchmarks.bench_score import blas_kernels
 from pipeline.scoring.faiss_blas import import_faiss, loaded_kernels
 
 Product = Callable[[np.ndarray, np.ndarray, np.ndarray], object]  # (a, b, out): out = a @ b.T
+WIDE = ("avx2", "avx512f", "avx512_bf16", "amx_tile")  # the flags that decide kernels and bf16 speed
+
+
+def cpu_name() -> str:
+    """The CPU as /proc/cpuinfo names it (model name, family and model: "AMD EPYC" alone names no generation), its
+    logical CPUs here and its widest vector flags; `platform.processor()` elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    first = dict(
+        (k.strip(), v.strip()) for k, v in (ln.split(":", 1) for ln in text.split("\n\n")[0].splitlines() if ":" in ln)
+    )
+    flags = set(first.get("flags", "").split())
+    return (f"{first.get('model name', '?')}, family {first.get('cpu family', '?')} model {first.get('model', '?')}, "
+            f"{os.cpu_count()} logical CPUs, {' '.join(f for f in WIDE if f in flags) or 'no AVX2'}")  # fmt: skip
 
 
 def gemm_gflops(side: int = 512, k: int = 256, repeats: int = 100, product: Product | None = None) -> float:
@@ -108,6 +125,8 @@ def command(mb: int, probe: str | None) -> None:
         return
     first, second = first_touch_ms(mb)
     click.echo("| measure | value |\n| --- | --- |")
+    click.echo(f"| CPU | {cpu_name()} |")
+    click.echo(f"| OPENBLAS_CORETYPE | {os.environ.get('OPENBLAS_CORETYPE', '(not set)')} |")
     click.echo(f"| NumPy's BLAS | {blas_kernels()} |")
     click.echo(f"| single-threaded 512 x 512 x 256 float32 product | {gemm_gflops():.0f} GFLOP/s |")
     for name, value in faiss_rows():
