@@ -356,3 +356,7 @@ def test_bench_machine_names_the_kernels_and_rates():
     assert r.exit_code == 0, r.output
     rate = float(r.output.split("float32 product | ")[1].split(" GFLOP/s")[0])
     assert rate > 0 and "NumPy's BLAS" in r.output and "first touch of a new 2 MB array" in r.output
+    cpu = r.output.split("| CPU | ")[1].split(" |")[0]
+    if Path("/proc/cpuinfo").is_file():  # Linux: named with its family and model (two EPYCs share a name)
+        assert " family " in cpu and " model " in cpu and "logical CPUs" in cpu, cpu
+    assert "| OPENBLAS_CORETYPE | " in r.output
