@@ -16,7 +16,7 @@ from cli import main
 from pipeline.scoring.blockmath import balance, fixed_matmul, tile_plan
 from pipeline.scoring.config import parse_rows
 from pipeline.scoring.stage import ScoreConfig, score
-from tests.stores import random_store, write_store
+from tests.stores import BACKENDS, random_store, write_store
 from tests.torchrun import torchrun
 
 
@@ -74,18 +74,19 @@ def test_parse_rows_rejects_bad_ranges(text):
 # ---------------------------------------------------------------------------------------------------- torchrun
 
 
-def test_two_ranks_equal_one_process(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_equal_one_process(tmp_path, backend):
     """An inner dimension of 302 (products in two chunks) and several tiles; the single process uses every
-    thread, the ranks one each."""
+    thread, the ranks one each. FAISS (l2) computes the same canonical blocks, so it agrees with itself too."""
     store, _, _ = random_store(tmp_path / "s.h5", 900, 300, seed=1)
-    score(ScoreConfig(store=store, out=tmp_path / "one", block=256, progress=False))
-    r = torchrun(
-        2, "score", str(store), "--all-pairs", "--block", "256", "--no-progress", "--out", str(tmp_path / "two")
-    )
+    score(ScoreConfig(store=store, out=tmp_path / "one", block=256, progress=False, backend=backend))
+    r = torchrun(2, "score", str(store), "--all-pairs", "--block", "256", "--no-progress", "--backend", backend,
+                 "--out", str(tmp_path / "two"))  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     same_results(tmp_path / "one", tmp_path / "two")
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
     assert json.loads((tmp_path / "one" / "metrics.json").read_text())["world_size"] == 1
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["backend"] == backend
 
 
 @pytest.mark.parametrize("n,block", [(40, 4096), (1001, 128)])

@@ -26,14 +26,7 @@ from pipeline.scoring.sources import choose_binning
 from pipeline.scoring.stage import score, score_all_pairs, score_store, tenfold_accuracy
 from pipeline.scoring.tiles import TileLoop
 from pipeline.store.layout import open_store
-from tests.stores import random_store, write_store
-
-try:
-    import faiss  # noqa: F401
-
-    BACKENDS = ["torch", "faiss"]
-except ImportError:  # pragma: no cover
-    BACKENDS = ["torch"]
+from tests.stores import BACKENDS, random_store, write_store
 
 
 def brute_force(x: np.ndarray, labels: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:

@@ -27,16 +27,9 @@ from pipeline.scoring.sources import choose_binning
 from pipeline.scoring.stage import score, score_rows
 from pipeline.scoring.tiles import TileLoop
 from pipeline.store.layout import OFFSETS, SCORE_NORM, open_store
-from tests.stores import random_store, write_store
+from tests.stores import BACKENDS, random_store, write_store
 from tests.test_distributed_score import same_results
 from tests.torchrun import torchrun
-
-try:
-    import faiss  # noqa: F401
-
-    BACKENDS = ["torch", "faiss"]
-except ImportError:  # pragma: no cover
-    BACKENDS = ["torch"]
 
 NORM = "cohort mean, test"
 

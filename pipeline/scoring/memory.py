@@ -169,7 +169,7 @@ class FaissTiles:
     def __init__(self, rows: MemoryRows, block: int, binning: Binning):
         self.faiss = import_faiss()
         self.rows, self.side = rows, chunk_side(block)
-        self.left = rows.left.numpy()  # its first D columns are the centred rows
+        self.x = rows.x  # the centred rows: a strided view of the left operand's memory, on the CPU on any device
         self.lo, self.scale = np.float32(binning.lo), np.float32(binning.scale)
 
     @contextlib.contextmanager
@@ -189,7 +189,7 @@ class FaissTiles:
         f = self.faiss
         f.omp_set_num_threads(1)  # libgomp keeps the setting per calling thread: this product thread's
         ptr = f.cast_integer_to_float_ptr
-        f.pairwise_L2sqr(self.rows.dim, len(a), ptr(a.ctypes.data), len(b), ptr(b.ctypes.data), ptr(out.ctypes.data),
+        f.pairwise_L2sqr(a.shape[1], len(a), ptr(a.ctypes.data), len(b), ptr(b.ctypes.data), ptr(out.ctypes.data),
                          a.strides[0] // 4, b.strides[0] // 4, out.strides[0] // 4)  # fmt: skip
         np.subtract(out, self.lo, out=out)
         np.multiply(out, self.scale, out=out)
@@ -197,7 +197,7 @@ class FaissTiles:
     def values(self, t: Tile, a2: int | None = None, b2: int | None = None, on_block: OnBlock | None = None,
                pending: list | None = None) -> torch.Tensor | None:  # fmt: skip
         """As `TorchTiles.values` (the whole tile, or block by block to `on_block`), by FAISS."""
-        a, b = self.left[t.r0 : t.r1], self.left[t.c0 : t.c1]
+        a, b = self.x[t.r0 : t.r1], self.x[t.c0 : t.c1]
         below = 0 if t.diagonal else None
         if on_block is not None:
             return fixed_matmul(a, b, None, side=self.side, below=below, on_block=on_block, pending=pending,
