@@ -13,7 +13,7 @@ cohort. Each part "with" against "without", every other part as in the preset:
 | --- | --- | --- |
 | cohort normalisation | preset.validation | preset.validation.h5 scored without its offsets |
 | ensemble of members | preset.validation.h5 scored without its offsets | member 0 alone (no cohort) |
-| test-time scales | preset.validation | the validation images embedded by the preset with the flip alone |
+| test-time scales | preset.validation (with the recipe's scales) or the validation images embedded with `SCALES` (a recipe without) | the validation images embedded by the preset with the flip alone, or preset.validation |
 | learned pooling | member 0 alone | avgpool.validation |
 
 `--set KEY=VALUE` (JSON) changes both trainings alike: on a CPU without native bfloat16, `bf16=false` trains in
@@ -27,6 +27,7 @@ from pathlib import Path
 import click
 
 KEYS = (("auc", None), ("tar_at_far", "0.001"))
+SCALES = (240, 272)  # the test-time scales weighed where the recipe has none (the preset's until 2026-12-07)
 
 
 def trained(data_root: Path, weights: str, out: Path, seed: int, values: dict) -> Path:
@@ -106,7 +107,9 @@ def command(data_root: Path, weights: str, seed: int, extra, out: Path) -> None:
     parts = {
         "cohort normalisation": (no_norm, full),
         "ensemble of members": (member0, no_norm),
-        "test-time scales": (embedded(preset, data_root, "validation-flip-only", ()), full),
+        "test-time scales": (embedded(preset, data_root, "validation-flip-only", ()), full)
+        if scales
+        else (full, embedded(preset, data_root, "validation-scales", SCALES)),
         "learned pooling": (validation_outputs(avgpool)[1], member0),
     }
     click.echo("\n| part (without -> with) | validation AUC | validation TAR at FAR 1e-3 |\n| --- | --- | --- |")

@@ -232,7 +232,7 @@ def test_finetune_writes_its_validation_paths_and_results_folder(tiny_lfw, tmp_p
         assert s.strings("paths") == split.validation.paths and s.labels.tolist() == split.validation.labels.tolist()
     # `embed --split validation --weights CKPT`: the same images and people, embedded as finetune embedded them
     args = ["embed", "--data-root", str(tiny_lfw), "--split", "validation", "--weights", str(out), "--layer",
-            "penultimate", "--tta-flip", "--tta-resizes", "240,272", "--workers", "0", "--out", str(tmp_path / "v.h5")]  # fmt: skip
+            "penultimate", "--tta-flip", "--workers", "0", "--out", str(tmp_path / "v.h5")]  # fmt: skip
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     with open_store(store) as s, open_store(tmp_path / "v.h5") as v:

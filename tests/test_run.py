@@ -78,20 +78,20 @@ def test_run_best_recipe_embeds_with_its_pooling_and_flip(tiny_lfw, tmp_path):
     for protocol in ("pairs", "people"):
         with h5py.File(out / "embeddings" / f"finetuned-{protocol}.h5", "r") as f:
             assert f.attrs["tta_flip"] and f.attrs["shared_pass"] and f.attrs["layer"] == "penultimate"
-            assert json.loads(f.attrs["transform"])["tta_resizes"] == [240, 272]  # the recipe's test-time scales
+            assert "tta_resizes" not in json.loads(f.attrs["transform"])  # the recipe has no test-time scales
         with h5py.File(out / "embeddings" / f"pretrained-{protocol}.h5", "r") as f:
             assert "tta_flip" not in f.attrs and "tta_resizes" not in json.loads(f.attrs["transform"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finetune"]["config"]["pool"] == "learned" and summary["metric"] == "cosine"
-    assert any(k.startswith("embed ") for k in summary["seconds"]) and summary["tta_resizes"] == [240, 272]
+    assert any(k.startswith("embed ") for k in summary["seconds"]) and summary["tta_resizes"] == []
     # other test-time scales: the fine-tuned stores are embedded again, the checkpoint and pretrained ones kept
     stamp = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()}
     ckpt = (out / "finetune" / "model.pt").stat().st_mtime_ns
-    result = CliRunner().invoke(main, [*args, "--tta-resizes", "none"])
+    result = CliRunner().invoke(main, [*args, "--tta-resizes", "240,272"])
     assert result.exit_code == 0, result.output
     now = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()}
     assert {k for k in now if now[k] != stamp[k]} == {"finetuned-pairs.h5", "finetuned-people.h5"}
     assert (out / "finetune" / "model.pt").stat().st_mtime_ns == ckpt
     with h5py.File(out / "embeddings" / "finetuned-people.h5", "r") as f:
-        assert "tta_resizes" not in json.loads(f.attrs["transform"])
-    assert json.loads((out / "summary.json").read_text())["tta_resizes"] == []
+        assert json.loads(f.attrs["transform"])["tta_resizes"] == [240, 272]
+    assert json.loads((out / "summary.json").read_text())["tta_resizes"] == [240, 272]

@@ -24,5 +24,5 @@ def test_weigh_parts_prints_each_part_as_compare_weighs_it(tiny_lfw, tmp_path):
     assert rows[0].split(" | ")[1].startswith(f"{without:.4f} -> {with_cohort:.4f}")
     again = weighed(tmp_path / "preset.member0.validation", tmp_path / "preset.validation-no-cohort")
     assert rows[1] == row("ensemble of members", again)
-    for name in ("avgpool.validation", "preset.validation-flip-only", "preset.member0.validation"):
+    for name in ("avgpool.validation", "preset.validation-scales", "preset.member0.validation"):  # scales added
         assert (tmp_path / name / "metrics.json").is_file()

@@ -164,6 +164,8 @@ BEST = register(
             cohort_top=100,
         ),
         losses=("pairs", "cosface"),
-        tta_resizes=(240, 272),
+        # no test-time scales: weighed on validation (issue 27, docs/finetuning.md), they gave no gain beyond
+        # noise for three embeddings per image; `run --tta-resizes 240,272` adds them back
+        tta_resizes=(),
     )
 )
