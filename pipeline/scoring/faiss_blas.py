@@ -144,7 +144,9 @@ def faiss_blas() -> BlasKernels | None:
 @contextlib.contextmanager
 def faiss_single_threaded() -> Iterator[None]:
     """FAISS's own OpenBLAS limited to one thread inside (NumPy's: `blockmath.single_threaded_blas`); the limit
-    before restored after. Nothing happens where faiss brings no OpenBLAS of its own."""
+    before restored after. Nothing happens where faiss brings no OpenBLAS of its own. This acts on a pthreads
+    build; an OpenMP build (faiss-cpu 1.15's `libopenblaso`) follows the calling thread's OpenMP setting instead,
+    which `FaissTiles` sets to one in each product thread."""
     path = _library(import_faiss())
     same = [] if path is None else [c for c in ThreadpoolController().lib_controllers
                                     if os.path.realpath(c.filepath) == os.path.realpath(path)]  # fmt: skip
