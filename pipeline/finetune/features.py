@@ -159,11 +159,13 @@ class FeatureFile:
     """Cached features [N, V, *shape] (V variants: the image, its mirror) in a file instead of the heap: written row
     by row, read row by row into one batch's tensor, so that the page cache, which the system may reclaim, holds
     them rather than the process. The file is created beside `--out` and unlinked at once: nothing is left
-    whatever ends the run, and no name is taken. Rows hold the bytes the in-memory cache would hold (C order), so
-    what training reads is the same."""
+    whatever ends the run, and no name is taken. Feature maps [C, H, W] are kept channels last (H, W, C order), the
+    layout the network makes and takes: written and read without a transposing copy (docs/finetuning.md); `rows`
+    gives the values the in-memory cache holds, channels-last strided."""
 
     def __init__(self, folder: Path, n: int, variants: int, shape: tuple[int, ...], dtype: torch.dtype):
         self.n, self.variants, self.shape, self.dtype = n, variants, tuple(shape), dtype
+        self.maps = len(self.shape) == 3  # feature maps [C, H, W]: kept as [H, W, C]
         self.row_bytes = math.prod(self.shape) * torch.empty(0, dtype=dtype).element_size()
         fd, path = tempfile.mkstemp(prefix=".features.", suffix=".tmp", dir=folder)
         os.unlink(path)  # open, nameless: removed by the system when closed, or when the process ends
@@ -182,7 +184,8 @@ class FeatureFile:
         return self.n * self.variants * self.row_bytes
 
     def write(self, idx: torch.Tensor, variant: int, rows: torch.Tensor) -> None:
-        data = rows.contiguous().numpy().view(np.uint8).reshape(len(idx), -1)
+        stored = rows.permute(0, 2, 3, 1) if self.maps else rows  # a view of a channels-last network output
+        data = stored.contiguous().numpy().view(np.uint8).reshape(len(idx), -1)
         for k, i in enumerate(idx.tolist()):
             os.pwrite(self.fd, data[k], (i * self.variants + variant) * self.row_bytes)
 
@@ -196,7 +199,11 @@ class FeatureFile:
         for k, (i, v) in enumerate(zip(idx.tolist(), vs, strict=True)):
             if _read_into(self.fd, buf[k], (i * self.variants + v) * self.row_bytes) != len(buf[k]):
                 raise PipelineError("the feature cache file ended early (removed or truncated while training?)")
-        return out.reshape(len(idx), *((per,) if per > 1 else ()), *self.shape)
+        if not self.maps:
+            return out.reshape(len(idx), *((per,) if per > 1 else ()), *self.shape)
+        c, h, w = self.shape
+        maps = out.reshape(len(idx), per, h, w, c).permute(0, 1, 4, 2, 3)  # [N, V, C, H, W], channels last
+        return maps if per > 1 else maps[:, 0]
 
     def close(self) -> None:
         if self.fd >= 0:
