@@ -22,7 +22,7 @@ from pipeline.faces import lfw
 from pipeline.finetune.overlap import PHRASE, listed, overlap_warning, warn_training_overlap
 from pipeline.finetune.split import training_faces, training_split
 from pipeline.finetune.validation import random_people, validation_rows
-from pipeline.finetune.validation_folder import validation_outputs
+from pipeline.finetune.validation_folder import remove_validation_outputs, validation_outputs
 from pipeline.report.results import read_json
 from pipeline.store.layout import open_store
 from tests.conftest import TRAIN_PEOPLE
@@ -216,9 +216,10 @@ def test_real_view2_overlap_of_the_best_preset(shared_data, tmp_path):
 
 
 def test_finetune_writes_its_validation_paths_and_results_folder(tiny_lfw, tmp_path):
-    """The checkpoint names its validation images; NAME.validation/ scores all their pairs as `score` does, and
-    `compare` and `score --threshold-from` read it (a threshold from 4 images: refused, and why); a foreign folder
-    there is refused before training."""
+    """The checkpoint names its validation images; NAME.validation/ scores all their pairs as `score` does (its
+    store made from the training's feature cache: `embed`'s rows but for the cache's float16 rounding; from the
+    images, as `embed` makes it, where nothing is cached), and `compare` and `score --threshold-from` read it (a
+    threshold from 4 images: refused, and why); a foreign folder there is refused before training."""
     kw = dict(out=tmp_path / "b.pt", weights="none", workers=0, phase1_epochs=1, batch_size=4, members=1,
               cohort_top=0, val_fraction=0.4, val_per_person=2, bf16=False)  # fmt: skip
     cfg = preset(tiny_lfw, "best", **kw)
@@ -239,7 +240,9 @@ def test_finetune_writes_its_validation_paths_and_results_folder(tiny_lfw, tmp_p
         assert v.strings("paths") == s.strings("paths")
         who = [[ids[i] for i in st.labels] for st, ids in ((s, s.strings("identities")), (v, v.strings("identities")))]
         assert who[0] == who[1]
-        assert np.allclose(v.embeddings[:], s.embeddings[:], atol=1e-5)
+        assert s.attrs["frozen_outputs"] == "finetune's cached features (float16)"
+        assert not np.array_equal(v.embeddings[:], s.embeddings[:])  # float16 features, not the images' float32
+        assert np.allclose(v.embeddings[:], s.embeddings[:], rtol=2e-3, atol=2e-4)
     plain = tmp_path / "plain.pth"
     torch.save(torch.load(out, weights_only=True)["model"], plain)
     refused = CliRunner().invoke(main, [*args[:6], str(plain), "--out", str(tmp_path / "w.h5")])
@@ -258,6 +261,10 @@ def test_finetune_writes_its_validation_paths_and_results_folder(tiny_lfw, tmp_p
     written = (folder / "metrics.json").stat().st_mtime_ns
     resumed = ft.finetune(preset(tiny_lfw, "best", resume=True, **kw))  # complete: the folder stays
     assert resumed == out and (folder / "metrics.json").stat().st_mtime_ns == written
+    remove_validation_outputs(out)  # resumed complete, nothing cached: the images embedded as `embed` does
+    ft.finetune(preset(tiny_lfw, "best", resume=True, **kw))
+    with open_store(store) as s, open_store(tmp_path / "v.h5") as v:
+        assert "frozen_outputs" not in s.attrs and np.allclose(v.embeddings[:], s.embeddings[:], atol=1e-5)
     other = tmp_path / "c.pt"
     foreign = validation_outputs(other)[1]
     foreign.mkdir()

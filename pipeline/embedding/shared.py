@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -171,14 +172,43 @@ def _forward(nets: list[_Network], x: torch.Tensor, idx: torch.Tensor, n: int) -
             net.rows[idx.numpy()] = y.cpu().numpy()
 
 
-def _write(cfg: EmbedConfig, proto, rows: np.ndarray, device: torch.device) -> Path:
+def embed_from_frozen(
+    cfg: EmbedConfig, faces: lfw.FaceSet, frozen_out: Callable[[np.ndarray, bool], torch.Tensor],
+    matches: Callable[[torch.nn.Module], bool], blocks: int | None = None, source: str = "",
+) -> Path | None:  # fmt: skip
+    """The store of `cfg` over `faces` with its network's tail run on outputs of the frozen part made before
+    (`frozen_out(rows, mirrored)`: those of faces' rows, of their mirror images where `mirrored`; finetune's feature
+    cache) instead of on the images: as `embed_together` computes it, from those outputs. None, and nothing
+    written, where `matches(frozen part)` says they are not this network's, or the store needs test-time resizes.
+    `source` says in the store's attributes where the outputs came from."""
+    device = resolve_device(cfg.device)
+    (net,) = build_networks([cfg], blocks, device)
+    if net.views != (0,) or not matches(net.frozen):
+        return None
+    rows = None
+    with torch.inference_mode(), autocast(device):
+        for s in range(0, len(faces), cfg.batch_size):
+            idx = np.arange(s, min(s + cfg.batch_size, len(faces)))
+            y = net.tail(frozen_out(idx, False)).float()
+            if net.flip:
+                y = (y + net.tail(frozen_out(idx, True)).float()) / 2
+            if rows is None:
+                rows = np.empty((len(faces), y.shape[1]), dtype=np.float32)
+            rows[idx] = y.cpu().numpy()
+    if rows is None or not np.isfinite(rows).all():
+        raise PipelineError(f"the model produced NaN or infinite outputs for {cfg.out}; check the weights")
+    with outputs.claim(Path(cfg.out), lambda: check_out(cfg)):
+        return _write(cfg, faces, rows, device, {"frozen_outputs": source})
+
+
+def _write(cfg: EmbedConfig, proto, rows: np.ndarray, device: torch.device, more: dict | None = None) -> Path:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_partial(out, resume=False)
     writer = StoreWriter(out, len(rows), rows.shape[1], store_identity(cfg, proto), store_arrays(proto), cfg.dtype)
     try:
         writer.write(0, rows.astype(cfg.dtype))
-        extra = {**store_extra(cfg, proto, device, 1), "bad_rows": [], "shared_pass": True}
+        extra = {**store_extra(cfg, proto, device, 1), "bad_rows": [], "shared_pass": True, **(more or {})}
         path = finish_store(writer, extra, model_cohort(cfg.weights, cfg.layer, cfg.tta_flip))
     except BaseException:
         with contextlib.suppress(Exception):

@@ -145,15 +145,16 @@ def finetune(cfg: FinetuneConfig) -> Path:
     with outputs.claim(out, check), repeatable_training(resolve_device(cfg.device)):
         if not (cfg.resume and out.exists()):
             remove_validation_outputs(out)
+        shared = Handover()  # the training's images and feature cache, kept for the validation results
         if not members:
-            _finetune(cfg, out)
+            _finetune(cfg, out, shared)
         elif cfg.resume and out.exists() and load_checkpoint(out, cfg).get("complete"):
             log.info("%s is already complete", out)
         else:
-            train_ensemble(cfg, members, lambda c, shared: _finetune(c, Path(c.out), shared), _trainer)
+            train_ensemble(cfg, members, lambda c, shared: _finetune(c, Path(c.out), shared), _trainer, shared)
         if not validation_folder_done(out):
             give_back_freed_memory()  # training's transient memory, before the embedding's own
-            write_validation_folder(cfg, out)
+            write_validation_folder(cfg, out, shared)
             log_memory("validation results")
         return out
 

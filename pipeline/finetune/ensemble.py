@@ -62,11 +62,13 @@ def train_ensemble(
     members: list[FinetuneConfig],
     train_one: Callable[[FinetuneConfig, Handover], Path],
     make_trainer: Callable[[FinetuneConfig, Handover], Trainer],
+    shared: Handover | None = None,
 ) -> Path:
     """Train (or resume, or reuse) each member with `train_one`, validate the ensemble on a trainer of member 0
-    (`make_trainer`), and write OUT, its log and its training figure."""
+    (`make_trainer`), and write OUT, its log and its training figure. `shared`: what the members hand on (and
+    what is left of it at the end)."""
     out = Path(cfg.out)
-    shared = Handover()
+    shared = shared if shared is not None else Handover()
     paths = [train_one(m, shared) for m in members]
     ckpts = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
     states = [c["model"] for c in ckpts]

@@ -11,6 +11,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,26 @@ class Handover:
         self.held[name] = (key, make())
         return self.held[name][1]
 
+    def frozen_outputs(self, files: list[Path], mirrored_too: bool, device: torch.device) -> tuple | None:
+        """(frozen_out, matches) for `pipeline.embedding.shared.embed_from_frozen` over the image `files` from the
+        cached features: `frozen_out(rows, mirrored)` the float32 features of those files' rows, `matches(frozen)`
+        whether a frozen part is the one that made them. None where nothing is cached for these images (or, with
+        `mirrored_too`, their mirror images are not). Holds the cache, not the decoded images."""
+        feats, images = self.held.get("features"), self.held.get("images")
+        if feats is None or images is None or feats[0][0] != id(images[1]):
+            return None
+        (_, made_by, _, flip), cache = feats
+        where = {str(f): i for i, f in enumerate(images[1].files.paths)}
+        rows = np.array([where.get(str(f), -1) for f in files], dtype=np.int64)
+        if (rows < 0).any() or (mirrored_too and not flip):
+            return None
+
+        def frozen_out(idx: np.ndarray, mirrored: bool) -> torch.Tensor:
+            r = torch.from_numpy(rows[idx])
+            return cached_rows(cache, r, torch.full((len(r),), mirrored) if flip else None, flip, device)
+
+        return frozen_out, lambda frozen: fingerprint(frozen) == made_by
+
     def bank(self, proto: lfw.FaceSet, workers: int, keep: bool = True) -> ImageBank:
         """The images of `proto` (`ImageBank`: decoded and kept, or decoded when read)."""
         key = (str(proto.data_root), proto.image_set, tuple(proto.paths), keep)
@@ -96,7 +117,7 @@ class ImageBank:
         # in-process; the caching's time: docs/finetuning.md#memory).
         self.workers = workers if keep else 0
         self.images: torch.Tensor | None = None
-        self.generator: torch.Generator | None = None
+        self.pool: ThreadPoolExecutor | None = None  # decodes the rows of a chunk at once (PIL lets go of the GIL)
         if keep:
             self.images = torch.empty((len(proto), 3, 224, 224), dtype=torch.uint8)
             for idx, x in self._decoded("decode"):
@@ -104,10 +125,10 @@ class ImageBank:
             log_memory(f"decoding {len(self)} images", images=self.nbytes)
         else:
             # The one draw from torch's global generator that a DataLoader's iteration makes (its workers' base
-            # seed) is made here, where the kept images are decoded, and later decodings draw from a generator
-            # of their own: the networks train as with kept images, and a resumed run as the whole one.
+            # seed) is made here, where the kept images are decoded, and later decodings draw nothing: the networks
+            # train as with kept images, and a resumed run as the whole one.
             torch.empty((), dtype=torch.int64).random_()
-            self.generator = torch.Generator()
+            self.pool = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="decode")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -117,7 +138,7 @@ class ImageBank:
         return self.images.nbytes if self.images is not None else 0
 
     def _decoded(self, desc: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        loader = DataLoader(self.files, batch_size=CHUNK, num_workers=self.workers, generator=self.generator)
+        loader = DataLoader(self.files, batch_size=CHUNK, num_workers=self.workers)
         for x, idx, errors in tqdm(images.batches(loader), total=len(loader), desc=desc, unit="batch",
                                    disable=desc is None):  # fmt: skip
             bad = [e for e in errors if e]
@@ -127,12 +148,9 @@ class ImageBank:
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(rows, uint8 images) of CHUNK consecutive rows at a time, from memory or decoded now."""
-        if self.images is None:
-            yield from self._decoded()
-            return
         for i in range(0, len(self), CHUNK):
             idx = torch.arange(i, min(i + CHUNK, len(self)))
-            yield idx, self.images[idx]
+            yield idx, self.images[idx] if self.images is not None else self._decode_rows(idx)
 
     def batch(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised float images `idx` (decoded now where they are not kept); rows where `flip` is true are
@@ -140,7 +158,8 @@ class ImageBank:
         return prepared(self.images[idx] if self.images is not None else self._decode_rows(idx), flip)
 
     def _decode_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        decoded = [self.files[i] for i in idx.tolist()]
+        rows = idx.tolist()
+        decoded = list(self.pool.map(self.files.__getitem__, rows)) if self.pool else [self.files[i] for i in rows]
         bad = [e for _, _, e in decoded if e]
         if bad:
             raise PipelineError(bad[0])

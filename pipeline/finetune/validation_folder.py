@@ -14,12 +14,14 @@ import numpy as np
 
 from pipeline import outputs
 from pipeline.embedding.embed import EmbedConfig
-from pipeline.embedding.shared import embed_together
+from pipeline.embedding.shared import embed_from_frozen, embed_together
 from pipeline.errors import PipelineError
 from pipeline.finetune.config import FinetuneConfig
+from pipeline.finetune.features import Handover
 from pipeline.finetune.recipes import RECIPES
 from pipeline.finetune.split import training_split
 from pipeline.report.results import RESULT_FILES, recognise_results_folder
+from pipeline.runtime import resolve_device
 from pipeline.scoring.stage import score_store
 from pipeline.store.layout import recognise_store
 
@@ -46,9 +48,11 @@ def check_validation_outputs(out: Path, replace_ours: bool) -> None:
         outputs.check_replaceable(path, True, recognise, f"validation {what} of an earlier finetune run")
 
 
-def write_validation_folder(cfg: FinetuneConfig, checkpoint: Path) -> Path | None:
+def write_validation_folder(cfg: FinetuneConfig, checkpoint: Path, shared: Handover | None = None) -> Path | None:
     """Embed the validation images of `cfg` with `checkpoint` into NAME.validation.h5 and score all their pairs
-    into NAME.validation/; returns the folder (None, with a message, when there is nothing to score)."""
+    into NAME.validation/; returns the folder (None, with a message, when there is nothing to score). Where the
+    training's feature cache (`shared`) holds the frozen part's outputs for these images, the network's tail runs on
+    them, as validation during training did (the images are not decoded again); else the images are embedded."""
     cfg = cfg.resolved()
     faces = replace(training_split(cfg).validation, split="validation")
     people = len(np.unique(faces.labels))
@@ -63,7 +67,16 @@ def write_validation_folder(cfg: FinetuneConfig, checkpoint: Path) -> Path | Non
         overwrite=True, seed=cfg.seed,
     )  # fmt: skip
     log.info("validation results: %d images of %d held-out people -> %s", len(faces), people, folder)
-    embed_together([embed], faces=[faces])
+    files = [faces.absolute(i) for i in range(len(faces))]
+    cached = shared.frozen_outputs(files, embed.tta_flip, resolve_device(cfg.device)) if shared else None
+    if shared is not None:
+        shared.held.clear()  # decoded images kept for training go before the embedding (the cache stays in `cached`)
+    made = None
+    if cached is not None:
+        source = f"finetune's cached features ({cfg.cache_dtype})"
+        made = embed_from_frozen(embed, faces, *cached, blocks=cfg.train_blocks, source=source)
+    if made is None:
+        embed_together([embed], faces=[faces])
     metric = "l2" if cfg.layer == "output" else "cosine"
     label = f"{cfg.model} {cfg.recipe} seed {cfg.seed}, validation"
     score_store(store, folder, metric=metric, label=label, overwrite=True, device=cfg.device)
