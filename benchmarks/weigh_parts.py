@@ -5,16 +5,17 @@ identity groups: difference, 95% interval, p) on the same validation pairs.
     python -m benchmarks.weigh_parts --data-root ../shared/data \
         --weights ../shared/weights/squeezenet1_0-imagenet-dc.pth --out runs/parts [--set bf16=false] [--seed 0]
 
-Trainings (resumed, or read back when complete): OUT/preset.pt, the preset (members OUT/preset.member<k>.pt; member
-0's validation images embedded and scored as the preset's), and OUT/avgpool.pt, one network of the same seed with average pooling and no
-cohort. Each part "with" against "without", every other part as in the preset:
+Trainings (resumed, or read back when complete): OUT/preset.pt, the preset (members OUT/preset.member<k>.pt), and
+OUT/avgpool.pt, one network of the same seed with average pooling and no cohort. Every side is the validation images
+embedded by `embed` (`embedded`; finetune's own folders may come from its float16 feature cache) and scored. Each
+part "with" against "without", every other part as in the preset:
 
 | part | with | without |
 | --- | --- | --- |
-| cohort normalisation | preset.validation | preset.validation.h5 scored without its offsets |
-| ensemble of members | preset.validation.h5 scored without its offsets | member 0 alone (no cohort) |
-| test-time scales | preset.validation (with the recipe's scales) or the validation images embedded with `SCALES` (a recipe without) | the validation images embedded by the preset with the flip alone, or preset.validation |
-| learned pooling | member 0 alone | avgpool.validation |
+| cohort normalisation | preset.validation-embedded | preset.validation-embedded.h5 scored without its offsets |
+| ensemble of members | preset.validation-embedded.h5 scored without its offsets | member 0 alone (no cohort) |
+| test-time scales | preset.validation-embedded (with the recipe's scales) or the validation images embedded with `SCALES` (a recipe without) | the validation images embedded by the preset with the flip alone, or preset.validation-embedded |
+| learned pooling | member 0 alone | avgpool.validation-embedded |
 
 `--set KEY=VALUE` (JSON) changes both trainings alike: on a CPU without native bfloat16, `bf16=false` trains in
 float32, about 5-10 times faster there, and the comparison then holds for float32 training."""
@@ -94,23 +95,22 @@ def command(data_root: Path, weights: str, seed: int, extra, out: Path) -> None:
     """Train the best preset and its average-pooling variant; print what each part adds on validation."""
     from pipeline.finetune.ensemble import member_path
     from pipeline.finetune.recipes import RECIPES
-    from pipeline.finetune.validation_folder import validation_outputs
 
     values = {k: json.loads(v) for k, v in (e.split("=", 1) for e in extra)}
     preset = trained(data_root, weights, out / "preset.pt", seed, values)
     avgpool = trained(data_root, weights, out / "avgpool.pt", seed, {**values, "pool": "avg", "members": 1,
                                                                     "cohort_top": 0})  # fmt: skip
-    store, full = validation_outputs(preset)
-    no_norm = scored(store, out / "preset.validation-no-cohort", score_norm=False)
     scales = RECIPES["best"].tta_resizes
-    member0 = embedded(member_path(preset, 0), data_root, "validation", scales)  # members write no folder of their own
+    full = embedded(preset, data_root, "validation-embedded", scales)
+    no_norm = scored(full.with_name(full.name + ".h5"), out / "preset.validation-no-cohort", score_norm=False)
+    member0 = embedded(member_path(preset, 0), data_root, "validation", scales)
     parts = {
         "cohort normalisation": (no_norm, full),
         "ensemble of members": (member0, no_norm),
         "test-time scales": (embedded(preset, data_root, "validation-flip-only", ()), full)
         if scales
         else (full, embedded(preset, data_root, "validation-scales", SCALES)),
-        "learned pooling": (validation_outputs(avgpool)[1], member0),
+        "learned pooling": (embedded(avgpool, data_root, "validation-embedded", scales), member0),
     }
     click.echo("\n| part (without -> with) | validation AUC | validation TAR at FAR 1e-3 |\n| --- | --- | --- |")
     for part, (without, with_) in parts.items():

@@ -1,5 +1,5 @@
 """The benchmark that weighs the best preset's parts on validation runs end to end on the tiny set: two trainings,
-four comparisons, each row the `compare` of the folders it names."""
+four comparisons, each row the `compare` of the folders it names, every side embedded by `embed`."""
 
 import json
 
@@ -19,10 +19,14 @@ def test_weigh_parts_prints_each_part_as_compare_weighs_it(tiny_lfw, tmp_path):
     assert [r.split(" | ")[0] for r in rows] == [
         "| cohort normalisation", "| ensemble of members", "| test-time scales", "| learned pooling"
     ]  # fmt: skip
-    with_cohort = json.loads((tmp_path / "preset.validation" / "metrics.json").read_text())["auc"]
+    with_cohort = json.loads((tmp_path / "preset.validation-embedded" / "metrics.json").read_text())["auc"]
     without = json.loads((tmp_path / "preset.validation-no-cohort" / "metrics.json").read_text())["auc"]
     assert rows[0].split(" | ")[1].startswith(f"{without:.4f} -> {with_cohort:.4f}")
     again = weighed(tmp_path / "preset.member0.validation", tmp_path / "preset.validation-no-cohort")
     assert rows[1] == row("ensemble of members", again)
-    for name in ("avgpool.validation", "preset.validation-scales", "preset.member0.validation"):  # scales added
+    for name in (
+        "avgpool.validation-embedded",
+        "preset.validation-scales",
+        "preset.member0.validation",
+    ):  # scales added
         assert (tmp_path / name / "metrics.json").is_file()

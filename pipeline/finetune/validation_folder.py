@@ -1,7 +1,8 @@
 """The kept network's validation scores as a results folder beside the checkpoint: OUT.validation/ (what `score`
 writes) from the store OUT.validation.h5, the validation images embedded as `run` embeds the test sets (the
-recipe's test-time flip and scales, the checkpoint's cohort), so that `compare` can weigh two recipes, and
-`score --threshold-from` carry a threshold, on held-out training people instead of the test."""
+recipe's test-time flip and scales, the checkpoint's cohort; from the training's feature cache where it holds
+them), so that `compare` can weigh two recipes, and `score --threshold-from` carry a threshold, on held-out
+training people instead of the test."""
 
 from __future__ import annotations
 
