@@ -158,8 +158,8 @@ class ImageBank:
         return prepared(self.images[idx] if self.images is not None else self._decode_rows(idx), flip)
 
     def _decode_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        rows = idx.tolist()
-        decoded = list(self.pool.map(self.files.__getitem__, rows)) if self.pool else [self.files[i] for i in rows]
+        assert self.pool is not None  # a bank that decodes rows when read has its pool
+        decoded = list(self.pool.map(self.files.__getitem__, idx.tolist()))
         bad = [e for _, _, e in decoded if e]
         if bad:
             raise PipelineError(bad[0])
