@@ -5,8 +5,6 @@ parts that do not belong together."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from pipeline.scoring.blockmath import balance, fixed_matmul, tile_plan
 from pipeline.scoring.config import parse_rows
 from pipeline.scoring.stage import ScoreConfig, score
 from tests.stores import BACKENDS, random_store, write_store
-from tests.torchrun import ROOT, torchrun
+from tests.torchrun import torchrun
 
 
 def sorted_store(path: Path, n: int, d: int, seed: int = 0, dtype: str = "float32") -> Path:
@@ -81,13 +79,7 @@ def test_two_ranks_equal_one_process(tmp_path, backend):
     """An inner dimension of 302 (products in two chunks) and several tiles; the single process uses every
     thread, the ranks one each. FAISS (l2) computes the same canonical blocks, so it agrees with itself too."""
     store, _, _ = random_store(tmp_path / "s.h5", 900, 300, seed=1)
-    if backend == "faiss":  # a process of its own, as the ranks: FAISS's OpenBLAS loaded as the CLI loads it
-        one = subprocess.run([sys.executable, "cli.py", "score", str(store), "--all-pairs", "--block", "256",
-                              "--no-progress", "--backend", "faiss", "--out", str(tmp_path / "one")],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert one.returncode == 0, one.stderr[-3000:]
-    else:
-        score(ScoreConfig(store=store, out=tmp_path / "one", block=256, progress=False))
+    score(ScoreConfig(store=store, out=tmp_path / "one", block=256, progress=False, backend=backend))
     r = torchrun(2, "score", str(store), "--all-pairs", "--block", "256", "--no-progress", "--backend", backend,
                  "--out", str(tmp_path / "two"))  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]

@@ -3,6 +3,7 @@ A process loads that library once, so each check runs in a fresh interpreter."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.scoring import faiss_blas
 from pipeline.scoring.faiss_blas import LEVELS, cpu_family, cpu_level
 
-pytest.importorskip("faiss")
+# found, not imported: a plain `import faiss` at collection would load FAISS's OpenBLAS on the kernels its own
+# detection picks for the whole session, and the in-process scoring would then differ from a fresh process's
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="faiss is not installed")
 
 ROOT = Path(__file__).parents[1]
 
@@ -81,3 +85,36 @@ def test_bench_machine_says_which_kernels_faiss_runs():
         assert value == "no OpenBLAS of its own" if family is None else "GFLOP/s" in value
     if cpu_family() is not None and not os.environ.get("OPENBLAS_CORETYPE"):  # the probes run in this environment
         assert rows["FAISS's OpenBLAS, the scoring's import"].startswith(f"{cpu_family()} (OpenBLAS ")
+
+
+def test_this_session_loads_faiss_as_a_fresh_process():
+    """Nothing in the test session imported faiss plainly before the scoring did: in-process FAISS runs the
+    kernels a fresh `cli.py score` runs (otherwise in-process and torchrun results differ in the last bits)."""
+    k = faiss_blas.faiss_blas()
+    fresh = probe()["family"]
+    if k is None or fresh is None:
+        pytest.skip("faiss brings no OpenBLAS of its own here")
+    assert k.family == fresh
+
+
+PLAIN_FIRST = """
+import logging, faiss
+logging.basicConfig(level=logging.WARNING)
+from pipeline.scoring import faiss_blas
+k = faiss_blas.loaded_kernels(faiss)
+other = "Sandybridge" if k and k.family == "Prescott" else "Prescott"
+faiss_blas.cpu_family = lambda: other  # a family the plain import did not choose
+faiss_blas.import_faiss(); faiss_blas.import_faiss()
+print(other if k else "")
+"""
+
+
+def test_faiss_imported_plainly_before_gets_one_warning():
+    environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    r = subprocess.run([sys.executable, "-c", PLAIN_FIRST], capture_output=True, text=True, cwd=ROOT, env=environ,
+                       check=True)  # fmt: skip
+    other = r.stdout.strip()
+    if not other:
+        pytest.skip("faiss brings no OpenBLAS of its own here")
+    assert r.stderr.count("faiss was imported before the scoring") == 1
+    assert f"not {other} as a fresh" in r.stderr

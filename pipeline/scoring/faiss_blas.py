@@ -6,7 +6,9 @@ Sapphire Rapids; Barcelona on AMD Zen 5). `import_faiss` sets OPENBLAS_CORETYPE 
 instruction set calls for (`cpu_family`: what an OpenBLAS that knows the CPU picks, e.g. Zen on a Zen 3) just for
 the import of faiss, which loads that library, and restores the environment at once. NumPy's own OpenBLAS is
 loaded before (it reads the variable at its own load only), so its choice does not change. A variable the user
-set is left alone. `faiss_blas` says which family FAISS's OpenBLAS chose.
+set is left alone. `faiss_blas` says which family FAISS's OpenBLAS chose. Where faiss was imported before
+(a plain `import faiss` in a notebook or a test), its library runs the kernels chosen then, whose products
+differ from a fresh `cli.py score` process's in the last bits: `import_faiss` warns once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import ctypes
 import functools
 import importlib
+import logging
 import os
 import platform
 import sys
@@ -27,6 +30,7 @@ import numpy as np  # noqa: F401  (NumPy's OpenBLAS loaded, and its kernels chos
 from threadpoolctl import ThreadpoolController
 
 CORETYPE = "OPENBLAS_CORETYPE"
+log = logging.getLogger(__name__)
 
 # OpenBLAS's x86 families by the widest vector instructions their kernels use: 3 AVX-512, 2 AVX2, 1 AVX
 # (the rest, 0, are SSE-era kernels)
@@ -96,7 +100,9 @@ def import_faiss() -> ModuleType:
     """`import faiss`, with OPENBLAS_CORETYPE set to `cpu_family()` while it loads its OpenBLAS unless the user
     set it; os.environ is as before afterwards. Raises ImportError when faiss is not installed."""
     if "faiss" in sys.modules:  # loaded already (None there: not importable, import_module raises)
-        return importlib.import_module("faiss")
+        faiss = importlib.import_module("faiss")
+        _warn_if_loaded_elsewhere(faiss)
+        return faiss
     before = os.environ.get(CORETYPE)
     family = cpu_family() if not before else None
     if family is None:
@@ -109,6 +115,19 @@ def import_faiss() -> ModuleType:
             del os.environ[CORETYPE]
         else:
             os.environ[CORETYPE] = before
+
+
+@functools.cache
+def _warn_if_loaded_elsewhere(faiss: ModuleType) -> None:
+    """Warn (once) where faiss's OpenBLAS runs other kernels than `import_faiss` would have chosen: faiss was
+    imported before, plainly, with no OPENBLAS_CORETYPE set."""
+    family = cpu_family()
+    kernels = None if family is None or os.environ.get(CORETYPE) else loaded_kernels(faiss)
+    if kernels is not None and kernels.family.lower() != family.lower():
+        log.warning("faiss was imported before the scoring: its OpenBLAS runs %s kernels, not %s as a fresh "
+                    "`cli.py score` chooses, so --backend faiss is slower and its scores differ in the last bits; "
+                    "import pipeline.scoring.faiss_blas.import_faiss before faiss, or use a fresh process",
+                    kernels.family, family)  # fmt: skip
 
 
 def _library(faiss: ModuleType) -> Path | None:
