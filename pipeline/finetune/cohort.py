@@ -14,6 +14,7 @@ from pipeline.embedding.cohort import Cohort
 from pipeline.finetune.joined import joined_embedding
 from pipeline.finetune.loop import Trainer
 from pipeline.finetune.validation import TAR_KEY, all_pairs_metrics
+from pipeline.runtime import give_back_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,9 @@ def cohort_fields(trainer: Trainer, states: list[dict], top: int) -> dict:
     the members `states` joined, as `embed` embeds them), `cohort_top`, and `cohort_validation`: the validation
     AUC and TAR with the scores `embed` and `score` then give (cos - o_i - o_j), o averaging `top` cosines."""
     t0 = time.perf_counter()
+    # the freed memory training kept (`keep_freed_memory`) would stay resident beside this pass's batches of
+    # activations: the main job's peak came here (issue 28, docs/finetuning.md)
+    give_back_freed_memory()
     train_rows = np.arange(trainer.n_train)
     # the cohort is reference data, stored in float16: on the CPU it is computed as the recipe trains (`bf16`)
     cohort = F.normalize(joined_embedding(trainer, states, train_rows, bool(trainer.cfg.bf16)), dim=1).half()
